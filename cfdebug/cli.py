@@ -1,0 +1,221 @@
+"""``python -m cfdebug <command>``: every command builds a config and calls the library.
+
+A mistake a user can make prints one line on stderr and exits 2, without a traceback;
+progress on long work goes to stderr, results to stdout (and ``--json``/``--csv`` files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from .config import DATA_FORMATS, DEMO_DATASETS, DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig, default_workdir
+from .errors import CfdebugError
+from .runtime import DEVICE_CHOICES
+
+EPILOG = "Defaults to the embedded demo (demo-cnn on biased-digits). Docs: README.md."
+
+
+def _floats3(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers (one per RGB channel), got {text!r}")
+    return values
+
+
+def _workspace_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("workspace (model, data, device)")
+    g.add_argument("--model", default="demo-cnn", help="demo-cnn or a torchvision builder name (resnet18, vgg16, …); default: demo-cnn")
+    g.add_argument("--weights", default=None, metavar="PATH", help="checkpoint: a state_dict (or one under `model`/`state_dict`) or a TorchScript file; read with weights_only=True")
+    g.add_argument("--layer", default=None, help="target layer name (default: the last conv block, found automatically)")
+    g.add_argument("--data", default="biased-digits", metavar="DATA", help=f"{' | '.join(DEMO_DATASETS)} | a folder (ImageFolder train/ test/ [val/], CUB-200-2011, CIFAR batches); default: biased-digits")
+    g.add_argument("--format", default="auto", choices=DATA_FORMATS, help="dataset layout when it can't be inferred (default: auto)")
+    g.add_argument("--input-size", type=int, default=None, metavar="PX", help="image side after resizing (default: 32 for digits/CIFAR, 224 otherwise)")
+    g.add_argument("--mean", type=_floats3, default=None, metavar="R,G,B", help="normalisation mean (default 0.5,0.5,0.5 for digits/CIFAR, ImageNet's otherwise)")
+    g.add_argument("--std", type=_floats3, default=None, metavar="R,G,B", help="normalisation std (default 0.25,0.25,0.25 for digits/CIFAR, ImageNet's otherwise)")
+    g.add_argument("--bias", type=float, default=0.9, help="Biased Digits: fraction of training images whose corner square has the class colour (default 0.9)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="fraction of train carved out as validation when the dataset has no val/ (default 0.1)")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the dataset splits (default 0)")
+    g.add_argument("--workdir", default=default_workdir(), help="artifact cache (default: $CFDEBUG_HOME or ./.cfdebug)")
+    g.add_argument("--device", default="auto", help=f"{'|'.join(DEVICE_CHOICES)} (default auto: CUDA when available)")
+    g.add_argument("--batch-size", type=int, default=128, help="batch size for extraction (default 128)")
+    g.add_argument("--epochs", type=int, default=TrainConfig.epochs, help=f"training epochs when a model is trained (default {TrainConfig.epochs})")
+    g.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"learning rate for training (default {TrainConfig.lr})")
+    g.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def workspace_config(args) -> WorkspaceConfig:
+    if args.batch_size <= 0:
+        raise CfdebugError(f"Expected `--batch-size` to be a positive integer, but got {args.batch_size}.")
+    return WorkspaceConfig(
+        model=ModelConfig(name=args.model, weights=args.weights, layer=args.layer),
+        data=DataConfig(
+            source=args.data, format=args.format, input_size=args.input_size, mean=args.mean, std=args.std,
+            bias=args.bias, val_fraction=args.val_fraction, seed=args.data_seed,
+        ),
+        train=TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed),
+        extract=ExtractConfig(batch_size=args.batch_size),
+        device=args.device,
+        workdir=args.workdir,
+    )
+
+
+def progress_printer(args, prefix: str = ""):
+    """A progress callback printing to stderr at most every 10% (and every message with ``%`` in ``prefix``)."""
+    if getattr(args, "quiet", False):
+        return None
+    state = {"last": -1.0}
+
+    def show(fraction: float, message: str) -> None:
+        if fraction >= 1.0 or fraction - state["last"] >= 0.1 or "epoch" in message:
+            state["last"] = fraction
+            print(f"{prefix}{message}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _open_workspace(args, *, train: bool = False):
+    from .workspace import Workspace
+
+    cfg = workspace_config(args)
+    return Workspace(cfg, progress_printer(args, "training: "), train=train)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def cmd_train(args) -> dict:
+    ws = _open_workspace(args, train=True)
+    meta = ws.model_meta
+    acc = meta["accuracy"]
+    path = ws.store.path("models", ws.model_digest) / "model.pt"
+    state = "cached (same model, data and training config)" if meta.get("cache_hit") else "trained"
+    print(f"{ws.config.model.name} on {ws.data.describe()}")
+    print(f"model {state}: {path}")
+    print(f"accuracy: train {_pct(acc['train'])}  val {_pct(acc['val'])}  test {_pct(acc['test'])}")
+    if args.out:
+        import shutil
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, args.out)
+        print(f"weights written to {args.out}")
+    return {"model": ws.config.model.name, "data": ws.data.name, "checkpoint": str(path), "accuracy": acc, "cache_hit": bool(meta.get("cache_hit"))}
+
+
+def cmd_extract(args) -> dict:
+    ws = _open_workspace(args)
+    report = {"model": ws.config.model.name, "layer": ws.target.name, "data": ws.data.name, "splits": {}}
+    if ws.data.skipped:
+        print(f"warning: skipped {len(ws.data.skipped)} non-image file(s), e.g. {ws.data.skipped[0]}", file=sys.stderr)
+        report["skipped_files"] = list(ws.data.skipped)
+    print(f"{ws.config.model.name} (target layer {ws.target.name}) on {ws.data.describe()}, device {ws.device}")
+    for split in args.splits.split(","):
+        if split not in ws.data.splits:
+            raise CfdebugError(f"Expected `--splits` from train,val,test, but got {split!r}.")
+        ex = ws.extractions.get(split, progress_printer(args, f"extract {split}: "))
+        recall = ex.per_class_recall(ws.data.num_classes)
+        n, c = ex.features.shape
+        speed = ex.meta.get("images_per_s", float("nan"))
+        cache = "cache hit (nothing recomputed)" if ex.cache_hit else f"computed, {speed:.0f} images/s"
+        print(f"[{split}] N={n} C={c} accuracy {_pct(ex.accuracy)}; {cache}")
+        print("  per-class recall: " + ", ".join(f"{ws.data.classes[k]}={recall[k]:.2f}" for k in range(len(recall))))
+        report["splits"][split] = {
+            "n": n, "channels": c, "accuracy": ex.accuracy, "per_class_recall": dict(zip(ws.data.classes, map(_nan_none, recall))),
+            "images_per_s": speed, "cache_hit": ex.cache_hit, "artifact": str(ex.path),
+        }
+    return report
+
+
+def _nan_none(x):
+    return None if x != x else float(x)
+
+
+def cmd_export_demo(args) -> dict:
+    from .data import export_imagefolder
+
+    counts = export_imagefolder(args.directory, bias=args.bias, seed=args.data_seed)
+    print(f"wrote Biased Digits (bias {args.bias}) to {args.directory}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"use it with: python -m cfdebug extract --data {args.directory}")
+    return {"directory": str(args.directory), "counts": counts}
+
+
+def cmd_models(args) -> dict:
+    from .models import available_models
+
+    names = available_models()
+    print("\n".join(names))
+    return {"models": names}
+
+
+def cmd_bench(args) -> dict:
+    from . import bench
+
+    return bench.run(args.what, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cfdebug",
+        description="Find why an image classifier fails (counterfactual filters, XCR) and treat it.",
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ws = _workspace_parent()
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
+
+    p = sub.add_parser("train", parents=[ws, common], help="train (or fetch from cache) a model and print train/val/test accuracy", epilog=EPILOG)
+    p.add_argument("--out", default=None, metavar="PATH", help="also copy the trained state_dict to PATH")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("extract", parents=[ws, common], help="stream a dataset through the model; cache pooled target-layer features and logits", epilog=EPILOG)
+    p.add_argument("--splits", default="train,val,test", help="comma-separated splits (default train,val,test)")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("export-demo", parents=[common], help="write Biased Digits as an ImageFolder tree (DIR/train/<class>/*.png, DIR/val/…, DIR/test/…)")
+    p.add_argument("directory", help="an empty or new folder")
+    p.add_argument("--bias", type=float, default=0.9, help="shortcut strength in train/val (default 0.9; 0 = clean digits)")
+    p.add_argument("--data-seed", type=int, default=0, help="split seed (default 0)")
+    p.set_defaults(func=cmd_export_demo)
+
+    p = sub.add_parser("models", parents=[common], help="list the model names --model accepts")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bench", parents=[ws, common], help="benchmarks that print ratios against a baseline measured in the same run")
+    p.add_argument("what", choices=["extract"], help="extract: extraction vs plain inference time, and peak RSS at N vs 10×N images")
+    p.add_argument("--n", type=int, default=2000, help="images for the timing and the smaller RSS run (default 2000)")
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats; the fastest of each is compared (default 3)")
+    p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            result = args.func(args)
+        if getattr(args, "json", None) and result is not None:
+            from .store import write_json_atomic
+
+            write_json_atomic(args.json, result)
+            print(f"results written to {args.json}", file=sys.stderr)
+    except CfdebugError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,222 @@
+"""Readers for the dataset layouts users bring: ImageFolder trees, CUB-200-2011, CIFAR batches.
+
+Each reader validates the layout and returns class names and splits; nothing is downloaded.
+Files with an extension that is not an image's are skipped and reported (``skipped``); a file
+with an image extension that cannot be read fails when it is read, naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CfdebugError
+from .dataset import IMAGE_EXTENSIONS, Split
+
+IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
+def detect_format(root: Path) -> str:
+    """Guess the layout of ``root``; raise with what was found when no layout matches."""
+    if (root / "images.txt").is_file() and (root / "train_test_split.txt").is_file():
+        return "cub"
+    if (root / "data_batch_1").is_file() or ((root / "train").is_file() and (root / "meta").is_file()):
+        return "cifar"
+    if (root / "train").is_dir():
+        return "imagefolder"
+    found = sorted(p.name for p in root.iterdir())[:10]
+    raise CfdebugError(
+        f"Cannot tell the dataset layout of {root}. Expected an ImageFolder tree (train/<class>/…, "
+        "test/<class>/…), a CUB-200-2011 folder (images.txt, train_test_split.txt, "
+        "image_class_labels.txt, classes.txt, images/) or CIFAR python batches (data_batch_1…, "
+        f"test_batch); found {found or 'an empty folder'}. Pass `--format` if the layout is one of these."
+    )
+
+
+def tree_fingerprint(root: Path, files) -> str:
+    """Hash of relative paths, sizes and modification times: changes when any file changes."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = Path(path).stat()
+        digest.update(f"{Path(path).relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def _scan_class_folder(folder: Path, skipped: list[str]) -> list[Path]:
+    images = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir() or path.name in IGNORED_NAMES or path.name.startswith("."):
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(path)
+        else:
+            skipped.append(str(path))
+    return images
+
+
+def read_imagefolder(root: Path) -> tuple[tuple[str, ...], dict[str, Split], list[Path], list[str]]:
+    """``root/train/<class>/*`` and ``root/test/<class>/*`` (optional ``root/val/<class>/*``)."""
+    for required in ("train", "test"):
+        if not (root / required).is_dir():
+            raise CfdebugError(
+                f"Expected an ImageFolder tree with {root / required}/<class>/<image> folders, "
+                f"but {root / required} does not exist. Create train/ and test/ (val/ is optional)."
+            )
+    classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith(".")))
+    if not classes:
+        raise CfdebugError(f"Expected class folders in {root / 'train'}, but found none. Put each class's images in train/<class>/.")
+    skipped: list[str] = []
+    splits, files = {}, []
+    for split in ("train", "val", "test"):
+        if not (root / split).is_dir():
+            continue
+        present = sorted(p.name for p in (root / split).iterdir() if p.is_dir() and not p.name.startswith("."))
+        unknown = sorted(set(present) - set(classes))
+        if unknown:
+            raise CfdebugError(
+                f"{root / split} has class folders that train/ lacks: {unknown}. Every class needs training images; "
+                "add them to train/ or remove these folders."
+            )
+        ids, labels, paths = [], [], []
+        for label, cls in enumerate(classes):
+            folder = root / split / cls
+            if not folder.is_dir():
+                if split == "train":
+                    raise CfdebugError(f"Class folder {folder} is missing.")
+                continue
+            images = _scan_class_folder(folder, skipped)
+            if not images:
+                raise CfdebugError(
+                    f"Class folder {folder} has no images (expected files ending in {', '.join(IMAGE_EXTENSIONS[:4])}, …). "
+                    "Add images or remove the folder."
+                )
+            for path in images:
+                ids.append(str(path.relative_to(root)))
+                labels.append(label)
+                paths.append(str(path))
+        if not ids:
+            raise CfdebugError(f"{root / split} has no images. Put images in {root / split}/<class>/.")
+        splits[split] = Split(split, tuple(ids), np.asarray(labels, dtype=np.int64), paths=tuple(paths))
+        files.extend(Path(p) for p in paths)
+    return classes, splits, files, skipped
+
+
+def _read_table(path: Path, columns: int) -> list[list[str]]:
+    if not path.is_file():
+        raise CfdebugError(f"Expected the CUB-200-2011 file {path}, but it does not exist. Point `--data` at the CUB_200_2011 folder.")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=columns - 1)
+        if len(parts) != columns:
+            raise CfdebugError(f"{path}, line {number}: expected {columns} columns, but got {line!r}.")
+        rows.append(parts)
+    return rows
+
+
+def read_cub(root: Path) -> tuple[tuple[str, ...], dict[str, Split], list[Path], list[str]]:
+    """The CUB-200-2011 archive layout: train/test from ``train_test_split.txt`` (1 = train)."""
+    images = dict(_read_table(root / "images.txt", 2))
+    split_of = dict(_read_table(root / "train_test_split.txt", 2))
+    label_of = dict(_read_table(root / "image_class_labels.txt", 2))
+    class_rows = _read_table(root / "classes.txt", 2)
+    class_ids = [int(i) for i, _ in class_rows]
+    classes = tuple(name for _, name in class_rows)
+    index_of = {cid: k for k, cid in enumerate(class_ids)}
+    parts = {"train": ([], [], []), "test": ([], [], [])}
+    files = []
+    for image_id, rel in images.items():
+        if image_id not in split_of or image_id not in label_of:
+            raise CfdebugError(f"Image id {image_id} ({rel}) is missing from train_test_split.txt or image_class_labels.txt in {root}.")
+        cls = int(label_of[image_id])
+        if cls not in index_of:
+            raise CfdebugError(f"Image {rel} has class id {cls}, which classes.txt does not list.")
+        path = root / "images" / rel
+        if not path.is_file():
+            raise CfdebugError(f"images.txt lists {rel}, but {path} does not exist.")
+        ids, labels, paths = parts["train" if split_of[image_id].strip() == "1" else "test"]
+        ids.append(rel)
+        labels.append(index_of[cls])
+        paths.append(str(path))
+        files.append(path)
+    splits = {}
+    for name, (ids, labels, paths) in parts.items():
+        if not ids:
+            raise CfdebugError(f"train_test_split.txt in {root} puts no image in the {name} split.")
+        splits[name] = Split(name, tuple(ids), np.asarray(labels, dtype=np.int64), paths=tuple(paths))
+    return classes, splits, files, []
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches (dicts, lists, bytes and NumPy arrays) and refuses anything else.
+
+    A pickle can name any callable; allowing only NumPy's array reconstruction means a
+    tampered batch file cannot run code.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise CfdebugError(f"Refusing to unpickle {module}.{name} from a CIFAR batch: only NumPy arrays are allowed.")
+        return super().find_class(module, name)
+
+
+def _load_cifar_batch(path: Path) -> dict:
+    if not path.is_file():
+        raise CfdebugError(f"Expected the CIFAR batch file {path}, but it does not exist.")
+    try:
+        with open(path, "rb") as handle:
+            batch = _ArrayOnlyUnpickler(handle, encoding="bytes").load()
+    except CfdebugError:
+        raise
+    except Exception as exc:
+        raise CfdebugError(f"Cannot read CIFAR batch {path}: {exc}. Is it a CIFAR python batch file?") from exc
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def _cifar_arrays(batch: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    key = "labels" if "labels" in batch else "fine_labels"
+    if "data" not in batch or key not in batch:
+        raise CfdebugError(f"CIFAR batch {path} lacks `data` or labels (found keys {sorted(batch)}).")
+    data = np.asarray(batch["data"], dtype=np.uint8)
+    labels = np.asarray(batch[key], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise CfdebugError(f"CIFAR batch {path}: expected data [N, 3072] and N labels, but got data {data.shape} and {len(labels)} labels.")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels  # [N, 32, 32, 3]
+
+
+def read_cifar(root: Path) -> tuple[tuple[str, ...], dict[str, Split], list[Path], list[str]]:
+    """CIFAR-10 (``data_batch_1..5``, ``test_batch``, ``batches.meta``) or CIFAR-100 (``train``, ``test``, ``meta``)."""
+    if (root / "data_batch_1").is_file():
+        train_files = sorted(root.glob("data_batch_*"))
+        test_files = [root / "test_batch"]
+        meta_file, names_key = root / "batches.meta", "label_names"
+    else:
+        train_files, test_files = [root / "train"], [root / "test"]
+        meta_file, names_key = root / "meta", "fine_label_names"
+    splits, files = {}, []
+    for name, paths in (("train", train_files), ("test", test_files)):
+        arrays = [_cifar_arrays(_load_cifar_batch(p), p) for p in paths]
+        images = np.concatenate([a for a, _ in arrays])
+        labels = np.concatenate([b for _, b in arrays])
+        ids = tuple(f"{name}/{i:05d}" for i in range(len(labels)))
+        splits[name] = Split(name, ids, labels, images=images)
+        files.extend(paths)
+    n_classes = int(max(splits["train"].labels.max(), splits["test"].labels.max())) + 1
+    if meta_file.is_file():
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in _load_cifar_batch(meta_file).get(names_key, [])]
+        files.append(meta_file)
+    else:
+        names = []
+    classes = tuple(names) if len(names) >= n_classes else tuple(str(i) for i in range(n_classes))
+    return classes, splits, files, []

@@ -1,0 +1,43 @@
+"""Shared fixtures: RNG state restored around each test, one trained demo workspace per session."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "needs_cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_rng_state():
+    """Tests may seed freely; the global RNG state is put back afterwards."""
+    py, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    yield
+    random.setstate(py)
+    np.random.set_state(np_state)
+    torch.set_rng_state(torch_state)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    """One artifact cache for the whole session, so the demo model trains once."""
+    return tmp_path_factory.mktemp("cfdebug-home")
+
+
+@pytest.fixture(scope="session")
+def demo_workspace(workdir):
+    """The demo CNN trained on Biased Digits (cached in the session workdir)."""
+    from cfdebug.config import WorkspaceConfig
+    from cfdebug.workspace import Workspace
+
+    return Workspace(WorkspaceConfig(workdir=str(workdir), device="cpu"))
