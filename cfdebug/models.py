@@ -227,8 +227,10 @@ def resolve_target(model: nn.Module, layer: str | None = None) -> TargetLayer:
         mapped = nn.Sequential(*list(model.features)[idx + 1 :], model.avgpool, nn.Flatten(1), model.classifier)
     elif type(model).__name__ == "DenseNet":
         name, act, pooled = "features", F.relu, model.classifier
-    elif isinstance(getattr(model, "features", None), nn.Sequential) and hasattr(model, "classifier") and isinstance(getattr(model, "avgpool", None), nn.AdaptiveAvgPool2d):
-        # EfficientNet, MobileNetV2/V3, RegNet-like: features → GAP → classifier
+    elif isinstance(getattr(model, "features", None), nn.Sequential) and hasattr(model, "classifier") and (
+        isinstance(getattr(model, "avgpool", None), nn.AdaptiveAvgPool2d) or type(model).__name__ == "MobileNetV2"
+    ):
+        # EfficientNet, MobileNetV2/V3: features → GAP → classifier (MobileNetV2 pools functionally)
         name, pooled = f"features.{len(model.features) - 1}", model.classifier
     if layer is not None and layer != name:
         name, act, pooled, mapped = layer, None, None, None

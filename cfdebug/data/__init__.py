@@ -34,7 +34,8 @@ def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
     val_idx = []
     for cls in np.unique(train.labels):
         idx = rng.permutation(np.flatnonzero(train.labels == cls))
-        take = min(int(round(fraction * len(idx))), len(idx) - 1)
+        # at least one per class that can spare one, so a small dataset never gets an empty val split
+        take = min(max(int(round(fraction * len(idx))), 1), len(idx) - 1)
         val_idx.append(idx[:take])
     val_idx = np.sort(np.concatenate(val_idx))
     keep = np.setdiff1d(np.arange(len(train)), val_idx)
@@ -76,7 +77,7 @@ def load_data(config: DataConfig) -> DataBundle:
         fingerprint = stable_hash(fmt, tree_fingerprint(root, files), config.val_fraction, config.seed)
         name, skipped = root.name, tuple(skipped)
         defaults = SMALL_DEFAULTS if fmt == "cifar" else IMAGENET_DEFAULTS
-    size = config.input_size or defaults[0]
+    size = defaults[0] if config.input_size is None else config.input_size
     if size < 8:
         raise CfdebugError(f"Expected `--input-size` to be at least 8 pixels, but got {size}.")
     mean = tuple(config.mean or defaults[1])

@@ -48,7 +48,8 @@ def tree_fingerprint(root: Path, files) -> str:
 def _scan_class_folder(folder: Path, skipped: list[str]) -> list[Path]:
     images = []
     for path in sorted(folder.rglob("*")):
-        if path.is_dir() or path.name in IGNORED_NAMES or path.name.startswith("."):
+        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)  # .ipynb_checkpoints/…
+        if path.is_dir() or path.name in IGNORED_NAMES or hidden:
             continue
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             images.append(path)
@@ -163,6 +164,10 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # Python 3 pickles of arrays: protocol 5 rebuilds from a buffer, protocol 2 encodes bytes.
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module, name):
@@ -181,6 +186,8 @@ def _load_cifar_batch(path: Path) -> dict:
         raise
     except Exception as exc:
         raise CfdebugError(f"Cannot read CIFAR batch {path}: {exc}. Is it a CIFAR python batch file?") from exc
+    if not isinstance(batch, dict):
+        raise CfdebugError(f"Expected CIFAR batch {path} to hold a dict (data, labels), but it holds a {type(batch).__name__}.")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 

@@ -1,0 +1,15 @@
+"""cfdebug dashboard: `streamlit run app.py` (or `make demo`).
+
+The entry point only routes between pages; each page draws the workspace sidebar
+(``cfdebug.ui.workspace_page``) and is a thin view over the cfdebug library.
+"""
+
+import streamlit as st
+
+st.set_page_config(page_title="cfdebug", page_icon=":material/bug_report:", layout="wide")
+
+PAGES = [
+    st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),
+]
+
+st.navigation(PAGES).run()

@@ -1,0 +1,28 @@
+"""The only part of the package that imports streamlit: cached wrappers, session state, widgets.
+
+Pages call these and place what they return; they never import torch.
+"""
+
+from .workspace import (
+    class_names,
+    current_config,
+    extraction,
+    load_workspace,
+    progress_callback,
+    sample_images,
+    show_user_error,
+    workspace_page,
+    workspace_sidebar,
+)
+
+__all__ = [
+    "class_names",
+    "current_config",
+    "extraction",
+    "load_workspace",
+    "progress_callback",
+    "sample_images",
+    "show_user_error",
+    "workspace_page",
+    "workspace_sidebar",
+]

@@ -1,0 +1,465 @@
+"""Datasets: Biased Digits, ImageFolder trees, CUB-200-2011, CIFAR batches, and their errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cfdebug.config import DataConfig
+from cfdebug.data import TorchSplit, carve_validation, export_imagefolder, load_data
+from cfdebug.data.digits import CLASS_COLOURS, SPLIT_FRACTIONS, SQUARE, build_digits, stratified_split
+from cfdebug.data.formats import detect_format
+from cfdebug.errors import CfdebugError
+
+# ---------------------------------------------------------------- Biased Digits
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_digits(0.9, 0)
+
+
+def _square_class(images: np.ndarray) -> np.ndarray:
+    """The class whose colour the corner square has, per image ([N])."""
+    square = images[:, SQUARE[0], SQUARE[1], :].reshape(len(images), -1, 3)  # [N, 36, 3]
+    assert (square == square[:, :1]).all()  # one flat colour
+    colour = square[:, 0].astype(int)  # [N, 3]
+    dist = ((colour[:, None, :] - CLASS_COLOURS[None].astype(int)) ** 2).sum(-1)  # [N, 10]
+    assert (dist.min(1) == 0).all()
+    return dist.argmin(1)
+
+
+def test_digits_split_sizes_and_stratification(digits):
+    sizes = {name: len(labels) for name, (_, labels, _) in digits.items()}
+    assert sum(sizes.values()) == 1797
+    for name, frac in SPLIT_FRACTIONS.items():
+        assert abs(sizes[name] - frac * 1797) <= 10, (name, sizes)
+    all_labels = np.concatenate([labels for _, labels, _ in digits.values()])
+    totals = np.bincount(all_labels, minlength=10)
+    for name, (images, labels, source) in digits.items():
+        assert images.shape == (len(labels), 32, 32, 3) and images.dtype == np.uint8
+        counts = np.bincount(labels, minlength=10)
+        # stratified: every class within one image of its share
+        assert np.all(np.abs(counts - SPLIT_FRACTIONS[name] * totals) <= 1), (name, counts)
+    sources = np.concatenate([s for _, _, s in digits.values()])
+    assert len(np.unique(sources)) == 1797  # disjoint splits covering the set
+
+
+def test_digits_deterministic_under_seed(digits):
+    again = build_digits(0.9, 0)
+    other = build_digits(0.9, 1)
+    for name in digits:
+        for a, b in zip(digits[name], again[name]):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(digits["train"][2], other["train"][2])
+
+
+def test_digits_shortcut_rates(digits):
+    train_images, train_labels, _ = digits["train"]
+    test_images, test_labels, _ = digits["test"]
+    train_rate = (_square_class(train_images) == train_labels).mean()
+    test_rate = (_square_class(test_images) == test_labels).mean()
+    assert train_rate >= 0.85
+    assert 0.05 <= test_rate <= 0.16
+
+
+def test_digits_bias_zero_is_chance():
+    clean = build_digits(0.0, 0)
+    images, labels, _ = clean["train"]
+    assert 0.05 <= (_square_class(images) == labels).mean() <= 0.16
+    bundle = load_data(DataConfig(source="clean-digits"))
+    imgs = bundle.splits["train"].images
+    assert 0.05 <= (_square_class(imgs) == bundle.splits["train"].labels).mean() <= 0.16
+
+
+def test_digits_bad_bias():
+    with pytest.raises(CfdebugError, match="bias"):
+        build_digits(1.5, 0)
+
+
+def test_load_data_digits_bundle():
+    bundle = load_data(DataConfig())
+    assert bundle.format == "digits" and bundle.num_classes == 10
+    assert bundle.input_size == 32
+    x, y, i = bundle.torch_split("test")[5]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert y == bundle.splits["test"].labels[5] and i == 5
+    assert bundle.fingerprint != load_data(DataConfig(seed=1)).fingerprint
+
+
+def test_stratified_split_is_partition():
+    labels = np.repeat(np.arange(3), 10)
+    parts = stratified_split(labels, 0)
+    allidx = np.sort(np.concatenate(list(parts.values())))
+    np.testing.assert_array_equal(allidx, np.arange(30))
+
+
+def test_export_imagefolder_roundtrip(tmp_path):
+    out = tmp_path / "digits"
+    counts = export_imagefolder(out, bias=0.9, seed=0)
+    for split in ("train", "val", "test"):
+        assert sorted(p.name for p in (out / split).iterdir()) == [str(d) for d in range(10)]
+        assert len(list((out / split).glob("*/*.png"))) == counts[split]
+    bundle = load_data(DataConfig(source=str(out)))
+    assert bundle.format == "imagefolder"
+    assert {k: len(v) for k, v in bundle.splits.items()} == counts
+    assert bundle.classes == tuple(str(d) for d in range(10))
+    # the exported pixels are the in-memory ones
+    mem = load_data(DataConfig())
+    first = bundle.splits["test"].load_image(0)
+    j = mem.splits["test"].ids.index(bundle.splits["test"].ids[0].replace(".png", "").replace(os.sep, "/"))
+    np.testing.assert_array_equal(first, mem.splits["test"].images[j])
+    with pytest.raises(CfdebugError, match="empty"):
+        export_imagefolder(out)
+
+
+def test_export_refuses_non_empty_dir(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(CfdebugError, match=str(tmp_path)):
+        export_imagefolder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+# ---------------------------------------------------------------- ImageFolder
+
+
+def _png(path: Path, value: int = 128, size: int = 4) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+    return path
+
+
+def _tree(root: Path, classes=("cat", "dog"), per_class=5, splits=("train", "test")) -> Path:
+    for split in splits:
+        for c, cls in enumerate(classes):
+            for k in range(per_class):
+                _png(root / split / cls / f"{k}.png", value=40 * c + k)
+    return root
+
+
+def test_imagefolder_classes_and_carved_val(tmp_path):
+    root = _tree(tmp_path / "ds", per_class=10)
+    bundle = load_data(DataConfig(source=str(root), val_fraction=0.2))
+    assert bundle.format == "imagefolder" and bundle.classes == ("cat", "dog")
+    sizes = {k: len(v) for k, v in bundle.splits.items()}
+    assert sizes == {"train": 16, "val": 4, "test": 20}
+    for split in ("train", "val"):
+        assert np.bincount(bundle.splits[split].labels).tolist() == ([8, 8] if split == "train" else [2, 2])
+    assert not set(bundle.splits["train"].ids) & set(bundle.splits["val"].ids)
+    assert all(i.startswith("train") for i in bundle.splits["val"].ids)
+    assert bundle.input_size == 224  # ImageNet defaults for user folders
+    again = load_data(DataConfig(source=str(root), val_fraction=0.2))
+    assert again.splits["val"].ids == bundle.splits["val"].ids  # seeded
+    x, y, _ = bundle.torch_split("val")[0]
+    assert x.shape == (3, 224, 224)
+
+
+def test_carved_val_is_never_empty(tmp_path):
+    # 3 images per class and the default fraction 0.1: each class still gives one to val
+    root = _tree(tmp_path / "ds", per_class=3)
+    bundle = load_data(DataConfig(source=str(root)))
+    assert len(bundle.splits["val"]) >= 1
+    assert np.bincount(bundle.splits["train"].labels, minlength=2).min() >= 1
+
+
+def test_carve_validation_bad_fraction(tmp_path):
+    bundle = load_data(DataConfig(source=str(_tree(tmp_path / "ds"))))
+    with pytest.raises(CfdebugError, match="val_fraction"):
+        carve_validation(bundle.splits["train"], 1.5, 0)
+
+
+def test_imagefolder_present_val_is_used(tmp_path):
+    root = _tree(tmp_path / "ds", per_class=4, splits=("train", "test"))
+    _png(root / "val" / "cat" / "v0.png")
+    _png(root / "val" / "dog" / "v1.png")
+    bundle = load_data(DataConfig(source=str(root)))
+    assert len(bundle.splits["train"]) == 8
+    assert sorted(bundle.splits["val"].ids) == [os.path.join("val", "cat", "v0.png"), os.path.join("val", "dog", "v1.png")]
+    assert bundle.splits["val"].labels.tolist() == [0, 1]
+
+
+def test_non_image_file_skipped_and_reported(tmp_path):
+    root = _tree(tmp_path / "ds")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"\0")
+    _png(root / "train" / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png")  # hidden folder: ignored
+    bundle = load_data(DataConfig(source=str(root)))
+    assert [Path(p).name for p in bundle.skipped] == ["notes.txt"]
+    assert not any("notes" in i for s in bundle.splits.values() for i in s.ids)
+    assert len(bundle.splits["train"]) + len(bundle.splits["val"]) == 10
+
+
+def test_empty_class_folder_names_it(tmp_path):
+    root = _tree(tmp_path / "ds")
+    (root / "train" / "empty").mkdir()
+    with pytest.raises(CfdebugError, match=str(root / "train" / "empty")):
+        load_data(DataConfig(source=str(root)))
+
+
+def test_missing_path_errors(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(CfdebugError, match="does not exist"):
+        load_data(DataConfig(source=str(missing)))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(CfdebugError, match="folder"):
+        load_data(DataConfig(source=str(tmp_path / "file.txt")))
+
+
+def test_missing_test_folder(tmp_path):
+    root = _tree(tmp_path / "ds", splits=("train",))
+    with pytest.raises(CfdebugError, match="test"):
+        load_data(DataConfig(source=str(root)))
+
+
+def test_unknown_class_in_test(tmp_path):
+    root = _tree(tmp_path / "ds")
+    _png(root / "test" / "horse" / "0.png")
+    with pytest.raises(CfdebugError, match="horse"):
+        load_data(DataConfig(source=str(root)))
+
+
+def test_class_missing_from_test_is_allowed(tmp_path):
+    root = _tree(tmp_path / "ds", classes=("a", "b", "c"))
+    for p in (root / "test" / "c").iterdir():
+        p.unlink()
+    (root / "test" / "c").rmdir()
+    bundle = load_data(DataConfig(source=str(root)))
+    assert bundle.classes == ("a", "b", "c")
+    assert set(bundle.splits["test"].labels.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text"])
+def test_unreadable_image_names_the_file(tmp_path, kind):
+    root = _tree(tmp_path / "ds")
+    bad = root / "test" / "dog" / "x.png"
+    if kind == "truncated":
+        _png(bad, size=64)
+        data = bad.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    else:
+        bad.write_text("this is not a PNG")
+    bundle = load_data(DataConfig(source=str(root), input_size=16))
+    split = bundle.splits["test"]
+    i = split.paths.index(str(bad))
+    ds = TorchSplit(split, bundle.input_size, bundle.mean, bundle.std)
+    ds[0]  # a good one reads fine
+    with pytest.raises(CfdebugError, match="x.png") as err:
+        ds[i]
+    assert str(bad) in str(err.value)
+
+
+def test_fingerprint_changes_when_a_file_changes(tmp_path):
+    root = _tree(tmp_path / "ds")
+    first = load_data(DataConfig(source=str(root))).fingerprint
+    assert load_data(DataConfig(source=str(root))).fingerprint == first
+    target = root / "train" / "cat" / "0.png"
+    _png(target, value=3, size=5)  # new content and size
+    changed = load_data(DataConfig(source=str(root))).fingerprint
+    assert changed != first
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # only the mtime
+    assert load_data(DataConfig(source=str(root))).fingerprint != changed
+    _png(root / "test" / "cat" / "extra.png")  # a new file
+    assert load_data(DataConfig(source=str(root))).fingerprint not in (first, changed)
+
+
+# ---------------------------------------------------------------- CUB-200-2011
+
+
+def _cub(root: Path) -> Path:
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
+    (root / "classes.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
+    rows, split_rows, label_rows = [], [], []
+    image_id = 0
+    for c, cls in enumerate(classes):
+        for k in range(4):
+            image_id += 1
+            rel = f"{cls}/{cls.split('.')[1]}_{k:04d}.jpg"
+            path = root / "images" / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((6, 6, 3), 30 * image_id, np.uint8)).save(path)
+            rows.append(f"{image_id} {rel}\n")
+            split_rows.append(f"{image_id} {1 if k < 3 else 0}\n")
+            label_rows.append(f"{image_id} {c + 1}\n")
+    (root / "images.txt").write_text("".join(rows))
+    (root / "train_test_split.txt").write_text("".join(split_rows))
+    (root / "image_class_labels.txt").write_text("".join(label_rows))
+    return root
+
+
+def test_cub_layout(tmp_path):
+    root = _cub(tmp_path / "CUB_200_2011")
+    assert detect_format(root) == "cub"
+    bundle = load_data(DataConfig(source=str(root), val_fraction=0.34))
+    assert bundle.format == "cub"
+    assert bundle.classes == ("001.Black_footed_Albatross", "002.Laysan_Albatross")
+    assert len(bundle.splits["test"]) == 2
+    assert bundle.splits["test"].labels.tolist() == [0, 1]
+    assert all(i.endswith("_0003.jpg") for i in bundle.splits["test"].ids)
+    assert len(bundle.splits["train"]) + len(bundle.splits["val"]) == 6
+    assert len(bundle.splits["val"]) == 2
+    for split in ("train", "val"):
+        for i, label in zip(bundle.splits[split].ids, bundle.splits[split].labels):
+            assert i.startswith(bundle.classes[label])
+    x, y, _ = bundle.torch_split("test")[1]
+    assert x.shape == (3, 224, 224) and y == 1
+
+
+def test_cub_missing_image(tmp_path):
+    root = _cub(tmp_path / "CUB")
+    victim = next((root / "images").rglob("*.jpg"))
+    victim.unlink()
+    with pytest.raises(CfdebugError, match=victim.name):
+        load_data(DataConfig(source=str(root)))
+
+
+# ---------------------------------------------------------------- CIFAR batches
+
+
+def _cifar_batch(n: int, n_classes: int, seed: int, label_key: bytes = b"labels") -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        b"batch_label": b"testing batch",
+        b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+        label_key: [int(v) for v in rng.integers(0, n_classes, size=n)],
+        b"filenames": [f"img{i}.png".encode() for i in range(n)],
+    }
+
+
+def _dump(obj, path: Path, protocol: int = 2) -> None:
+    with open(path, "wb") as handle:
+        pickle.dump(obj, handle, protocol=protocol)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_batches(tmp_path, protocol):
+    batches = [_cifar_batch(6, 10, seed) for seed in range(3)]
+    for k, batch in enumerate(batches[:2], start=1):
+        _dump(batch, tmp_path / f"data_batch_{k}", protocol)
+    _dump(batches[2], tmp_path / "test_batch", protocol)
+    names = [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")]
+    _dump({b"label_names": names, b"num_vis": 3072}, tmp_path / "batches.meta", protocol)
+    assert detect_format(tmp_path) == "cifar"
+    bundle = load_data(DataConfig(source=str(tmp_path), val_fraction=0.25))
+    assert bundle.format == "cifar" and bundle.classes[0] == "airplane" and bundle.num_classes == 10
+    assert bundle.input_size == 32
+    assert len(bundle.splits["train"]) + len(bundle.splits["val"]) == 12
+    assert len(bundle.splits["test"]) == 6
+    # pixel layout: row-major R plane, then G, then B
+    test = bundle.splits["test"]
+    np.testing.assert_array_equal(test.images[2, :, :, 1], batches[2][b"data"][2, 1024:2048].reshape(32, 32))
+    assert test.labels.tolist() == batches[2][b"labels"]
+    x, y, _ = bundle.torch_split("test")[0]
+    assert x.shape == (3, 32, 32) and y == batches[2][b"labels"][0]
+
+
+def test_cifar100_layout(tmp_path):
+    _dump(_cifar_batch(10, 100, 0, b"fine_labels"), tmp_path / "train")
+    _dump(_cifar_batch(4, 100, 1, b"fine_labels"), tmp_path / "test")
+    names = [f"class{i}".encode() for i in range(100)]
+    _dump({b"fine_label_names": names, b"coarse_label_names": [b"c"] * 20}, tmp_path / "meta")
+    assert detect_format(tmp_path) == "cifar"
+    bundle = load_data(DataConfig(source=str(tmp_path)))
+    assert bundle.num_classes == 100 and bundle.classes[7] == "class7"
+    assert len(bundle.splits["test"]) == 4
+
+
+class _Evil:
+    """Unpickling this would create a file: the payload a refusing reader must never run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_cifar_pickle_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    data = tmp_path / "data"
+    data.mkdir()
+    batch = _cifar_batch(4, 10, 0)
+    batch[b"labels"] = _Evil(marker)
+    _dump(batch, data / "data_batch_1")
+    _dump(_cifar_batch(4, 10, 1), data / "test_batch")
+    with pytest.raises(CfdebugError, match="data_batch_1|Refusing"):
+        load_data(DataConfig(source=str(data)))
+    assert not marker.exists()
+    # the payload is live: a plain unpickler would have created the file
+    with open(data / "data_batch_1", "rb") as handle:
+        pickle.load(handle, encoding="bytes")
+    assert marker.exists()
+
+
+def test_cifar_batch_not_a_dict(tmp_path):
+    _dump([1, 2, 3], tmp_path / "data_batch_1")
+    _dump(_cifar_batch(4, 10, 1), tmp_path / "test_batch")
+    with pytest.raises(CfdebugError, match="data_batch_1"):
+        load_data(DataConfig(source=str(tmp_path)))
+
+
+def test_cifar_garbage_file(tmp_path):
+    (tmp_path / "data_batch_1").write_bytes(b"garbage, not a pickle")
+    _dump(_cifar_batch(4, 10, 1), tmp_path / "test_batch")
+    with pytest.raises(CfdebugError, match="data_batch_1"):
+        load_data(DataConfig(source=str(tmp_path)))
+
+
+# ---------------------------------------------------------------- format detection and options
+
+
+def test_format_auto_detection_and_override(tmp_path):
+    tree = _tree(tmp_path / "tree")
+    assert detect_format(tree) == "imagefolder"
+    assert load_data(DataConfig(source=str(tree), format="imagefolder")).format == "imagefolder"
+    # an explicit --format wins over detection
+    with pytest.raises(CfdebugError, match="images.txt"):
+        load_data(DataConfig(source=str(tree), format="cub"))
+    with pytest.raises(CfdebugError, match="data_batch_1|test"):
+        load_data(DataConfig(source=str(tree), format="cifar"))
+    # a layout that detection cannot place, read with --format
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "readme.md").write_text("hi")
+    with pytest.raises(CfdebugError, match="--format") as err:
+        load_data(DataConfig(source=str(odd)))
+    assert "readme.md" in str(err.value)
+    with pytest.raises(CfdebugError, match="--format"):
+        load_data(DataConfig(source=str(tree), format="bogus"))
+
+
+def test_empty_folder_detection(tmp_path):
+    with pytest.raises(CfdebugError, match="empty folder"):
+        load_data(DataConfig(source=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(input_size=4), "input-size"),
+        (dict(input_size=0), "input-size"),
+        (dict(input_size=-32), "input-size"),
+        (dict(mean=(0.5, 0.5)), "mean"),
+        (dict(std=(0.2, 0.0, 0.2)), "std"),
+        (dict(std=(0.2, -1.0, 0.2)), "std"),
+    ],
+)
+def test_bad_transform_options(kwargs, match):
+    with pytest.raises(CfdebugError, match=match):
+        load_data(DataConfig(**kwargs))
+
+
+def test_custom_transform_options(tmp_path):
+    bundle = load_data(DataConfig(input_size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+    x, _, i = bundle.torch_split("train")[0]
+    assert x.shape == (3, 16, 16)
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    full = TorchSplit(bundle.splits["train"], 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[0][0]
+    np.testing.assert_allclose(full.numpy(), bundle.splits["train"].images[0].transpose(2, 0, 1) / 255.0, atol=1e-6)

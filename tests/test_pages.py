@@ -1,0 +1,70 @@
+"""AppTest runs of app.py and every page, on the session's cached demo workspace."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+
+
+@pytest.fixture
+def app(demo_workspace, workdir, monkeypatch):
+    monkeypatch.setenv("CFDEBUG_HOME", str(workdir))
+    return AppTest.from_file(APP, default_timeout=180)
+
+
+def test_overview_is_the_default_page(app, demo_workspace):
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert not app.error, [e.value for e in app.error]
+    labels = [m.label for m in app.metric]
+    assert labels == ["Train accuracy", "Val accuracy", "Test accuracy", "Test errors"]
+    test_acc = demo_workspace.extractions.get("test").accuracy
+    assert app.metric[2].value == f"{100 * test_acc:.1f}%"
+    assert app.query_params["model"] == ["demo-cnn"] or app.query_params["model"] == "demo-cnn"
+
+
+def test_errors_only_toggle_shows_only_errors(app):
+    app.run()
+    assert not all(c.startswith("✗") for img in app.get("image") for c in img.captions)
+    app.toggle[0].set_value(True).run()
+    assert not app.exception
+    captions = [c for img in app.get("image") for c in img.captions]
+    assert len(captions) == 24
+    assert all(c.startswith("✗") for c in captions), captions
+
+
+def test_bad_dataset_path_shows_st_error(app, tmp_path):
+    app.run()
+    app.sidebar.selectbox[0].set_value("a folder…")
+    app.sidebar.text_input[2].set_value(str(tmp_path / "missing"))
+    app.sidebar.button[0].click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert any("does not exist" in e.value for e in app.error)
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_pages_never_import_torch():
+    for page in [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py"))]:
+        assert "torch" not in _imports(page), page
+
+
+def test_library_imports_streamlit_only_in_ui():
+    for module in (ROOT / "cfdebug").rglob("*.py"):
+        if "ui" in module.relative_to(ROOT / "cfdebug").parts:
+            continue
+        assert "streamlit" not in _imports(module), module
