@@ -18,6 +18,16 @@ def _same_state(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The torchvision forwards here are tiny; on a shared 2-core box intra-op threads only add
+    barrier waits (DenseNet at 64 px: seconds instead of ~0.1 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def demo():
     torch.manual_seed(0)

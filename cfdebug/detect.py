@@ -1,0 +1,560 @@
+"""Misclassification detection by filter agreement (paper A, section 4.2 and Table 1).
+
+For a test image with inferred class ``ĉ``, the local set ``L = MC_x`` comes from ``ĉ``'s MC
+head and the global set ``G = h_ĉ > f·max(h_ĉ)`` from :mod:`cfdebug.mcfilters`. Their agreement
+is measured by recall ``|L∩G|/|G|``, precision ``|L∩G|/|L|`` and F1
+(:func:`cfdebug.metrics.set_agreement`).
+
+**Flag rule.** A prediction is *checked* when its confidence is ``≤ skip_threshold`` (a skip
+threshold of 0 disables skipping: every prediction is checked), and *flagged* when it is checked,
+scorable (``|G| > 0``) and its metric is below its class's threshold. Table 1 has three rows:
+
+====================  ==============  ==============  ==========================================
+row                   skip threshold  freq threshold  class threshold
+====================  ==============  ==============  ==========================================
+Avg. Recall           0.9             0.15            mean training recall of the class
+Avg. F1 score         0.9             0.15            mean training F1 of the class
+Recall < 0.3          0 (check all)   0 (``h > 0``)   0.3 for every class
+====================  ==============  ==============  ==========================================
+
+The "mean training metric" of class ``c`` is the mean metric over the *training* images the
+model predicts as ``c`` (the same population and computation as at test time: their MC set from
+``c``'s head against ``G_c``); a class with no such image, or an unscorable one, falls back to
+0.3. Thresholds are computed from training data only; test labels are read only to count
+detected errors.
+
+**Continuous scores** (higher = more likely correct, Hendrycks & Gimpel's convention):
+``mc_agreement`` is the F1 agreement at the main frequency threshold (``score_metric``; an
+unscorable prediction scores 0, i.e. no agreement); ``msp`` is the maximum softmax probability;
+``combined`` is the mean of the two scores' percentile ranks within the evaluated split (rank
+averaging: scale-free, so neither score dominates by its range; ties get their mean rank).
+
+**Re-ranking** (the reference code's top-5 proposal): the top-``k`` classes of each image are
+scored with their own heads and global sets; the best-agreeing one is proposed (ties go to the
+more probable class). ``rerank_fixed`` counts flagged errors whose proposal is the true class.
+
+**Ablation** (the causal check of Tariq et al. 2022): zeroing a class's top-``n`` global MC
+filters (by histogram) in ``g(x)`` should cut that class's test recall more than zeroing ``n``
+random filters (drawn uniformly from all ``C`` filters, averaged over draws).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import metrics
+from .cfe import Progress, _sub, frozen_head, keep_rate, mc_heads, predict_masks
+from .errors import CfdebugError
+from .mcfilters import GlobalFilters, MCFilterConfig, check_fraction, global_mc_filters, global_sets
+
+METRICS = ("recall", "precision", "f1")
+ROWS = ("avg_recall", "avg_f1", "recall_cut")
+ROW_LABELS = {"avg_recall": "Avg. Recall", "avg_f1": "Avg. F1 score", "recall_cut": "Recall <{cut:g}"}
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Misclassification detection (defaults: METHODS.md and the paper's Table 1).
+
+    ``skip_threshold``/``freq_threshold`` apply to the "Avg. Recall" and "Avg. F1" rows;
+    ``recall_cut`` with ``recall_cut_skip_threshold``/``recall_cut_freq_threshold`` define the
+    "Recall < 0.3" row (0 and 0 in the paper). ``fallback_threshold`` replaces a class's mean
+    training metric when it has none. ``flag_row`` picks the row whose flags fill the per-image
+    ``flagged`` column and drive re-ranking; ``score_metric`` the continuous agreement score.
+    ``ablation_class`` ``None`` averages the ablation over every class with a global set.
+    """
+
+    skip_threshold: float = 0.9
+    freq_threshold: float = 0.15
+    recall_cut: float = 0.3
+    recall_cut_skip_threshold: float = 0.0
+    recall_cut_freq_threshold: float = 0.0
+    fallback_threshold: float = 0.3
+    flag_row: str = "avg_f1"
+    score_metric: str = "f1"
+    rerank_top_k: int = 5
+    ablation_class: int | None = None
+    ablation_top_n: int = 5
+    ablation_draws: int = 20
+    seed: int = 0
+    split: str = "test"
+    filters: MCFilterConfig = field(default_factory=MCFilterConfig)
+
+    def __post_init__(self):
+        check_fraction(self.skip_threshold, "skip_threshold")
+        check_fraction(self.freq_threshold, "freq_threshold", upper_open=True)
+        check_fraction(self.recall_cut, "recall_cut")
+        check_fraction(self.recall_cut_skip_threshold, "recall_cut_skip_threshold")
+        check_fraction(self.recall_cut_freq_threshold, "recall_cut_freq_threshold", upper_open=True)
+        check_fraction(self.fallback_threshold, "fallback_threshold")
+        if self.flag_row not in ROWS:
+            raise CfdebugError(f"Expected `flag_row` to be one of {', '.join(ROWS)}, but got {self.flag_row!r}")
+        if self.score_metric not in METRICS:
+            raise CfdebugError(f"Expected `score_metric` to be one of {', '.join(METRICS)}, but got {self.score_metric!r}")
+        for name in ("rerank_top_k", "ablation_top_n", "ablation_draws"):
+            _check_positive_int(getattr(self, name), name)
+        if self.ablation_class is not None and (
+            isinstance(self.ablation_class, bool) or not isinstance(self.ablation_class, numbers.Integral) or self.ablation_class < 0
+        ):
+            raise CfdebugError(f"Expected `ablation_class` to be None or a class index >= 0, but got {self.ablation_class!r}")
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise CfdebugError(f"Expected `{name}` to be a positive integer, but got {value!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure pieces
+# --------------------------------------------------------------------------------------------
+
+
+def agreement(local: Any, classes: Any, sets: np.ndarray) -> dict[str, np.ndarray]:
+    """Recall, precision, F1 of ``local`` [N, C] bool against ``sets[classes]`` ([K, C] bool, ``classes`` [N])."""
+    return metrics.set_agreement(local, np.asarray(sets)[np.asarray(classes)])
+
+
+def class_thresholds(train_metric: Any, train_pred: Any, num_classes: int, fallback: float = 0.3) -> np.ndarray:
+    """Per-class mean of a training-set metric over the images predicted as each class.
+
+    Args:
+        train_metric: ``[N]`` float, NaN where unscorable (ignored).
+        train_pred: ``[N]`` int predicted classes of the training images.
+
+    Returns:
+        ``[K]`` float64; ``fallback`` for a class with no scorable prediction.
+    """
+    check_fraction(fallback, "fallback_threshold")
+    m = np.asarray(train_metric, dtype=np.float64)
+    pred = np.asarray(train_pred).astype(np.int64)
+    ok = ~np.isnan(m)
+    sums = np.bincount(pred[ok], weights=m[ok], minlength=num_classes)
+    counts = np.bincount(pred[ok], minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), fallback)
+
+
+def flag_predictions(metric: Any, pred: Any, confidence: Any, thresholds: Any, skip_threshold: float) -> dict[str, np.ndarray]:
+    """The flag rule on arrays.
+
+    Args:
+        metric: ``[N]`` agreement metric (NaN = unscorable); ``pred`` [N] int; ``confidence``
+            [N] in [0, 1]; ``thresholds`` [K] per-class thresholds (or a scalar).
+        skip_threshold: check only ``confidence ≤ skip_threshold``; 0 checks everything.
+
+    Returns:
+        ``{"checked", "unscorable", "flagged"}`` bool ``[N]`` arrays.
+    """
+    skip = check_fraction(skip_threshold, "skip_threshold")
+    m = np.asarray(metric, dtype=np.float64)
+    conf = np.asarray(confidence, dtype=np.float64)
+    thr = np.asarray(thresholds, dtype=np.float64)
+    thr_n = np.full(m.shape, float(thr)) if thr.ndim == 0 else thr[np.asarray(pred).astype(np.int64)]  # [N]
+    checked = np.ones(m.shape, bool) if skip == 0.0 else conf <= skip
+    unscorable = np.isnan(m)
+    with np.errstate(invalid="ignore"):
+        below = m < thr_n
+    return {"checked": checked, "unscorable": unscorable, "flagged": checked & ~unscorable & below}
+
+
+def table1_row(key: str, flags: dict[str, np.ndarray], is_error: np.ndarray, skip: float, freq: float, threshold: Any) -> dict:
+    """One row of Table 1 from the flags of :func:`flag_predictions` and ``is_error`` [N] bool."""
+    flagged = flags["flagged"]
+    total = int(is_error.sum())
+    detected = int((flagged & is_error).sum())
+    return {
+        "metric": key,
+        "label": ROW_LABELS[key],
+        "skip_threshold": float(skip),
+        "freq_threshold": float(freq),
+        "threshold": threshold,
+        "errors_detected": detected,
+        "errors_detected_pct": 100.0 * detected / total if total else float("nan"),
+        "new_errors": int((flagged & ~is_error).sum()),
+        "flagged": int(flagged.sum()),
+        "checked": int(flags["checked"].sum()),
+        "unscorable": int(flags["unscorable"].sum()),
+    }
+
+
+def percentile_rank(x: np.ndarray) -> np.ndarray:
+    """Mean rank of each value scaled to (0, 1] (ties share their mean rank)."""
+    from scipy.stats import rankdata
+
+    return rankdata(x, method="average") / len(x)
+
+
+def combined_score(msp: np.ndarray, agreement_score: np.ndarray) -> np.ndarray:
+    """``(rank(msp) + rank(agreement)) / 2`` with percentile ranks within the split."""
+    return 0.5 * (percentile_rank(np.asarray(msp, float)) + percentile_rank(np.asarray(agreement_score, float)))
+
+
+def _detection_scores(scores: dict[str, np.ndarray], is_error: np.ndarray) -> tuple[dict, dict]:
+    auroc, aupr = {}, {}
+    both = 0 < int(is_error.sum()) < len(is_error)
+    for name, s in scores.items():
+        r = metrics.error_detection_scores(s, is_error) if both else {"auroc": float("nan"), "aupr_err": float("nan")}
+        auroc[name], aupr[name] = r["auroc"], r["aupr_err"]
+    return auroc, aupr
+
+
+@dataclass
+class _Split:
+    features: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+
+    @classmethod
+    def of(cls, x) -> "_Split":
+        return cls(np.asarray(x.features, np.float32), np.asarray(x.logits, np.float64), np.asarray(x.labels).astype(np.int64), np.asarray(x.ids))
+
+    @property
+    def probs(self) -> np.ndarray:
+        z = self.logits - self.logits.max(1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(1, keepdims=True)
+
+
+def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: DetectConfig | None = None) -> dict:
+    """Table 1, the detection scores and re-ranking on arrays.
+
+    Args:
+        heads: fitted :class:`~cfdebug.cfe.MCHeads`.
+        filters: the global MC filters (from the training split).
+        train, test: objects with ``features`` [N, C] float32, ``logits`` [N, K], ``labels`` [N]
+            int and ``ids`` [N] (an :class:`~cfdebug.extract.Extraction` works). Only
+            ``train`` sets thresholds; ``test.labels`` is used only to count errors.
+
+    Returns:
+        a dict: ``total_errors``, ``n_images``, ``table1`` (rows), ``auroc``/``aupr_err`` (for
+        ``mc_agreement``, ``msp``, ``combined``), ``rerank_fixed``, ``rerank_broken``,
+        ``thresholds`` (per row, [K] lists), ``unscorable_classes`` and ``images`` (one dict
+        per test image). Nothing is modified in place.
+    """
+    config = config or DetectConfig()
+    tr, te = _Split.of(train), _Split.of(test)
+    k = filters.num_classes
+    tr_pred, te_pred = tr.logits.argmax(1), te.logits.argmax(1)
+    te_probs = te.probs
+    te_conf = te_probs.max(1)
+    is_error = te_pred != te.labels
+
+    tr_local = predict_masks(heads, tr.features, tr_pred)  # [N_train, C]
+    te_local = predict_masks(heads, te.features, te_pred)  # [N_test, C]
+
+    sets_main = global_sets(filters.histogram, config.freq_threshold)
+    sets_cut = global_sets(filters.histogram, config.recall_cut_freq_threshold)
+    tr_main, te_main = agreement(tr_local, tr_pred, sets_main), agreement(te_local, te_pred, sets_main)
+    te_cut = agreement(te_local, te_pred, sets_cut)
+
+    thresholds = {
+        "avg_recall": class_thresholds(tr_main["recall"], tr_pred, k, config.fallback_threshold),
+        "avg_f1": class_thresholds(tr_main["f1"], tr_pred, k, config.fallback_threshold),
+        "recall_cut": np.full(k, float(config.recall_cut)),
+    }
+    flags = {
+        "avg_recall": flag_predictions(te_main["recall"], te_pred, te_conf, thresholds["avg_recall"], config.skip_threshold),
+        "avg_f1": flag_predictions(te_main["f1"], te_pred, te_conf, thresholds["avg_f1"], config.skip_threshold),
+        "recall_cut": flag_predictions(te_cut["recall"], te_pred, te_conf, thresholds["recall_cut"], config.recall_cut_skip_threshold),
+    }
+    table = [
+        table1_row("avg_recall", flags["avg_recall"], is_error, config.skip_threshold, config.freq_threshold, "class mean of training recall"),
+        table1_row("avg_f1", flags["avg_f1"], is_error, config.skip_threshold, config.freq_threshold, "class mean of training F1"),
+        table1_row("recall_cut", flags["recall_cut"], is_error, config.recall_cut_skip_threshold, config.recall_cut_freq_threshold, float(config.recall_cut)),
+    ]
+    table[2]["label"] = ROW_LABELS["recall_cut"].format(cut=config.recall_cut)
+
+    score = np.nan_to_num(te_main[config.score_metric], nan=0.0)
+    scores = {"mc_agreement": score, "msp": te_conf, "combined": combined_score(te_conf, score)}
+    auroc, aupr = _detection_scores(scores, is_error)
+
+    # Re-ranking over the top-k classes, each scored with its own head and global set.
+    top = np.argsort(-te.logits, axis=1, kind="stable")[:, : min(config.rerank_top_k, k)]  # [N, k]
+    top_local = predict_masks(heads, te.features, top)  # [N, k, C]
+    n, kk, c = top_local.shape
+    top_agree = agreement(top_local.reshape(n * kk, c), top.reshape(-1), sets_main)[config.score_metric].reshape(n, kk)
+    best = np.argmax(np.nan_to_num(top_agree, nan=-1.0), axis=1)  # first (most probable) on ties
+    proposal = top[np.arange(n), best]
+    flagged = flags[config.flag_row]["flagged"]
+    proposed = np.where(flagged, proposal, te_pred)
+
+    unscorable = filters.counts == 0
+    paths = getattr(test, "paths", None)
+    images = []
+    for i in range(n):
+        images.append(
+            {
+                "id": str(te.ids[i]),
+                "path": None if paths is None else str(paths[i]),
+                "true": int(te.labels[i]),
+                "predicted": int(te_pred[i]),
+                "confidence": float(te_conf[i]),
+                "recall": _num(te_main["recall"][i]),
+                "precision": _num(te_main["precision"][i]),
+                "f1": _num(te_main["f1"][i]),
+                "agreement_score": float(score[i]),
+                "flagged": bool(flagged[i]),
+                **{f"flagged_{row}": bool(flags[row]["flagged"][i]) for row in ROWS},
+                "proposed": int(proposed[i]),
+                "unscorable": bool(unscorable[te_pred[i]]),
+                "error": bool(is_error[i]),
+            }
+        )
+    return {
+        "n_images": int(n),
+        "total_errors": int(is_error.sum()),
+        "accuracy": float(1.0 - is_error.mean()),
+        "table1": table,
+        "auroc": auroc,
+        "aupr_err": aupr,
+        "score_definitions": {
+            "mc_agreement": f"{config.score_metric} of MC_x vs the global set at freq {config.freq_threshold:g} (unscorable → 0)",
+            "msp": "maximum softmax probability",
+            "combined": "mean of the percentile ranks of msp and mc_agreement within the split",
+        },
+        "rerank_fixed": int((flagged & is_error & (proposal == te.labels)).sum()),
+        "rerank_broken": int((flagged & ~is_error & (proposal != te_pred)).sum()),
+        "rerank_top_k": int(kk),
+        "thresholds": {row: [float(v) for v in thr] for row, thr in thresholds.items()},
+        "global_set_sizes": {
+            "main": [int(v) for v in sets_main.sum(1)],
+            "recall_cut": [int(v) for v in sets_cut.sum(1)],
+        },
+        "unscorable_classes": [int(i) for i in np.nonzero(unscorable)[0]],
+        "n_unscorable": int(unscorable[te_pred].sum()),
+        "images": images,
+    }
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+# --------------------------------------------------------------------------------------------
+# Ablation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _predict(pooled_head, g: np.ndarray, zero: np.ndarray | None = None) -> np.ndarray:
+    device = next(pooled_head.parameters()).device
+    x = torch.as_tensor(g, dtype=torch.float32).clone()
+    if zero is not None:
+        x[:, torch.as_tensor(zero, dtype=torch.long)] = 0.0
+    return pooled_head(x.to(device)).argmax(1).cpu().numpy()
+
+
+def ablation_arrays(
+    pooled_head,
+    filters: GlobalFilters,
+    features: Any,
+    labels: Any,
+    cls: int | None = None,
+    top_n: int = 5,
+    n_random_draws: int = 20,
+    seed: int = 0,
+) -> dict:
+    """Recall drop of class ``cls`` when its top-``n`` global MC filters are zeroed in ``g(x)``,
+    against the mean drop over ``n_random_draws`` random sets of ``n`` filters.
+
+    Args:
+        pooled_head: frozen head ``[B, C] → [B, K]``; ``features`` [N, C]; ``labels`` [N].
+        cls: a class index, or ``None`` for the mean over every class with a global set and at
+            least one image in ``labels``.
+
+    Returns:
+        ``mc_recall_drop``, ``random_recall_drop`` (means over the evaluated classes, in
+        recall units 0–1), ``mc_accuracy_drop``, ``random_accuracy_drop``, ``per_class`` rows,
+        ``classes``, ``top_n``, ``n_random_draws``.
+    """
+    top_n = _check_positive_int(top_n, "top_n")
+    n_random_draws = _check_positive_int(n_random_draws, "n_random_draws")
+    g = np.asarray(features, dtype=np.float32)
+    y = np.asarray(labels).astype(np.int64)
+    k, c = filters.histogram.shape
+    if top_n > c:
+        raise CfdebugError(f"Expected `top_n` to be at most the number of filters ({c}), but got {top_n}")
+    if cls is not None:
+        if isinstance(cls, bool) or not isinstance(cls, numbers.Integral) or not 0 <= cls < k:
+            raise CfdebugError(f"Expected `cls` to be a class index in 0..{k - 1} or None, but got {cls!r}")
+        classes = [int(cls)]
+    else:
+        support = np.bincount(y, minlength=k)
+        classes = [i for i in range(k) if filters.counts[i] > 0 and support[i] > 0]
+    base = _predict(pooled_head, g)
+    base_recall = metrics.per_class_recall(base, y, k)
+    base_acc = float((base == y).mean())
+    rng = np.random.default_rng(seed)
+    rows = []
+    for cl in classes:
+        if filters.counts[cl] == 0:
+            raise CfdebugError(f"Class {cl} has no global MC filters (no confident correct training image), so it cannot be ablated.")
+        top = filters.top_filters(cl, top_n)
+        pred = _predict(pooled_head, g, top)
+        mc_drop = base_recall[cl] - metrics.per_class_recall(pred, y, k)[cl]
+        mc_acc_drop = base_acc - float((pred == y).mean())
+        rand_drops, rand_acc = [], []
+        for _ in range(n_random_draws):
+            pick = rng.choice(c, size=top_n, replace=False)
+            pr = _predict(pooled_head, g, pick)
+            rand_drops.append(base_recall[cl] - metrics.per_class_recall(pr, y, k)[cl])
+            rand_acc.append(base_acc - float((pr == y).mean()))
+        rows.append(
+            {
+                "class": cl,
+                "filters": [int(f) for f in top],
+                "recall_before": _num(base_recall[cl]),
+                "mc_recall_drop": _num(mc_drop),
+                "random_recall_drop": _num(np.mean(rand_drops)),
+                "random_recall_drop_std": _num(np.std(rand_drops)),
+                "mc_accuracy_drop": mc_acc_drop,
+                "random_accuracy_drop": float(np.mean(rand_acc)),
+            }
+        )
+
+    def mean(key):
+        vals = [r[key] for r in rows if r[key] is not None]
+        return float(np.mean(vals)) if vals else None
+
+    return {
+        "classes": classes,
+        "top_n": top_n,
+        "n_random_draws": n_random_draws,
+        "mc_recall_drop": mean("mc_recall_drop"),
+        "random_recall_drop": mean("random_recall_drop"),
+        "mc_accuracy_drop": mean("mc_accuracy_drop"),
+        "random_accuracy_drop": mean("random_accuracy_drop"),
+        "per_class": rows,
+    }
+
+
+def ablation(
+    workspace,
+    cls: int | None = None,
+    top_n: int = 5,
+    n_random_draws: int = 20,
+    seed: int = 0,
+    config: DetectConfig | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """:func:`ablation_arrays` on the workspace's ``config.split`` (test by default) with its
+    cached global MC filters (``cls=None``: mean over classes)."""
+    config = config or DetectConfig()
+    filters = global_mc_filters(workspace, config.filters, progress)
+    ex = workspace.extractions.get(config.split)
+    head = frozen_head(workspace.target.pooled_head, workspace.device)
+    return ablation_arrays(head, filters, ex.features, ex.labels, cls, top_n, n_random_draws, seed)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole stage
+# --------------------------------------------------------------------------------------------
+
+
+def run_detection(workspace, config: DetectConfig | None = None, progress: Progress | None = None) -> dict:
+    """Everything paper A's section 4.2 reports, for one workspace, JSON-ready.
+
+    Trains/loads the MC heads and global MC filters (training split only), then scores
+    ``config.split``. Returns :func:`detect_arrays`'s dict (``total_errors``, ``table1``,
+    ``auroc``, ``aupr_err``, ``rerank_fixed``, ``images`` with ``path`` filled in, …) plus
+    ``ablation`` (:func:`ablation_arrays`, averaged over classes unless
+    ``config.ablation_class`` is set), ``cfe_keep_rate`` (overall, per class, mean MC filters),
+    ``global_filters`` (per-class voting counts, empty classes), ``classes``, ``config`` and
+    ``seconds``. NaN values are written as ``None``.
+    """
+    from .config import config_dict
+
+    config = config or DetectConfig()
+    start = time.perf_counter()
+    if config.ablation_class is not None and config.ablation_class >= workspace.data.num_classes:
+        raise CfdebugError(
+            f"Expected `ablation_class` to be a class index in 0..{workspace.data.num_classes - 1}, but got {config.ablation_class}"
+        )
+    if config.split not in workspace.data.splits:
+        raise CfdebugError(f"Expected `split` to be one of {', '.join(workspace.data.splits)}, but got {config.split!r}")
+    fitted = mc_heads(workspace, config.filters.cfe, _sub(progress, 0.0, 0.6))
+    filters = global_mc_filters(workspace, config.filters, _sub(progress, 0.6, 0.7))
+    train = workspace.extractions.get("train")
+    test = workspace.extractions.get(config.split, progress=_sub(progress, 0.7, 0.8))
+    if progress:
+        progress(0.8, "scoring agreement")
+    split = workspace.data.splits[config.split]
+    test_view = _WithPaths(test, split.paths)
+    result = detect_arrays(fitted.heads, filters, train, test_view, config)
+    head = frozen_head(workspace.target.pooled_head, workspace.device)
+    if progress:
+        progress(0.9, "ablation")
+    result["ablation"] = ablation_arrays(head, filters, test.features, test.labels, config.ablation_class, config.ablation_top_n, config.ablation_draws, config.seed)
+    stats = fitted.stats
+    result["cfe_keep_rate"] = {
+        "overall": _num(fitted.meta.get("keep_rate_overall", float("nan"))),
+        "per_class": [_num(v) for v in stats["keep_rate"]],
+        "mean_mc_filters": [_num(v) for v in stats["mean_mc_filters"]],
+        "mean_mc_filters_overall": _num(fitted.meta.get("mean_mc_filters_overall", float("nan"))),
+        "n_correct": [int(v) for v in stats["n_correct"]],
+        "fit_seconds": fitted.meta.get("fit_seconds"),
+    }
+    result["global_filters"] = {
+        "counts": [int(v) for v in filters.counts],
+        "empty_classes": [int(i) for i in filters.empty_classes],
+    }
+    result["classes"] = list(workspace.data.classes)
+    result["split"] = config.split
+    result["config"] = config_dict(config)
+    result["seconds"] = time.perf_counter() - start
+    if progress:
+        progress(1.0, "detection done")
+    return _jsonable(result)
+
+
+@dataclass
+class _WithPaths:
+    inner: Any
+    paths: Any
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
+
+
+def images_frame(result: dict):
+    """The per-image table of :func:`run_detection` as a pandas DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame(result["images"])
+
+
+__all__ = [
+    "DetectConfig",
+    "ablation",
+    "ablation_arrays",
+    "agreement",
+    "class_thresholds",
+    "combined_score",
+    "detect_arrays",
+    "flag_predictions",
+    "images_frame",
+    "run_detection",
+    "table1_row",
+]

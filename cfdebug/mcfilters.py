@@ -1,0 +1,185 @@
+"""Global MC filters per class (paper A, eq. 1–3).
+
+For class ``c``, over the training images whose true class is ``c``, that the model predicts as
+``c`` with confidence ``p ≥ τ`` (τ = 0.9) and that are *still* predicted ``c`` when only their
+MC filters are kept (``g(x) ⊙ MC_x``, binary mask), accumulate
+
+* the histogram ``h_c += MC_x`` (how often each filter is an MC filter of the class), and
+* the magnitude ``a_c += g(x) ⊙ MC_x`` (how strongly it fires when it is).
+
+The *global set* of class ``c`` at frequency threshold ``f`` is ``G_c = h_c > f·max(h_c)``
+(``f = 0.15`` by default; ``f = 0`` keeps every filter seen at least once). A class with no
+such training image has ``count 0``, ``h_c = 0`` and an empty global set: its predictions are
+"unscorable" downstream (:mod:`cfdebug.detect`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .cfe import CFEConfig, Progress, _sub, frozen_head, masked_predictions, mc_heads, predict_masks
+from .errors import CfdebugError
+
+
+@dataclass(frozen=True)
+class MCFilterConfig:
+    """Which training images vote for the global MC filters: ``tau`` is the confidence floor
+    (``p ≥ tau``); ``cfe`` trains the MC heads that produce ``MC_x``."""
+
+    tau: float = 0.9
+    cfe: CFEConfig = field(default_factory=CFEConfig)
+
+    def __post_init__(self):
+        check_fraction(self.tau, "tau")
+
+
+def check_fraction(value: Any, name: str, *, upper_open: bool = False) -> float:
+    """Validate a threshold in ``[0, 1]`` (``[0, 1)`` with ``upper_open``) and return it."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and 0.0 <= value and (value < 1.0 if upper_open else value <= 1.0)
+    if not ok:
+        raise CfdebugError(f"Expected `{name}` to be a number in [0, 1{')' if upper_open else ']'}, but got {value!r}")
+    return float(value)
+
+
+@dataclass
+class GlobalFilters:
+    """Accumulated global MC filters.
+
+    ``histogram`` [K, C] int64 (``h``), ``magnitude`` [K, C] float64 (``a``), ``counts`` [K]
+    int64 (training images that voted per class). ``meta`` holds the config and key parts.
+    """
+
+    histogram: np.ndarray
+    magnitude: np.ndarray
+    counts: np.ndarray
+    meta: dict = field(default_factory=dict)
+    cache_hit: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return self.histogram.shape[0]
+
+    @property
+    def empty_classes(self) -> np.ndarray:
+        """Indices of classes with no voting training image (empty global set, "unscorable")."""
+        return np.nonzero(self.counts == 0)[0]
+
+    def sets(self, freq_threshold: float = 0.15) -> np.ndarray:
+        """``G`` [K, C] bool at ``freq_threshold`` (see :func:`global_sets`)."""
+        return global_sets(self.histogram, freq_threshold)
+
+    def normalised_magnitude(self) -> np.ndarray:
+        """``a_c / count_c`` [K, C] float64: mean activation of each filter when it is MC (0 for empty classes)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.counts[:, None] > 0, self.magnitude / np.maximum(self.counts[:, None], 1), 0.0)
+
+    def top_filters(self, cls: int, n: int) -> np.ndarray:
+        """The ``n`` filters of class ``cls`` with the largest histogram (ties by magnitude)."""
+        order = np.lexsort((-self.magnitude[cls], -self.histogram[cls]))
+        return order[:n]
+
+
+def global_sets(histogram: Any, freq_threshold: float = 0.15) -> np.ndarray:
+    """Global MC sets ``G_c = h_c > f·max(h_c)``.
+
+    Args:
+        histogram: ``[K, C]`` non-negative counts ``h``.
+        freq_threshold: ``f`` in ``[0, 1)``; 0 keeps every filter with ``h_c > 0``.
+
+    Returns:
+        ``[K, C]`` bool; a row of zeros (a class with no voting image) gives an empty set.
+    """
+    f = check_fraction(freq_threshold, "freq_threshold", upper_open=True)
+    h = np.asarray(histogram, dtype=np.float64)
+    if h.ndim != 2:
+        raise CfdebugError(f"Expected `histogram` to have shape [K, C], but got shape {h.shape}")
+    return h > f * h.max(axis=1, keepdims=True)
+
+
+def accumulate_global_filters(
+    heads,
+    pooled_head,
+    features: Any,
+    labels: Any,
+    probs: Any,
+    tau: float = 0.9,
+) -> GlobalFilters:
+    """Eq. 1–3 on arrays: ``features`` [N, C] float32, ``labels`` [N] int, ``probs`` [N, K] softmax.
+
+    ``heads`` are the fitted :class:`~cfdebug.cfe.MCHeads`; ``pooled_head`` the frozen classifier
+    head (used for the "still predicted c after masking" check). Returns :class:`GlobalFilters`.
+    """
+    tau = check_fraction(tau, "tau")
+    g = np.asarray(features, dtype=np.float32)
+    y = np.asarray(labels).astype(np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    k, c = heads.num_classes, heads.channels
+    pred, conf = p.argmax(1), p.max(1)
+    idx = np.nonzero((pred == y) & (conf >= tau))[0]
+    hist = np.zeros((k, c), dtype=np.int64)
+    mag = np.zeros((k, c), dtype=np.float64)
+    if idx.size:
+        masks = predict_masks(heads, g[idx], y[idx])  # [n, C] MC_x of the true (= predicted) class
+        still = masked_predictions(pooled_head, g[idx], masks) == y[idx]
+        idx, masks = idx[still], masks[still]
+        np.add.at(hist, y[idx], masks.astype(np.int64))
+        np.add.at(mag, y[idx], g[idx].astype(np.float64) * masks)
+    counts = np.bincount(y[idx], minlength=k).astype(np.int64)
+    return GlobalFilters(histogram=hist, magnitude=mag, counts=counts)
+
+
+CACHE_KIND = "mcfilters"
+_CACHE_VERSION = "v1"
+
+
+def global_mc_filters(workspace, config: MCFilterConfig | None = None, progress: Progress | None = None) -> GlobalFilters:
+    """The workspace's global MC filters from its training split, cached (kind ``"mcfilters"``).
+
+    Trains (or loads) the MC heads of ``config.cfe`` first. Classes with no voting training
+    image are listed in ``meta["empty_classes"]``.
+    """
+    from .config import config_dict
+    from .store import stable_hash
+
+    config = config or MCFilterConfig()
+    fitted = mc_heads(workspace, config.cfe, _sub(progress, 0.0, 0.8))
+    key = stable_hash(CACHE_KIND, workspace.key_parts, config_dict(config), fitted.key, _CACHE_VERSION)
+    hit = workspace.store.exists(CACHE_KIND, key)
+    if not hit:
+        start = time.perf_counter()
+        train = workspace.extractions.get("train")
+        head = frozen_head(workspace.target.pooled_head, workspace.device)
+        result = accumulate_global_filters(fitted.heads, head, train.features, train.labels, train.probs, config.tau)
+        empty = result.empty_classes
+        meta = {
+            "config": config_dict(config),
+            "key_parts": workspace.key_parts,
+            "heads_key": fitted.key,
+            "classes": list(workspace.data.classes),
+            "empty_classes": [int(i) for i in empty],
+            "empty_class_names": [workspace.data.classes[i] for i in empty],
+            "seconds": time.perf_counter() - start,
+        }
+        arrays = {"histogram": result.histogram, "magnitude": result.magnitude, "counts": result.counts}
+        workspace.store.save_arrays(CACHE_KIND, key, arrays, meta)
+    if progress:
+        progress(1.0, "global MC filters ready")
+    arrays, meta = workspace.store.load_arrays(CACHE_KIND, key)
+    return GlobalFilters(histogram=arrays["histogram"], magnitude=arrays["magnitude"], counts=arrays["counts"], meta=meta, cache_hit=hit)
+
+
+__all__ = [
+    "GlobalFilters",
+    "MCFilterConfig",
+    "accumulate_global_filters",
+    "check_fraction",
+    "global_mc_filters",
+    "global_sets",
+]
