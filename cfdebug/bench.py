@@ -111,7 +111,55 @@ def bench_extract(args) -> dict:
     }
 
 
-BENCHES = {"extract": bench_extract}
+def bench_cfe(args) -> dict:
+    """CFE fit + mask prediction for all classes vs one extraction pass over the same training
+    split (target ≤ 1×), and Grad-CAM images/s batched vs one image at a time."""
+    from .cfe import CFEConfig, fit_mc_heads, predict_masks
+    from .cli import workspace_config
+    from .gradcam import gradcam
+    from .workspace import Workspace
+
+    ws = Workspace(workspace_config(args))
+    train = ws.data.torch_split("train")
+    batches = list(torch.utils.data.DataLoader(train, batch_size=args.batch_size))
+    extract_s = min(_time_extraction(ws.model, ws.target.name, ws.target.activation, batches, len(train), ws.device) for _ in range(args.repeats))
+    with tempfile.TemporaryDirectory() as tmp:
+        from .extract import stream_features
+
+        stream_features(ws.model, ws.target.name, batches, len(train), Path(tmp), ws.device, ws.target.activation)
+        features = np.load(Path(tmp) / "features.npy")
+        logits = np.load(Path(tmp) / "logits.npy")
+    start = time.perf_counter()
+    heads, _ = fit_mc_heads(features, ws.target.pooled_head, ws.data.num_classes, CFEConfig(), ws.device)
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    predict_masks(heads, features, logits.argmax(1))
+    predict_s = time.perf_counter() - start
+    ratio = (fit_s + predict_s) / extract_s
+    print(f"model {ws.config.model.name} on {ws.data.name}: {len(train)} training images, {ws.target.channels} filters, {ws.data.num_classes} classes, device {ws.device}")
+    print(f"extraction pass: {extract_s:.3f} s; CFE fit (all {ws.data.num_classes} MC heads, {CFEConfig().epochs} epochs): {fit_s:.3f} s; mask prediction: {predict_s:.3f} s")
+    print(f"time ratio (CFE fit + predict) / extraction pass: {ratio:.3f}  (target <= 1.0: {'PASS' if ratio <= 1.0 else 'FAIL'})")
+
+    n = min(args.n, len(train))
+    x = torch.stack([train[i][0] for i in range(n)])
+    targets = torch.as_tensor(logits[:n].argmax(1))
+    gradcam(ws.model, ws.target.name, x[:4], targets[:4], ws.device)  # warm-up
+    start = time.perf_counter()
+    gradcam(ws.model, ws.target.name, x, targets, ws.device, batch_size=args.batch_size)
+    batched_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(n):
+        gradcam(ws.model, ws.target.name, x[i : i + 1], targets[i : i + 1], ws.device, batch_size=1)
+    single_s = time.perf_counter() - start
+    print(f"Grad-CAM on {n} images: batched {n / batched_s:.0f} images/s, one at a time {n / single_s:.0f} images/s; speed-up {single_s / batched_s:.1f}x")
+    return {
+        "extract_s": extract_s, "cfe_fit_s": fit_s, "cfe_predict_s": predict_s, "cfe_ratio": ratio,
+        "gradcam_n": n, "gradcam_batched_ips": n / batched_s, "gradcam_single_ips": n / single_s, "gradcam_speedup": single_s / batched_s,
+        "device": str(ws.device),
+    }
+
+
+BENCHES = {"extract": bench_extract, "cfe": bench_cfe}
 
 
 def run(what: str, args) -> dict:

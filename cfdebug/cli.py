@@ -140,6 +140,78 @@ def _nan_none(x):
     return None if x != x else float(x)
 
 
+def detect_config(args):
+    from .detect import DetectConfig
+
+    return DetectConfig(
+        skip_threshold=args.skip_threshold,
+        freq_threshold=args.freq_threshold,
+        recall_cut=args.recall_cut,
+        flag_row=args.flag_row,
+        ablation_class=args.ablation_class,
+        ablation_top_n=args.ablation_top_n,
+        split=args.split,
+    )
+
+
+def print_table1(result: dict, model: str) -> None:
+    """Table 1 of paper A, row by row, then the detection scores."""
+    print(f"{'Model':<12}{'Total errors':>13}  {'Skip thr.':>9}  {'Freq. thr.':>10}  {'Metric':<15}{'Errors detected':>17}  {'New errors':>10}")
+    for i, row in enumerate(result["table1"]):
+        first = (model, str(result["total_errors"])) if i == 0 else ("", "")
+        detected = f"{row['errors_detected']} ({row['errors_detected_pct']:.0f}%)"
+        print(f"{first[0]:<12}{first[1]:>13}  {100 * row['skip_threshold']:>8.0f}%  {100 * row['freq_threshold']:>9.0f}%  {row['label']:<15}{detected:>17}  {row['new_errors']:>10}")
+    print()
+    print(f"{'error detection':<22}{'AUROC':>8}{'AUPR-Err':>10}")
+    for key, label in (("mc_agreement", "MC-filter agreement"), ("msp", "max softmax (MSP)"), ("combined", "combined")):
+        print(f"{label:<22}{result['auroc'][key]:>8.3f}{result['aupr_err'][key]:>10.3f}")
+
+
+def cmd_detect(args) -> dict:
+    from .detect import images_frame, run_detection
+
+    config = detect_config(args)
+    ws = _open_workspace(args)
+    result = run_detection(ws, config, progress_printer(args, "detect: "))
+    print(f"{ws.config.model.name} (filters at {ws.target.name}) on {ws.data.describe()}; scoring the {config.split} split")
+    print_table1(result, ws.config.model.name)
+    keep = result["cfe_keep_rate"]
+    print(f"\nCFE MC heads: {100 * keep['overall']:.1f}% of correctly classified training images keep their class "
+          f"after masking; {keep['mean_mc_filters_overall']:.1f} MC filters per image on average (of {ws.target.channels})")
+    empty = result["global_filters"]["empty_classes"]
+    if empty:
+        names = ", ".join(ws.data.classes[i] for i in empty)
+        print(f"warning: no confident correct training image for class(es) {names}: their global MC sets are empty and "
+              "their predictions are reported as unscorable", file=sys.stderr)
+    print(f"re-ranking (top-{config.rerank_top_k} classes by agreement) fixes {result['rerank_fixed']} of the flagged errors")
+    ab = result["ablation"]
+    print(f"causal check (zero the top-{ab['top_n']} global MC filters of a class, mean over classes): recall drops by "
+          f"{ab['mc_recall_drop']:.3f}, vs {ab['random_recall_drop']:.3f} for {ab['top_n']} random filters ({ab['n_random_draws']} draws)")
+    if args.csv:
+        frame = images_frame(result)
+        frame["true"] = [ws.data.classes[i] for i in frame["true"]]
+        frame["predicted"] = [ws.data.classes[i] for i in frame["predicted"]]
+        frame["proposed"] = [ws.data.classes[i] for i in frame["proposed"]]
+        columns = ["id", "path", "true", "predicted", "confidence", "recall", "precision", "f1", "flagged", "proposed", "unscorable", "error"]
+        _write_csv_atomic(frame[columns], args.csv)
+        print(f"per-image table written to {args.csv}", file=sys.stderr)
+    return result
+
+
+def _write_csv_atomic(frame, path) -> None:
+    import os
+    import uuid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def cmd_export_demo(args) -> dict:
     from .data import export_imagefolder
 
@@ -182,6 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default="train,val,test", help="comma-separated splits (default train,val,test)")
     p.set_defaults(func=cmd_extract)
 
+    p = sub.add_parser("detect", parents=[ws, common], help="counterfactual filters: CFE heads, global MC filters, flagged predictions (Table 1), AUROC vs MSP", epilog=EPILOG)
+    p.add_argument("--csv", default=None, metavar="PER_IMAGE.csv", help="write one row per scored image (id, path, true, predicted, confidence, recall, precision, f1, flagged, proposed, unscorable)")
+    p.add_argument("--skip-threshold", type=float, default=0.9, help="only predictions with confidence <= this are checked (default 0.9; 0 disables skipping and checks every prediction)")
+    p.add_argument("--freq-threshold", type=float, default=0.15, help="global MC set: filters with histogram > f * max (default 0.15)")
+    p.add_argument("--recall-cut", type=float, default=0.3, help="the fixed recall threshold of the third Table-1 row (default 0.3)")
+    p.add_argument("--flag-row", default="avg_f1", choices=["avg_recall", "avg_f1", "recall_cut"], help="which rule fills the per-image `flagged` column (default avg_f1)")
+    p.add_argument("--ablation-class", type=int, default=None, help="class index for the causal check (default: mean over all classes)")
+    p.add_argument("--ablation-top-n", type=int, default=5, help="filters zeroed in the causal check (default 5)")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="split to score (default test)")
+    p.set_defaults(func=cmd_detect)
+
     p = sub.add_parser("export-demo", parents=[common], help="write Biased Digits as an ImageFolder tree (DIR/train/<class>/*.png, DIR/val/…, DIR/test/…)")
     p.add_argument("directory", help="an empty or new folder")
     p.add_argument("--bias", type=float, default=0.9, help="shortcut strength in train/val (default 0.9; 0 = clean digits)")
@@ -192,12 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("bench", parents=[ws, common], help="benchmarks that print ratios against a baseline measured in the same run")
-    p.add_argument("what", choices=["extract"], help="extract: extraction vs plain inference time, and peak RSS at N vs 10×N images")
+    p.add_argument("what", choices=["extract", "cfe"], help="extract: extraction vs plain inference time, and peak RSS at N vs 10×N images; cfe: CFE fit + mask prediction vs one extraction pass, and Grad-CAM batched vs one image at a time")
     p.add_argument("--n", type=int, default=2000, help="images for the timing and the smaller RSS run (default 2000)")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats; the fastest of each is compared (default 3)")
     p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings meant for the user print as one line, without the source location."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
             result = args.func(args)
         if getattr(args, "json", None) and result is not None:
             from .store import write_json_atomic

@@ -24,14 +24,18 @@ model predicts as ``c`` (the same population and computation as at test time: th
 detected errors.
 
 **Continuous scores** (higher = more likely correct, Hendrycks & Gimpel's convention):
-``mc_agreement`` is the F1 agreement at the main frequency threshold (``score_metric``; an
-unscorable prediction scores 0, i.e. no agreement); ``msp`` is the maximum softmax probability;
-``combined`` is the mean of the two scores' percentile ranks within the evaluated split (rank
-averaging: scale-free, so neither score dominates by its range; ties get their mean rank).
+``mc_agreement`` is the *agreement margin*: the F1 agreement at the main frequency threshold
+(``score_metric``) minus the class's mean training F1, i.e. the quantity the flag rule
+thresholds (an unscorable prediction scores −1, the lowest possible); ``msp`` is the maximum
+softmax probability; ``combined`` is the mean of the two scores' percentile ranks within the
+evaluated split (rank averaging: scale-free, so neither score dominates by its range; ties get
+their mean rank). ``mc_agreement_raw`` (the F1 without the class threshold) is reported too.
 
 **Re-ranking** (the reference code's top-5 proposal): the top-``k`` classes of each image are
-scored with their own heads and global sets; the best-agreeing one is proposed (ties go to the
-more probable class). ``rerank_fixed`` counts flagged errors whose proposal is the true class.
+scored with their own heads, global sets and training thresholds (agreement margin); the
+best-agreeing one is proposed (ties go to the more probable class). ``rerank_fixed`` counts
+flagged errors whose proposal is the true class, ``rerank_broken`` flagged correct predictions
+whose proposal is another class.
 
 **Ablation** (the causal check of Tariq et al. 2022): zeroing a class's top-``n`` global MC
 filters (by histogram) in ``g(x)`` should cut that class's test recall more than zeroing ``n``
@@ -50,7 +54,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .cfe import Progress, _sub, frozen_head, keep_rate, mc_heads, predict_masks
+from .cfe import Progress, frozen_head, mc_heads, predict_masks, scaled_progress
 from .errors import CfdebugError
 from .mcfilters import GlobalFilters, MCFilterConfig, check_fraction, global_mc_filters, global_sets
 
@@ -185,6 +189,18 @@ def table1_row(key: str, flags: dict[str, np.ndarray], is_error: np.ndarray, ski
     }
 
 
+def agreement_margin(metric: Any, pred: Any, thresholds: Any) -> np.ndarray:
+    """Continuous agreement score ``metric − threshold[pred]`` in ``[−1, 1]`` (``[N]`` float64).
+
+    The margin by which a prediction clears its class's training mean: what the flag rule
+    thresholds, and comparable across classes whose global sets differ in size. An unscorable
+    prediction (NaN metric) scores −1, the lowest possible.
+    """
+    m = np.asarray(metric, dtype=np.float64)
+    thr = np.asarray(thresholds, dtype=np.float64)[np.asarray(pred).astype(np.int64)]
+    return np.where(np.isnan(m), -1.0, m - thr)
+
+
 def percentile_rank(x: np.ndarray) -> np.ndarray:
     """Mean rank of each value scaled to (0, 1] (ties share their mean rank)."""
     from scipy.stats import rankdata
@@ -243,6 +259,17 @@ def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: 
     config = config or DetectConfig()
     tr, te = _Split.of(train), _Split.of(test)
     k = filters.num_classes
+    if heads.num_classes != k or filters.histogram.shape[1] != heads.channels:
+        raise CfdebugError(
+            f"Expected the heads ({heads.num_classes} classes × {heads.channels} filters) and the global filters "
+            f"({k} × {filters.histogram.shape[1]}) to come from the same model, but they differ."
+        )
+    for name, split in (("train", tr), ("test", te)):
+        if split.logits.shape[1] != k or split.features.shape[1] != heads.channels:
+            raise CfdebugError(
+                f"Expected `{name}` to have [N, {heads.channels}] features and [N, {k}] logits, but got "
+                f"{tuple(split.features.shape)} and {tuple(split.logits.shape)}."
+            )
     tr_pred, te_pred = tr.logits.argmax(1), te.logits.argmax(1)
     te_probs = te.probs
     te_conf = te_probs.max(1)
@@ -273,21 +300,26 @@ def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: 
     ]
     table[2]["label"] = ROW_LABELS["recall_cut"].format(cut=config.recall_cut)
 
-    score = np.nan_to_num(te_main[config.score_metric], nan=0.0)
-    scores = {"mc_agreement": score, "msp": te_conf, "combined": combined_score(te_conf, score)}
+    score_key = {"recall": "avg_recall", "f1": "avg_f1"}.get(config.score_metric)
+    score_thr = thresholds[score_key] if score_key else class_thresholds(tr_main[config.score_metric], tr_pred, k, config.fallback_threshold)
+    score = agreement_margin(te_main[config.score_metric], te_pred, score_thr)
+    raw = np.nan_to_num(te_main[config.score_metric], nan=0.0)
+    scores = {"mc_agreement": score, "msp": te_conf, "combined": combined_score(te_conf, score), "mc_agreement_raw": raw}
     auroc, aupr = _detection_scores(scores, is_error)
 
-    # Re-ranking over the top-k classes, each scored with its own head and global set.
+    # Re-ranking over the top-k classes, each scored with its own head, global set and threshold.
     top = np.argsort(-te.logits, axis=1, kind="stable")[:, : min(config.rerank_top_k, k)]  # [N, k]
     top_local = predict_masks(heads, te.features, top)  # [N, k, C]
     n, kk, c = top_local.shape
-    top_agree = agreement(top_local.reshape(n * kk, c), top.reshape(-1), sets_main)[config.score_metric].reshape(n, kk)
-    best = np.argmax(np.nan_to_num(top_agree, nan=-1.0), axis=1)  # first (most probable) on ties
+    top_metric = agreement(top_local.reshape(n * kk, c), top.reshape(-1), sets_main)[config.score_metric]
+    top_agree = agreement_margin(top_metric, top.reshape(-1), score_thr).reshape(n, kk)  # [N, k]
+    best = np.argmax(top_agree, axis=1)  # first (most probable) on ties
     proposal = top[np.arange(n), best]
     flagged = flags[config.flag_row]["flagged"]
     proposed = np.where(flagged, proposal, te_pred)
 
-    unscorable = filters.counts == 0
+    unscorable = np.isnan(te_main["recall"])  # [N]: the predicted class has an empty global set
+    empty_classes = np.nonzero(~sets_main.any(1))[0]
     paths = getattr(test, "paths", None)
     images = []
     for i in range(n):
@@ -301,11 +333,11 @@ def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: 
                 "recall": _num(te_main["recall"][i]),
                 "precision": _num(te_main["precision"][i]),
                 "f1": _num(te_main["f1"][i]),
-                "agreement_score": float(score[i]),
+                "agreement_margin": float(score[i]),
                 "flagged": bool(flagged[i]),
                 **{f"flagged_{row}": bool(flags[row]["flagged"][i]) for row in ROWS},
                 "proposed": int(proposed[i]),
-                "unscorable": bool(unscorable[te_pred[i]]),
+                "unscorable": bool(unscorable[i]),
                 "error": bool(is_error[i]),
             }
         )
@@ -317,9 +349,13 @@ def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: 
         "auroc": auroc,
         "aupr_err": aupr,
         "score_definitions": {
-            "mc_agreement": f"{config.score_metric} of MC_x vs the global set at freq {config.freq_threshold:g} (unscorable → 0)",
+            "mc_agreement": (
+                f"{config.score_metric} of MC_x vs the global set at freq {config.freq_threshold:g}, minus the class's "
+                "mean training value (unscorable → −1)"
+            ),
             "msp": "maximum softmax probability",
             "combined": "mean of the percentile ranks of msp and mc_agreement within the split",
+            "mc_agreement_raw": f"{config.score_metric} of MC_x vs the global set (unscorable → 0), no class threshold",
         },
         "rerank_fixed": int((flagged & is_error & (proposal == te.labels)).sum()),
         "rerank_broken": int((flagged & ~is_error & (proposal != te_pred)).sum()),
@@ -329,8 +365,8 @@ def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: 
             "main": [int(v) for v in sets_main.sum(1)],
             "recall_cut": [int(v) for v in sets_cut.sum(1)],
         },
-        "unscorable_classes": [int(i) for i in np.nonzero(unscorable)[0]],
-        "n_unscorable": int(unscorable[te_pred].sum()),
+        "unscorable_classes": [int(i) for i in empty_classes],
+        "n_unscorable": int(unscorable.sum()),
         "images": images,
     }
 
@@ -482,10 +518,10 @@ def run_detection(workspace, config: DetectConfig | None = None, progress: Progr
         )
     if config.split not in workspace.data.splits:
         raise CfdebugError(f"Expected `split` to be one of {', '.join(workspace.data.splits)}, but got {config.split!r}")
-    fitted = mc_heads(workspace, config.filters.cfe, _sub(progress, 0.0, 0.6))
-    filters = global_mc_filters(workspace, config.filters, _sub(progress, 0.6, 0.7))
+    fitted = mc_heads(workspace, config.filters.cfe, scaled_progress(progress, 0.0, 0.6))
+    filters = global_mc_filters(workspace, config.filters, scaled_progress(progress, 0.6, 0.7))
     train = workspace.extractions.get("train")
-    test = workspace.extractions.get(config.split, progress=_sub(progress, 0.7, 0.8))
+    test = workspace.extractions.get(config.split, progress=scaled_progress(progress, 0.7, 0.8))
     if progress:
         progress(0.8, "scoring agreement")
     split = workspace.data.splits[config.split]

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .cfe import CFEConfig, Progress, _sub, frozen_head, masked_predictions, mc_heads, predict_masks
+from .cfe import CFEConfig, Progress, frozen_head, masked_predictions, mc_heads, predict_masks, scaled_progress
 from .errors import CfdebugError
 
 
@@ -149,7 +149,7 @@ def global_mc_filters(workspace, config: MCFilterConfig | None = None, progress:
     from .store import stable_hash
 
     config = config or MCFilterConfig()
-    fitted = mc_heads(workspace, config.cfe, _sub(progress, 0.0, 0.8))
+    fitted = mc_heads(workspace, config.cfe, scaled_progress(progress, 0.0, 0.8))
     key = stable_hash(CACHE_KIND, workspace.key_parts, config_dict(config), fitted.key, _CACHE_VERSION)
     hit = workspace.store.exists(CACHE_KIND, key)
     if not hit:

@@ -54,12 +54,12 @@ class Workspace:
         if cfg.weights:
             model = load_model(cfg, data.num_classes)
             return model, file_digest(cfg.weights), {"source": cfg.weights}
+        seed_everything(self.config.train.seed)
+        model = build_model(cfg.name, data.num_classes).eval()  # an unknown name fails before any warning
         warnings.warn(
             f"No `--weights` given: {cfg.name} has random weights. Train it with "
             f"`python -m cfdebug train --model {cfg.name} --data …` or pass a checkpoint."
         )
-        seed_everything(self.config.train.seed)
-        model = build_model(cfg.name, data.num_classes).eval()
         return model, stable_hash(cfg.name, "random-init", self.config.train.seed, data.num_classes), {"source": "random init"}
 
     def trained_model_key(self) -> str:

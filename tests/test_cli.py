@@ -129,13 +129,6 @@ def test_user_errors_exit_2_with_one_line(run, mismatched_checkpoint, argv, need
     _one_line_error(rc, err, *needles)
 
 
-def test_unknown_model_without_weights_exit_2(run):
-    # The in-process run cannot see warnings (pytest records them); the subprocess test below can.
-    rc, out, err = run("extract", "--model", "resnet-18")
-    assert rc == 2 and "Traceback" not in err
-    assert any(line.startswith("error: ") and "resnet18" in line for line in err.splitlines())
-
-
 def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="default")
     env.pop("CFDEBUG_HOME", None)
@@ -151,13 +144,10 @@ def test_subprocess_missing_data_exit_2(tmp_path):
     assert proc.stdout == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workspace.py warns 'No --weights given: … random weights' before build_model rejects the "
-    "name, so stderr has the warning (2 lines) above the error line",
-)
-def test_subprocess_unknown_model_is_one_line(tmp_path):
-    proc = _cli("extract", "--model", "resnet-18", "--workdir", str(tmp_path / "home"), cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: ") and "resnet18" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+def test_unknown_model_without_weights_is_one_line_error(run, recwarn):
+    # Without --weights a torchvision model would get random weights (with a warning); an unknown
+    # name must fail before that warning, so stderr holds just the error line.
+    rc, out, err = run("extract", "--model", "resnet-18")
+    # the warning is either recorded by pytest or printed by the CLI's own warning printer
+    assert [str(w.message) for w in recwarn] == []
+    _one_line_error(rc, err, "resnet-18", "resnet18")

@@ -126,6 +126,34 @@ def test_export_refuses_non_empty_dir(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
+def test_export_onto_a_file_errors(tmp_path):
+    target = tmp_path / "file.png"
+    target.write_bytes(b"x")
+    with pytest.raises(CfdebugError, match="is a file"):
+        export_imagefolder(target)
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = Image.Image.save
+
+    def failing_save(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 50:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        export_imagefolder(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary one
+    (tmp_path / "empty").mkdir()
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        export_imagefolder(tmp_path / "empty")
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"] and not any((tmp_path / "empty").iterdir())
+
+
 # ---------------------------------------------------------------- ImageFolder
 
 

@@ -9,6 +9,9 @@ a shortcut, and its test accuracy shows what that costs. ``bias=0`` is the clean
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -91,16 +94,33 @@ def export_imagefolder(directory: str | Path, bias: float = 0.9, seed: int = 0) 
     Refuses a non-empty directory so nothing of the user's is overwritten.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CfdebugError(f"Expected a directory to export into, but {directory} is a file. Choose a new folder name.")
     if directory.exists() and any(directory.iterdir()):
         raise CfdebugError(
             f"Expected an empty or new directory to export into, but {directory} has files in it. "
             "Choose another directory or empty this one."
         )
+    splits = build_digits(bias, seed)
+    # Written beside the target and renamed into place, so an interrupted export leaves no partial tree.
+    final = directory.resolve()  # a real name and parent, also for "."
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     counts = {}
-    for name, (images, labels, source) in build_digits(bias, seed).items():
-        for cls in DIGIT_CLASSES:
-            (directory / name / cls).mkdir(parents=True, exist_ok=True)
-        for image, label, index in zip(images, labels, source):
-            Image.fromarray(image).save(directory / name / DIGIT_CLASSES[label] / f"{index:04d}.png")
-        counts[name] = len(labels)
+    try:
+        for name, (images, labels, source) in splits.items():
+            for cls in DIGIT_CLASSES:
+                (tmp / name / cls).mkdir(parents=True, exist_ok=True)
+            for image, label, index in zip(images, labels, source):
+                Image.fromarray(image).save(tmp / name / DIGIT_CLASSES[label] / f"{index:04d}.png")
+            counts[name] = len(labels)
+        if final.exists():  # an empty folder (maybe someone's cwd): move the splits into it
+            for name in counts:
+                os.rename(tmp / name, final / name)
+            tmp.rmdir()
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return counts

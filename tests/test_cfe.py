@@ -1,0 +1,244 @@
+"""CFE heads: the batched module against a naive per-class loop, loss terms, masks, the demo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cfdebug.cfe import (
+    CFEConfig,
+    MCHeads,
+    MIHeads,
+    alter_rate,
+    batch_order,
+    fit_mc_heads,
+    fit_mi_heads,
+    frozen_head,
+    keep_rate,
+    mc_heads,
+    mc_loss,
+    predict_masks,
+    second_most_probable,
+    small_work_threads,
+    thresholded_relu,
+)
+from cfdebug.errors import CfdebugError
+
+K, C, N = 3, 6, 70
+
+
+def _toy(seed: int = 0):
+    """Non-negative features [N, C] (like pooled ReLU maps) and a fixed linear head C → K."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.rand(N, C, generator=gen) * 2.0
+    head = nn.Linear(C, K)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(K, C, generator=gen))
+        head.bias.copy_(torch.randn(K, generator=gen) * 0.1)
+    return g.numpy(), head
+
+
+def test_thresholded_relu_values_and_gradient():
+    x = torch.tensor([0.2, 0.5, 0.51, 0.9], requires_grad=True)
+    y = thresholded_relu(x, 0.5)
+    assert y.tolist() == pytest.approx([0.0, 0.0, 0.51, 0.9])
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def _naive_mc_fit(g: np.ndarray, head: nn.Module, config: CFEConfig) -> list[nn.Linear]:
+    """The reference: K separate Dense layers, each with its own SGD, same init and batches."""
+    init = MCHeads(K, C)
+    init.reset_parameters(config.seed)
+    x = torch.as_tensor(g)
+    mu, sd = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    layers, opts = [], []
+    for k in range(K):
+        layer = nn.Linear(C, C)
+        with torch.no_grad():
+            layer.weight.copy_(init.weight[k])
+            layer.bias.copy_(init.bias[k])
+        layers.append(layer)
+        opts.append(torch.optim.SGD(layer.parameters(), lr=config.lr, momentum=config.momentum))
+    frozen = frozen_head(head, "cpu")
+    with small_work_threads("cpu", K * C * C):  # tiny ops: threads only add overhead
+        _naive_mc_steps(x, mu, sd, layers, opts, frozen, config)
+    return layers
+
+
+def _naive_mc_steps(x, mu, sd, layers, opts, frozen, config):
+    for idx in batch_order(N, config.batch_size, config.epochs, config.seed):
+        gb = x[torch.as_tensor(idx)]
+        for k in range(K):
+            s = torch.sigmoid(layers[k]((gb - mu) / sd))
+            m = torch.where(s > config.mask_threshold, s, torch.zeros_like(s))
+            z = frozen(gb * m)
+            target = torch.full((gb.shape[0],), k)
+            loss = (
+                F.cross_entropy(z, target, reduction="sum")
+                + config.sparsity_lambda * config.sparsity_scale * m.abs().sum()
+                - config.logits_weight * z[:, k].sum()
+            )
+            opts[k].zero_grad()
+            loss.backward()
+            opts[k].step()
+
+
+def test_batched_mc_heads_match_naive_per_class_loop():
+    g, head = _toy()
+    config = CFEConfig(epochs=4, batch_size=16, seed=3)
+    heads, history = fit_mc_heads(g, head, K, config)
+    layers = _naive_mc_fit(g, head, config)
+    for k, layer in enumerate(layers):
+        torch.testing.assert_close(heads.weight[k].detach(), layer.weight.detach(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(heads.bias[k].detach(), layer.bias.detach(), atol=1e-5, rtol=1e-4)
+    # The same masks, whichever way they are asked for.
+    x = torch.as_tensor(g)
+    naive = np.stack([(layers[k]((x - x.mean(0)) / x.std(0, unbiased=False)) > 0).detach().numpy() for k in range(K)], axis=1)
+    all_masks = predict_masks(heads, g)
+    assert all_masks.shape == (N, K, C)
+    assert (all_masks == naive).mean() > 0.999  # a pre-activation within 1e-5 of 0 may flip
+    assert len(history) == 4 and set(history[0]) == {"epoch", "loss", "ce", "sparsity", "logits"}
+    # Training moved the weights (the comparison is not between two untouched inits).
+    init = MCHeads(K, C)
+    init.reset_parameters(3)
+    assert not torch.allclose(init.weight, heads.weight.detach())
+
+
+def test_batched_mi_heads_match_naive_per_class_loop():
+    g, head = _toy(1)
+    config = CFEConfig(epochs=3, batch_size=16, seed=0)
+    heads, _ = fit_mi_heads(g, head, K, config)
+    init = MIHeads(K, C)
+    init.reset_parameters(config.seed + 1)
+    x = torch.as_tensor(g)
+    mu, sd = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    frozen = frozen_head(head, "cpu")
+    preds = frozen(x).argmax(1)
+    for k in range(K):
+        layer = nn.Linear(C, C)
+        with torch.no_grad():
+            layer.weight.copy_(init.weight[k])
+            layer.bias.copy_(init.bias[k])
+        opt = torch.optim.SGD(layer.parameters(), lr=config.lr, momentum=config.momentum)
+        with small_work_threads("cpu", C * C):
+            _naive_mi_steps(x, mu, sd, layer, opt, frozen, preds, k, config)
+        torch.testing.assert_close(heads.weight[k].detach(), layer.weight.detach(), atol=1e-5, rtol=1e-4)
+
+
+def _naive_mi_steps(x, mu, sd, layer, opt, frozen, preds, k, config):
+    for idx in batch_order(N, config.batch_size, config.epochs, config.seed):
+        idx = torch.as_tensor(idx)
+        keep = (preds[idx] != k).float()  # images already predicted k are left out
+        m = F.relu(layer((x[idx] - mu) / sd))
+        z = frozen(x[idx] + m)
+        ce = F.cross_entropy(z, torch.full((len(idx),), k), reduction="none")
+        loss = (ce * keep).sum() + config.mi_sparsity * (m.abs().sum(1) * keep).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_mc_loss_terms_by_hand():
+    """Head 0 keeps filter 0 only, head 1 keeps both (sigmoid(±20) saturates to 1 and 0)."""
+    heads = MCHeads(2, 2)
+    with torch.no_grad():
+        heads.weight.zero_()
+        heads.bias.copy_(torch.tensor([[20.0, -20.0], [20.0, 20.0]]))
+    head = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    g = torch.tensor([[1.0, 2.0]])
+    config = CFEConfig()
+    with torch.no_grad():
+        terms = mc_loss(heads, head, g, config)
+    m = torch.sigmoid(torch.tensor(20.0))
+    z0 = torch.tensor([1.0 * m, 0.0])  # head 0: g ⊙ [m, 0]
+    z1 = torch.tensor([1.0 * m, 2.0 * m])  # head 1: g ⊙ [m, m]
+    ce = -torch.log_softmax(z0, 0)[0] - torch.log_softmax(z1, 0)[1]
+    assert float(terms["ce"]) == pytest.approx(float(ce), rel=1e-5)
+    assert float(terms["sparsity"]) == pytest.approx(2 * 1e-3 * 3 * float(m), rel=1e-5)
+    assert float(terms["logits"]) == pytest.approx(-1e-3 * float(z0[0] + z1[1]), rel=1e-5)
+    assert float(terms["loss"]) == pytest.approx(float(terms["ce"] + terms["sparsity"] + terms["logits"]), rel=1e-6)
+
+
+def test_predict_masks_shapes_agree():
+    g, head = _toy(2)
+    heads, _ = fit_mc_heads(g, head, K, CFEConfig(epochs=1, batch_size=32))
+    every = predict_masks(heads, g)  # [N, K, C]
+    cls = np.arange(N) % K
+    one = predict_masks(heads, g, cls)  # [N, C]
+    top = np.stack([cls, (cls + 1) % K], axis=1)
+    two = predict_masks(heads, g, top)  # [N, 2, C]
+    assert one.dtype == bool and one.shape == (N, C) and two.shape == (N, 2, C)
+    np.testing.assert_array_equal(one, every[np.arange(N), cls])
+    np.testing.assert_array_equal(two[:, 1], every[np.arange(N), (cls + 1) % K])
+    with pytest.raises(CfdebugError, match="classes"):
+        predict_masks(heads, g, np.full(N, K))
+
+
+def test_fitting_leaves_inputs_alone():
+    g, head = _toy(3)
+    g_before = g.copy()
+    w_before = head.weight.detach().clone()
+    fit_mc_heads(g, head, K, CFEConfig(epochs=1))
+    np.testing.assert_array_equal(g, g_before)
+    assert torch.equal(head.weight, w_before) and head.weight.requires_grad and head.weight.grad is None
+
+
+def test_mi_heads_reach_the_alter_class():
+    g, head = _toy(4)
+    heads, _ = fit_mi_heads(g, head, K, CFEConfig(epochs=30, batch_size=16))
+    logits = head(torch.as_tensor(g)).detach().numpy()
+    alter = second_most_probable(logits)
+    assert (alter != logits.argmax(1)).all()
+    assert alter_rate(heads, frozen_head(head, "cpu"), g, alter) > 0.8
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"epochs": 0}, {"batch_size": -1}, {"lr": 0.0}, {"momentum": 1.0}, {"mask_threshold": 1.5}, {"sparsity_lambda": -1.0}, {"epochs": 2.5}],
+)
+def test_bad_config_raises(kwargs):
+    with pytest.raises(CfdebugError, match="Expected"):
+        CFEConfig(**kwargs)
+
+
+def test_architecture_without_pooled_head_is_refused():
+    g, _ = _toy()
+    with pytest.raises(CfdebugError, match="pooled_head.*not implemented yet"):
+        fit_mc_heads(g, None, K)
+
+
+def test_head_for_another_class_count_is_refused():
+    g, head = _toy()
+    with pytest.raises(CfdebugError, match=r"\[B, 5\]"):
+        fit_mc_heads(g, head, 5)
+
+
+def test_small_work_threads_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with small_work_threads("cpu", 10):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+
+
+def test_demo_mc_heads_keep_rate_and_cache(demo_workspace):
+    fitted = mc_heads(demo_workspace)
+    k, c = demo_workspace.data.num_classes, demo_workspace.target.channels
+    assert fitted.heads.weight.shape == (k, c, c)
+    # Measured on the demo: 1.000 overall and per class, ~22 of 64 filters per image.
+    assert fitted.meta["keep_rate_overall"] >= 0.95
+    assert np.nanmin(fitted.stats["keep_rate"]) >= 0.9
+    assert 1 <= fitted.meta["mean_mc_filters_overall"] < c
+    again = mc_heads(demo_workspace)
+    assert again.cache_hit and again.key == fitted.key
+    torch.testing.assert_close(again.heads.weight, fitted.heads.weight)
+    train = demo_workspace.extractions.get("train")
+    direct = keep_rate(again.heads, frozen_head(demo_workspace.target.pooled_head, "cpu"), train.features, train.labels, train.preds, k)
+    assert direct["overall"] == pytest.approx(fitted.meta["keep_rate_overall"])

@@ -1,0 +1,92 @@
+"""Global MC filters (eq. 1–3) on hand-made heads and features, and on the demo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cfdebug.cfe import MCHeads
+from cfdebug.errors import CfdebugError
+from cfdebug.mcfilters import GlobalFilters, MCFilterConfig, accumulate_global_filters, global_mc_filters, global_sets
+
+
+def test_global_sets_by_hand():
+    h = np.array([[10, 2, 1, 0], [0, 0, 0, 0], [3, 3, 0, 1]])
+    expected = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 0, 1]], bool)  # 0.15·10 = 1.5, 0.15·3 = 0.45
+    np.testing.assert_array_equal(global_sets(h, 0.15), expected)
+    np.testing.assert_array_equal(global_sets(h, 0.0), h > 0)
+    np.testing.assert_array_equal(global_sets(h, 0.5), np.array([[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]], bool))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.1", True])
+def test_global_sets_refuse_bad_thresholds(bad):
+    with pytest.raises(CfdebugError, match="Expected `freq_threshold`"):
+        global_sets(np.ones((2, 3)), bad)
+
+
+def test_config_refuses_bad_tau():
+    with pytest.raises(CfdebugError, match="Expected `tau`"):
+        MCFilterConfig(tau=1.2)
+
+
+def _hand_made():
+    """K = 3, C = 3. Head 0 keeps filters {0, 1}, head 1 keeps {1, 2}, head 2 keeps {0};
+    the classifier says 0 when filter 0 beats filter 2, 1 when filter 2 wins, never 2."""
+    heads = MCHeads(3, 3)
+    with torch.no_grad():
+        heads.weight.zero_()
+        heads.bias.copy_(torch.tensor([[5.0, 5.0, -5.0], [-5.0, 5.0, 5.0], [5.0, -5.0, -5.0]]))
+    head = nn.Linear(3, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+        head.bias.copy_(torch.tensor([0.0, 0.0, -10.0]))
+    features = np.array(
+        [
+            [2, 1, 0],  # class 0, p 0.95: votes, MC {0,1}
+            [3, 0, 1],  # class 0, p = τ exactly: votes (p ≥ τ)
+            [1, 1, 1],  # class 0, p 0.6: too unsure
+            [0, 1, 2],  # class 0 predicted 1: wrong, skipped
+            [0, 2, 3],  # class 1, p 0.98: votes, MC {1,2}
+            [5, 1, 0],  # class 1, p 0.99, but g ⊙ MC = [0,1,0] ties → predicted 0: skipped
+        ],
+        dtype=np.float32,
+    )
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    probs = np.array([[0.95, 0.05, 0], [0.9, 0.1, 0], [0.6, 0.4, 0], [0.05, 0.95, 0], [0.02, 0.98, 0], [0.01, 0.99, 0]])
+    return heads, head, features, labels, probs
+
+
+def test_accumulate_by_hand():
+    heads, head, features, labels, probs = _hand_made()
+    before = features.copy()
+    result = accumulate_global_filters(heads, head, features, labels, probs, tau=0.9)
+    np.testing.assert_array_equal(result.histogram, [[2, 2, 0], [0, 1, 1], [0, 0, 0]])
+    np.testing.assert_allclose(result.magnitude, [[5, 1, 0], [0, 2, 3], [0, 0, 0]])
+    np.testing.assert_array_equal(result.counts, [2, 1, 0])
+    np.testing.assert_array_equal(result.empty_classes, [2])
+    np.testing.assert_array_equal(result.sets(0.15), [[1, 1, 0], [0, 1, 1], [0, 0, 0]])
+    np.testing.assert_allclose(result.normalised_magnitude(), [[2.5, 0.5, 0], [0, 2, 3], [0, 0, 0]])
+    np.testing.assert_array_equal(result.top_filters(0, 2), [0, 1])  # tie in h broken by magnitude
+    np.testing.assert_array_equal(features, before)
+
+
+def test_accumulate_with_no_confident_image():
+    heads, head, features, labels, probs = _hand_made()
+    result = accumulate_global_filters(heads, head, features, labels, probs, tau=1.0)
+    assert result.counts.tolist() == [0, 0, 0]
+    assert not result.sets(0.0).any()
+
+
+def test_demo_global_filters(demo_workspace):
+    filters = global_mc_filters(demo_workspace)
+    k, c = demo_workspace.data.num_classes, demo_workspace.target.channels
+    assert isinstance(filters, GlobalFilters)
+    assert filters.histogram.shape == (k, c) and filters.magnitude.shape == (k, c)
+    train = demo_workspace.extractions.get("train")
+    confident_correct = np.bincount(train.labels[(train.preds == train.labels) & (train.probs.max(1) >= 0.9)], minlength=k)
+    assert (filters.counts <= confident_correct).all() and filters.counts.sum() > 0
+    assert (filters.histogram.max(1) <= filters.counts).all()
+    assert filters.meta["empty_classes"] == [int(i) for i in np.nonzero(filters.counts == 0)[0]]
+    assert global_mc_filters(demo_workspace).cache_hit
