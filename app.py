@@ -9,7 +9,9 @@ import streamlit as st
 st.set_page_config(page_title="cfdebug", page_icon=":material/bug_report:", layout="wide")
 
 PAGES = [
-    st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),
+    st.Page("views/overview.py", title="Overview", icon=":material/dashboard:", default=True),
+    st.Page("views/class_filters.py", title="Class filters", icon=":material/filter_alt:", url_path="class_filters"),
+    st.Page("views/flagged.py", title="Flagged predictions", icon=":material/flag:", url_path="flagged"),
 ]
 
 st.navigation(PAGES).run()

@@ -73,3 +73,21 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
     heat = cv2.resize(np.clip(cam, 0, 1).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
     coloured = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]  # BGR → RGB
     return (alpha * coloured + (1 - alpha) * image).clip(0, 255).astype(np.uint8)
+
+
+def filter_maps(model: nn.Module, layer: str, images: torch.Tensor, filter_index: int, device: torch.device, activation=None) -> np.ndarray:
+    """Where one target-layer filter fires: its activation map ``[B, H, W]`` float32 in [0, 1]
+    for ``images`` [B, 3, H, W], upsampled to the input size (the receptive region to highlight)."""
+    from .hooks import capture
+
+    with torch.inference_mode(), capture(model, layer) as cap:
+        model.eval()(images.to(device))
+    fmap = cap.activations[layer]  # [B, C, h, w]
+    if not 0 <= filter_index < fmap.shape[1]:
+        raise CfdebugError(f"Expected `filter_index` in 0..{fmap.shape[1] - 1}, but got {filter_index}.")
+    if activation is not None:
+        fmap = activation(fmap)
+    one = fmap[:, filter_index : filter_index + 1].float()  # [B, 1, h, w]
+    one = torch.nn.functional.interpolate(one, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    peak = one.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+    return (one.clamp_min(0) / peak).cpu().numpy()

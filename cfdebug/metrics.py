@@ -36,6 +36,7 @@ __all__ = [
     "average_increase",
     "brier_score",
     "confusion_matrix",
+    "error_detection_curve",
     "error_detection_scores",
     "expected_calibration_error",
     "explanation_metrics",
@@ -523,23 +524,8 @@ def explanation_metrics(probs_full: Any, probs_masked: Any) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def error_detection_scores(scores: Any, is_error: Any) -> dict[str, float]:
-    """AUROC and AUPR-Err of separating errors from correct predictions.
-
-    Hendrycks & Gimpel's convention: a HIGHER ``score`` means the prediction is MORE likely
-    correct (maximum softmax probability, agreement F1, ...).
-
-    Args:
-        scores: ``[N]`` finite float scores.
-        is_error: ``[N]`` bool (or 0/1) array, True where the prediction is wrong; must contain
-            at least one error and one correct prediction.
-
-    Returns:
-        ``{"auroc", "aupr_err"}`` as Python floats in ``[0, 1]``. ``auroc`` is the probability
-        that a random correct prediction scores above a random error (ties count 1/2; 0.5 is
-        chance). ``aupr_err`` is sklearn's average precision with errors as the positive class
-        ranked by ``-score`` (chance level = the error rate).
-    """
+def _detection_inputs(scores: Any, is_error: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``scores`` [N] float64 and ``is_error`` [N] bool with both classes present."""
     s_raw = _to_numpy(scores, "scores")
     if s_raw.ndim != 1 or s_raw.shape[0] == 0 or not _is_real_numeric(s_raw):
         raise CfdebugError(
@@ -562,6 +548,41 @@ def error_detection_scores(scores: Any, is_error: Any) -> dict[str, float]:
             "Expected `is_error` to contain both classes (error detection needs at least one "
             f"error and one correct prediction), but got {n_err} errors and {n - n_err} correct"
         )
+    return s, err
+
+
+def error_detection_curve(scores: Any, is_error: Any) -> dict[str, np.ndarray]:
+    """The ROC curve of error detection, same convention as :func:`error_detection_scores`.
+
+    Returns ``{"fpr", "tpr", "thresholds"}`` float arrays: a correct prediction counts as
+    positive, so ``tpr`` is the fraction of correct predictions kept and ``fpr`` the fraction
+    of errors kept when predictions with ``score >= threshold`` are trusted.
+    """
+    s, err = _detection_inputs(scores, is_error)
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(~err, s)
+    return {"fpr": fpr, "tpr": tpr, "thresholds": thresholds}
+
+
+def error_detection_scores(scores: Any, is_error: Any) -> dict[str, float]:
+    """AUROC and AUPR-Err of separating errors from correct predictions.
+
+    Hendrycks & Gimpel's convention: a HIGHER ``score`` means the prediction is MORE likely
+    correct (maximum softmax probability, agreement F1, ...).
+
+    Args:
+        scores: ``[N]`` finite float scores.
+        is_error: ``[N]`` bool (or 0/1) array, True where the prediction is wrong; must contain
+            at least one error and one correct prediction.
+
+    Returns:
+        ``{"auroc", "aupr_err"}`` as Python floats in ``[0, 1]``. ``auroc`` is the probability
+        that a random correct prediction scores above a random error (ties count 1/2; 0.5 is
+        chance). ``aupr_err`` is sklearn's average precision with errors as the positive class
+        ranked by ``-score`` (chance level = the error rate).
+    """
+    s, err = _detection_inputs(scores, is_error)
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     return {

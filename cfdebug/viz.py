@@ -50,3 +50,57 @@ def confusion_heatmap(matrix: np.ndarray, classes: Sequence[str], title: str = "
     fig.update_yaxes(title="true class", autorange="reversed", type="category")
     fig.update_xaxes(title="predicted class", type="category")
     return _layout(fig, title, height=max(380, 22 * len(labels) + 120))
+
+
+def filter_heatmap(values: np.ndarray, classes: Sequence[str], filter_order: np.ndarray, title: str = "Global MC filters per class") -> go.Figure:
+    """Class × filter heatmap of ``values`` [K, C] (e.g. the histogram divided by its row max),
+    columns in ``filter_order``."""
+    order = np.asarray(filter_order)
+    z = np.asarray(values, dtype=float)[:, order]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z, x=[f"f{i}" for i in order], y=[str(c) for c in classes], colorscale="Viridis", zmin=0, zmax=1,
+            hovertemplate="class %{y}, filter %{x}<br>MC frequency %{z:.2f} of the class maximum<extra></extra>",
+            colorbar=dict(title="freq / max"),
+        )
+    )
+    fig.update_xaxes(title="filter (sorted)", type="category", showticklabels=len(order) <= 64, tickfont=dict(size=8))
+    fig.update_yaxes(title="class", type="category", autorange="reversed")
+    return _layout(fig, title, height=max(320, 24 * len(classes) + 140))
+
+
+def top_filters_bar(filters: np.ndarray, frequency: np.ndarray, title: str) -> go.Figure:
+    """Bars of the MC frequency (fraction of voting images) of a class's top filters."""
+    fig = go.Figure(go.Bar(x=[f"f{i}" for i in filters], y=frequency, marker_color=PALETTE["base"],
+                           hovertemplate="filter %{x}<br>MC in %{y:.0%} of the class's voting images<extra></extra>"))
+    fig.update_yaxes(title="fraction of voting images", range=[0, 1.05], tickformat=".0%")
+    fig.update_xaxes(type="category")
+    return _layout(fig, title, height=300)
+
+
+def agreement_bar(local: np.ndarray, global_: np.ndarray, frequency: np.ndarray, title: str = "Local vs global MC filters") -> go.Figure:
+    """Filters of one prediction: in both sets, only local (MC_x), only global (G_ĉ); bar height is
+    the filter's global MC frequency for the predicted class."""
+    local, global_ = np.asarray(local, bool), np.asarray(global_, bool)
+    groups = (("in both", local & global_, PALETTE["good"]), ("only local (this image)", local & ~global_, PALETTE["accent"]),
+              ("only global (the class)", ~local & global_, PALETTE["bad"]))
+    fig = go.Figure()
+    for name, mask, colour in groups:
+        idx = np.flatnonzero(mask)
+        fig.add_bar(x=[f"f{i}" for i in idx], y=np.asarray(frequency)[idx], name=f"{name}: {len(idx)}", marker_color=colour,
+                    hovertemplate="filter %{x}<br>global frequency %{y:.2f}<extra>" + name + "</extra>")
+    fig.update_xaxes(type="category", categoryorder="total descending", title="filter")
+    fig.update_yaxes(title="global MC frequency (of class max)", range=[0, 1.05])
+    return _layout(fig, title, height=320, legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+
+
+def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str = "Error detection ROC") -> go.Figure:
+    """ROC curves ``name → (fpr, tpr, auroc)``; positives are correct predictions (Hendrycks & Gimpel)."""
+    fig = go.Figure()
+    colours = [PALETTE["base"], PALETTE["accent"], PALETTE["good"], PALETTE["muted"]]
+    for i, (name, (fpr, tpr, auc)) in enumerate(curves.items()):
+        fig.add_scatter(x=fpr, y=tpr, mode="lines", name=f"{name} (AUROC {auc:.3f})", line=dict(color=colours[i % len(colours)], width=2))
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line=dict(color="#bbbbbb", dash="dot"))
+    fig.update_xaxes(title="errors trusted (FPR)", range=[0, 1])
+    fig.update_yaxes(title="correct predictions trusted (TPR)", range=[0, 1.02])
+    return _layout(fig, title, height=380, legend=dict(x=0.98, y=0.02, xanchor="right", yanchor="bottom"))

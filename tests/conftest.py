@@ -41,3 +41,7 @@ def demo_workspace(workdir):
     from cfdebug.workspace import Workspace
 
     return Workspace(WorkspaceConfig(workdir=str(workdir), device="cpu"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--screenshots", default=None, help="also copy the browser tests' screenshots into this folder")

@@ -59,7 +59,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_pages_never_import_torch():
-    for page in [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py"))]:
+    for page in [ROOT / "app.py", *sorted((ROOT / "views").glob("*.py"))]:
         assert "torch" not in _imports(page), page
 
 
@@ -68,3 +68,32 @@ def test_library_imports_streamlit_only_in_ui():
         if "ui" in module.relative_to(ROOT / "cfdebug").parts:
             continue
         assert "streamlit" not in _imports(module), module
+
+
+def test_class_filters_page_and_causal_check(app):
+    app.run()
+    app.switch_page("views/class_filters.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert not app.error, [e.value for e in app.error]
+    assert len(app.get("image")) >= 4  # top-activating training images
+    app.selectbox[0].set_value(3).run()
+    assert app.query_params["class"] in (["3"], "3")
+    [b for b in app.button if b.label == "Run causal check"][0].click().run()
+    values = {m.label: float(m.value) for m in app.metric}
+    mc = values["Drop, top-5 MC filters zeroed"]
+    rnd = values["Drop, 5 random filters"]
+    assert mc > rnd, (mc, rnd)
+
+
+def test_flagged_page_threshold_slider_updates_counts(app):
+    app.run()
+    app.switch_page("views/flagged.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert not app.error, [e.value for e in app.error]
+    flagged = {m.label: m.value for m in app.metric}
+    before = int(flagged["Flagged"])
+    assert before > 0 and app.query_params["image"]
+    app.slider[0].set_value(app.slider[0].min).run()  # the lowest threshold flags (almost) nothing
+    after = int({m.label: m.value for m in app.metric}["Flagged"])
+    assert after < before
+    assert not app.exception

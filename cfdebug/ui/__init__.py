@@ -3,6 +3,7 @@
 Pages call these and place what they return; they never import torch.
 """
 
+from .filters import causal_check, detection, global_filters, gradcam_overlays, local_masks, top_activating
 from .workspace import (
     class_names,
     current_config,
@@ -16,6 +17,12 @@ from .workspace import (
 )
 
 __all__ = [
+    "causal_check",
+    "detection",
+    "global_filters",
+    "gradcam_overlays",
+    "local_masks",
+    "top_activating",
     "class_names",
     "current_config",
     "extraction",

@@ -6,6 +6,8 @@ in ``st.query_params`` so that a link reopens the same workspace.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 
 import numpy as np
@@ -95,11 +97,33 @@ def progress_callback(bar):
     return update
 
 
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _workspace(cfg: WorkspaceConfig, _progress=None):
+_MEMO: OrderedDict = OrderedDict()
+_MEMO_LOCK = threading.Lock()
+
+
+def memo(key, compute, max_entries: int = 16):
+    """Process-wide memo shared by all browser sessions, for work that reports progress.
+
+    ``st.cache_data``/``st.cache_resource`` replay the elements a cached function draws, which
+    breaks a progress bar created outside it; the heavy artifacts are cached on disk by the
+    library anyway, this only keeps the loaded objects in memory.
+    """
+    with _MEMO_LOCK:
+        if key in _MEMO:
+            _MEMO.move_to_end(key)
+            return _MEMO[key]
+    value = compute()
+    with _MEMO_LOCK:
+        _MEMO[key] = value
+        while len(_MEMO) > max_entries:
+            _MEMO.popitem(last=False)
+    return value
+
+
+def _workspace(cfg: WorkspaceConfig, progress=None):
     from ..workspace import Workspace
 
-    return Workspace(cfg, _progress)
+    return memo(("workspace", cfg), lambda: Workspace(cfg, progress), max_entries=4)
 
 
 @contextmanager

@@ -1,0 +1,114 @@
+"""Cached paper-A results for the Class-filters and Flagged-predictions pages."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from ..config import config_dict
+from ..errors import CfdebugError
+from ..store import stable_hash
+from .workspace import memo, progress_callback, show_user_error
+
+
+def _ws_key(ws) -> str:
+    return stable_hash(ws.key_parts)
+
+
+def _detection(ws, config, progress=None) -> dict:
+    from ..detect import run_detection
+
+    key = ("detection", _ws_key(ws), stable_hash(config_dict(config)))
+    return memo(key, lambda: run_detection(ws, config, progress))
+
+
+def detection(ws, config=None) -> dict:
+    """``run_detection`` for the workspace (CFE heads, global filters, flags), with progress."""
+    from ..detect import DetectConfig
+
+    config = config or DetectConfig()
+    try:
+        bar = st.progress(0.0, text="Fitting CFE heads and scoring agreement (cached after the first run)…")
+        result = _detection(ws, config, progress_callback(bar))
+        bar.empty()
+        return result
+    except CfdebugError as exc:
+        show_user_error(exc)
+
+
+def _filters(ws):
+    from ..mcfilters import global_mc_filters
+
+    return memo(("filters", _ws_key(ws)), lambda: global_mc_filters(ws))
+
+
+def global_filters(ws):
+    """The workspace's cached global MC filters (histogram, magnitude, counts)."""
+    try:
+        return _filters(ws)
+    except CfdebugError as exc:
+        show_user_error(exc)
+
+
+def local_masks(ws, split: str, indices, classes) -> np.ndarray:
+    """MC_x ``[n, C]`` bool for images ``indices`` of ``split`` from the heads of ``classes``."""
+    from ..cfe import mc_heads, predict_masks
+
+    fitted = mc_heads(ws)
+    features = ws.extractions.get(split).features[np.asarray(indices)]
+    return predict_masks(fitted.heads, features, np.asarray(classes))
+
+
+def _batch(ws, split: str, indices):
+    import torch
+
+    data = ws.data.torch_split(split)
+    return torch.stack([data[int(i)][0] for i in indices])
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _gradcam(key: str, split: str, indices: tuple, targets: tuple, _ws) -> list:
+    from ..gradcam import gradcam, overlay
+
+    maps = gradcam(_ws.model, _ws.target.name, _batch(_ws, split, indices), list(targets), _ws.device)
+    return [overlay(_ws.data.splits[split].load_image(i), m) for i, m in zip(indices, maps)]
+
+
+def gradcam_overlays(ws, split: str, indices, targets) -> list[np.ndarray]:
+    """Grad-CAM overlays (uint8 [H, W, 3]) for ``indices`` toward ``targets``, in one batch."""
+    if len(indices) == 0:
+        return []
+    try:
+        return _gradcam(_ws_key(ws), split, tuple(int(i) for i in indices), tuple(int(t) for t in targets), ws)
+    except CfdebugError as exc:
+        show_user_error(exc)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _filter_overlays(key: str, split: str, indices: tuple, filter_index: int, _ws) -> list:
+    from ..gradcam import filter_maps, overlay
+
+    maps = filter_maps(_ws.model, _ws.target.name, _batch(_ws, split, indices), filter_index, _ws.device, _ws.target.activation)
+    return [overlay(_ws.data.splits[split].load_image(i), m) for i, m in zip(indices, maps)]
+
+
+def top_activating(ws, cls: int, filter_index: int, n: int = 4) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The ``n`` training images of class ``cls`` where ``filter_index`` has the largest pooled
+    activation, and overlays of where that filter fires in them."""
+    train = ws.extractions.get("train")
+    candidates = np.flatnonzero(train.labels == cls)
+    order = candidates[np.argsort(-train.features[candidates, filter_index], kind="stable")[:n]]
+    try:
+        return order, _filter_overlays(_ws_key(ws), "train", tuple(int(i) for i in order), int(filter_index), ws)
+    except CfdebugError as exc:
+        show_user_error(exc)
+
+
+def causal_check(ws, cls: int, top_n: int, draws: int) -> dict:
+    """Zero class ``cls``'s top global MC filters vs as many random ones (test recall drop)."""
+    from ..detect import ablation
+
+    try:
+        return ablation(ws, cls, top_n=top_n, n_random_draws=draws)
+    except CfdebugError as exc:
+        show_user_error(exc)

@@ -1,0 +1,103 @@
+"""Flagged predictions: test images whose filters disagree with their class's, with Grad-CAM."""
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from cfdebug import metrics, ui, viz
+from cfdebug.detect import combined_score
+
+st.header("Flagged predictions")
+ws = ui.workspace_page()
+classes = ui.class_names(ws)
+result = ui.detection(ws)
+images = pd.DataFrame(result["images"])
+skip = result["config"]["skip_threshold"]
+
+st.caption(
+    "Each test prediction's local MC filters (from the predicted class's CFE head) are compared with that class's "
+    "global MC filters. A prediction is **flagged** when the agreement is below the class's mean on training images; "
+    f"predictions with confidence above {skip:.0%} are not checked. Thresholds come from training data only."
+)
+
+with st.expander("Table 1: misclassification detection", expanded=True):
+    rows = [
+        {"metric": r["label"], "skip thr.": f"{r['skip_threshold']:.0%}", "freq. thr.": f"{r['freq_threshold']:.0%}",
+         "errors detected": f"{r['errors_detected']} ({r['errors_detected_pct']:.0f}%)", "new errors": r["new_errors"]}
+        for r in result["table1"]
+    ]
+    st.markdown(f"**Total errors: {result['total_errors']}** of {result['n_images']} test images")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.caption(f"Re-ranking the top-5 classes by agreement fixes {result['rerank_fixed']} flagged errors.")
+
+st.subheader("Detection quality")
+is_error = images["error"].to_numpy(bool)
+scores = {
+    "MC agreement": images["agreement_margin"].to_numpy(float),
+    "max softmax (MSP)": images["confidence"].to_numpy(float),
+}
+scores["combined"] = combined_score(scores["max softmax (MSP)"], scores["MC agreement"])
+left, right = st.columns([3, 2])
+if 0 < is_error.sum() < len(is_error):
+    curves = {}
+    for name, s in scores.items():
+        c = metrics.error_detection_curve(s, is_error)
+        curves[name] = (c["fpr"], c["tpr"], metrics.error_detection_scores(s, is_error)["auroc"])
+    left.plotly_chart(viz.roc_figure(curves), width="stretch")
+else:
+    left.info("Detection curves need at least one error and one correct prediction.")
+margin = scores["MC agreement"]
+lo, hi = float(np.floor(margin.min() * 20) / 20), float(np.ceil(margin.max() * 20) / 20)
+threshold = right.slider(
+    "Flag when agreement − class mean is below", lo, hi, 0.0, 0.01,
+    help="0 is the paper's rule (below the class's mean training agreement). Lower flags fewer, more certain errors.",
+)
+checked = images["confidence"].to_numpy(float) <= skip if skip > 0 else np.ones(len(images), bool)
+flagged = checked & ~images["unscorable"].to_numpy(bool) & (margin < threshold)
+detected = int((flagged & is_error).sum())
+right.metric("Errors detected", f"{detected} of {int(is_error.sum())}", f"{100 * detected / max(is_error.sum(), 1):.0f}%", delta_color="off")
+right.metric("New errors (correct but flagged)", int((flagged & ~is_error).sum()))
+right.metric("Flagged", int(flagged.sum()), help=f"of {int(checked.sum())} checked predictions")
+if images["unscorable"].any():
+    right.warning(f"{int(images['unscorable'].sum())} predictions are unscorable: their class has no global MC filters.")
+
+st.subheader("Gallery")
+images["flagged_now"] = flagged
+shown = images[flagged].sort_values("agreement_margin", kind="stable")
+n_show = st.slider("Images", 4, 40, 16, 4)
+page = shown.head(n_show)
+if page.empty:
+    st.info("No prediction is flagged at this threshold.")
+else:
+    overlays = ui.gradcam_overlays(ws, "test", page.index.to_numpy(), page["predicted"].to_numpy())
+    grid = st.columns(8)
+    for j, (i, row) in enumerate(page.iterrows()):
+        mark = "✗" if row["error"] else "✓"
+        grid[j % 8].image(overlays[j], width="stretch",
+                          caption=f"{mark} true {classes[row['true']]} · pred {classes[row['predicted']]} ({row['confidence']:.2f}) → {classes[row['proposed']]}")
+
+    st.subheader("One prediction")
+    ids = page["id"].tolist()
+    wanted = st.query_params.get("image")
+    pick = st.selectbox("Image", ids, index=ids.index(wanted) if wanted in ids else 0)
+    if st.query_params.get("image") != pick:
+        st.query_params["image"] = pick
+    row = page[page["id"] == pick].iloc[0]
+    i, pred = int(page.index[page["id"] == pick][0]), int(row["predicted"])
+    filters = ui.global_filters(ws)
+    local = ui.local_masks(ws, "test", [i], [pred])[0]
+    global_set = filters.sets(result["config"]["freq_threshold"])[pred]
+    freq = filters.histogram[pred] / max(filters.histogram[pred].max(), 1)
+    a, b, c = st.columns([1, 1, 3])
+    a.image(ws.data.splits["test"].load_image(i), caption="image", width="stretch")
+    b.image(ui.gradcam_overlays(ws, "test", [i], [pred])[0], caption=f"Grad-CAM toward {classes[pred]}", width="stretch")
+    a.markdown(f"true **{classes[row['true']]}** · predicted **{classes[pred]}** ({row['confidence']:.2f}) · proposed **{classes[row['proposed']]}**")
+    b.markdown(f"recall {row['recall']:.2f} · precision {row['precision']:.2f} · F1 {row['f1']:.2f}")
+    c.plotly_chart(viz.agreement_bar(local, global_set, freq, f"Filters of {pick} vs class {classes[pred]}"), width="stretch")
+
+export = images.drop(columns=["flagged_now"]).assign(
+    true=lambda d: d["true"].map(lambda k: classes[k]),
+    predicted=lambda d: d["predicted"].map(lambda k: classes[k]),
+    proposed=lambda d: d["proposed"].map(lambda k: classes[k]),
+)
+st.download_button("Download per-image table (CSV)", export.to_csv(index=False), "flagged_predictions.csv", "text/csv")
