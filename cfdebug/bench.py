@@ -159,7 +159,35 @@ def bench_cfe(args) -> dict:
     }
 
 
-BENCHES = {"extract": bench_extract, "cfe": bench_cfe}
+def bench_treat(args) -> dict:
+    """Training time of a treatment epoch (CE − λ1·L_MC + λ2·L_nonMC) against a CE-only epoch
+    of the identical schedule (target ≤ 1.10); the fastest epoch of each is compared, and the
+    two kinds alternate so machine load hits both alike."""
+    from .cli import workspace_config
+    from .mcfilters import global_mc_filters
+    from .treatment import FinetuneConfig, TreatmentConfig, finetune, treatment_loss
+    from .workspace import Workspace
+
+    ws = Workspace(workspace_config(args))
+    sets = torch.from_numpy(global_mc_filters(ws).histogram > 0).to(ws.device)
+    treat_cfg = TreatmentConfig(epochs=args.epochs_per_repeat)
+    ce_cfg = FinetuneConfig(epochs=args.epochs_per_repeat)
+
+    def treat_loss(batch):
+        return treatment_loss(batch.logits, batch.labels, batch.pooled, sets[batch.labels], treat_cfg.lambda1, treat_cfg.lambda2, treat_cfg.theta)
+
+    treat_s, ce_s = [], []
+    for _ in range(args.repeats):
+        ce_s += [r["train_seconds"] for r in finetune(ws, ce_cfg).history]
+        treat_s += [r["train_seconds"] for r in finetune(ws, treat_cfg, loss_fn=treat_loss).history]
+    ratio = min(treat_s) / min(ce_s)
+    print(f"model {ws.config.model.name} on {ws.data.name}, trainable {treat_cfg.trainable}, batch {treat_cfg.batch_size}, device {ws.device}")
+    print(f"fastest training epoch: CE-only {min(ce_s):.3f} s, treatment {min(treat_s):.3f} s ({len(ce_s)} epochs each)")
+    print(f"time ratio treatment / CE-only epoch: {ratio:.3f}  (target <= 1.10: {'PASS' if ratio <= 1.10 else 'FAIL'})")
+    return {"ce_epoch_s": min(ce_s), "treat_epoch_s": min(treat_s), "ratio": ratio, "device": str(ws.device)}
+
+
+BENCHES = {"extract": bench_extract, "cfe": bench_cfe, "treat": bench_treat}
 
 
 def run(what: str, args) -> dict:

@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import DATA_FORMATS, DEMO_DATASETS, DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig, default_workdir
+from .config import DATA_FORMATS, DEMO_DATASETS, DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig, config_dict, default_workdir
 from .errors import CfdebugError
 from .runtime import DEVICE_CHOICES
 
@@ -212,6 +212,146 @@ def _write_csv_atomic(frame, path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CfdebugError(f"Expected `{name}` as comma-separated numbers (e.g. 1e-4,5e-4), but got {text!r}.") from None
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CfdebugError(f"Expected `{name}` as comma-separated integers (e.g. 0,1,2), but got {text!r}.") from None
+
+
+def treat_run_config(args) -> dict:
+    """The JSON a treatment run is started from (also what the dashboard writes to run.json)."""
+    from .treatment import TreatmentConfig
+
+    l1, l2, seeds = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2"), _ints(args.seeds, "--seeds")
+    for name, values in (("--lambda1", l1), ("--lambda2", l2)):
+        bad = [v for v in values if not 0.0 <= v <= 1.0]
+        if bad:
+            raise CfdebugError(f"Expected every `{name}` value to be in [0, 1], but got {bad[0]:g}.")
+    if not (l1 and l2 and seeds):
+        raise CfdebugError("Expected at least one value each for --lambda1, --lambda2 and --seeds.")
+    treatment = TreatmentConfig(
+        lambda1=l1[0], lambda2=l2[0], epochs=args.treat_epochs, lr=args.treat_lr, seed=seeds[0],
+        batch_size=args.treat_batch_size, trainable=args.trainable,
+    )
+    return {"workspace": config_dict(workspace_config(args)), "treatment": config_dict(treatment), "lambdas1": l1, "lambdas2": l2, "seeds": seeds}
+
+
+def workspace_config_from_dict(d: dict) -> WorkspaceConfig:
+    data = dict(d["data"])
+    for key in ("mean", "std"):
+        if data.get(key) is not None:
+            data[key] = tuple(data[key])
+    return WorkspaceConfig(
+        model=ModelConfig(**d["model"]), data=DataConfig(**data), train=TrainConfig(**d["train"]),
+        extract=ExtractConfig(**d["extract"]), device=d["device"], workdir=d["workdir"],
+    )
+
+
+def print_table2(result: dict, model: str) -> None:
+    """Table 2 of paper A: λ1, λ2, train and test accuracy as mean ± std over seeds."""
+    print(f"{'Model':<22}{'λ1 (MC)':>10}{'λ2 (non-MC)':>13}{'Train acc. (%)':>18}{'Val acc. (%)':>16}{'Test acc. (%)':>17}")
+
+    def cell(row, split):
+        mean, std = 100 * row[f"{split}_acc_mean"], 100 * row[f"{split}_acc_std"]
+        return f"{mean:.2f}" if row["n_seeds"] <= 1 or row["model"] == "base" else f"{mean:.2f} ± {std:.2f}"
+
+    for row in result["table2"]:
+        name = {"base": f"{model} base", "fine-tuned": "Fine-tuned (control)", "treatment": f"{model} treated"}[row["model"]]
+        l1 = "-" if row["model"] != "treatment" else f"{row['lambda1']:g}"
+        l2 = "-" if row["model"] != "treatment" else f"{row['lambda2']:g}"
+        print(f"{name:<22}{l1:>10}{l2:>13}{cell(row, 'train'):>18}{cell(row, 'val'):>16}{cell(row, 'test'):>17}")
+    seeds = result["table2"][1]["n_seeds"]
+    print(f"(mean ± sample std over {seeds} seed{'s' if seeds != 1 else ''}; the epoch kept is the best on validation, never test)")
+
+
+def print_table3(result: dict, model: str) -> None:
+    t3 = result["table3"]
+    best = result["best"]
+    print(f"\nTable 3: class recall change, base → treated (λ1={best['lambda1']:g}, λ2={best['lambda2']:g}, mean over seeds; test split)")
+    print(f"{'':<10}{'Class':<14}{'Original':>10}{'Treated':>10}{'Change':>10}")
+    for group, label in (("improved", "Improved"), ("worsened", "Worsened")):
+        if not t3[group]:
+            print(f"{label:<10}(no class {'improved' if group == 'improved' else 'worsened'})")
+        for i, row in enumerate(t3[group]):
+            print(f"{label if i == 0 else '':<10}{row['class']:<14}{row['original_recall']:>10.2f}{row['treated_recall']:>10.2f}{row['change']:>+10.2f}")
+
+
+def cmd_treat(args) -> dict:
+    from .mcfilters import global_mc_filters
+    from .runs import RunRegistry, run_context
+    from .treatment import TreatmentConfig, treatment_sweep
+    from .workspace import Workspace
+
+    registry = RunRegistry(args.workdir)
+    if args.resume:
+        record = registry.get(args.resume)
+        if record.kind != "treat":
+            raise CfdebugError(f"Run {args.resume} is a {record.kind!r} run, not a treatment run; resume it with `python -m cfdebug {record.kind} --resume {args.resume}`.")
+        run_id, spec = record.run_id, record.config
+    elif args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise CfdebugError(f"Run config {path} does not exist.")
+        try:
+            payload = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CfdebugError(f"Run config {path} is not valid JSON: {exc}.") from None
+        spec = payload.get("config", payload)
+        run_id = args.run_id or payload.get("run_id")
+        if run_id is None:
+            run_id = registry.create("treat", spec).run_id
+    else:
+        spec = treat_run_config(args)
+        run_id = registry.create("treat", spec).run_id
+    try:
+        ws_config = workspace_config_from_dict(spec["workspace"])
+        treatment = TreatmentConfig(**spec["treatment"])
+        lambdas1, lambdas2, seeds = spec["lambdas1"], spec["lambdas2"], spec["seeds"]
+    except (KeyError, TypeError) as exc:
+        raise CfdebugError(f"Run config of {run_id} is not a treatment config ({exc}). Start a new run instead.") from None
+    print(f"run {run_id} (registry {registry.db_path}); resume with: python -m cfdebug treat --resume {run_id} --workdir {args.workdir}", file=sys.stderr)
+    show = progress_printer(args, "treat: ")
+    with run_context(registry, run_id):
+        ws = Workspace(ws_config, progress_printer(args, "training: "))
+        sets = global_mc_filters(ws).histogram > 0  # METHODS: G_y binarised as h_y > 0
+        result = treatment_sweep(
+            ws, lambdas1, lambdas2, seeds, treatment.epochs, sets, progress=show, config=treatment,
+            run_dir=registry.run_dir(run_id), registry=registry, run_id=run_id,
+        )
+        result = {"run_id": run_id, "classes": list(ws.data.classes), **result}
+        registry.set_result(run_id, result)
+    print(f"{ws_config.model.name} on {ws.data.describe()}: treatment of the filters at {ws.target.name}")
+    print_table2(result, ws_config.model.name)
+    print_table3(result, ws_config.model.name)
+    return result
+
+
+def cmd_runs(args) -> dict:
+    from .runs import RunRegistry, cancel
+
+    registry = RunRegistry(args.workdir)
+    if args.cancel:
+        record = cancel(registry, args.cancel)
+        print(f"run {record.run_id}: {record.status}")
+        return {"run_id": record.run_id, "status": record.status}
+    records = registry.list(args.kind)
+    if not records:
+        print(f"no runs in {registry.db_path}")
+    for r in records:
+        progress = r.progress or {}
+        where = f"epoch {progress.get('epoch')}" if progress.get("epoch") is not None else ""
+        print(f"{r.run_id}  {r.kind:<6} {r.status:<10} {where:<10} {r.error or ''}")
+    return {"runs": [{"run_id": r.run_id, "kind": r.kind, "status": r.status, "error": r.error} for r in records]}
+
+
 def cmd_export_demo(args) -> dict:
     from .data import export_imagefolder
 
@@ -265,6 +405,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "val"], help="split to score (default test)")
     p.set_defaults(func=cmd_detect)
 
+    p = sub.add_parser("treat", parents=[ws, common], help="treatment: retrain with the MC-filter losses (λ1, λ2) against a CE-only control; Tables 2 and 3", epilog=EPILOG)
+    p.add_argument("--lambda1", default="1e-3", help="weight(s) rewarding the true class's MC filters, comma-separated for a sweep (default 1e-3; paper grid 1e-4…2e-3)")
+    p.add_argument("--lambda2", default="2e-5", help="weight(s) penalising non-MC filters, comma-separated (default 2e-5; paper grid 1e-5…1e-4)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; every λ pair and the control run once per seed (default 0)")
+    p.add_argument("--treat-epochs", type=int, default=10, help="fine-tuning epochs of each run (default 10)")
+    p.add_argument("--treat-lr", type=float, default=1e-4, help="SGD learning rate of the fine-tuning (default 1e-4, momentum 0.9)")
+    p.add_argument("--treat-batch-size", type=int, default=64, help="fine-tuning batch size (default 64)")
+    p.add_argument("--trainable", default="block+head", choices=["block+head", "head", "all"], help="what is fine-tuned (default: the target block and the head)")
+    p.add_argument("--config", default=None, metavar="RUN_JSON", help="start from a run.json (what the dashboard launches)")
+    p.add_argument("--run-id", default=None, help="the registry id of the run started with --config")
+    p.add_argument("--resume", default=None, metavar="RUN_ID", help="resume a stopped or crashed run from its last checkpoint")
+    p.set_defaults(func=cmd_treat)
+
+    p = sub.add_parser("runs", parents=[common], help="list background runs (treatment, XCR) or cancel one")
+    p.add_argument("--workdir", default=default_workdir(), help="artifact cache holding runs.db (default: $CFDEBUG_HOME or ./.cfdebug)")
+    p.add_argument("--kind", default=None, help="only runs of this kind (treat, xcr)")
+    p.add_argument("--cancel", default=None, metavar="RUN_ID", help="cancel a queued or running run")
+    p.set_defaults(func=cmd_runs)
+
     p = sub.add_parser("export-demo", parents=[common], help="write Biased Digits as an ImageFolder tree (DIR/train/<class>/*.png, DIR/val/…, DIR/test/…)")
     p.add_argument("directory", help="an empty or new folder")
     p.add_argument("--bias", type=float, default=0.9, help="shortcut strength in train/val (default 0.9; 0 = clean digits)")
@@ -275,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("bench", parents=[ws, common], help="benchmarks that print ratios against a baseline measured in the same run")
-    p.add_argument("what", choices=["extract", "cfe"], help="extract: extraction vs plain inference time, and peak RSS at N vs 10×N images; cfe: CFE fit + mask prediction vs one extraction pass, and Grad-CAM batched vs one image at a time")
+    p.add_argument("what", choices=["extract", "cfe", "treat"], help="extract: extraction vs plain inference time, and peak RSS at N vs 10×N images; cfe: CFE fit + mask prediction vs one extraction pass, and Grad-CAM batched vs one image at a time; treat: a treatment epoch vs a CE-only epoch")
+    p.add_argument("--epochs-per-repeat", type=int, default=2, help="bench treat: epochs per timed run (default 2)")
     p.add_argument("--n", type=int, default=2000, help="images for the timing and the smaller RSS run (default 2000)")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats; the fastest of each is compared (default 3)")
     p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)

@@ -101,9 +101,18 @@ class Store:
             return json.load(handle)
 
 
+def json_default(value):
+    """JSON for NumPy arrays and scalars (as lists and numbers), paths and the rest as text."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
 def _write_json(path: Path, payload: dict) -> None:
     with open(path, "w") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True, default=str)
+        json.dump(payload, handle, indent=1, sort_keys=True, default=json_default)
 
 
 def write_json_atomic(path: str | Path, payload: dict) -> None:
@@ -113,7 +122,7 @@ def write_json_atomic(path: str | Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "w") as handle:
-            json.dump(payload, handle, indent=2, default=str)
+            json.dump(payload, handle, indent=2, default=json_default)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

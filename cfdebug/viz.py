@@ -104,3 +104,17 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: s
     fig.update_xaxes(title="errors trusted (FPR)", range=[0, 1])
     fig.update_yaxes(title="correct predictions trusted (TPR)", range=[0, 1.02])
     return _layout(fig, title, height=380, legend=dict(x=0.98, y=0.02, xanchor="right", yanchor="bottom"))
+
+
+def confusion_delta_heatmap(delta: np.ndarray, classes: Sequence[str], title: str = "Confusion matrix change (treated − base, test)") -> go.Figure:
+    """Diverging heatmap of a count difference [K, K]: more on the diagonal (blue) is better."""
+    d = np.asarray(delta, dtype=float)
+    bound = max(1.0, float(np.abs(d).max()))
+    labels = [str(c) for c in classes]
+    fig = go.Figure(go.Heatmap(z=d, x=labels, y=labels, colorscale="RdBu", zmin=-bound, zmax=bound, zmid=0,
+                               hovertemplate="true %{y} → predicted %{x}<br>change %{z:+.0f}<extra></extra>", colorbar=dict(title="Δ count")))
+    if len(labels) <= 20:
+        fig.update_traces(text=d.astype(int), texttemplate="%{text}")
+    fig.update_yaxes(title="true class", autorange="reversed", type="category")
+    fig.update_xaxes(title="predicted class", type="category")
+    return _layout(fig, title, height=max(360, 22 * len(labels) + 120))

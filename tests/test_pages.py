@@ -97,3 +97,29 @@ def test_flagged_page_threshold_slider_updates_counts(app):
     after = int({m.label: m.value for m in app.metric}["Flagged"])
     assert after < before
     assert not app.exception
+
+
+def test_treatment_page_launches_a_background_run(app, workdir):
+    import time
+
+    from cfdebug.runs import RunRegistry
+
+    app.run()
+    app.switch_page("views/treatment.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    before = {r.run_id for r in RunRegistry(workdir).list("treat")}
+    app.number_input[0].set_value(2)  # epochs
+    [b for b in app.button if b.label == "Launch run"][0].click().run()
+    new = [r for r in RunRegistry(workdir).list("treat") if r.run_id not in before]
+    assert len(new) == 1
+    run_id = new[0].run_id
+    deadline = time.monotonic() + 300
+    while RunRegistry(workdir).get(run_id).status in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(1)
+    record = RunRegistry(workdir).get(run_id)
+    assert record.status == "done", (record.status, record.error, (record.run_dir / "log.txt").read_text()[-2000:])
+    assert len(RunRegistry(workdir).progress(run_id)) == 4  # 2 epochs of the control + 2 of the treatment
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    labels = [m.label for m in app.metric]
+    assert "Treated" in labels and "Control (CE fine-tune)" in labels

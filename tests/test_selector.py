@@ -78,7 +78,7 @@ def test_relaxed_mask_in_unit_interval_and_differentiable():
     logits = torch.randn(4, 256, requires_grad=True)
     z = relaxed_mask(logits.log_softmax(1), k=32, tau=0.5)
     assert z.shape == (4, 256)
-    assert float(z.min()) >= 0.0 and float(z.max()) <= 1.0
+    assert float(z.detach().min()) >= 0.0 and float(z.detach().max()) <= 1.0
     weights = torch.randn(4, 256)
     (z * weights).sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
@@ -139,7 +139,11 @@ def test_kl_to_uniform():
     assert torch.allclose(kl.double(), direct, atol=1e-5)
     one_hot = torch.full((1, d), -math.inf)
     one_hot[0, 7] = 0.0
-    assert torch.allclose(kl_to_uniform(one_hot), torch.tensor([math.log(d)]))
+    one_hot.requires_grad_(True)
+    kl_one_hot = kl_to_uniform(one_hot)
+    assert torch.allclose(kl_one_hot.detach(), torch.tensor([math.log(d)]))
+    kl_one_hot.sum().backward()
+    assert torch.isfinite(one_hot.grad).all()  # 0·log 0 does not poison the gradient
 
 
 def test_selector_loss_terms():
@@ -304,7 +308,7 @@ def test_vibi_target_imitates_the_black_box(tmp_path):
 
 def test_should_stop_cancels_and_caches_nothing(tmp_path):
     fake = _fake_workspace(tmp_path)
-    config = SelectorConfig(k=4, epochs=2, width=4)
+    config = SelectorConfig(k=4, epochs=2, batch_size=16, width=4)
     calls = []
 
     def stop():
@@ -321,19 +325,27 @@ def test_should_stop_cancels_and_caches_nothing(tmp_path):
 # The demo: training on Biased Digits, cached masks
 # --------------------------------------------------------------------------------------------
 
-# A higher lr than the paper's 1e-4 so three epochs on ~1,100 images learn something (the
-# paper trains for hundreds of epochs on CIFAR); the spec's constants are the config defaults.
-DEMO_CONFIG = SelectorConfig(k=32, beta=0.01, patch_size=2, epochs=3, lr=3e-3, seed=0)
+# The demo schedule (lr 3e-3 instead of the paper's 1e-4, see SelectorConfig.demo), cut to three
+# epochs to keep the test short.
+DEMO_CONFIG = SelectorConfig.demo(k=32, beta=0.01, patch_size=2, epochs=3, seed=0)
 
 
 @pytest.fixture(scope="module")
 def demo_masks(demo_workspace):
-    return selector_masks(demo_workspace, DEMO_CONFIG, "val")
+    # One intra-op thread: on the shared 2-core box, two OpenMP threads competing with other
+    # processes made this training ~6x slower (35 s vs 6 s wall for 3 epochs). The demo model
+    # is built (by the fixture above) before the change, so its weights do not depend on it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return selector_masks(demo_workspace, DEMO_CONFIG, "val")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_demo_selector_trains_above_chance(demo_masks, demo_workspace):
     history = demo_masks.meta["history"]
-    # 10 classes: chance is 0.1. Measured 0.4-0.5 for this config (see the report).
+    # 10 classes: chance is 0.1. Measured 0.47-0.48 for this config (1 or 2 threads).
     assert history["best_val_acc"] > 0.3, history
     n_val = len(demo_workspace.data.splits["val"])
     assert demo_masks.masks.shape == (n_val, 256) and demo_masks.masks.dtype == np.bool_
@@ -353,3 +365,18 @@ def test_demo_masks_are_cached(demo_masks, demo_workspace):
     np.testing.assert_array_equal(recomputed, demo_masks.masks)
     with pytest.raises(CfdebugError, match="`split`"):
         selector_masks(demo_workspace, DEMO_CONFIG, "holdout")
+
+
+def test_softmax_mode_reuses_the_trained_selector_and_stores_the_softmax_map(demo_masks, demo_workspace):
+    softmax_config = SelectorConfig.demo(k=32, beta=0.01, patch_size=2, epochs=3, seed=0, mode="Softmax")
+    _, _, meta = trained_selector(demo_workspace, softmax_config)
+    assert meta["cache_hit"] is True  # training does not depend on the mode
+    result = selector_masks(demo_workspace, softmax_config, "val")
+    assert result.cache_hit is False  # but the masks entry does (it holds the softmax map)
+    np.testing.assert_array_equal(result.masks, demo_masks.masks)
+    assert result.probs.shape == result.masks.shape and result.probs.dtype == np.float32
+    np.testing.assert_allclose(result.probs.sum(1), 1.0, atol=1e-4)
+    # The hard mask keeps the k most probable patches of the stored map.
+    kept_min = np.where(result.masks, result.probs, np.inf).min(1)
+    dropped_max = np.where(result.masks, -np.inf, result.probs).max(1)
+    assert (kept_min >= dropped_max).all()

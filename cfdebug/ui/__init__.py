@@ -3,6 +3,7 @@
 Pages call these and place what they return; they never import torch.
 """
 
+from . import treatment, workspace
 from .filters import causal_check, detection, global_filters, gradcam_overlays, local_masks, top_activating
 from .workspace import (
     class_names,

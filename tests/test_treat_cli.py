@@ -1,0 +1,54 @@
+"""`python -m cfdebug treat` and `runs`: Table 2/3 output, JSON keys, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cfdebug.cli import main
+from cfdebug.runs import RunRegistry
+
+
+def test_treat_sweep_prints_tables_and_writes_json(demo_workspace, workdir, tmp_path, capsys):
+    out = tmp_path / "treat.json"
+    rc = main(["treat", "--workdir", str(workdir), "--treat-epochs", "1", "--lambda1", "1e-3,1e-2", "--lambda2", "2e-5",
+               "--seeds", "0,1", "--json", str(out), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Fine-tuned (control)" in text and "Table 3" in text
+    result = json.loads(out.read_text())
+    assert {"base", "control", "runs", "table3", "table2"} <= set(result)
+    assert len(result["runs"]) == 4 and len(result["control"]) == 2
+    for run in result["runs"]:
+        assert {"lambda1", "lambda2", "seed", "train_acc", "val_acc", "test_acc", "per_class_recall"} <= set(run)
+        assert 0.0 <= run["test_acc"] <= 1.0 and len(run["per_class_recall"]) == 10
+    record = RunRegistry(workdir).get(result["run_id"])
+    assert record.status == "done"
+
+    # resuming a finished run reads every run back from its checkpoint: same numbers
+    again = tmp_path / "again.json"
+    assert main(["treat", "--workdir", str(workdir), "--resume", result["run_id"], "--json", str(again), "--quiet"]) == 0
+    resumed = json.loads(again.read_text())
+    assert [r["test_acc"] for r in resumed["runs"]] == [r["test_acc"] for r in result["runs"]]
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--lambda1", "3"], "in [0, 1]"),
+        (["--lambda2=-1e-3"], "in [0, 1]"),
+        (["--treat-epochs", "0"], "epochs"),
+        (["--lambda1", "abc"], "comma-separated numbers"),
+        (["--resume", "treat-nope"], "python -m cfdebug runs"),
+    ],
+)
+def test_treat_bad_input_exits_2(demo_workspace, workdir, argv, needle, capsys):
+    assert main(["treat", "--workdir", str(workdir), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and needle in err and "Traceback" not in err
+
+
+def test_runs_lists_and_cancel_unknown(workdir, capsys):
+    assert main(["runs", "--workdir", str(workdir)]) == 0
+    assert main(["runs", "--workdir", str(workdir), "--cancel", "nope"]) == 2
