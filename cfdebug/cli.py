@@ -316,10 +316,11 @@ def cmd_treat(args) -> dict:
         treatment = TreatmentConfig(**spec["treatment"])
         lambdas1, lambdas2, seeds = spec["lambdas1"], spec["lambdas2"], spec["seeds"]
     except (KeyError, TypeError) as exc:
+        registry.set_status(run_id, "failed", error=f"not a treatment config: {exc}")
         raise CfdebugError(f"Run config of {run_id} is not a treatment config ({exc}). Start a new run instead.") from None
-    print(f"run {run_id} (registry {registry.db_path}); resume with: python -m cfdebug treat --resume {run_id} --workdir {args.workdir}", file=sys.stderr)
     show = progress_printer(args, "treat: ")
     with run_context(registry, run_id):
+        print(f"run {run_id} (registry {registry.db_path}); resume with: python -m cfdebug treat --resume {run_id} --workdir {args.workdir}", file=sys.stderr)
         ws = Workspace(ws_config, progress_printer(args, "training: "))
         sets = global_mc_filters(ws).histogram > 0  # METHODS: G_y binarised as h_y > 0
         result = treatment_sweep(

@@ -12,7 +12,7 @@ from cfdebug.runs import RunRegistry
 
 def test_treat_sweep_prints_tables_and_writes_json(demo_workspace, workdir, tmp_path, capsys):
     out = tmp_path / "treat.json"
-    rc = main(["treat", "--workdir", str(workdir), "--treat-epochs", "1", "--lambda1", "1e-3,1e-2", "--lambda2", "2e-5",
+    rc = main(["treat", "--workdir", str(workdir), "--treat-epochs", "1", "--lambda1", "1e-3", "--lambda2", "2e-5,1e-4",
                "--seeds", "0,1", "--json", str(out), "--quiet"])
     assert rc == 0
     text = capsys.readouterr().out

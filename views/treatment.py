@@ -125,12 +125,13 @@ if weights is not None:
     fixed = np.flatnonzero((test.preds != test.labels) & (after == test.labels))
     broken = np.flatnonzero((test.preds == test.labels) & (after != test.labels))
     st.markdown(f"**Churn on the test split**: {len(fixed)} errors fixed, {len(broken)} new errors.")
-    for label, idx in (("fixed", fixed), ("newly wrong", broken)):
+    for label, idx in (("fixed", fixed), ("new error", broken)):
         if len(idx):
             shown = idx[:12]
             cols = st.columns(12)
             for j, (i, image) in enumerate(zip(shown, ui.sample_images(ws, "test", shown))):
-                cols[j].image(image, caption=f"{label}: {classes[test.labels[i]]}→{classes[after[i]]}", width="stretch")
+                was, now = classes[test.preds[i]], classes[after[i]]
+                cols[j].image(image, caption=f"{label}: {classes[test.labels[i]]} (was {was}, now {now})", width="stretch")
     if st.button("Use the treated model as the workspace model", help="The other pages then recompute on the treated weights"):
         cfg = ws.config
         st.session_state[ui.workspace.STATE_KEY] = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=str(weights)))
