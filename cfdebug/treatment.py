@@ -18,6 +18,12 @@ training set); the test split is evaluated every epoch and reported, never used 
 :func:`finetune` is the generic loop (XCR's counterfactual retraining reuses it through
 ``loss_fn`` and ``batch_transform``): partial unfreezing, SGD (or Adam), per-epoch checkpoints
 written atomically, exact resume, divergence and cancel handling, progress to the run registry.
+
+Under ``torchrun`` (a ``torch.distributed`` process group of N > 1, see
+:func:`cfdebug.distributed.init_distributed`) the same functions train data-parallel with
+``DistributedDataParallel``: every process calls them with the same arguments, each trains on
+a 1/N share of every global batch (the global batch stays ``batch_size``), and all return the
+same result; rank 0 alone writes checkpoints, ``model.pt``, progress and registry rows.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from .distributed import (
     get_world_size,
     global_batchnorm,
     is_distributed,
+    wrap_ddp,
 )
 from .errors import CfdebugError
 from .hooks import capture
@@ -684,8 +691,8 @@ def finetune(
     if ddp and config.batch_size % world:
         raise CfdebugError(
             f"Expected `batch_size` to be divisible by the number of processes ({world}) so that each gets "
-            f"an equal share of every batch, but got {config.batch_size}. Use "
-            f"{max(world, config.batch_size // world * world)} or start {world if config.batch_size < world else 'a divisor of the batch size'} processes."
+            f"an equal share of every batch, but got {config.batch_size}. Use a multiple of {world} "
+            f"(e.g. {-(-config.batch_size // world) * world}), or a number of processes that divides it."
         )
     if not is_main:
         registry, progress = None, None  # rank 0 alone reports; it also decides on cancels
@@ -763,11 +770,7 @@ def finetune(
 
     with global_batchnorm(model, names if ddp else ()):
         if ddp:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # Constructing DDP broadcasts rank 0's parameters and buffers to every process.
-            ddp_kwargs = {"device_ids": [device.index if device.index is not None else torch.cuda.current_device()]} if device.type == "cuda" else {}
-            train_model = DistributedDataParallel(model, find_unused_parameters=False, **ddp_kwargs)
+            train_model = wrap_ddp(model, device)  # broadcasts rank 0's parameters and buffers
         for epoch in range(start_epoch + 1, config.epochs + 1):
             t0 = time.perf_counter()
             generator = torch.Generator().manual_seed(_loader_seed(config.seed, epoch))
@@ -1122,7 +1125,8 @@ def treatment_sweep(
 
     ``config`` gives the other fields (default :class:`TreatmentConfig`); ``epochs`` and the
     seeds override it. With ``run_dir`` each run checkpoints in its own sub-folder and the sweep
-    resumes where it stopped (finished runs are read back from their checkpoints).
+    resumes where it stopped (finished runs are read back from their checkpoints). Under DDP
+    every process calls it with the same arguments (see :func:`finetune`).
 
     Returns:
         ``{"base": {"train_acc","val_acc","test_acc","per_class_recall"}, "control": [per seed
