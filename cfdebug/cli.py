@@ -284,13 +284,21 @@ def print_table3(result: dict, model: str) -> None:
             print(f"{label if i == 0 else '':<10}{row['class']:<14}{row['original_recall']:>10.2f}{row['treated_recall']:>10.2f}{row['change']:>+10.2f}")
 
 
-def cmd_treat(args) -> dict:
+def cmd_treat(args) -> dict | None:
+    """Run a treatment sweep as a registry run; under ``torchrun`` every rank trains (DDP) and
+    rank 0 alone writes the registry, checkpoints and output."""
+    import contextlib
+    import dataclasses
+    import signal
+
+    from .distributed import broadcast_object, init_distributed, main_first, shutdown
     from .mcfilters import global_mc_filters
-    from .runs import RunRegistry, run_context
+    from .runs import RunCancelled, RunRegistry, run_context
     from .treatment import TreatmentConfig, treatment_sweep
     from .workspace import Workspace
 
     registry = RunRegistry(args.workdir)
+    run_id = None
     if args.resume:
         record = registry.get(args.resume)
         if record.kind != "treat":
@@ -306,30 +314,56 @@ def cmd_treat(args) -> dict:
             raise CfdebugError(f"Run config {path} is not valid JSON: {exc}.") from None
         spec = payload.get("config", payload)
         run_id = args.run_id or payload.get("run_id")
-        if run_id is None:
-            run_id = registry.create("treat", spec).run_id
     else:
         spec = treat_run_config(args)
-        run_id = registry.create("treat", spec).run_id
     try:
         ws_config = workspace_config_from_dict(spec["workspace"])
         treatment = TreatmentConfig(**spec["treatment"])
         lambdas1, lambdas2, seeds = spec["lambdas1"], spec["lambdas2"], spec["seeds"]
     except (KeyError, TypeError) as exc:
-        registry.set_status(run_id, "failed", error=f"not a treatment config: {exc}")
-        raise CfdebugError(f"Run config of {run_id} is not a treatment config ({exc}). Start a new run instead.") from None
-    show = progress_printer(args, "treat: ")
-    with run_context(registry, run_id):
-        print(f"run {run_id} (registry {registry.db_path}); resume with: python -m cfdebug treat --resume {run_id} --workdir {args.workdir}", file=sys.stderr)
-        ws = Workspace(ws_config, progress_printer(args, "training: "))
-        sets = global_mc_filters(ws).histogram > 0  # METHODS: G_y binarised as h_y > 0
-        result = treatment_sweep(
-            ws, lambdas1, lambdas2, seeds, treatment.epochs, sets, progress=show, config=treatment,
-            run_dir=registry.run_dir(run_id), registry=registry, run_id=run_id,
-        )
-        result = {"run_id": run_id, "classes": list(ws.data.classes), **result}
-        registry.set_result(run_id, result)
-    print(f"{ws_config.model.name} on {ws.data.describe()}: treatment of the filters at {ws.target.name}")
+        if run_id is not None:
+            registry.set_status(run_id, "failed", error=f"not a treatment config: {exc}")
+        raise CfdebugError(f"The run config is not a treatment config ({exc}). Start a new run instead.") from None
+
+    ctx = init_distributed(ws_config.device)  # a no-op unless started by torchrun
+    result = None
+    try:
+        if run_id is None:
+            run_id = registry.create("treat", spec).run_id if ctx.is_main else None
+        run_id = broadcast_object(run_id)
+        ws_config = dataclasses.replace(ws_config, device=str(ctx.device))
+        if ctx.is_main and ctx.distributed:
+            # torchrun gives each worker its own session, so cancel() signals rank 0 only: turn
+            # its SIGTERM into the registry's cancel flag, which every rank checks each step.
+            signal.signal(signal.SIGTERM, lambda *_: registry.request_cancel(run_id))
+        guard = run_context(registry, run_id, handle_sigterm=not ctx.distributed) if ctx.is_main else contextlib.nullcontext()
+        with guard:
+            if ctx.is_main:
+                print(f"run {run_id} (registry {registry.db_path}); resume with: python -m cfdebug treat --resume {run_id} --workdir {args.workdir}", file=sys.stderr)
+            with main_first():  # rank 0 trains/extracts into the cache, the others then read it
+                ws = Workspace(ws_config, progress_printer(args, "training: ") if ctx.is_main else None)
+                sets = global_mc_filters(ws).histogram > 0  # METHODS: G_y binarised as h_y > 0
+            sets = broadcast_object(sets)
+            result = treatment_sweep(
+                ws, lambdas1, lambdas2, seeds, treatment.epochs, sets,
+                progress=progress_printer(args, "treat: ") if ctx.is_main else None, config=treatment,
+                run_dir=registry.run_dir(run_id), registry=registry, run_id=run_id,
+            )
+            result = {"run_id": run_id, "classes": list(ws.data.classes), "world_size": ctx.world_size, **result}
+            if ctx.is_main:
+                registry.set_result(run_id, result)
+    except RunCancelled:
+        if ctx.is_main:
+            raise
+        return None
+    finally:
+        shutdown()
+    if not ctx.is_main:
+        return None
+    if result is None:  # cancelled: run_context recorded it
+        print(f"run {run_id} was cancelled; resume it with: python -m cfdebug treat --resume {run_id}", file=sys.stderr)
+        return None
+    print(f"{ws_config.model.name} on {ws.data.describe()}: treatment of the filters at {ws.target.name}" + (f" ({ctx.world_size} processes, DDP)" if ctx.distributed else ""))
     print_table2(result, ws_config.model.name)
     print_table3(result, ws_config.model.name)
     return result

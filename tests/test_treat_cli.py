@@ -52,3 +52,31 @@ def test_treat_bad_input_exits_2(demo_workspace, workdir, argv, needle, capsys):
 def test_runs_lists_and_cancel_unknown(workdir, capsys):
     assert main(["runs", "--workdir", str(workdir)]) == 0
     assert main(["runs", "--workdir", str(workdir), "--cancel", "nope"]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_single_process(demo_workspace, workdir, tmp_path):
+    """`torchrun --nproc_per_node=2 -m cfdebug treat` (gloo, CPU) ends with the single-process accuracies."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["treat", "--workdir", str(workdir), "--treat-epochs", "2", "--treat-lr", "1e-2", "--quiet"]
+    single = tmp_path / "single.json"
+    assert main([*common, "--json", str(single)]) == 0
+    ddp = tmp_path / "ddp.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cfdebug", *common, "--json", str(ddp)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = json.loads(single.read_text()), json.loads(ddp.read_text())
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    n_test = len(demo_workspace.data.splits["test"])
+    for key in ("control", "runs"):
+        for ra, rb in zip(a[key], b[key]):
+            # Same global batches, dropout masks and batch-norm statistics: at most a rounding-level
+            # tie may flip, so allow 2 test images.
+            assert abs(ra["test_acc"] - rb["test_acc"]) * n_test <= 2 + 1e-9
+            assert abs(ra["val_acc"] - rb["val_acc"]) <= 2 / len(demo_workspace.data.splits["val"]) + 1e-9
