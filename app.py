@@ -13,6 +13,7 @@ PAGES = [
     st.Page("views/class_filters.py", title="Class filters", icon=":material/filter_alt:", url_path="class_filters"),
     st.Page("views/flagged.py", title="Flagged predictions", icon=":material/flag:", url_path="flagged"),
     st.Page("views/treatment.py", title="Treatment", icon=":material/healing:", url_path="treatment"),
+    st.Page("views/calibration.py", title="Calibration & robustness", icon=":material/tune:", url_path="calibration"),
 ]
 
 st.navigation(PAGES).run()

@@ -4,17 +4,35 @@ The library behind ``python -m cfdebug`` and the Streamlit dashboard. Start with
 :class:`Workspace` (a model on a dataset), then read its cached extractions.
 """
 
-from .config import DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig
+from .config import (
+    CFEConfig,
+    DataConfig,
+    DetectConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    MCFilterConfig,
+    ModelConfig,
+    SelectorConfig,
+    TrainConfig,
+    TreatmentConfig,
+    WorkspaceConfig,
+)
 from .errors import CfdebugError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CFEConfig",
     "CfdebugError",
     "DataConfig",
+    "DetectConfig",
     "ExtractConfig",
+    "FinetuneConfig",
+    "MCFilterConfig",
     "ModelConfig",
+    "SelectorConfig",
     "TrainConfig",
+    "TreatmentConfig",
     "Workspace",
     "WorkspaceConfig",
     "load_data",

@@ -187,8 +187,23 @@ def bench_treat(args) -> dict:
     return {"ce_epoch_s": min(ce_s), "treat_epoch_s": min(treat_s), "ratio": ratio, "device": str(ws.device)}
 
 
-BENCHES = {"extract": bench_extract, "cfe": bench_cfe, "treat": bench_treat}
+def bench_xcr_cli(args) -> dict:
+    """Selector masks/s vs captum Occlusion with the same patch size, and the Avg Drop of both."""
+    from .cli import workspace_config
+    from .workspace import Workspace
+    from .xcr.report import bench_xcr, format_bench
+
+    ws = Workspace(workspace_config(args))
+    out = bench_xcr(ws, n_images=args.n, batch_size=args.batch_size)
+    print(format_bench(out))
+    return out
+
+
+BENCHES = {"extract": bench_extract, "cfe": bench_cfe, "treat": bench_treat, "xcr": bench_xcr_cli}
+DEFAULT_N = {"extract": 2000, "cfe": 128, "treat": 0, "xcr": 64}
 
 
 def run(what: str, args) -> dict:
+    if args.n is None:
+        args.n = DEFAULT_N[what]
     return BENCHES[what](args)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import CFEConfig
 from .errors import CfdebugError
 
 Progress = Callable[[float, str], None]
@@ -51,62 +51,6 @@ SUPPORTED_ARCHITECTURES = (
     "demo-cnn, ResNet/ResNeXt/Wide-ResNet (layer4 → fc), DenseNet, EfficientNet, MobileNetV2/V3, "
     "RegNet and other `features → global average pool → classifier` models"
 )
-
-
-@dataclass(frozen=True)
-class CFEConfig:
-    """Training of the MC/MI heads (paper A; constants from METHODS.md).
-
-    ``epochs`` and ``batch_size`` are ours (the papers do not give them): 20 epochs of 128 images
-    (180 SGD steps) give a keep rate of 100% on the demo and fit in well under one extraction
-    pass (the `bench cfe` target); 80 epochs kept the same rate at 4× the time. The loss is a *sum* over the batch, so a larger batch is also a
-    larger step. ``lr``/``momentum`` are the reference SGD
-    settings; ``sparsity_lambda·sparsity_scale`` weighs ``Σ|m|`` and ``logits_weight`` weighs
-    ``−Σ z'_c`` (the paper's "sparsity loss λ = 2" and "logits loss"). ``mask_threshold`` is θ
-    of the thresholded ReLU. ``mi_sparsity`` weighs ``Σ|m|`` of the MI heads.
-    ``standardise_inputs`` feeds the Dense layers ``g`` standardised with the training mean/std
-    (an affine reparametrisation of the same layer; see :class:`MCHeads`): without it the demo's
-    masks were nearly constant per class and their agreement did not separate errors (AUROC
-    ≈ 0.4–0.6 vs ≈ 0.8). ``seed`` fixes the initial weights and the batch order.
-    """
-
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 1e-3
-    momentum: float = 0.9
-    sparsity_lambda: float = 2.0
-    sparsity_scale: float = 1e-3
-    logits_weight: float = 1e-3
-    mask_threshold: float = 0.5
-    mi_sparsity: float = 1e-3
-    standardise_inputs: bool = True
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-                raise CfdebugError(f"Expected `{name}` to be a positive integer, but got {value!r}")
-        for name in ("lr",):
-            _check_real(self, name, lo=0.0, lo_open=True)
-        for name in ("sparsity_lambda", "sparsity_scale", "logits_weight", "mi_sparsity"):
-            _check_real(self, name, lo=0.0)
-        _check_real(self, "momentum", lo=0.0, hi=1.0, hi_open=True)
-        _check_real(self, "mask_threshold", lo=0.0, hi=1.0, hi_open=True)
-
-
-def _check_real(obj, name, lo=None, hi=None, lo_open=False, hi_open=False):
-    value = getattr(obj, name)
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and lo is not None:
-        ok = value > lo if lo_open else value >= lo
-    if ok and hi is not None:
-        ok = value < hi if hi_open else value <= hi
-    if not ok:
-        lo_s = "" if lo is None else ("(" if lo_open else "[") + f"{lo}"
-        hi_s = "" if hi is None else f"{hi}" + (")" if hi_open else "]")
-        rng = f"in {lo_s}, {hi_s}" if lo is not None and hi is not None else (f"> {lo}" if lo_open else f">= {lo}")
-        raise CfdebugError(f"Expected `{name}` to be a number {rng}, but got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------

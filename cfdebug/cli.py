@@ -369,6 +369,44 @@ def cmd_treat(args) -> dict | None:
     return result
 
 
+def _csv_list(text, name, convert, everything):
+    if text is None:
+        return None
+    if text == "all":
+        return tuple(everything)
+    try:
+        return tuple(convert(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise CfdebugError(f"Expected `{name}` as a comma-separated list or `all`, but got {text!r}.") from None
+
+
+def cmd_xcr(args) -> dict:
+    from .data.corruptions import CORRUPTIONS
+    from .xcr.report import print_table1, print_table2, run_xcr_report, xcr_run_from_config
+    from .xcr.retrain import default_xcr_config, override_xcr_config
+
+    progress = progress_printer(args, "xcr: ")
+    if args.config:
+        result = xcr_run_from_config(args.config, args.run_id, progress)
+    else:
+        ws = _open_workspace(args)
+        cfg = override_xcr_config(
+            default_xcr_config(ws.config),
+            k=args.k, beta=args.beta, patch_size=args.patch_size, mode=args.mode, selector_epochs=args.selector_epochs,
+            epochs=args.xcr_epochs, lr=args.xcr_lr, seeds=_csv_list(args.seeds, "--seeds", int, ()),
+            corruptions=_csv_list(args.corruptions, "--corruptions", str, CORRUPTIONS),
+            severities=_csv_list(args.severities, "--severities", int, (1, 2, 3, 4, 5)),
+            cifar10c_dir=args.cifar10c, random_baseline=args.random_baseline or None, init=args.init,
+            max_corrupt_images=args.max_corrupt_images,
+        )
+        result = run_xcr_report(ws, cfg, progress, use_cache=not args.no_cache)
+    if result is None:
+        return None
+    print_table1(result)
+    print_table2(result)
+    return result
+
+
 def cmd_runs(args) -> dict:
     from .runs import RunRegistry, cancel
 
@@ -453,6 +491,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="RUN_ID", help="resume a stopped or crashed run from its last checkpoint")
     p.set_defaults(func=cmd_treat)
 
+    p = sub.add_parser("xcr", parents=[ws, common], help="XCR: explanation selector, masks, counterfactual retraining vs vanilla; calibration on clean and corrupted images (paper B Tables 1-2)", epilog=EPILOG)
+    p.add_argument("--config", default=None, metavar="RUN_JSON", help="start from a run.json (what the dashboard launches)")
+    p.add_argument("--run-id", default=None, help="the registry id of the run started with --config")
+    p.add_argument("--k", type=int, default=None, help="patches kept by the selector (default 32 of 256 at 32 px, patch 2)")
+    p.add_argument("--beta", type=float, default=None, help="weight of KL(p || uniform) in the selector loss")
+    p.add_argument("--patch-size", type=int, default=None, help="patch side in pixels; must divide the image (default 2)")
+    p.add_argument("--mode", default=None, choices=["Topk", "Softmax"], help="selection map used for T(x)")
+    p.add_argument("--selector-epochs", type=int, default=None, help="selector training epochs")
+    p.add_argument("--xcr-epochs", type=int, default=None, help="retraining epochs (vanilla and XCR alike)")
+    p.add_argument("--xcr-lr", type=float, default=None, help="retraining learning rate")
+    p.add_argument("--seeds", default=None, help="comma-separated retraining seeds (means over seeds are reported)")
+    p.add_argument("--corruptions", default=None, help="comma-separated corruption names, or `all` (the 15 of CIFAR-10-C)")
+    p.add_argument("--severities", default=None, help="comma-separated severities 1-5, or `all`")
+    p.add_argument("--cifar10c", default=None, metavar="DIR", help="use the official CIFAR-10-C .npy files in DIR instead of generating corruptions")
+    p.add_argument("--random-baseline", action="store_true", help="also retrain with random k-hot masks (paper B's random comparison)")
+    p.add_argument("--init", default=None, choices=["pretrained", "scratch"], help="retrain from the loaded model or from a seeded random start")
+    p.add_argument("--max-corrupt-images", type=int, default=None, help="cap on corrupted test images per corruption and severity")
+    p.add_argument("--no-cache", action="store_true", help="recompute even when the same report is cached")
+    p.set_defaults(func=cmd_xcr)
+
     p = sub.add_parser("runs", parents=[common], help="list background runs (treatment, XCR) or cancel one")
     p.add_argument("--workdir", default=default_workdir(), help="artifact cache holding runs.db (default: $CFDEBUG_HOME or ./.cfdebug)")
     p.add_argument("--kind", default=None, help="only runs of this kind (treat, xcr)")
@@ -469,9 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("bench", parents=[ws, common], help="benchmarks that print ratios against a baseline measured in the same run")
-    p.add_argument("what", choices=["extract", "cfe", "treat"], help="extract: extraction vs plain inference time, and peak RSS at N vs 10×N images; cfe: CFE fit + mask prediction vs one extraction pass, and Grad-CAM batched vs one image at a time; treat: a treatment epoch vs a CE-only epoch")
+    p.add_argument("what", choices=["extract", "cfe", "treat", "xcr"], help="extract: extraction vs plain inference time, and peak RSS at N vs 10×N images; cfe: CFE fit + mask prediction vs one extraction pass, and Grad-CAM batched vs one image at a time; treat: a treatment epoch vs a CE-only epoch; xcr: selector masks/s vs captum Occlusion, and both Avg Drops")
     p.add_argument("--epochs-per-repeat", type=int, default=2, help="bench treat: epochs per timed run (default 2)")
-    p.add_argument("--n", type=int, default=2000, help="images for the timing and the smaller RSS run (default 2000)")
+    p.add_argument("--n", type=int, default=None, help="images: for extract the timing and the smaller RSS run (default 2000); for cfe the Grad-CAM images (default 128); for xcr (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats; the fastest of each is compared (default 3)")
     p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)

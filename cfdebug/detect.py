@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,65 +55,14 @@ import torch
 
 from . import metrics
 from .cfe import Progress, frozen_head, mc_heads, predict_masks, scaled_progress
+# DetectConfig and its constants live in cfdebug.config (METRICS, MCFilterConfig: re-exports).
+from .config import DETECT_METRICS as METRICS  # noqa: F401
+from .config import DETECT_ROWS as ROWS
+from .config import DetectConfig, MCFilterConfig, check_fraction, check_int  # noqa: F401
 from .errors import CfdebugError
-from .mcfilters import GlobalFilters, MCFilterConfig, check_fraction, global_mc_filters, global_sets
+from .mcfilters import GlobalFilters, global_mc_filters, global_sets
 
-METRICS = ("recall", "precision", "f1")
-ROWS = ("avg_recall", "avg_f1", "recall_cut")
 ROW_LABELS = {"avg_recall": "Avg. Recall", "avg_f1": "Avg. F1 score", "recall_cut": "Recall <{cut:g}"}
-
-
-@dataclass(frozen=True)
-class DetectConfig:
-    """Misclassification detection (defaults: METHODS.md and the paper's Table 1).
-
-    ``skip_threshold``/``freq_threshold`` apply to the "Avg. Recall" and "Avg. F1" rows;
-    ``recall_cut`` with ``recall_cut_skip_threshold``/``recall_cut_freq_threshold`` define the
-    "Recall < 0.3" row (0 and 0 in the paper). ``fallback_threshold`` replaces a class's mean
-    training metric when it has none. ``flag_row`` picks the row whose flags fill the per-image
-    ``flagged`` column and drive re-ranking; ``score_metric`` the continuous agreement score.
-    ``ablation_class`` ``None`` averages the ablation over every class with a global set.
-    """
-
-    skip_threshold: float = 0.9
-    freq_threshold: float = 0.15
-    recall_cut: float = 0.3
-    recall_cut_skip_threshold: float = 0.0
-    recall_cut_freq_threshold: float = 0.0
-    fallback_threshold: float = 0.3
-    flag_row: str = "avg_f1"
-    score_metric: str = "f1"
-    rerank_top_k: int = 5
-    ablation_class: int | None = None
-    ablation_top_n: int = 5
-    ablation_draws: int = 20
-    seed: int = 0
-    split: str = "test"
-    filters: MCFilterConfig = field(default_factory=MCFilterConfig)
-
-    def __post_init__(self):
-        check_fraction(self.skip_threshold, "skip_threshold")
-        check_fraction(self.freq_threshold, "freq_threshold", upper_open=True)
-        check_fraction(self.recall_cut, "recall_cut")
-        check_fraction(self.recall_cut_skip_threshold, "recall_cut_skip_threshold")
-        check_fraction(self.recall_cut_freq_threshold, "recall_cut_freq_threshold", upper_open=True)
-        check_fraction(self.fallback_threshold, "fallback_threshold")
-        if self.flag_row not in ROWS:
-            raise CfdebugError(f"Expected `flag_row` to be one of {', '.join(ROWS)}, but got {self.flag_row!r}")
-        if self.score_metric not in METRICS:
-            raise CfdebugError(f"Expected `score_metric` to be one of {', '.join(METRICS)}, but got {self.score_metric!r}")
-        for name in ("rerank_top_k", "ablation_top_n", "ablation_draws"):
-            _check_positive_int(getattr(self, name), name)
-        if self.ablation_class is not None and (
-            isinstance(self.ablation_class, bool) or not isinstance(self.ablation_class, numbers.Integral) or self.ablation_class < 0
-        ):
-            raise CfdebugError(f"Expected `ablation_class` to be None or a class index >= 0, but got {self.ablation_class!r}")
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise CfdebugError(f"Expected `{name}` to be a positive integer, but got {value!r}")
-    return int(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,8 +362,8 @@ def ablation_arrays(
         recall units 0–1), ``mc_accuracy_drop``, ``random_accuracy_drop``, ``per_class`` rows,
         ``classes``, ``top_n``, ``n_random_draws``.
     """
-    top_n = _check_positive_int(top_n, "top_n")
-    n_random_draws = _check_positive_int(n_random_draws, "n_random_draws")
+    top_n = check_int(top_n, "top_n")
+    n_random_draws = check_int(n_random_draws, "n_random_draws")
     g = np.asarray(features, dtype=np.float32)
     y = np.asarray(labels).astype(np.int64)
     k, c = filters.histogram.shape

@@ -15,37 +15,15 @@ such training image has ``count 0``, ``h_c = 0`` and an empty global set: its pr
 
 from __future__ import annotations
 
-import math
-import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .cfe import CFEConfig, Progress, frozen_head, masked_predictions, mc_heads, predict_masks, scaled_progress
+from .cfe import Progress, frozen_head, masked_predictions, mc_heads, predict_masks, scaled_progress
+from .config import MCFilterConfig, check_fraction
 from .errors import CfdebugError
-
-
-@dataclass(frozen=True)
-class MCFilterConfig:
-    """Which training images vote for the global MC filters: ``tau`` is the confidence floor
-    (``p ≥ tau``); ``cfe`` trains the MC heads that produce ``MC_x``."""
-
-    tau: float = 0.9
-    cfe: CFEConfig = field(default_factory=CFEConfig)
-
-    def __post_init__(self):
-        check_fraction(self.tau, "tau")
-
-
-def check_fraction(value: Any, name: str, *, upper_open: bool = False) -> float:
-    """Validate a threshold in ``[0, 1]`` (``[0, 1)`` with ``upper_open``) and return it."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and 0.0 <= value and (value < 1.0 if upper_open else value <= 1.0)
-    if not ok:
-        raise CfdebugError(f"Expected `{name}` to be a number in [0, 1{')' if upper_open else ']'}, but got {value!r}")
-    return float(value)
 
 
 @dataclass

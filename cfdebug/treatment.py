@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import config_dict
+from .config import OPTIMIZER_CHOICES, TRAINABLE_CHOICES, FinetuneConfig, TreatmentConfig, check_schedule, config_dict
 from .distributed import (
     all_gather_object,
     all_reduce_sum,
@@ -85,8 +85,6 @@ __all__ = [
 
 Progress = Callable[[float, str], None]
 
-TRAINABLE_CHOICES = ("block+head", "head", "all")
-OPTIMIZER_CHOICES = ("sgd", "adam")
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
 _CHECKPOINT_FORMAT = 1
@@ -94,103 +92,6 @@ _SPLITS = ("train", "val", "test")
 
 
 # ---------------------------------------------------------------------------------- configs
-def _check_real(value: Any, name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise CfdebugError(f"Expected `{name}` to be in {interval}, but got {value!r}.")
-    return float(value)
-
-
-def _check_positive(value: Any, name: str) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if not ok:
-        raise CfdebugError(f"Expected `{name}` to be a positive number, but got {value!r}.")
-    return float(value)
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise CfdebugError(f"Expected `{name}` to be a positive integer, but got {value!r}.")
-    return int(value)
-
-
-def _check_schedule(config) -> None:
-    """Validate the fields every fine-tuning config shares (see :class:`FinetuneConfig`)."""
-    _check_positive_int(config.epochs, "epochs")
-    _check_positive(config.lr, "lr")
-    _check_real(config.momentum, "momentum", 0.0, 1.0, high_open=True)
-    _check_real(config.weight_decay, "weight_decay", 0.0, math.inf, high_open=True)
-    _check_positive_int(config.batch_size, "batch_size")
-    if isinstance(config.seed, bool) or not isinstance(config.seed, numbers.Integral) or config.seed < 0:
-        raise CfdebugError(f"Expected `seed` to be a non-negative integer, but got {config.seed!r}.")
-    _check_real(config.dropout, "dropout", 0.0, 1.0, high_open=True)
-    if config.trainable not in TRAINABLE_CHOICES:
-        raise CfdebugError(
-            f"Expected `trainable` to be one of {', '.join(TRAINABLE_CHOICES)}, but got {config.trainable!r}."
-        )
-    if config.optimizer not in OPTIMIZER_CHOICES:
-        raise CfdebugError(
-            f"Expected `optimizer` to be one of {', '.join(OPTIMIZER_CHOICES)}, but got {config.optimizer!r}."
-        )
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """The schedule of a fine-tuning run (:func:`finetune`), without any extra loss.
-
-    ``trainable``: ``"block+head"`` (the target block and the head; the rest frozen),
-    ``"head"`` or ``"all"``. ``dropout`` is applied to ``g(x)`` [B, C] before the pooled head
-    (where the architecture has one). ``optimizer`` ``"sgd"`` uses ``momentum``; ``"adam"``
-    ignores it. Validated on construction (:class:`~cfdebug.errors.CfdebugError`).
-    """
-
-    epochs: int = 10
-    lr: float = 1e-4
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    seed: int = 0
-    dropout: float = 0.5
-    trainable: str = "block+head"
-    optimizer: str = "sgd"
-
-    def __post_init__(self):
-        _check_schedule(self)
-
-
-@dataclass(frozen=True)
-class TreatmentConfig:
-    """Treatment (METHODS.md "Treatment"): the loss weights plus the fine-tuning schedule.
-
-    ``lambda1`` rewards the true class's MC filters, ``lambda2`` penalises the others, both in
-    ``[0, 1]`` (paper grid: λ1 1e-4…2e-3, λ2 1e-5…1e-4). ``theta`` is the thresholded-ReLU
-    threshold on ``sigmoid(g)``. The control is ``lambda1 = lambda2 = 0``
-    (:func:`control_config`). Other fields as in :class:`FinetuneConfig`.
-    """
-
-    lambda1: float = 1e-3
-    lambda2: float = 2e-5
-    theta: float = 0.5
-    epochs: int = 10
-    lr: float = 1e-4
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    seed: int = 0
-    dropout: float = 0.5
-    trainable: str = "block+head"
-    optimizer: str = "sgd"
-
-    def __post_init__(self):
-        _check_real(self.lambda1, "lambda1", 0.0, 1.0)
-        _check_real(self.lambda2, "lambda2", 0.0, 1.0)
-        _check_real(self.theta, "theta", 0.0, 1.0, high_open=True)
-        _check_schedule(self)
-
-
 def control_config(config: TreatmentConfig) -> TreatmentConfig:
     """The control run of ``config``: identical, with ``lambda1 = lambda2 = 0``."""
     return replace(config, lambda1=0.0, lambda2=0.0)
@@ -673,7 +574,7 @@ def finetune(
     Trainable parameters that get no gradient from ``logits``/``g(x)`` are frozen (a single
     process never updates them either), so DDP runs with ``find_unused_parameters=False``.
     """
-    _check_schedule(config)
+    check_schedule(config)
     loss_fn = loss_fn or cross_entropy_loss
     device = torch.device(workspace.device)
     bundle, target = workspace.data, workspace.target

@@ -118,3 +118,62 @@ def confusion_delta_heatmap(delta: np.ndarray, classes: Sequence[str], title: st
     fig.update_yaxes(title="true class", autorange="reversed", type="category")
     fig.update_xaxes(title="predicted class", type="category")
     return _layout(fig, title, height=max(360, 22 * len(labels) + 120))
+
+
+# ---- XCR (paper B): calibration and robustness --------------------------------------------
+
+_XCR_COLOURS = {"vanilla": PALETTE["base"], "xcr": PALETTE["accent"], "random": PALETTE["muted"]}
+
+
+def _xcr_style(method: str) -> dict:
+    """Colour by retraining method, dashed for the temperature-scaled variant (``+TS``)."""
+    base = method.removesuffix("+TS")
+    return dict(color=_XCR_COLOURS.get(base, PALETTE["good"]), dash="dash" if method.endswith("+TS") else "solid", width=2)
+
+
+def reliability_diagram(bins_by_method: dict, title: str = "Reliability diagram") -> go.Figure:
+    """Accuracy against confidence per bin, one line per method, with the diagonal.
+
+    ``bins_by_method``: ``method → {"bin_lower", "bin_upper", "accuracy", "confidence", "count"}``
+    (``cfdebug.metrics.reliability_bins``; empty bins hold NaN or None and are skipped). A point
+    below the diagonal is over-confident.
+    """
+    fig = go.Figure()
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration", line=dict(color="#bbbbbb", dash="dot"))
+    for method, bins in bins_by_method.items():
+        acc = np.array([np.nan if v is None else v for v in bins["accuracy"]], dtype=float)
+        conf = np.array([np.nan if v is None else v for v in bins["confidence"]], dtype=float)
+        count = np.asarray(bins["count"], dtype=float)
+        keep = np.isfinite(acc) & np.isfinite(conf) & (count > 0)
+        fig.add_scatter(
+            x=conf[keep], y=acc[keep], mode="lines+markers", name=method, line=_xcr_style(method),
+            marker=dict(size=np.clip(4 + 14 * np.sqrt(count[keep] / max(count.sum(), 1)), 4, 18)),
+            customdata=count[keep], hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata:.0f} images<extra>" + method + "</extra>",
+        )
+    fig.update_xaxes(title="confidence (mean of the bin)", range=[0, 1])
+    fig.update_yaxes(title="accuracy", range=[0, 1.02])
+    return _layout(fig, title, height=380, legend=dict(x=0.02, y=0.98, xanchor="left", yanchor="top"))
+
+
+def severity_lines(rows: Sequence[dict], corruption: str, metric: str = "accuracy", title: str | None = None, clean: dict | None = None) -> go.Figure:
+    """``metric`` against corruption severity, one line per method.
+
+    ``rows``: per-corruption rows ``{"method", "corruption", "severity", metric, …}``.
+    ``corruption``: a corruption name, or ``"mean"`` for the mean over all corruptions at each
+    severity. ``clean``: optional ``method → clean value``, drawn at severity 0.
+    """
+    label = {"accuracy": "accuracy", "ece": "ECE", "nll": "NLL", "brier": "Brier score (0–2)"}.get(metric, metric)
+    fig = go.Figure()
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for method in methods:
+        sel = [r for r in rows if r["method"] == method and (corruption == "mean" or r["corruption"] == corruption)]
+        severities = sorted({int(r["severity"]) for r in sel})
+        ys = [float(np.mean([r[metric] for r in sel if int(r["severity"]) == s])) for s in severities]
+        if clean is not None and method in clean and clean[method] is not None:
+            severities, ys = [0] + severities, [float(clean[method])] + ys
+        fig.add_scatter(x=severities, y=ys, mode="lines+markers", name=method, line=_xcr_style(method),
+                        hovertemplate="severity %{x}<br>" + label + " %{y:.3f}<extra>" + method + "</extra>")
+    fig.update_xaxes(title="severity (0 = clean)" if clean is not None else "severity", dtick=1)
+    fig.update_yaxes(title=label, range=[0, 1.02] if metric in ("accuracy", "ece") else None, rangemode="tozero")
+    name = "mean over corruptions" if corruption == "mean" else corruption.replace("_", " ")
+    return _layout(fig, title or f"{label} vs severity: {name}", height=340)

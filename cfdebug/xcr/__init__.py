@@ -1,4 +1,5 @@
-"""Paper B (XCR): explanation selector (``selector.py``) and counterfactual retraining.
+"""Paper B (XCR): explanation selector (``selector.py``), counterfactual retraining
+(``retrain.py``) and the Tables 1–2 report with its benchmark (``report.py``).
 
 The selector learns which ``k`` patches of an image suffice to classify it; its hard top-k
 masks ``T(x)`` are the explanations and the counterfactual inputs for retraining.
@@ -26,6 +27,31 @@ from .selector import (
     train_selector,
     trained_selector,
 )
+from .retrain import (
+    XCRConfig,
+    counterfactual_batches,
+    counterfactual_retrain,
+    default_xcr_config,
+    fit_val_temperature,
+    override_xcr_config,
+    retrain_schedule,
+    training_masks,
+    vanilla_retrain,
+    xcr_config_from_dict,
+)
+from .report import (
+    bench_xcr,
+    calibration_metrics,
+    evaluate_calibration,
+    explanation_table,
+    format_bench,
+    format_table1,
+    format_table2,
+    print_table1,
+    print_table2,
+    run_xcr_report,
+    xcr_run_from_config,
+)
 
 __all__ = [
     "Approximator",
@@ -48,4 +74,25 @@ __all__ = [
     "topk_mask",
     "train_selector",
     "trained_selector",
+    "XCRConfig",
+    "counterfactual_batches",
+    "counterfactual_retrain",
+    "default_xcr_config",
+    "fit_val_temperature",
+    "override_xcr_config",
+    "retrain_schedule",
+    "training_masks",
+    "vanilla_retrain",
+    "xcr_config_from_dict",
+    "bench_xcr",
+    "calibration_metrics",
+    "evaluate_calibration",
+    "explanation_table",
+    "format_bench",
+    "format_table1",
+    "format_table2",
+    "print_table1",
+    "print_table2",
+    "run_xcr_report",
+    "xcr_run_from_config",
 ]

@@ -33,15 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import config_dict
+from ..config import SELECTOR_MODES as MODES
+from ..config import SELECTOR_TARGETS as TARGETS  # noqa: F401  (re-exported)
+from ..config import SelectorConfig, check_int, config_dict
 from ..errors import CfdebugError
 from ..runtime import seed_everything
 from ..store import stable_hash
 
 Progress = Callable[[float, str], None]
 
-MODES = ("Topk", "Softmax")
-TARGETS = ("labels", "blackbox")
 MASKS_KIND = "xcr-masks"
 SELECTOR_KIND = "xcr-selector"
 # Bumped when the networks or the training loop change, so stale cache entries are not reused.
@@ -53,73 +53,6 @@ FORMAT_VERSION = "xcr-selector-v1"
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SelectorConfig:
-    """How the XCR selector is trained (defaults from METHODS.md, paper B).
-
-    Attributes:
-        k: patches kept per image (12.5 % of the 256 patches of a 32×32 image is 32).
-        beta: weight of ``KL(p(z|x) ‖ Uniform(d))`` (the paper's grid: 0.1, 0.01, 0.001).
-        patch_size: side ``p`` of a square patch in pixels; must divide the image size.
-        tau: Gumbel-softmax temperature of the relaxed training sample.
-        mode: which map masks ``T(x)`` after training: ``"Topk"`` (the hard k-hot map) or
-            ``"Softmax"`` (the softmax map ``p(x)`` itself; rows sum to 1). Training is the
-            same in both modes (the relaxed Gumbel sample), so both share one trained selector.
-        target: ``"labels"`` (XCR: fit the true labels) or ``"blackbox"`` (VIBI: fit the black
-            box's predicted classes).
-        epochs, batch_size, lr: Adam training schedule. ``lr`` is the paper's 1e-4; see
-            :meth:`demo` for the embedded demo's faster schedule.
-        width: channel width of the selector's and approximator's first layer.
-        seed: seeds the initial weights, the batch order and the Gumbel noise.
-    """
-
-    k: int = 32
-    beta: float = 0.01
-    patch_size: int = 2
-    tau: float = 0.5
-    mode: str = "Topk"
-    target: str = "labels"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-4
-    width: int = 16
-    seed: int = 0
-
-    @classmethod
-    def demo(cls, **overrides) -> "SelectorConfig":
-        """The schedule for the embedded Biased Digits demo: Adam lr 3e-3 for 6 epochs.
-
-        Why not the paper's 1e-4: the demo's ~1,100 training images give 17 steps per epoch,
-        and at 1e-4 the approximator is still at ~25 % validation accuracy after 6–10 epochs
-        (the paper trains for hundreds of epochs on 50,000 CIFAR images); at 3e-3 it reaches
-        73–79 % by epoch 6 (measured on CPU). All other constants stay the paper's.
-        """
-        return cls(**{"epochs": 6, "lr": 3e-3, **overrides})
-
-    def __post_init__(self):
-        _check_int(self.k, "k", 1)
-        _check_int(self.patch_size, "patch_size", 1)
-        _check_int(self.epochs, "epochs", 1)
-        _check_int(self.batch_size, "batch_size", 1)
-        _check_int(self.width, "width", 1)
-        _check_int(self.seed, "seed", 0)
-        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
-            raise CfdebugError(f"Expected `beta` to be a finite number >= 0, but got {self.beta!r}")
-        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau > 0):
-            raise CfdebugError(f"Expected `tau` to be a positive finite number, but got {self.tau!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise CfdebugError(f"Expected `lr` to be a positive finite number, but got {self.lr!r}")
-        if self.mode not in MODES:
-            raise CfdebugError(f"Expected `mode` to be one of {', '.join(MODES)}, but got {self.mode!r}")
-        if self.target not in TARGETS:
-            raise CfdebugError(f"Expected `target` to be one of {', '.join(TARGETS)}, but got {self.target!r}")
-
-
-def _check_int(value, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise CfdebugError(f"Expected `{name}` to be an integer >= {minimum}, but got {value!r}")
-
-
 # --------------------------------------------------------------------------------------------
 # Patches and masks (pure functions)
 # --------------------------------------------------------------------------------------------
@@ -127,7 +60,7 @@ def _check_int(value, name: str, minimum: int) -> None:
 
 def num_patches(height: int, width: int, patch_size: int) -> int:
     """``d = (H/p)·(W/p)``; raises :class:`CfdebugError` when ``p`` does not divide ``H`` and ``W``."""
-    _check_int(patch_size, "patch_size", 1)
+    check_int(patch_size, "patch_size", 1)
     if height % patch_size or width % patch_size:
         divisors = [p for p in range(1, min(height, width) + 1) if height % p == 0 and width % p == 0]
         shown = ", ".join(map(str, divisors[:12])) + (", …" if len(divisors) > 12 else "")
@@ -226,8 +159,8 @@ def random_masks(n: int, d: int, k: int, seed: int = 0) -> np.ndarray:
 
     Reproducible: the same ``(n, d, k, seed)`` gives the same masks (NumPy ``default_rng``).
     """
-    _check_int(n, "n", 0)
-    _check_int(d, "d", 1)
+    check_int(n, "n", 0)
+    check_int(d, "d", 1)
     k = check_k(k, d)
     rng = np.random.default_rng(seed)
     # The k smallest of d i.i.d. uniforms are a uniformly random k-subset.
@@ -294,7 +227,7 @@ class PatchSelector(nn.Module):
 
     def __init__(self, patch_size: int = 2, in_channels: int = 3, width: int = 16):
         super().__init__()
-        _check_int(patch_size, "patch_size", 1)
+        check_int(patch_size, "patch_size", 1)
         self.patch_size = patch_size
         self.patchify = nn.Sequential(*_conv(in_channels, width, kernel=patch_size, stride=patch_size))
         self.context = nn.Sequential(*_conv(width, width), *_conv(width, width, dilation=2), *_conv(width, width, dilation=4))

@@ -1,0 +1,163 @@
+"""Streamlit side of the Calibration & robustness page (paper B, XCR).
+
+The report itself runs as a background run (``python -m cfdebug xcr --config RUN_DIR/run.json
+--run-id ID``); the page starts it, polls the run registry in a fragment, and draws the stored
+result. The heavy objects (selector masks, Grad-CAM) come from the workspace's on-disk cache.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from ..config import config_dict
+from ..errors import CfdebugError
+from .workspace import extraction, show_user_error
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `cfdebug` package
+RUN_KIND = "xcr"
+ACTIVE = ("queued", "running")
+
+
+def registry(ws):
+    """The run registry of the workspace's workdir."""
+    from ..runs import RunRegistry
+
+    return RunRegistry(ws.config.workdir)
+
+
+def _same_workspace(record, ws) -> bool:
+    stored = (record.config or {}).get("workspace") or {}
+    current = config_dict(ws.config)
+    return stored.get("model") == current["model"] and stored.get("data") == current["data"]
+
+
+def workspace_runs(ws) -> list:
+    """XCR runs of this workspace (same model and data), newest first."""
+    try:
+        return [r for r in registry(ws).list(kind=RUN_KIND) if _same_workspace(r, ws)]
+    except CfdebugError as exc:
+        show_user_error(exc)
+
+
+def default_config(ws):
+    """The XCR config the form starts from (the demo's for the embedded demo)."""
+    from ..xcr.retrain import default_xcr_config
+
+    return default_xcr_config(ws.config)
+
+
+def build_config(ws, *, k: int, beta: float, selector_epochs: int, epochs: int, seeds: int, all_severities: bool, random_baseline: bool):
+    """An :class:`~cfdebug.xcr.retrain.XCRConfig` from the form's values (validated now, so a
+    mistake shows as ``st.error`` instead of a failed run)."""
+    from ..xcr.retrain import override_xcr_config
+
+    base = default_config(ws)
+    try:
+        config = override_xcr_config(
+            base, k=int(k), beta=float(beta), selector_epochs=int(selector_epochs), epochs=int(epochs),
+            seeds=tuple(range(int(seeds))), severities=(1, 2, 3, 4, 5) if all_severities else None,
+            random_baseline=bool(random_baseline),
+        )
+        config.check_against(ws.data.input_size)
+        return config
+    except CfdebugError as exc:
+        show_user_error(exc)
+
+
+def start_run(ws, config) -> str:
+    """Register an XCR run for ``config`` and launch it in the background; return its id."""
+    from ..runs import launch
+
+    reg = registry(ws)
+    try:
+        record = reg.create(RUN_KIND, {"workspace": config_dict(ws.config), "xcr": config_dict(config)})
+        argv = [sys.executable, "-m", "cfdebug", RUN_KIND, "--config", str(record.config_path), "--run-id", record.run_id]
+        path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        launch(reg, record.run_id, argv, env={"PYTHONPATH": path}, cwd=PACKAGE_ROOT)
+        return record.run_id
+    except CfdebugError as exc:
+        show_user_error(exc)
+
+
+def cancel_run(ws, run_id: str) -> None:
+    from ..runs import cancel
+
+    try:
+        cancel(registry(ws), run_id)
+    except CfdebugError as exc:
+        show_user_error(exc)
+
+
+def run_monitor(ws, run_id: str, every: float = 2.0) -> None:
+    """Live progress of a running XCR run, polled every ``every`` seconds in a fragment.
+
+    When the run finishes the whole page reruns, so the results replace the monitor.
+    """
+    reg = registry(ws)
+
+    @st.fragment(run_every=every)
+    def monitor():
+        record = reg.get(run_id)
+        if record.finished:
+            st.rerun(scope="app")
+        row = record.progress or {}
+        fraction = float(row.get("fraction", 0.0)) if isinstance(row.get("fraction"), (int, float)) else 0.0
+        message = row.get("message") or (f"epoch {row['epoch']}" if "epoch" in row else "starting (loading the workspace)…")
+        st.progress(min(max(fraction, 0.0), 1.0), text=f"`{run_id}`: {message}")
+        left, right = st.columns([1, 4])
+        if left.button("Cancel run", key=f"cancel-{run_id}"):
+            cancel_run(ws, run_id)
+            st.rerun(scope="app")
+        right.caption(f"Log: `{record.log_path}`. The run keeps going if you close the page.")
+
+    monitor()
+
+
+def mask_gallery(ws, selector_config: dict, n: int = 12, flagged_first: bool = False) -> list[dict]:
+    """Rows for the mask gallery: ``{"index", "image", "mask", "tx", "gradcam", "caption"}``.
+
+    Images are test images at the model's input size; ``mask`` is the hard top-k patch mask,
+    ``tx`` the counterfactual ``T(x)`` (dropped patches in the dataset mean colour), ``gradcam``
+    the black box's Grad-CAM toward its prediction. Order: flagged predictions first (paper A's
+    detector, when ``flagged_first``), then errors, then the least confident predictions.
+    """
+    from ..xcr.report import explanation_images
+    from ..xcr.selector import SelectorConfig, selector_masks
+    from .filters import detection, gradcam_overlays
+
+    try:
+        cfg = replace(SelectorConfig(**selector_config), mode="Topk")
+        masks = selector_masks(ws, cfg, "test").masks
+    except (CfdebugError, TypeError) as exc:
+        show_user_error(exc if isinstance(exc, CfdebugError) else CfdebugError(f"The run's selector config is not readable: {exc}"))
+    test = extraction(ws, "test")
+    preds, labels, conf = test.preds, test.labels, test.probs.max(1)
+    flagged = np.zeros(len(labels), bool)
+    if flagged_first:
+        flagged = np.asarray([bool(r["flagged"]) for r in detection(ws)["images"]])
+    # Sort keys: flagged first, then errors, then low confidence (lexsort: last key is primary).
+    order = np.lexsort((conf, preds == labels, ~flagged))[:n]
+    classes = ws.data.classes
+    split = ws.data.splits["test"]
+    cams = gradcam_overlays(ws, "test", order, preds[order])
+    rows = []
+    for j, i in enumerate(order):
+        image = np.asarray(split.load_image(int(i)), dtype=np.uint8)
+        if image.shape[:2] != (ws.data.input_size, ws.data.input_size):
+            from PIL import Image
+
+            image = np.asarray(Image.fromarray(image).resize((ws.data.input_size,) * 2, Image.BILINEAR))
+        mask_img, tx = explanation_images(image, masks[i], cfg.patch_size, ws.data.mean)
+        mark = "✗" if preds[i] != labels[i] else "✓"
+        flag = " ⚑" if flagged[i] else ""
+        rows.append({
+            "index": int(i), "image": image, "mask": mask_img, "tx": tx, "gradcam": cams[j],
+            "caption": f"{mark}{flag} true {classes[labels[i]]} · pred {classes[preds[i]]} ({conf[i]:.2f})",
+        })
+    return rows
