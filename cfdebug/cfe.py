@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -255,29 +254,8 @@ def _as_features(features: Any, device) -> torch.Tensor:
     return g.to(device=device, dtype=torch.float32)
 
 
-@contextmanager
-def small_work_threads(device: torch.device | str, work: int, limit: int = 1 << 22):
-    """Run tiny CPU work on one intra-op thread, restoring the thread count afterwards.
-
-    A CFE step on the demo touches ~20k numbers: splitting such ops across OpenMP threads costs
-    more than it saves, and on a busy 2-core machine it made each step ~10× slower (spinning
-    threads fight other processes). ``work`` is the per-step size (e.g. ``K·C·C``); above
-    ``limit`` or on an accelerator nothing changes.
-    """
-    if torch.device(device).type != "cpu" or work > limit or torch.get_num_threads() == 1:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _fit(heads, loss_fn, g: torch.Tensor, config: CFEConfig, progress: Progress | None, label: str) -> list[dict]:
-    with small_work_threads(g.device, heads.num_classes * heads.channels * heads.channels):
-        return _fit_loop(heads, loss_fn, g, config, progress, label)
+    return _fit_loop(heads, loss_fn, g, config, progress, label)
 
 
 def _fit_loop(heads, loss_fn, g: torch.Tensor, config: CFEConfig, progress: Progress | None, label: str) -> list[dict]:
@@ -625,6 +603,5 @@ __all__ = [
     "predict_masks",
     "scaled_progress",
     "second_most_probable",
-    "small_work_threads",
     "thresholded_relu",
 ]

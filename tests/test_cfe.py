@@ -22,7 +22,6 @@ from cfdebug.cfe import (
     mc_loss,
     predict_masks,
     second_most_probable,
-    small_work_threads,
     thresholded_relu,
 )
 from cfdebug.errors import CfdebugError
@@ -64,8 +63,7 @@ def _naive_mc_fit(g: np.ndarray, head: nn.Module, config: CFEConfig) -> list[nn.
         layers.append(layer)
         opts.append(torch.optim.SGD(layer.parameters(), lr=config.lr, momentum=config.momentum))
     frozen = frozen_head(head, "cpu")
-    with small_work_threads("cpu", K * C * C):  # tiny ops: threads only add overhead
-        _naive_mc_steps(x, mu, sd, layers, opts, frozen, config)
+    _naive_mc_steps(x, mu, sd, layers, opts, frozen, config)
     return layers
 
 
@@ -124,8 +122,7 @@ def test_batched_mi_heads_match_naive_per_class_loop():
             layer.weight.copy_(init.weight[k])
             layer.bias.copy_(init.bias[k])
         opt = torch.optim.SGD(layer.parameters(), lr=config.lr, momentum=config.momentum)
-        with small_work_threads("cpu", C * C):
-            _naive_mi_steps(x, mu, sd, layer, opt, frozen, preds, k, config)
+        _naive_mi_steps(x, mu, sd, layer, opt, frozen, preds, k, config)
         torch.testing.assert_close(heads.weight[k].detach(), layer.weight.detach(), atol=1e-5, rtol=1e-4)
 
 
@@ -217,15 +214,6 @@ def test_head_for_another_class_count_is_refused():
     g, head = _toy()
     with pytest.raises(CfdebugError, match=r"\[B, 5\]"):
         fit_mc_heads(g, head, 5)
-
-
-def test_small_work_threads_restores_the_thread_count():
-    before = torch.get_num_threads()
-    with pytest.raises(RuntimeError):
-        with small_work_threads("cpu", 10):
-            assert torch.get_num_threads() == 1
-            raise RuntimeError("boom")
-    assert torch.get_num_threads() == before
 
 
 def test_demo_mc_heads_keep_rate_and_cache(demo_workspace):
