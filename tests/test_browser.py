@@ -10,11 +10,13 @@ from dashboard import assert_no_error_elements, browser_page, running_dashboard
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-# (url path, text that appears once the page has computed, plotly selector to wait for)
+# (url path, text that appears once the page has computed, selector to wait for)
 PAGES = [
     ("", "Sample test predictions", ".js-plotly-plot .heatmaplayer"),
     ("class_filters", "Causal check", ".js-plotly-plot .heatmaplayer"),
     ("flagged", "One prediction", ".js-plotly-plot .scatterlayer"),
+    ("treatment", "Runs", '[data-testid="stForm"]'),
+    ("calibration", "Calibration & robustness", '[data-testid="stForm"]'),
 ]
 
 
@@ -26,7 +28,7 @@ def dashboard_url(demo_workspace, workdir, tmp_path_factory):
         yield url
 
 
-@pytest.mark.parametrize("path,ready_text,plot", PAGES, ids=["overview", "class_filters", "flagged"])
+@pytest.mark.parametrize("path,ready_text,plot", PAGES, ids=["overview", "class_filters", "flagged", "treatment", "calibration"])
 def test_page_renders_without_errors(dashboard_url, path, ready_text, plot, tmp_path, request):
     with browser_page() as page:
         page.goto(f"{dashboard_url}/{path}", wait_until="domcontentloaded")
