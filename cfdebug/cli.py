@@ -351,6 +351,7 @@ def cmd_treat(args) -> dict | None:
             )
             result = {"run_id": run_id, "classes": list(ws.data.classes), "world_size": ctx.world_size, **result}
             if ctx.is_main:
+                result["flagged_churn"] = _flagged_churn(ws, ws_config, registry.run_dir(run_id), result, seeds[0], progress_printer(args, "treat: "))
                 registry.set_result(run_id, result)
     except RunCancelled:
         if ctx.is_main:
@@ -366,6 +367,10 @@ def cmd_treat(args) -> dict | None:
     print(f"{ws_config.model.name} on {ws.data.describe()}: treatment of the filters at {ws.target.name}" + (f" ({ctx.world_size} processes, DDP)" if ctx.distributed else ""))
     print_table2(result, ws_config.model.name)
     print_table3(result, ws_config.model.name)
+    fc = result["flagged_churn"]
+    print(f"\nflagged-set churn (detection recomputed on the treated model, λ1={fc['lambda1']:g}, λ2={fc['lambda2']:g}, seed {fc['seed']}): "
+          f"{fc['flagged_errors_fixed']} of {fc['flagged_errors_before']} flagged errors fixed; {fc['new_errors']} new errors, "
+          f"{fc['new_errors_flagged']} of them flagged; flagged {fc['flagged_before']} → {fc['flagged_after']}")
     return result
 
 
@@ -405,6 +410,29 @@ def cmd_xcr(args) -> dict:
     print_table1(result)
     print_table2(result)
     return result
+
+
+def treated_weights_path(run_dir: Path, lambda1: float, lambda2: float, seed: int) -> Path:
+    """Where :func:`cfdebug.treatment.treatment_sweep` keeps a treated model's weights."""
+    return Path(run_dir) / f"treatment-l1_{lambda1:g}-l2_{lambda2:g}-seed_{seed}" / "model.pt"
+
+
+def _flagged_churn(ws, ws_config, run_dir, result, seed, progress) -> dict:
+    """Detection on the base model vs recomputed on the best treated model (first seed)."""
+    import dataclasses
+
+    from .detect import run_detection
+    from .treatment import flagged_churn
+    from .workspace import Workspace
+
+    best = result["best"]
+    weights = treated_weights_path(run_dir, best["lambda1"], best["lambda2"], seed)
+    treated_cfg = dataclasses.replace(ws_config, model=dataclasses.replace(ws_config.model, weights=str(weights)))
+    if progress:
+        progress(1.0, "recomputing detection on the treated model for the flagged-set churn")
+    churn = flagged_churn(run_detection(ws), run_detection(Workspace(treated_cfg)))
+    churn.update({"lambda1": best["lambda1"], "lambda2": best["lambda2"], "seed": seed, "weights": str(weights)})
+    return churn
 
 
 def cmd_runs(args) -> dict:

@@ -1110,3 +1110,30 @@ def treatment_sweep(
         "best": {"lambda1": best_row["lambda1"], "lambda2": best_row["lambda2"]},
         "table3": table3(base["per_class_recall"], mean_recall, bundle.classes),
     }
+
+
+def flagged_churn(before: dict, after: dict) -> dict:
+    """How treatment changed the flagged set: two :func:`cfdebug.detect.run_detection` results
+    on the same split, for the base model (``before``) and the treated one (``after``, detection
+    recomputed on it: its own CFE heads and global filters).
+
+    Returns counts: ``flagged_errors_before`` (flagged predictions that were wrong),
+    ``flagged_errors_fixed`` (of those, now correct), ``new_errors`` (correct before, wrong after),
+    ``new_errors_flagged`` (of those, flagged by the treated model's detection),
+    ``flagged_before``/``flagged_after``, and the ids of the fixed and newly wrong images.
+    """
+    b, a = before["images"], after["images"]
+    if [r["id"] for r in b] != [r["id"] for r in a]:
+        raise CfdebugError("Expected two detection results on the same images, but their image ids differ.")
+    fixed = [x["id"] for x, y in zip(b, a) if x["flagged"] and x["error"] and not y["error"]]
+    broken = [(x["id"], y["flagged"]) for x, y in zip(b, a) if not x["error"] and y["error"]]
+    return {
+        "flagged_errors_before": sum(1 for x in b if x["flagged"] and x["error"]),
+        "flagged_errors_fixed": len(fixed),
+        "new_errors": len(broken),
+        "new_errors_flagged": sum(1 for _, flagged in broken if flagged),
+        "flagged_before": sum(1 for x in b if x["flagged"]),
+        "flagged_after": sum(1 for y in a if y["flagged"]),
+        "fixed_ids": fixed,
+        "new_error_ids": [i for i, _ in broken],
+    }

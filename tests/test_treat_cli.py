@@ -16,9 +16,10 @@ def test_treat_sweep_prints_tables_and_writes_json(demo_workspace, workdir, tmp_
                "--seeds", "0,1", "--json", str(out), "--quiet"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "Fine-tuned (control)" in text and "Table 3" in text
+    assert "Fine-tuned (control)" in text and "Table 3" in text and "flagged-set churn" in text
     result = json.loads(out.read_text())
-    assert {"base", "control", "runs", "table3", "table2"} <= set(result)
+    assert {"base", "control", "runs", "table3", "table2", "flagged_churn"} <= set(result)
+    assert 0 <= result["flagged_churn"]["flagged_errors_fixed"] <= result["flagged_churn"]["flagged_errors_before"]
     assert len(result["runs"]) == 4 and len(result["control"]) == 2
     for run in result["runs"]:
         assert {"lambda1", "lambda2", "seed", "train_acc", "val_acc", "test_acc", "per_class_recall"} <= set(run)

@@ -437,3 +437,20 @@ def test_sweep_tables(small_ws, global_sets):
     assert row["test_acc_mean"] == pytest.approx(np.mean(accs)) and row["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))
     assert out["table2"][0]["test_acc_mean"] == out["base"]["test_acc"] and out["table2"][0]["test_acc_std"] == 0.0
     assert messages == sorted(messages) and messages[-1] == pytest.approx(1.0)
+
+
+def test_flagged_churn_counts_on_hand_made_results():
+    from cfdebug.treatment import flagged_churn
+
+    def images(rows):
+        return {"images": [{"id": str(i), "flagged": f, "error": e} for i, (f, e) in enumerate(rows)]}
+
+    before = images([(True, True), (True, True), (False, False), (True, False), (False, True)])
+    after = images([(False, False), (True, True), (True, True), (False, False), (False, True)])
+    churn = flagged_churn(before, after)
+    assert churn["flagged_errors_before"] == 2 and churn["flagged_errors_fixed"] == 1
+    assert churn["new_errors"] == 1 and churn["new_errors_flagged"] == 1
+    assert churn["flagged_before"] == 3 and churn["flagged_after"] == 2
+    assert churn["fixed_ids"] == ["0"] and churn["new_error_ids"] == ["2"]
+    with pytest.raises(CfdebugError, match="same images"):
+        flagged_churn(before, images([(False, False)]))

@@ -125,6 +125,14 @@ if weights is not None:
     fixed = np.flatnonzero((test.preds != test.labels) & (after == test.labels))
     broken = np.flatnonzero((test.preds == test.labels) & (after != test.labels))
     st.markdown(f"**Churn on the test split**: {len(fixed)} errors fixed, {len(broken)} new errors.")
+    fc = res.get("flagged_churn")
+    if fc:
+        st.markdown(
+            f"**Flagged set** (detection recomputed on the treated model): {fc['flagged_errors_fixed']} of "
+            f"{fc['flagged_errors_before']} flagged errors fixed; of the {fc['new_errors']} new errors, "
+            f"{fc['new_errors_flagged']} are flagged by the treated model's detection; flagged predictions "
+            f"{fc['flagged_before']} → {fc['flagged_after']}."
+        )
     for label, idx in (("fixed", fixed), ("new error", broken)):
         if len(idx):
             shown = idx[:12]
