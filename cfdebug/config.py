@@ -316,33 +316,25 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
-class TreatmentConfig:
+class TreatmentConfig(FinetuneConfig):
     """Treatment (METHODS.md "Treatment"): the loss weights plus the fine-tuning schedule.
 
     ``lambda1`` rewards the true class's MC filters, ``lambda2`` penalises the others, both in
     ``[0, 1]`` (paper grid: λ1 1e-4…2e-3, λ2 1e-5…1e-4). ``theta`` is the thresholded-ReLU
     threshold on ``sigmoid(g)``. The control is ``lambda1 = lambda2 = 0``
-    (:func:`~cfdebug.treatment.control_config`). Other fields as in :class:`FinetuneConfig`.
+    (:func:`~cfdebug.treatment.control_config`). The schedule fields are
+    :class:`FinetuneConfig`'s.
     """
 
     lambda1: float = 1e-3
     lambda2: float = 2e-5
     theta: float = 0.5
-    epochs: int = 10
-    lr: float = 1e-4
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    seed: int = 0
-    dropout: float = 0.5
-    trainable: str = "block+head"
-    optimizer: str = "sgd"
 
     def __post_init__(self):
         check_real(self.lambda1, "lambda1", 0.0, 1.0)
         check_real(self.lambda2, "lambda2", 0.0, 1.0)
         check_real(self.theta, "theta", 0.0, 1.0, high_open=True)
-        check_schedule(self)
+        super().__post_init__()
 
 
 # --------------------------------------------------------------------------------------------

@@ -779,6 +779,22 @@ def finetune(
     )
 
 
+def _diverged(term, value, epoch, step, run_path, last_good, registry, run_id) -> None:
+    """Stop a run whose loss term went NaN/inf: mark it failed and say which term, where."""
+    kept = (
+        f"The last good checkpoint (epoch {last_good}) is kept in {run_path}."
+        if run_path is not None and last_good
+        else "No checkpoint was written before it."
+    )
+    message = (
+        f"Training diverged at epoch {epoch}, batch {step}: the `{term}` term is {value}. {kept} "
+        "Lower `lr` (or the λ weights) and start a new run."
+    )
+    if registry is not None:
+        registry.set_status(run_id, "failed", error=message)
+    raise CfdebugError(message)
+
+
 def _check_finite_together(terms, cancel, epoch, step, run_path, last_good, registry, run_id) -> None:
     """DDP form of :func:`_check_finite` and the cancel check: one all-reduce of the flags, so
     every process stops at the same batch (one process stopping alone would hang the others)."""
@@ -799,18 +815,7 @@ def _check_finite_together(terms, cancel, epoch, step, run_path, last_good, regi
         value = str(float(terms[term].detach().float().reshape(-1)[0]))
     else:
         value = "not finite on another process"
-    kept = (
-        f"The last good checkpoint (epoch {last_good}) is kept in {run_path}."
-        if run_path is not None and last_good
-        else "No checkpoint was written before it."
-    )
-    message = (
-        f"Training diverged at epoch {epoch}, batch {step}: the `{term}` term is {value}. {kept} "
-        "Lower `lr` (or the λ weights) and start a new run."
-    )
-    if registry is not None:
-        registry.set_status(run_id, "failed", error=message)
-    raise CfdebugError(message)
+    _diverged(term, value, epoch, step, run_path, last_good, registry, run_id)
 
 
 def _check_finite(terms, epoch, step, run_path, last_good, registry, run_id) -> None:
@@ -821,18 +826,7 @@ def _check_finite(terms, epoch, step, run_path, last_good, registry, run_id) -> 
         return
     term = bad[0] if bad else "loss"
     value = float(terms[term].detach().float().reshape(-1)[0])
-    kept = (
-        f"The last good checkpoint (epoch {last_good}) is kept in {run_path}."
-        if run_path is not None and last_good
-        else "No checkpoint was written before it."
-    )
-    message = (
-        f"Training diverged at epoch {epoch}, batch {step}: the `{term}` term is {value}. {kept} "
-        "Lower `lr` (or the λ weights) and start a new run."
-    )
-    if registry is not None:
-        registry.set_status(run_id, "failed", error=message)
-    raise CfdebugError(message)
+    _diverged(term, value, epoch, step, run_path, last_good, registry, run_id)
 
 
 def _write_checkpoint(run_path: Path, model, optimizer, epoch, history, best_epoch, best_val, best_val_loss, best_state, identity) -> None:
