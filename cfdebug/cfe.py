@@ -281,6 +281,23 @@ def _fit_loop(heads, loss_fn, g: torch.Tensor, config: CFEConfig, progress: Prog
     return history
 
 
+def _fit_inputs(features: Any, pooled_head: nn.Module | None, num_classes: int, device) -> tuple[torch.Tensor, nn.Module]:
+    """Validated training features ``g`` [N, C] on ``device`` and the frozen pooled head."""
+    _require_pooled_head(pooled_head)
+    g = _as_features(features, device)
+    head = frozen_head(pooled_head, device)
+    _check_head_classes(head, g.shape[1], num_classes, device)
+    return g, head
+
+
+def _init_heads(heads, g: torch.Tensor, config: CFEConfig, seed: int):
+    """Seeded initial weights, input standardisation from ``g`` when configured; train mode."""
+    heads.reset_parameters(seed)
+    if config.standardise_inputs:
+        heads.set_input_standardisation(g)
+    return heads.train()
+
+
 def fit_mc_heads(
     features: Any,
     pooled_head: nn.Module | None,
@@ -301,15 +318,8 @@ def fit_mc_heads(
         with the per-image mean of each loss term (``loss``, ``ce``, ``sparsity``, ``logits``).
     """
     config = config or CFEConfig()
-    _require_pooled_head(pooled_head)
-    g = _as_features(features, device)
-    head = frozen_head(pooled_head, device)
-    _check_head_classes(head, g.shape[1], num_classes, device)
-    heads = MCHeads(num_classes, g.shape[1], config.mask_threshold).to(device)
-    heads.reset_parameters(config.seed)
-    if config.standardise_inputs:
-        heads.set_input_standardisation(g)
-    heads.train()
+    g, head = _fit_inputs(features, pooled_head, num_classes, device)
+    heads = _init_heads(MCHeads(num_classes, g.shape[1], config.mask_threshold).to(device), g, config, config.seed)
     history = _fit(heads, lambda idx: mc_loss(heads, head, g[idx], config), g, config, progress, "MC heads")
     return heads.eval(), history
 
@@ -325,17 +335,10 @@ def fit_mi_heads(
     """Train all ``K`` MI heads at once: head ``t`` alters every training image not predicted ``t``
     to class ``t`` (``features`` ``[N, C]`` float32). Returns ``(heads, history)``."""
     config = config or CFEConfig()
-    _require_pooled_head(pooled_head)
-    g = _as_features(features, device)
-    head = frozen_head(pooled_head, device)
-    _check_head_classes(head, g.shape[1], num_classes, device)
+    g, head = _fit_inputs(features, pooled_head, num_classes, device)
     with torch.no_grad():
         preds = head(g).argmax(1)
-    heads = MIHeads(num_classes, g.shape[1]).to(device)
-    heads.reset_parameters(config.seed + 1)
-    if config.standardise_inputs:
-        heads.set_input_standardisation(g)
-    heads.train()
+    heads = _init_heads(MIHeads(num_classes, g.shape[1]).to(device), g, config, config.seed + 1)
     history = _fit(heads, lambda idx: mi_loss(heads, head, g[idx], preds[idx], config), g, config, progress, "MI heads")
     return heads.eval(), history
 
