@@ -412,21 +412,16 @@ def cmd_xcr(args) -> dict:
     return result
 
 
-def treated_weights_path(run_dir: Path, lambda1: float, lambda2: float, seed: int) -> Path:
-    """Where :func:`cfdebug.treatment.treatment_sweep` keeps a treated model's weights."""
-    return Path(run_dir) / f"treatment-l1_{lambda1:g}-l2_{lambda2:g}-seed_{seed}" / "model.pt"
-
-
 def _flagged_churn(ws, ws_config, run_dir, result, seed, progress) -> dict:
     """Detection on the base model vs recomputed on the best treated model (first seed)."""
     import dataclasses
 
     from .detect import run_detection
-    from .treatment import flagged_churn
+    from .treatment import flagged_churn, sweep_run_dir
     from .workspace import Workspace
 
     best = result["best"]
-    weights = treated_weights_path(run_dir, best["lambda1"], best["lambda2"], seed)
+    weights = sweep_run_dir(run_dir, "treatment", best["lambda1"], best["lambda2"], seed) / "model.pt"
     treated_cfg = dataclasses.replace(ws_config, model=dataclasses.replace(ws_config.model, weights=str(weights)))
     if progress:
         progress(1.0, "recomputing detection on the treated model for the flagged-set churn")

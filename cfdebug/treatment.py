@@ -1002,6 +1002,12 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
+def sweep_run_dir(run_dir: str | Path, kind: str, lambda1: float, lambda2: float, seed: int) -> Path:
+    """The folder of one run of :func:`treatment_sweep` (``kind`` is "treatment" or
+    "fine-tuned"): its checkpoints and, when finished, ``model.pt``."""
+    return Path(run_dir) / f"{kind}-l1_{lambda1:g}-l2_{lambda2:g}-seed_{seed}"
+
+
 def treatment_sweep(
     workspace,
     lambdas1: Sequence[float],
@@ -1054,7 +1060,7 @@ def treatment_sweep(
     for i, (kind, cfg) in enumerate(configs):
         sub = None
         if run_dir is not None:
-            sub = Path(run_dir) / f"{kind}-l1_{cfg.lambda1:g}-l2_{cfg.lambda2:g}-seed_{cfg.seed}"
+            sub = sweep_run_dir(run_dir, kind, cfg.lambda1, cfg.lambda2, cfg.seed)
 
         def inner(frac: float, message: str, i=i, cfg=cfg, kind=kind) -> None:
             if progress is not None:

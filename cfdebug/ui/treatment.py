@@ -48,9 +48,15 @@ def runs_for(ws) -> list:
 
 
 def treated_weights(record) -> Path | None:
-    """The weights of the run's (first) treated model, if it finished."""
-    found = sorted(Path(record.run_dir).glob("treatment-*/model.pt"))
-    return found[0] if found else None
+    """The weights of the run's best treated model (best λ pair on validation, first seed),
+    the same model the run's flagged-set churn was computed on; None if it is not there."""
+    from ..treatment import sweep_run_dir
+
+    best, seeds = (record.result or {}).get("best"), record.config.get("seeds") or [0]
+    if not best:
+        return None
+    path = sweep_run_dir(record.run_dir, "treatment", best["lambda1"], best["lambda2"], seeds[0]) / "model.pt"
+    return path if path.is_file() else None
 
 
 def test_predictions(ws, weights: Path) -> np.ndarray:
