@@ -122,4 +122,4 @@ def test_treatment_page_launches_a_background_run(app, workdir):
     app.run()
     assert not app.exception, [e.value for e in app.exception]
     labels = [m.label for m in app.metric]
-    assert "Treated" in labels and "Control (CE fine-tune)" in labels
+    assert any(label.startswith("Treated (best on val") for label in labels) and "Control (CE fine-tune)" in labels

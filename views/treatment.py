@@ -80,6 +80,12 @@ done = [r for r in tui.runs_for(ws) if r.status == "done" and r.result]
 if not done:
     st.stop()
 
+def best_runs(result: dict) -> list[dict]:
+    """The runs (one per seed) of the λ pair chosen on validation."""
+    b = result["best"]
+    return [r for r in result["runs"] if (r["lambda1"], r["lambda2"]) == (b["lambda1"], b["lambda2"])]
+
+
 st.subheader("Results")
 ids = [r.run_id for r in done]
 wanted = st.query_params.get("run") or st.session_state.get("treatment_selected")
@@ -90,18 +96,20 @@ record = next(r for r in done if r.run_id == run_id)
 res = record.result
 t2 = pd.DataFrame(res["table2"])
 m = st.columns(3)
-row = {r["model"]: r for r in res["table2"]}
+best = res["best"]
+row = {r["model"]: r for r in res["table2"] if r["model"] != "treatment"}
+row["treatment"] = next(r for r in res["table2"] if r["model"] == "treatment" and (r["lambda1"], r["lambda2"]) == (best["lambda1"], best["lambda2"]))
 m[0].metric("Base test acc.", f"{100 * row['base']['test_acc_mean']:.2f}%")
 m[1].metric("Control (CE fine-tune)", f"{100 * row['fine-tuned']['test_acc_mean']:.2f}%",
             f"{100 * (row['fine-tuned']['test_acc_mean'] - row['base']['test_acc_mean']):+.2f} pts")
-m[2].metric("Treated", f"{100 * row['treatment']['test_acc_mean']:.2f}%",
+m[2].metric(f"Treated (best on val: λ1={best['lambda1']:g}, λ2={best['lambda2']:g})", f"{100 * row['treatment']['test_acc_mean']:.2f}%",
             f"{100 * (row['treatment']['test_acc_mean'] - row['fine-tuned']['test_acc_mean']):+.2f} pts vs control")
 st.dataframe(t2, hide_index=True, width="stretch")
 st.download_button("Download Table 2 (CSV)", t2.to_csv(index=False), f"{run_id}_table2.csv", "text/csv")
 
 base_recall = np.asarray(res["base"]["per_class_recall"], float)
 control_recall = np.mean([r["per_class_recall"] for r in res["control"]], axis=0)
-treated_recall = np.mean([r["per_class_recall"] for r in res["runs"]], axis=0)
+treated_recall = np.mean([r["per_class_recall"] for r in best_runs(res)], axis=0)
 order = np.argsort(-(treated_recall - base_recall), kind="stable")
 sorted_classes = [classes[i] for i in order]
 st.plotly_chart(
@@ -150,7 +158,10 @@ if len(done) >= 2:
     pick = st.multiselect("Runs", ids, default=ids[:2], max_selections=2)
     if len(pick) == 2:
         a, b = (next(r for r in done if r.run_id == i).result for i in pick)
-        series = {i: np.mean([r["per_class_recall"] for r in x["runs"]], axis=0) for i, x in zip(pick, (a, b))}
+        series = {i: np.mean([r["per_class_recall"] for r in best_runs(x)], axis=0) for i, x in zip(pick, (a, b))}
         st.plotly_chart(viz.per_class_recall_bar(classes, series, "Per-class test recall of the treated models"), width="stretch")
-        compare = pd.DataFrame([{"run": i, **{k: v for k, v in next(r for r in x["table2"] if r["model"] == "treatment").items()}} for i, x in zip(pick, (a, b))])
+        compare = pd.DataFrame([
+            {"run": i, **next(r for r in x["table2"] if r["model"] == "treatment" and (r["lambda1"], r["lambda2"]) == (x["best"]["lambda1"], x["best"]["lambda2"]))}
+            for i, x in zip(pick, (a, b))
+        ])
         st.dataframe(compare, hide_index=True, width="stretch")
