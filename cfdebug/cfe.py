@@ -23,8 +23,13 @@ is ``GAP → (MLP/linear)``, masking channel ``j`` of the map by ``m_j`` scales 
 by the same ``m_j`` (``mean_hw(m_j·A_j) = m_j·mean_hw(A_j)``), so ``head(GAP(m ⊙ A)) =
 head(m ⊙ g(x))``. That is the case for the demo CNN, ResNet/ResNeXt/Wide-ResNet, DenseNet,
 EfficientNet, MobileNet and RegNet (``TargetLayer.pooled_head`` is set). Torchvision's VGG pools
-to 7×7 and has no ``pooled_head``; that path needs cached feature maps and is not implemented
-yet (:func:`fit_mc_heads` raises a :class:`~cfdebug.errors.CfdebugError` saying so).
+to 7×7 and runs three FC layers on that, so there the identity does not hold: its
+:class:`MaskedHead` has ``kind == "map"``, the heads still read ``g(x)`` but the loss runs the
+frozen ``map_head`` on ``m ⊙ A`` with ``A`` the cached feature maps ``[N, C, h, w]``
+(:meth:`~cfdebug.extract.ExtractionCache.maps`, memory-mapped, read one batch at a time), and
+the heads are trained a block of classes at a time so the masked block ``[B, J, C, h, w]``
+stays within :data:`MAP_BLOCK_ELEMENTS` (the loss is a sum over heads, so the accumulated
+gradient is the same as one pass over all ``K``).
 """
 
 from __future__ import annotations
@@ -45,11 +50,9 @@ from .errors import CfdebugError
 
 Progress = Callable[[float, str], None]
 
-# Architectures whose head runs on pooled g(x); kept in one place for the error message.
-SUPPORTED_ARCHITECTURES = (
-    "demo-cnn, ResNet/ResNeXt/Wide-ResNet (layer4 → fc), DenseNet, EfficientNet, MobileNetV2/V3, "
-    "RegNet and other `features → global average pool → classifier` models"
-)
+# Upper bound (elements) of one masked block [rows, C(, h, w)] fed to the frozen head, so the
+# feature-map path trains and predicts in bounded memory (64 MiB of float32 per block).
+MAP_BLOCK_ELEMENTS = 1 << 24
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,11 +112,13 @@ class _StackedDense(nn.Module):
             self.weight.copy_(w.to(self.weight.device))
             self.bias.zero_()
 
-    def pre_activation(self, g: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        """``g`` [B, C] → ``W_k g + b_k``: [B, K, C] for all heads, or [B, C] for ``classes`` [B]."""
+    def pre_activation(self, g: torch.Tensor, classes: torch.Tensor | None = None, span: tuple[int, int] | None = None) -> torch.Tensor:
+        """``g`` [B, C] → ``W_k g + b_k``: [B, K, C] for all heads (or [B, J, C] for the heads
+        ``lo..hi-1`` of ``span=(lo, hi)``), or [B, C] for one head per image (``classes`` [B])."""
         g = (g - self.shift) / self.scale
         if classes is None:
-            return torch.einsum("kji,bi->bkj", self.weight, g) + self.bias  # [B, K, C]
+            lo, hi = span if span is not None else (0, self.num_classes)
+            return torch.einsum("kji,bi->bkj", self.weight[lo:hi], g) + self.bias[lo:hi]  # [B, J, C]
         classes = classes.to(g.device).long()
         out = torch.empty(g.shape[0], self.channels, dtype=g.dtype, device=g.device)
         # Grouping by class costs K small matmuls instead of gathering a [B, C, C] weight stack.
@@ -133,9 +138,10 @@ class MCHeads(_StackedDense):
         super().__init__(num_classes, channels)
         self.threshold = float(threshold)
 
-    def soft_masks(self, g: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        """Soft masks: [B, K, C] for every head, or [B, C] for one head per image (``classes`` [B])."""
-        return thresholded_relu(torch.sigmoid(self.pre_activation(g, classes)), self.threshold)
+    def soft_masks(self, g: torch.Tensor, classes: torch.Tensor | None = None, span: tuple[int, int] | None = None) -> torch.Tensor:
+        """Soft masks: [B, K, C] for every head ([B, J, C] for ``span``), or [B, C] for one head
+        per image (``classes`` [B])."""
+        return thresholded_relu(torch.sigmoid(self.pre_activation(g, classes, span)), self.threshold)
 
     def binary_masks(self, g: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         """``MC_x = m > 0`` as bool, same shapes as :meth:`soft_masks`."""
@@ -149,8 +155,8 @@ class MCHeads(_StackedDense):
 class MIHeads(_StackedDense):
     """All ``K`` MI heads (one per alter class): ``g`` [B, C] → additive ``m = ReLU(W g + b) ≥ 0``."""
 
-    def soft_masks(self, g: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        return F.relu(self.pre_activation(g, classes))
+    def soft_masks(self, g: torch.Tensor, classes: torch.Tensor | None = None, span: tuple[int, int] | None = None) -> torch.Tensor:
+        return F.relu(self.pre_activation(g, classes, span))
 
     def binary_masks(self, g: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         return self.pre_activation(g, classes) > 0
@@ -160,45 +166,156 @@ class MIHeads(_StackedDense):
 
 
 # --------------------------------------------------------------------------------------------
+# The frozen head on masked features
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskedHead:
+    """The frozen classifier after the target layer, run on masked target-layer outputs.
+
+    ``kind == "pooled"``: ``module`` maps ``g`` [B, C] → logits [B, K], and its inputs are the
+    pooled features ``g(x)`` themselves. ``kind == "map"``: ``module`` maps the target feature
+    map [B, C, h, w] → logits (torchvision VGG: the rest of ``features``, the 7×7 avgpool and
+    the classifier), and its inputs are the cached feature maps. Either way the masks are per
+    filter, ``[B, C]`` or ``[B, J, C]``, broadcast over the map's positions.
+    """
+
+    module: nn.Module
+    kind: str = "pooled"
+
+    def __post_init__(self):
+        if self.kind not in ("pooled", "map"):
+            raise CfdebugError(f"Expected `kind` to be 'pooled' or 'map', but got {self.kind!r}")
+
+    @property
+    def device(self) -> torch.device:
+        param = next(self.module.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def __call__(self, x: torch.Tensor, m: torch.Tensor, additive: bool = False) -> torch.Tensor:
+        """Logits for ``x ⊙ m`` (``x + m`` when ``additive``, the MI heads' edit).
+
+        Args:
+            x: ``[B, C]`` (pooled) or ``[B, C, h, w]`` (map) head inputs.
+            m: ``[B, C]`` → logits ``[B, K]``; or ``[B, J, C]`` (``J`` masks per image) →
+                logits ``[B·J, K]``, row ``b·J + j`` = mask ``j`` on image ``b``.
+        """
+        stacked = m.ndim == 3
+        if stacked:
+            x = x.unsqueeze(1)
+        if self.kind == "map":
+            m = m[..., None, None]
+        out = x + m if additive else x * m
+        return self.module(out.flatten(0, 1) if stacked else out)
+
+    def train(self, mode: bool = True) -> "MaskedHead":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "MaskedHead":
+        return self.train(False)
+
+
+def as_masked_head(head: "MaskedHead | nn.Module | None") -> MaskedHead:
+    """``head`` itself, or a plain module (a pooled head ``[B, C] → [B, K]``) wrapped as one."""
+    if head is None:
+        raise CfdebugError(
+            "Expected the classifier head after the target layer, but the target layer has none: cfdebug "
+            "knows what follows the last conv block of the demo CNN, VGG, ResNet, DenseNet, EfficientNet, "
+            "MobileNet and RegNet, not what follows a layer named with `--layer` elsewhere in the network. "
+            "Drop `--layer` to use the last conv block."
+        )
+    return head if isinstance(head, MaskedHead) else MaskedHead(head, "pooled")
+
+
+def masked_head(target, device: torch.device | str) -> MaskedHead:
+    """A frozen copy of the workspace target's head: the pooled head when the architecture has
+    one (``GAP → classifier``), else the feature-map head (VGG)."""
+    if target.pooled_head is not None:
+        return MaskedHead(frozen_head(target.pooled_head, device), "pooled")
+    if target.map_head is not None:
+        return MaskedHead(frozen_head(target.map_head, device), "map")
+    return as_masked_head(None)
+
+
+def head_inputs(workspace, split: str, head: MaskedHead, progress: Progress | None = None) -> np.ndarray | None:
+    """What ``head`` reads for ``split`` besides ``g(x)``: ``None`` for a pooled head (the cached
+    pooled features are its inputs), the cached feature maps ``[N, C, h, w]`` for a map head."""
+    return None if head.kind == "pooled" else workspace.extractions.maps(split, progress)
+
+
+def _take(inputs: Any, rows: Any, device) -> torch.Tensor:
+    """Rows ``rows`` of ``inputs`` (tensor, array or memmap) as float32 on ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[torch.as_tensor(rows, device=inputs.device)].to(device=device, dtype=torch.float32)
+    return torch.from_numpy(np.ascontiguousarray(inputs[np.asarray(rows)], dtype=np.float32)).to(device)
+
+
+def _row_elements(inputs: Any) -> int:
+    return int(np.prod(inputs.shape[1:], dtype=np.int64))
+
+
+# --------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------
 
 
-def mc_loss(heads: MCHeads, pooled_head: nn.Module, g: torch.Tensor, config: CFEConfig) -> dict[str, torch.Tensor]:
-    """The MC loss of every head on one batch, summed over batch, heads and filters.
+def mc_loss(
+    heads: MCHeads,
+    head: MaskedHead | nn.Module,
+    g: torch.Tensor,
+    config: CFEConfig,
+    inputs: torch.Tensor | None = None,
+    span: tuple[int, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The MC loss of every head (or of the heads in ``span=(lo, hi)``) on one batch, summed
+    over batch, heads and filters.
 
     Args:
-        g: ``[B, C]`` float32 pooled features. Head ``k``'s target is class ``k`` for every image.
+        g: ``[B, C]`` float32 pooled features, the heads' input. Head ``k``'s target is class
+            ``k`` for every image.
+        inputs: what the frozen ``head`` reads, masked: ``g`` itself when ``None`` (pooled
+            head), else the feature maps ``[B, C, h, w]`` of the same images (map head).
 
     Returns:
         ``{"loss", "ce", "sparsity", "logits"}`` scalar tensors: ``ce = Σ CE(k, softmax(z'))``,
         ``sparsity = λ_sparse·scale·Σ|m|``, ``logits = −logits_weight·Σ z'_k`` (≤ 0 when the
         target logits are positive) and ``loss = ce + sparsity + logits``.
     """
-    b, c = g.shape
-    k = heads.num_classes
-    m = heads.soft_masks(g)  # [B, K, C]
-    masked = (g[:, None, :] * m).reshape(b * k, c)  # [B·K, C], row b·K + k = head k on image b
-    z = pooled_head(masked)  # [B·K, K]
-    target = torch.arange(k, device=g.device).repeat(b)  # [B·K]
+    head = as_masked_head(head)
+    lo, hi = span if span is not None else (0, heads.num_classes)
+    m = heads.soft_masks(g, span=(lo, hi))  # [B, J, C]
+    z = head(g if inputs is None else inputs, m)  # [B·J, K], row b·J + j = head lo+j on image b
+    target = torch.arange(lo, hi, device=g.device).repeat(g.shape[0])  # [B·J]
     ce = F.cross_entropy(z, target, reduction="sum")
     sparsity = config.sparsity_lambda * config.sparsity_scale * m.abs().sum()
     logits = -config.logits_weight * z.gather(1, target[:, None]).sum()
     return {"loss": ce + sparsity + logits, "ce": ce, "sparsity": sparsity, "logits": logits}
 
 
-def mi_loss(heads: MIHeads, pooled_head: nn.Module, g: torch.Tensor, preds: torch.Tensor, config: CFEConfig) -> dict[str, torch.Tensor]:
-    """The MI loss of every head on one batch: head ``t`` pushes ``g + m`` to class ``t``.
+def mi_loss(
+    heads: MIHeads,
+    head: MaskedHead | nn.Module,
+    g: torch.Tensor,
+    preds: torch.Tensor,
+    config: CFEConfig,
+    inputs: torch.Tensor | None = None,
+    span: tuple[int, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The MI loss of every head (or those in ``span``) on one batch: head ``t`` pushes ``g + m``
+    (the map plus ``m`` at every position, for a map head) to class ``t``.
 
     Images already predicted ``t`` (``preds`` [B]) are left out of head ``t``'s terms: there is
     nothing to alter. Returns ``{"loss", "ce", "sparsity"}`` summed over batch, heads, filters.
     """
-    b, c = g.shape
-    k = heads.num_classes
-    m = heads.soft_masks(g)  # [B, K, C]
-    z = pooled_head((g[:, None, :] + m).reshape(b * k, c))  # [B·K, K]
-    target = torch.arange(k, device=g.device).repeat(b)  # [B·K]
-    keep = (preds.to(g.device).long()[:, None] != torch.arange(k, device=g.device)).to(g.dtype)  # [B, K]
+    head = as_masked_head(head)
+    lo, hi = span if span is not None else (0, heads.num_classes)
+    m = heads.soft_masks(g, span=(lo, hi))  # [B, J, C]
+    z = head(g if inputs is None else inputs, m, additive=True)  # [B·J, K]
+    classes = torch.arange(lo, hi, device=g.device)
+    target = classes.repeat(g.shape[0])  # [B·J]
+    keep = (preds.to(g.device).long()[:, None] != classes).to(g.dtype)  # [B, J]
     ce = (F.cross_entropy(z, target, reduction="none") * keep.reshape(-1)).sum()
     sparsity = config.mi_sparsity * (m.abs().sum(dim=2) * keep).sum()
     return {"loss": ce + sparsity, "ce": ce, "sparsity": sparsity}
@@ -227,23 +344,14 @@ def batch_order(n: int, batch_size: int, epochs: int, seed: int) -> list[np.ndar
     return batches
 
 
-def _require_pooled_head(pooled_head) -> None:
-    if pooled_head is None:
-        raise CfdebugError(
-            "Expected the target layer to have a `pooled_head` (global average pooling followed by "
-            "the classifier), but got an architecture without one (e.g. torchvision VGG, which pools "
-            "to 7×7, or a layer named with `--layer`). CFE heads on cached feature maps are not "
-            f"implemented yet; supported now: {SUPPORTED_ARCHITECTURES}."
-        )
-
-
-def _check_head_classes(head: nn.Module, channels: int, num_classes: int, device) -> None:
+def _check_head_classes(head: MaskedHead, g: torch.Tensor, inputs: Any, num_classes: int) -> None:
+    x = g[:1] if inputs is None else _take(inputs, [0], g.device)
     with torch.no_grad():
-        out = head(torch.zeros(1, channels, device=device))
+        out = head(x, torch.ones_like(g[:1]))
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise CfdebugError(
-            f"Expected the classifier head to output [B, {num_classes}] logits for [B, {channels}] features, "
-            f"but got shape {tuple(out.shape)}. Check that `num_classes` matches the model."
+            f"Expected the classifier head to output [B, {num_classes}] logits for inputs of shape "
+            f"{tuple(x.shape)}, but got shape {tuple(out.shape)}. Check that `num_classes` matches the model."
         )
 
 
@@ -254,40 +362,68 @@ def _as_features(features: Any, device) -> torch.Tensor:
     return g.to(device=device, dtype=torch.float32)
 
 
-def _fit(heads, loss_fn, g: torch.Tensor, config: CFEConfig, progress: Progress | None, label: str) -> list[dict]:
-    return _fit_loop(heads, loss_fn, g, config, progress, label)
+def _check_inputs(head: MaskedHead, inputs: Any, n: int, c: int) -> None:
+    """A map head needs ``[N, C, h, w]`` maps for the ``N`` images of ``features``; a pooled head none."""
+    if head.kind == "pooled":
+        if inputs is not None and tuple(inputs.shape) != (n, c):
+            raise CfdebugError(f"Expected the pooled head's inputs to have shape [{n}, {c}], but got {tuple(inputs.shape)}")
+        return
+    if inputs is None:
+        raise CfdebugError(
+            "Expected the target feature maps [N, C, h, w] (`head_inputs`) for a head that runs on feature "
+            "maps (e.g. torchvision VGG), but got none. `ExtractionCache.maps(split)` caches them."
+        )
+    if len(inputs.shape) != 4 or tuple(inputs.shape[:2]) != (n, c):
+        raise CfdebugError(f"Expected the feature maps to have shape [{n}, {c}, h, w], but got {tuple(inputs.shape)}")
 
 
-def _fit_loop(heads, loss_fn, g: torch.Tensor, config: CFEConfig, progress: Progress | None, label: str) -> list[dict]:
+def class_spans(num_classes: int, rows: int, row_elements: int, budget: int | None = None) -> list[tuple[int, int]]:
+    """Blocks ``(lo, hi)`` of heads such that a masked block ``[rows, hi-lo, row_elements]``
+    stays within ``budget`` elements (default :data:`MAP_BLOCK_ELEMENTS`; at least one head
+    per block)."""
+    per = max(1, (budget or MAP_BLOCK_ELEMENTS) // max(1, rows * row_elements))
+    return [(lo, min(num_classes, lo + per)) for lo in range(0, num_classes, per)]
+
+
+def _fit_loop(heads, loss_fn, g: torch.Tensor, inputs: Any, config: CFEConfig, progress: Progress | None, label: str) -> list[dict]:
+    """SGD over seeded batches; ``loss_fn(idx, g_batch, inputs_batch, span)`` is summed over the
+    head blocks of :func:`class_spans` (one block for pooled heads of ordinary size)."""
     opt = torch.optim.SGD(heads.parameters(), lr=config.lr, momentum=config.momentum)
-    batches = batch_order(g.shape[0], config.batch_size, config.epochs, config.seed)
-    per_epoch = math.ceil(g.shape[0] / config.batch_size)
+    n = g.shape[0]
+    batches = batch_order(n, config.batch_size, config.epochs, config.seed)
+    per_epoch = math.ceil(n / config.batch_size)
+    row_elements = _row_elements(g if inputs is None else inputs)
+    spans = class_spans(heads.num_classes, min(n, config.batch_size), row_elements)
     history: list[dict] = []
     sums: dict[str, float] = {}
     for step, idx in enumerate(batches):
         idx_t = torch.as_tensor(idx, device=g.device)
-        terms = loss_fn(idx_t)
+        g_b = g[idx_t]
+        x_b = None if inputs is None else _take(inputs, idx, g.device)
         opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        for span in spans:
+            terms = loss_fn(idx_t, g_b, x_b, None if len(spans) == 1 else span)
+            terms["loss"].backward()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
         opt.step()
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
         if (step + 1) % per_epoch == 0:
             epoch = (step + 1) // per_epoch
-            history.append({"epoch": epoch, **{k: v / g.shape[0] for k, v in sums.items()}})
+            history.append({"epoch": epoch, **{k: v / n for k, v in sums.items()}})
             sums = {}
             if progress:
                 progress(epoch / config.epochs, f"{label} epoch {epoch}/{config.epochs}, loss {history[-1]['loss']:.4f}/image")
     return history
 
 
-def _fit_inputs(features: Any, pooled_head: nn.Module | None, num_classes: int, device) -> tuple[torch.Tensor, nn.Module]:
-    """Validated training features ``g`` [N, C] on ``device`` and the frozen pooled head."""
-    _require_pooled_head(pooled_head)
+def _fit_inputs(features: Any, head: MaskedHead | nn.Module | None, inputs: Any, num_classes: int, device) -> tuple[torch.Tensor, MaskedHead]:
+    """Validated training features ``g`` [N, C] on ``device`` and a frozen copy of the head."""
+    head = as_masked_head(head)
     g = _as_features(features, device)
-    head = frozen_head(pooled_head, device)
-    _check_head_classes(head, g.shape[1], num_classes, device)
-    return g, head
+    _check_inputs(head, inputs, g.shape[0], g.shape[1])
+    frozen = MaskedHead(frozen_head(head.module, device), head.kind)
+    _check_head_classes(frozen, g, inputs, num_classes)
+    return g, frozen
 
 
 def _init_heads(heads, g: torch.Tensor, config: CFEConfig, seed: int):
@@ -300,46 +436,51 @@ def _init_heads(heads, g: torch.Tensor, config: CFEConfig, seed: int):
 
 def fit_mc_heads(
     features: Any,
-    pooled_head: nn.Module | None,
+    head: MaskedHead | nn.Module | None,
     num_classes: int,
     config: CFEConfig | None = None,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    head_inputs: Any = None,
 ) -> tuple[MCHeads, list[dict]]:
     """Train all ``K`` MC heads at once on training features.
 
     Args:
         features: ``[N, C]`` float32 ``g(x)`` of all training images (numpy or tensor).
-        pooled_head: the frozen classifier head ``[B, C] → [B, K]`` (never modified).
+        head: the frozen classifier head (never modified): a module ``[B, C] → [B, K]`` or a
+            :class:`MaskedHead` (``kind="map"`` for VGG-style heads).
         num_classes: ``K``.
+        head_inputs: for a map head, the feature maps ``[N, C, h, w]`` of the same images
+            (a memmap is read one batch at a time); ``None`` for a pooled head.
 
     Returns:
         ``(heads, history)``: an eval-mode :class:`MCHeads` on ``device`` and one dict per epoch
         with the per-image mean of each loss term (``loss``, ``ce``, ``sparsity``, ``logits``).
     """
     config = config or CFEConfig()
-    g, head = _fit_inputs(features, pooled_head, num_classes, device)
+    g, frozen = _fit_inputs(features, head, head_inputs, num_classes, device)
     heads = _init_heads(MCHeads(num_classes, g.shape[1], config.mask_threshold).to(device), g, config, config.seed)
-    history = _fit(heads, lambda idx: mc_loss(heads, head, g[idx], config), g, config, progress, "MC heads")
+    history = _fit_loop(heads, lambda idx, gb, xb, span: mc_loss(heads, frozen, gb, config, xb, span), g, head_inputs, config, progress, "MC heads")
     return heads.eval(), history
 
 
 def fit_mi_heads(
     features: Any,
-    pooled_head: nn.Module | None,
+    head: MaskedHead | nn.Module | None,
     num_classes: int,
     config: CFEConfig | None = None,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    head_inputs: Any = None,
 ) -> tuple[MIHeads, list[dict]]:
     """Train all ``K`` MI heads at once: head ``t`` alters every training image not predicted ``t``
-    to class ``t`` (``features`` ``[N, C]`` float32). Returns ``(heads, history)``."""
+    to class ``t`` (``features`` ``[N, C]`` float32; ``head`` and ``head_inputs`` as in
+    :func:`fit_mc_heads`). Returns ``(heads, history)``."""
     config = config or CFEConfig()
-    g, head = _fit_inputs(features, pooled_head, num_classes, device)
-    with torch.no_grad():
-        preds = head(g).argmax(1)
+    g, frozen = _fit_inputs(features, head, head_inputs, num_classes, device)
+    preds = torch.as_tensor(masked_predictions(frozen, g if head_inputs is None else head_inputs, np.ones(tuple(g.shape), dtype=np.float32)), device=device)
     heads = _init_heads(MIHeads(num_classes, g.shape[1]).to(device), g, config, config.seed + 1)
-    history = _fit(heads, lambda idx: mi_loss(heads, head, g[idx], preds[idx], config), g, config, progress, "MI heads")
+    history = _fit_loop(heads, lambda idx, gb, xb, span: mi_loss(heads, frozen, gb, preds[idx], config, xb, span), g, head_inputs, config, progress, "MI heads")
     return heads.eval(), history
 
 
@@ -395,39 +536,65 @@ def second_most_probable(logits: Any) -> np.ndarray:
 
 
 @torch.no_grad()
-def masked_predictions(pooled_head: nn.Module, features: Any, masks: Any, batch_size: int = 8192) -> np.ndarray:
-    """Classes the frozen head predicts for ``g ⊙ mask`` (``[N, C]`` features, ``[N, C]`` masks) → ``[N]``."""
-    device = next(pooled_head.parameters()).device
-    g = _as_features(features, "cpu")
-    m = torch.as_tensor(np.asarray(masks), dtype=torch.float32)
+def masked_predictions(head: MaskedHead | nn.Module, inputs: Any, masks: Any, rows: Any = None, batch_size: int | None = None) -> np.ndarray:
+    """Classes the frozen head predicts for its inputs masked filter-wise.
+
+    Args:
+        head: a :class:`MaskedHead` or a pooled head module ``[B, C] → [B, K]``.
+        inputs: ``[N, C]`` pooled features or ``[N, C, h, w]`` feature maps (a memmap is read
+            one batch at a time).
+        masks: ``[n, C]`` masks (bool or float), one per selected row.
+        rows: ``[n]`` row indices of ``inputs`` (default: all ``N``, in order).
+        batch_size: rows per forward; by default as many as fit :data:`MAP_BLOCK_ELEMENTS`.
+
+    Returns:
+        ``[n]`` int64 predicted classes.
+    """
+    head = as_masked_head(head)
+    rows = np.arange(len(inputs)) if rows is None else np.asarray(rows)
+    m = np.asarray(masks)
+    if m.shape[:1] != rows.shape or m.ndim != 2:
+        raise CfdebugError(f"Expected `masks` to have shape [{len(rows)}, C], but got {m.shape}")
+    step = batch_size or max(1, MAP_BLOCK_ELEMENTS // max(1, _row_elements(inputs)))
+    device = head.device
     out = []
-    was_training = pooled_head.training
-    pooled_head.eval()
+    was_training = head.module.training
+    head.eval()
     try:
-        for s in range(0, g.shape[0], batch_size):
-            out.append(pooled_head((g[s : s + batch_size] * m[s : s + batch_size]).to(device)).argmax(1).cpu())
+        for s in range(0, len(rows), step):
+            x = _take(inputs, rows[s : s + step], device)
+            out.append(head(x, torch.as_tensor(m[s : s + step], dtype=torch.float32, device=device)).argmax(1).cpu())
     finally:
-        pooled_head.train(was_training)
+        head.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 
 @torch.no_grad()
-def alter_rate(heads: MIHeads, pooled_head: nn.Module, features: Any, alter: Any) -> float:
+def alter_rate(heads: MIHeads, head: MaskedHead | nn.Module, features: Any, alter: Any, head_inputs: Any = None) -> float:
     """Fraction of images that the frozen head assigns to their alter class once the MI head of
-    that class has been added: ``argmax head(g + m) == alter`` (``features`` [N, C], ``alter`` [N])."""
+    that class has been added: ``argmax head(g + m) == alter`` (``features`` [N, C], ``alter``
+    [N]; ``head_inputs`` the feature maps for a map head)."""
+    head = as_masked_head(head)
     device = _heads_device(heads)
     g = _as_features(features, device)
+    inputs = g if head_inputs is None else head_inputs
     a = torch.as_tensor(np.asarray(alter), dtype=torch.long, device=device)
-    pred = pooled_head(g + heads.soft_masks(g, a)).argmax(1)
-    return float((pred == a).float().mean())
+    step = max(1, MAP_BLOCK_ELEMENTS // max(1, _row_elements(inputs)))
+    hits = 0
+    for s in range(0, g.shape[0], step):
+        rows = np.arange(s, min(s + step, g.shape[0]))
+        m = heads.soft_masks(g[s : s + step], a[s : s + step])
+        hits += int((head(_take(inputs, rows, head.device), m.to(head.device), additive=True).argmax(1).to(device) == a[s : s + step]).sum())
+    return hits / g.shape[0]
 
 
-def keep_rate(heads: MCHeads, pooled_head: nn.Module, features: Any, labels: Any, preds: Any, num_classes: int) -> dict[str, np.ndarray | float]:
+def keep_rate(heads: MCHeads, head: MaskedHead | nn.Module, features: Any, labels: Any, preds: Any, num_classes: int, head_inputs: Any = None) -> dict[str, np.ndarray | float]:
     """How often the MC filters alone keep a correct decision, per class.
 
     Over the correctly classified images of class ``c`` (``labels == preds == c``), the head of
     ``c`` gives ``MC_x`` and the frozen head is run on ``g(x) ⊙ MC_x`` (binary mask: the MC
-    filters at their full activation, every other filter zeroed).
+    filters at their full activation, every other filter zeroed; for a map head, the feature
+    maps ``head_inputs`` with the other channels zeroed).
 
     Returns:
         ``keep_rate`` [K] float64 in [0, 1] (NaN for a class with no correct image),
@@ -442,10 +609,10 @@ def keep_rate(heads: MCHeads, pooled_head: nn.Module, features: Any, labels: Any
     n_correct = np.bincount(labels[correct], minlength=num_classes).astype(np.int64)
     if correct.size == 0:
         return {"keep_rate": keep, "mean_mc_filters": mean_mc, "n_correct": n_correct, "overall": float("nan"), "overall_mean_mc_filters": float("nan")}
-    g = np.asarray(features, dtype=np.float32)[correct]
+    features = np.asarray(features, dtype=np.float32)
     y = labels[correct]
-    masks = predict_masks(heads, g, y)  # [n, C]
-    kept = masked_predictions(pooled_head, g, masks) == y
+    masks = predict_masks(heads, features[correct], y)  # [n, C]
+    kept = masked_predictions(head, features if head_inputs is None else head_inputs, masks, rows=correct) == y
     sizes = masks.sum(1)
     for c in range(num_classes):
         sel = y == c
@@ -511,17 +678,18 @@ def mc_heads(workspace, config: CFEConfig | None = None, progress: Progress | No
     from .config import config_dict
 
     config = config or CFEConfig()
-    _require_pooled_head(workspace.target.pooled_head)
+    head = masked_head(workspace.target, workspace.device)
     key = heads_key(workspace, "mc", config)
     if not workspace.store.exists(CACHE_KIND, key):
-        train = workspace.extractions.get("train", progress=scaled_progress(progress, 0.0, 0.1))
+        train = workspace.extractions.get("train", progress=scaled_progress(progress, 0.0, 0.05))
+        maps = head_inputs(workspace, "train", head, scaled_progress(progress, 0.05, 0.1))
         start = time.perf_counter()
-        heads, history = fit_mc_heads(train.features, workspace.target.pooled_head, workspace.data.num_classes, config, workspace.device, scaled_progress(progress, 0.1, 0.95))
+        heads, history = fit_mc_heads(train.features, head, workspace.data.num_classes, config, workspace.device, scaled_progress(progress, 0.1, 0.95), maps)
         seconds = time.perf_counter() - start
-        head = frozen_head(workspace.target.pooled_head, workspace.device)
-        stats = keep_rate(heads, head, train.features, train.labels, train.preds, workspace.data.num_classes)
+        stats = keep_rate(heads, head, train.features, train.labels, train.preds, workspace.data.num_classes, maps)
         meta = {
             "kind": "mc",
+            "head": head.kind,
             "config": config_dict(config),
             "key_parts": workspace.key_parts,
             "classes": list(workspace.data.classes),
@@ -553,15 +721,17 @@ def mi_heads(workspace, config: CFEConfig | None = None, progress: Progress | No
     from .config import config_dict
 
     config = config or CFEConfig()
-    _require_pooled_head(workspace.target.pooled_head)
+    head = masked_head(workspace.target, workspace.device)
     key = heads_key(workspace, "mi", config)
     hit = workspace.store.exists(CACHE_KIND, key)
     if not hit:
-        train = workspace.extractions.get("train", progress=scaled_progress(progress, 0.0, 0.1))
+        train = workspace.extractions.get("train", progress=scaled_progress(progress, 0.0, 0.05))
+        maps = head_inputs(workspace, "train", head, scaled_progress(progress, 0.05, 0.1))
         start = time.perf_counter()
-        heads, history = fit_mi_heads(train.features, workspace.target.pooled_head, workspace.data.num_classes, config, workspace.device, scaled_progress(progress, 0.1, 1.0))
+        heads, history = fit_mi_heads(train.features, head, workspace.data.num_classes, config, workspace.device, scaled_progress(progress, 0.1, 1.0), maps)
         meta = {
             "kind": "mi",
+            "head": head.kind,
             "config": config_dict(config),
             "key_parts": workspace.key_parts,
             "classes": list(workspace.data.classes),
@@ -589,6 +759,12 @@ def scaled_progress(progress: Progress | None, lo: float, hi: float) -> Progress
 
 __all__ = [
     "CFEConfig",
+    "MAP_BLOCK_ELEMENTS",
+    "MaskedHead",
+    "as_masked_head",
+    "class_spans",
+    "head_inputs",
+    "masked_head",
     "alter_rate",
     "FittedHeads",
     "MCHeads",

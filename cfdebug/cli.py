@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import DATA_FORMATS, DEMO_DATASETS, DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig, config_dict, default_workdir
+from .config import DATA_FORMATS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig, config_dict, default_workdir
 from .errors import CfdebugError
 from .runtime import DEVICE_CHOICES
 
@@ -141,9 +141,10 @@ def _nan_none(x):
 
 
 def detect_config(args):
-    from .detect import DetectConfig
+    from .detect import DetectConfig, MCFilterConfig
 
     return DetectConfig(
+        filters=MCFilterConfig(cfe=CFEConfig(epochs=args.cfe_epochs, batch_size=args.cfe_batch_size)),
         skip_threshold=args.skip_threshold,
         freq_threshold=args.freq_threshold,
         recall_cut=args.recall_cut,
@@ -164,7 +165,12 @@ def print_table1(result: dict, model: str) -> None:
     print()
     print(f"{'error detection':<22}{'AUROC':>8}{'AUPR-Err':>10}")
     for key, label in (("mc_agreement", "MC-filter agreement"), ("msp", "max softmax (MSP)"), ("combined", "combined")):
-        print(f"{label:<22}{result['auroc'][key]:>8.3f}{result['aupr_err'][key]:>10.3f}")
+        print(f"{label:<22}{_num3(result['auroc'][key]):>8}{_num3(result['aupr_err'][key]):>10}")
+
+
+def _num3(value) -> str:
+    """A score with 3 decimals, or ``n/a`` when it is undefined (``None``: e.g. no errors to rank)."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def cmd_detect(args) -> dict:
@@ -185,8 +191,11 @@ def cmd_detect(args) -> dict:
               "their predictions are reported as unscorable", file=sys.stderr)
     print(f"re-ranking (top-{config.rerank_top_k} classes by agreement) fixes {result['rerank_fixed']} of the flagged errors")
     ab = result["ablation"]
-    print(f"causal check (zero the top-{ab['top_n']} global MC filters of a class, mean over classes): recall drops by "
-          f"{ab['mc_recall_drop']:.3f}, vs {ab['random_recall_drop']:.3f} for {ab['top_n']} random filters ({ab['n_random_draws']} draws)")
+    if ab["mc_recall_drop"] is None:
+        print("causal check: skipped, no class has both a global MC set and images in the scored split")
+    else:
+        print(f"causal check (zero the top-{ab['top_n']} global MC filters of a class, mean over classes): recall drops by "
+              f"{ab['mc_recall_drop']:.3f}, vs {ab['random_recall_drop']:.3f} for {ab['top_n']} random filters ({ab['n_random_draws']} draws)")
     if args.csv:
         frame = images_frame(result)
         frame["true"] = [ws.data.classes[i] for i in frame["true"]]
@@ -499,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-class", type=int, default=None, help="class index for the causal check (default: mean over all classes)")
     p.add_argument("--ablation-top-n", type=int, default=5, help="filters zeroed in the causal check (default 5)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="split to score (default test)")
+    p.add_argument("--cfe-epochs", type=int, default=CFEConfig.epochs, help=f"training epochs of the CFE heads (default {CFEConfig.epochs}; each epoch runs the classifier head once per training image and class, which dominates for VGG-style heads)")
+    p.add_argument("--cfe-batch-size", type=int, default=CFEConfig.batch_size, help=f"CFE batch size (default {CFEConfig.batch_size}; the loss is a sum over the batch)")
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("treat", parents=[ws, common], help="treatment: retrain with the MC-filter losses (λ1, λ2) against a CE-only control; Tables 2 and 3", epilog=EPILOG)

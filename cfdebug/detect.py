@@ -51,10 +51,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from . import metrics
-from .cfe import Progress, frozen_head, mc_heads, predict_masks, scaled_progress
+from .cfe import Progress, head_inputs, masked_head, masked_predictions, mc_heads, predict_masks, scaled_progress
 # DetectConfig and its constants live in cfdebug.config (METRICS, MCFilterConfig: re-exports).
 from .config import DETECT_METRICS as METRICS  # noqa: F401
 from .config import DETECT_ROWS as ROWS
@@ -330,17 +329,16 @@ def _num(x) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _predict(pooled_head, g: np.ndarray, zero: np.ndarray | None = None) -> np.ndarray:
-    device = next(pooled_head.parameters()).device
-    x = torch.as_tensor(g, dtype=torch.float32).clone()
+def _predict(head, inputs: Any, channels: int, zero: np.ndarray | None = None) -> np.ndarray:
+    """Predictions with the filters ``zero`` set to 0 in every image (none when ``None``)."""
+    keep = np.ones((len(inputs), channels), dtype=np.float32)
     if zero is not None:
-        x[:, torch.as_tensor(zero, dtype=torch.long)] = 0.0
-    return pooled_head(x.to(device)).argmax(1).cpu().numpy()
+        keep[:, np.asarray(zero, dtype=np.int64)] = 0.0
+    return masked_predictions(head, inputs, keep)
 
 
 def ablation_arrays(
-    pooled_head,
+    head,
     filters: GlobalFilters,
     features: Any,
     labels: Any,
@@ -348,12 +346,16 @@ def ablation_arrays(
     top_n: int = 5,
     n_random_draws: int = 20,
     seed: int = 0,
+    head_inputs: Any = None,
 ) -> dict:
-    """Recall drop of class ``cls`` when its top-``n`` global MC filters are zeroed in ``g(x)``,
-    against the mean drop over ``n_random_draws`` random sets of ``n`` filters.
+    """Recall drop of class ``cls`` when its top-``n`` global MC filters are zeroed in ``g(x)``
+    (in the feature maps, for a head that runs on maps), against the mean drop over
+    ``n_random_draws`` random sets of ``n`` filters.
 
     Args:
-        pooled_head: frozen head ``[B, C] → [B, K]``; ``features`` [N, C]; ``labels`` [N].
+        head: frozen head, a pooled module ``[B, C] → [B, K]`` or a
+            :class:`~cfdebug.cfe.MaskedHead`; ``features`` [N, C]; ``labels`` [N];
+            ``head_inputs`` the feature maps ``[N, C, h, w]`` for a map head.
         cls: a class index, or ``None`` for the mean over every class with a global set and at
             least one image in ``labels``.
 
@@ -376,7 +378,8 @@ def ablation_arrays(
     else:
         support = np.bincount(y, minlength=k)
         classes = [i for i in range(k) if filters.counts[i] > 0 and support[i] > 0]
-    base = _predict(pooled_head, g)
+    inputs = g if head_inputs is None else head_inputs
+    base = _predict(head, inputs, c)
     base_recall = metrics.per_class_recall(base, y, k)
     base_acc = float((base == y).mean())
     rng = np.random.default_rng(seed)
@@ -385,13 +388,13 @@ def ablation_arrays(
         if filters.counts[cl] == 0:
             raise CfdebugError(f"Class {cl} has no global MC filters (no confident correct training image), so it cannot be ablated.")
         top = filters.top_filters(cl, top_n)
-        pred = _predict(pooled_head, g, top)
+        pred = _predict(head, inputs, c, top)
         mc_drop = base_recall[cl] - metrics.per_class_recall(pred, y, k)[cl]
         mc_acc_drop = base_acc - float((pred == y).mean())
         rand_drops, rand_acc = [], []
         for _ in range(n_random_draws):
             pick = rng.choice(c, size=top_n, replace=False)
-            pr = _predict(pooled_head, g, pick)
+            pr = _predict(head, inputs, c, pick)
             rand_drops.append(base_recall[cl] - metrics.per_class_recall(pr, y, k)[cl])
             rand_acc.append(base_acc - float((pr == y).mean()))
         rows.append(
@@ -437,8 +440,9 @@ def ablation(
     config = config or DetectConfig()
     filters = global_mc_filters(workspace, config.filters, progress)
     ex = workspace.extractions.get(config.split)
-    head = frozen_head(workspace.target.pooled_head, workspace.device)
-    return ablation_arrays(head, filters, ex.features, ex.labels, cls, top_n, n_random_draws, seed)
+    head = masked_head(workspace.target, workspace.device)
+    maps = head_inputs(workspace, config.split, head, progress)
+    return ablation_arrays(head, filters, ex.features, ex.labels, cls, top_n, n_random_draws, seed, maps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,10 +480,11 @@ def run_detection(workspace, config: DetectConfig | None = None, progress: Progr
     split = workspace.data.splits[config.split]
     test_view = _WithPaths(test, split.paths)
     result = detect_arrays(fitted.heads, filters, train, test_view, config)
-    head = frozen_head(workspace.target.pooled_head, workspace.device)
+    head = masked_head(workspace.target, workspace.device)
     if progress:
         progress(0.9, "ablation")
-    result["ablation"] = ablation_arrays(head, filters, test.features, test.labels, config.ablation_class, config.ablation_top_n, config.ablation_draws, config.seed)
+    maps = head_inputs(workspace, config.split, head, scaled_progress(progress, 0.9, 0.95))
+    result["ablation"] = ablation_arrays(head, filters, test.features, test.labels, config.ablation_class, config.ablation_top_n, config.ablation_draws, config.seed, maps)
     stats = fitted.stats
     result["cfe_keep_rate"] = {
         "overall": _num(fitted.meta.get("keep_rate_overall", float("nan"))),

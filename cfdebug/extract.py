@@ -4,10 +4,16 @@ The target layer's output is average-pooled on the device inside the hook, so a 
 map never leaves the forward pass, and each batch is written straight into memory-mapped
 ``.npy`` files in the artifact's temporary folder: memory does not grow with the dataset.
 The artifact is keyed by the model weights, target layer, dataset fingerprint and transform.
+
+Architectures whose classifier head does not start with global average pooling (torchvision
+VGG) also need the target feature maps themselves for the CFE heads:
+:meth:`ExtractionCache.maps` streams them into one memory-mapped ``maps.npy`` ``[N, C, h, w]``
+(kind ``"fmaps"``), only on request, after checking that the disk can hold them.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,6 +24,7 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
+from .errors import CfdebugError
 from .hooks import capture
 from .store import stable_hash
 
@@ -71,37 +78,73 @@ def stream_features(
     device: torch.device,
     activation=None,
     progress: Progress | None = None,
+    keep_maps: bool = False,
 ) -> dict:
-    """Run ``model`` over ``batches`` of ``(x, y, index)`` and write ``features.npy`` and
-    ``logits.npy`` into ``out_dir`` as they come; return timing stats."""
+    """Run ``model`` over ``batches`` of ``(x, y, index)`` and write ``features.npy`` [N, C]
+    and ``logits.npy`` [N, K] (float32) into ``out_dir`` as they come; return timing stats.
+
+    ``keep_maps=True`` also writes the raw target-layer output to ``maps.npy`` [N, C, h, w]
+    (before ``activation``, as the model's own head receives it), after checking that
+    ``out_dir``'s disk has room for it. Raises :class:`CfdebugError` when the batches do not
+    cover all ``n_items`` rows.
+    """
 
     def pool(fmap: torch.Tensor) -> torch.Tensor:  # [B, C, h, w] → [B, C]
         if activation is not None:
             fmap = activation(fmap)
         return fmap.float().mean(dim=(2, 3))
 
-    feats = logits_mm = None
+    # With maps, the hook keeps a float32 copy of the output (a later in-place op cannot change it).
+    reduce = (lambda fmap: fmap.to(torch.float32, copy=True)) if keep_maps else pool
+    feats = logits_mm = maps_mm = None
+    written = np.zeros(n_items, dtype=bool)
     done, start = 0, time.perf_counter()
     model.eval()
-    with torch.inference_mode(), capture(model, layer, reduce=pool) as cap:
+    with torch.inference_mode(), capture(model, layer, reduce=reduce) as cap:
         for x, _, index in batches:
             logits = model(x.to(device, non_blocking=True)).float()
-            pooled = cap.activations[layer]
+            out = cap.activations[layer]
+            pooled = pool(out) if keep_maps else out
             if feats is None:
                 feats = open_memmap(out_dir / "features.npy", mode="w+", dtype=np.float32, shape=(n_items, pooled.shape[1]))
                 logits_mm = open_memmap(out_dir / "logits.npy", mode="w+", dtype=np.float32, shape=(n_items, logits.shape[1]))
+                if keep_maps:
+                    maps_mm = open_memmap(out_dir / "maps.npy", mode="w+", dtype=np.float32, shape=_checked_map_shape(out_dir, n_items, out))
             idx = index.numpy()
             feats[idx] = pooled.cpu().numpy()
             logits_mm[idx] = logits.cpu().numpy()
+            if maps_mm is not None:
+                maps_mm[idx] = out.cpu().numpy()
+            written[idx] = True
             done += len(idx)
             if progress:
                 progress(done / n_items, f"{done}/{n_items} images")
     seconds = time.perf_counter() - start
-    if feats is not None:
-        feats.flush()
-        logits_mm.flush()
-        del feats, logits_mm
+    for mm in (feats, logits_mm, maps_mm):
+        if mm is not None:
+            mm.flush()
+    del feats, logits_mm, maps_mm
+    if not written.all():
+        raise CfdebugError(
+            f"Expected the data loader to yield all {n_items} images of the split, but {int((~written).sum())} "
+            "rows were never written (the dataset's length and its indices disagree). Nothing was cached."
+        )
     return {"seconds": seconds, "images_per_s": done / seconds if seconds > 0 else float("nan"), "n": done}
+
+
+def _checked_map_shape(out_dir: Path, n_items: int, fmap: torch.Tensor) -> tuple[int, ...]:
+    """``(N, C, h, w)`` for the maps file, or a clear error when it cannot fit on the disk."""
+    if fmap.ndim != 4:
+        raise CfdebugError(f"Expected the target layer to output a feature map [B, C, h, w], but got shape {tuple(fmap.shape)}")
+    shape = (n_items, *fmap.shape[1:])
+    need = 4 * int(np.prod(shape, dtype=np.int64))
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        raise CfdebugError(
+            f"Caching the target feature maps {shape} needs {need / 2**30:.2f} GiB, but only "
+            f"{free / 2**30:.2f} GiB are free under {out_dir.parent}. Free some space or pass another `--workdir`."
+        )
+    return shape
 
 
 class ExtractionCache:
@@ -145,3 +188,27 @@ class ExtractionCache:
             cache_hit=hit,
             path=ws.store.path(self.KIND, key),
         )
+
+    MAPS_KIND = "fmaps"
+
+    def maps(self, split: str, progress: Progress | None = None) -> np.ndarray:
+        """The raw target feature maps of ``split``, ``[N, C, h, w]`` float32, memory-mapped
+        read-only (computed on the first call, in one streaming pass, and cached)."""
+        ws = self.ws
+        key = stable_hash(self.MAPS_KIND, ws.key_parts, split, "v1")
+        if not ws.store.exists(self.MAPS_KIND, key):
+            dataset = ws.data.torch_split(split)
+            batches = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=ws.config.extract.batch_size,
+                num_workers=ws.config.extract.num_workers,
+                pin_memory=ws.device.type == "cuda",
+            )
+            meta = {"split": split, "key_parts": ws.key_parts}
+            with ws.store.writer(self.MAPS_KIND, key, meta) as tmp:
+                report = (lambda frac, text: progress(frac, f"caching {split} feature maps: {text}")) if progress else None
+                stats = stream_features(ws.model, ws.target.name, batches, len(dataset), tmp, ws.device, ws.target.activation, report, keep_maps=True)
+                meta.update(stats)
+                (tmp / "features.npy").unlink()  # the pooled features live in the extraction artifact
+                (tmp / "logits.npy").unlink()
+        return np.load(ws.store.path(self.MAPS_KIND, key) / "maps.npy", mmap_mode="r")

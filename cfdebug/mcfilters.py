@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .cfe import Progress, frozen_head, masked_predictions, mc_heads, predict_masks, scaled_progress
+from .cfe import Progress, head_inputs, masked_head, masked_predictions, mc_heads, predict_masks, scaled_progress
 from .config import MCFilterConfig, check_fraction
 from .errors import CfdebugError
 
@@ -83,16 +83,19 @@ def global_sets(histogram: Any, freq_threshold: float = 0.15) -> np.ndarray:
 
 def accumulate_global_filters(
     heads,
-    pooled_head,
+    head,
     features: Any,
     labels: Any,
     probs: Any,
     tau: float = 0.9,
+    head_inputs: Any = None,
 ) -> GlobalFilters:
     """Eq. 1–3 on arrays: ``features`` [N, C] float32, ``labels`` [N] int, ``probs`` [N, K] softmax.
 
-    ``heads`` are the fitted :class:`~cfdebug.cfe.MCHeads`; ``pooled_head`` the frozen classifier
-    head (used for the "still predicted c after masking" check). Returns :class:`GlobalFilters`.
+    ``heads`` are the fitted :class:`~cfdebug.cfe.MCHeads`; ``head`` the frozen classifier head
+    (a pooled module or a :class:`~cfdebug.cfe.MaskedHead`), used for the "still predicted c
+    after masking" check, with ``head_inputs`` the feature maps ``[N, C, h, w]`` when it runs on
+    maps. Returns :class:`GlobalFilters`.
     """
     tau = check_fraction(tau, "tau")
     g = np.asarray(features, dtype=np.float32)
@@ -105,7 +108,7 @@ def accumulate_global_filters(
     mag = np.zeros((k, c), dtype=np.float64)
     if idx.size:
         masks = predict_masks(heads, g[idx], y[idx])  # [n, C] MC_x of the true (= predicted) class
-        still = masked_predictions(pooled_head, g[idx], masks) == y[idx]
+        still = masked_predictions(head, g if head_inputs is None else head_inputs, masks, rows=idx) == y[idx]
         idx, masks = idx[still], masks[still]
         np.add.at(hist, y[idx], masks.astype(np.int64))
         np.add.at(mag, y[idx], g[idx].astype(np.float64) * masks)
@@ -133,8 +136,9 @@ def global_mc_filters(workspace, config: MCFilterConfig | None = None, progress:
     if not hit:
         start = time.perf_counter()
         train = workspace.extractions.get("train")
-        head = frozen_head(workspace.target.pooled_head, workspace.device)
-        result = accumulate_global_filters(fitted.heads, head, train.features, train.labels, train.probs, config.tau)
+        head = masked_head(workspace.target, workspace.device)
+        maps = head_inputs(workspace, "train", head)
+        result = accumulate_global_filters(fitted.heads, head, train.features, train.labels, train.probs, config.tau, maps)
         empty = result.empty_classes
         meta = {
             "config": config_dict(config),

@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import numbers
 import os
 import random
 import time

@@ -17,7 +17,10 @@ from cfdebug.cfe import (
     fit_mc_heads,
     fit_mi_heads,
     frozen_head,
+    MaskedHead,
+    class_spans,
     keep_rate,
+    masked_predictions,
     mc_heads,
     mc_loss,
     predict_masks,
@@ -204,10 +207,136 @@ def test_bad_config_raises(kwargs):
         CFEConfig(**kwargs)
 
 
-def test_architecture_without_pooled_head_is_refused():
+def test_target_without_any_head_is_refused():
     g, _ = _toy()
-    with pytest.raises(CfdebugError, match="pooled_head.*not implemented yet"):
+    with pytest.raises(CfdebugError, match="--layer"):
         fit_mc_heads(g, None, K)
+
+
+# ---------------------------------------------------------------- heads on feature maps (VGG-style)
+
+H = W = 3
+
+
+def _toy_maps(seed: int = 0, tmp_path=None):
+    """Non-negative maps [N, C, H, W] (a memmap when ``tmp_path`` is given), their GAP g [N, C]."""
+    gen = torch.Generator().manual_seed(seed)
+    a = (torch.rand(N, C, H, W, generator=gen) * 2.0).numpy()
+    if tmp_path is not None:
+        np.save(tmp_path / "maps.npy", a)
+        a = np.load(tmp_path / "maps.npy", mmap_mode="r")
+    return np.asarray(a).mean(axis=(2, 3)).astype(np.float32), a
+
+
+def _flat_head(seed: int = 0) -> nn.Module:
+    """A head that sees every position (like VGG's FC layers), so GAP(m ⊙ A) says nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    head = nn.Sequential(nn.Flatten(1), nn.Linear(C * H * W, K))
+    with torch.no_grad():
+        head[1].weight.copy_(torch.randn(K, C * H * W, generator=gen) * 0.3)
+        head[1].bias.zero_()
+    return head
+
+
+def test_class_spans_cover_every_head_within_the_budget():
+    assert class_spans(10, 4, 100, budget=800) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert class_spans(3, 4, 100, budget=10) == [(0, 1), (1, 2), (2, 3)]  # at least one head
+    assert class_spans(3, 4, 100, budget=10**9) == [(0, 3)]
+
+
+@pytest.mark.parametrize("budget", [None, 1])  # 1: one head per block, gradients accumulated
+def test_map_head_equals_pooled_head_when_the_map_head_is_gap_then_linear(tmp_path, monkeypatch, budget):
+    """GAP then linear on ``m ⊙ A`` is the linear head on ``m ⊙ g``: both paths must train the
+    same heads and give the same keep rate, alter rate, global filters and ablation."""
+    from cfdebug import cfe
+    from cfdebug.detect import ablation_arrays
+    from cfdebug.mcfilters import accumulate_global_filters
+    from cfdebug.models import _PooledThen
+
+    if budget is not None:
+        monkeypatch.setattr(cfe, "MAP_BLOCK_ELEMENTS", budget)
+    g, maps = _toy_maps(5, tmp_path)
+    _, linear = _toy(5)
+    map_head = MaskedHead(_PooledThen(linear), "map")
+    config = CFEConfig(epochs=3, batch_size=16, seed=1)
+    pooled, h_pooled = fit_mc_heads(g, linear, K, config)
+    mapped, h_mapped = fit_mc_heads(g, map_head, K, config, head_inputs=maps)
+    torch.testing.assert_close(mapped.weight, pooled.weight, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mapped.bias, pooled.bias, atol=1e-5, rtol=1e-4)
+    assert [round(e["loss"], 4) for e in h_mapped] == [round(e["loss"], 4) for e in h_pooled]
+    mi_p, _ = fit_mi_heads(g, linear, K, config)
+    mi_m, _ = fit_mi_heads(g, map_head, K, config, head_inputs=maps)
+    torch.testing.assert_close(mi_m.weight, mi_p.weight, atol=1e-5, rtol=1e-4)
+
+    frozen = frozen_head(linear, "cpu")
+    preds = frozen(torch.as_tensor(g)).argmax(1).numpy()
+    labels = preds.copy()
+    labels[:10] = (labels[:10] + 1) % K  # some errors
+    kp = keep_rate(pooled, frozen, g, labels, preds, K)
+    km = keep_rate(pooled, map_head, g, labels, preds, K, head_inputs=maps)
+    np.testing.assert_array_equal(km["keep_rate"], kp["keep_rate"])
+    alter = (preds + 1) % K
+    assert alter_rate(mi_p, map_head, g, alter, head_inputs=maps) == alter_rate(mi_p, frozen, g, alter)
+    probs = torch.softmax(frozen(torch.as_tensor(g)), 1).detach().numpy()
+    gp = accumulate_global_filters(pooled, frozen, g, labels, probs, tau=0.0)
+    gm = accumulate_global_filters(pooled, map_head, g, labels, probs, tau=0.0, head_inputs=maps)
+    np.testing.assert_array_equal(gm.histogram, gp.histogram)
+    np.testing.assert_allclose(gm.magnitude, gp.magnitude)
+    assert gp.counts.sum() > 0
+    ap = ablation_arrays(frozen, gp, g, labels, cls=None, top_n=2, n_random_draws=4)
+    am = ablation_arrays(map_head, gm, g, labels, cls=None, top_n=2, n_random_draws=4, head_inputs=maps)
+    assert am["mc_recall_drop"] == pytest.approx(ap["mc_recall_drop"]) and am["random_recall_drop"] == pytest.approx(ap["random_recall_drop"])
+
+
+def test_map_heads_match_naive_per_class_loop_on_a_position_dependent_head(tmp_path, monkeypatch):
+    """The batched map path (one head per block here) against K separate Dense layers, each
+    masking the feature maps channel-wise and running the frozen head itself."""
+    from cfdebug import cfe
+
+    monkeypatch.setattr(cfe, "MAP_BLOCK_ELEMENTS", 1)
+    g, maps = _toy_maps(6, tmp_path)
+    head = _flat_head(6)
+    config = CFEConfig(epochs=3, batch_size=16, seed=2)
+    heads, _ = fit_mc_heads(g, MaskedHead(head, "map"), K, config, head_inputs=maps)
+
+    init = MCHeads(K, C)
+    init.reset_parameters(config.seed)
+    x, a = torch.as_tensor(g), torch.as_tensor(np.array(maps))
+    mu, sd = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    frozen = frozen_head(head, "cpu")
+    for k in range(K):
+        layer = nn.Linear(C, C)
+        with torch.no_grad():
+            layer.weight.copy_(init.weight[k])
+            layer.bias.copy_(init.bias[k])
+        opt = torch.optim.SGD(layer.parameters(), lr=config.lr, momentum=config.momentum)
+        for idx in batch_order(N, config.batch_size, config.epochs, config.seed):
+            idx = torch.as_tensor(idx)
+            s = torch.sigmoid(layer((x[idx] - mu) / sd))
+            m = torch.where(s > config.mask_threshold, s, torch.zeros_like(s))
+            z = frozen(a[idx] * m[:, :, None, None])
+            loss = (
+                F.cross_entropy(z, torch.full((len(idx),), k), reduction="sum")
+                + config.sparsity_lambda * config.sparsity_scale * m.abs().sum()
+                - config.logits_weight * z[:, k].sum()
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.testing.assert_close(heads.weight[k].detach(), layer.weight.detach(), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(init.weight, heads.weight.detach())
+    # Masked predictions on maps: the masked map through the head, row by row.
+    masks = predict_masks(heads, g, np.arange(N) % K)
+    expect = frozen(a * torch.as_tensor(masks, dtype=torch.float32)[:, :, None, None]).argmax(1).numpy()
+    np.testing.assert_array_equal(masked_predictions(MaskedHead(frozen, "map"), maps, masks), expect)
+
+
+def test_map_head_without_maps_is_refused():
+    g, maps = _toy_maps()
+    with pytest.raises(CfdebugError, match=r"feature maps \[N, C, h, w\]"):
+        fit_mc_heads(g, MaskedHead(_flat_head(), "map"), K)
+    with pytest.raises(CfdebugError, match="shape"):
+        fit_mc_heads(g, MaskedHead(_flat_head(), "map"), K, head_inputs=maps[:5])
 
 
 def test_head_for_another_class_count_is_refused():

@@ -156,3 +156,56 @@ def test_failed_extraction_leaves_nothing_behind(demo_workspace, monkeypatch):
     assert not ws.store.path(ExtractionCache.KIND, key).exists()
     assert not list(kind_dir.glob(".tmp-*"))
     assert count_hooks(ws.model) == 0
+
+
+def test_keep_maps_writes_the_raw_target_output(tmp_path):
+    # Hook the conv with ReLU as `activation`: maps.npy holds the conv output itself (filter 1
+    # negative), features.npy its ReLU'd pool, exactly as without maps.
+    n = 4
+    x = _constant_images(n)
+    stream_features(HandSetCNN(), "conv", _batches(x, [2, 0, 3, 1], 3), n, tmp_path, CPU, activation=torch.relu, keep_maps=True)
+    maps = np.load(tmp_path / "maps.npy")
+    assert maps.shape == (n, 2, 4, 4) and maps.dtype == np.float32
+    with torch.no_grad():
+        expected = HandSetCNN().conv(x).numpy()
+    np.testing.assert_allclose(maps, expected, rtol=1e-6)
+    assert (maps[:, 1] < 0).all()
+    np.testing.assert_allclose(np.load(tmp_path / "features.npy")[:, 0], 18.75 * np.arange(1, n + 1), rtol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "features.npy")[:, 1], 0.0)
+
+
+def test_rows_never_written_raise(tmp_path):
+    from cfdebug.errors import CfdebugError
+
+    with pytest.raises(CfdebugError, match="2 rows were never written"):
+        stream_features(HandSetCNN(), "relu", _batches(_constant_images(5), range(3), 2), 5, tmp_path, CPU)
+
+
+def test_demo_feature_maps_are_cached_and_pool_to_the_features(demo_workspace, monkeypatch):
+    ws = demo_workspace
+    maps = ws.extractions.maps("val")
+    n = len(ws.data.splits["val"])
+    assert maps.shape == (n, 64, 8, 8) and maps.dtype == np.float32 and not maps.flags.writeable
+    np.testing.assert_allclose(maps.mean(axis=(2, 3)), ws.extractions.get("val").features, rtol=1e-5, atol=1e-6)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("recomputed a cached artifact")
+
+    monkeypatch.setattr("cfdebug.extract.stream_features", boom)
+    np.testing.assert_array_equal(ws.extractions.maps("val"), maps)
+
+
+def test_feature_maps_that_do_not_fit_on_disk_are_refused(demo_workspace, monkeypatch):
+    import shutil
+
+    from cfdebug.errors import CfdebugError
+
+    ws = demo_workspace
+    kind_dir = ws.store.root / "objects" / ExtractionCache.MAPS_KIND
+    before = sorted(kind_dir.glob("*")) if kind_dir.exists() else []
+    usage = shutil.disk_usage(ws.store.root)
+    monkeypatch.setattr("cfdebug.extract.shutil.disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(CfdebugError, match=r"feature maps \(1078, 64, 8, 8\) needs 0\.\d\d GiB, but only 0\.00 GiB are free"):
+        ws.extractions.maps("train")
+    assert sorted(kind_dir.glob("*")) == before  # nothing half-written, no temporary folder left
+    assert count_hooks(ws.model) == 0

@@ -56,7 +56,7 @@ for f in top:
 
 st.subheader("Causal check")
 st.caption(
-    "Zero this class's top global MC filters in the pooled features and measure its test recall, against zeroing "
+    "Zero this class's top global MC filters (every position of their feature maps) and measure its test recall, against zeroing "
     "as many random filters (mean over draws). If the filters matter, the first drop is much larger."
 )
 c1, c2 = st.columns(2)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import streamlit as st
 
 from ..config import config_dict
 from ..errors import CfdebugError
