@@ -239,7 +239,7 @@ def masked_head(target, device: torch.device | str) -> MaskedHead:
     return as_masked_head(None)
 
 
-def head_inputs(workspace, split: str, head: MaskedHead, progress: Progress | None = None) -> np.ndarray | None:
+def split_head_inputs(workspace, split: str, head: MaskedHead, progress: Progress | None = None) -> np.ndarray | None:
     """What ``head`` reads for ``split`` besides ``g(x)``: ``None`` for a pooled head (the cached
     pooled features are its inputs), the cached feature maps ``[N, C, h, w]`` for a map head."""
     return None if head.kind == "pooled" else workspace.extractions.maps(split, progress)
@@ -682,7 +682,7 @@ def mc_heads(workspace, config: CFEConfig | None = None, progress: Progress | No
     key = heads_key(workspace, "mc", config)
     if not workspace.store.exists(CACHE_KIND, key):
         train = workspace.extractions.get("train", progress=scaled_progress(progress, 0.0, 0.05))
-        maps = head_inputs(workspace, "train", head, scaled_progress(progress, 0.05, 0.1))
+        maps = split_head_inputs(workspace, "train", head, scaled_progress(progress, 0.05, 0.1))
         start = time.perf_counter()
         heads, history = fit_mc_heads(train.features, head, workspace.data.num_classes, config, workspace.device, scaled_progress(progress, 0.1, 0.95), maps)
         seconds = time.perf_counter() - start
@@ -726,7 +726,7 @@ def mi_heads(workspace, config: CFEConfig | None = None, progress: Progress | No
     hit = workspace.store.exists(CACHE_KIND, key)
     if not hit:
         train = workspace.extractions.get("train", progress=scaled_progress(progress, 0.0, 0.05))
-        maps = head_inputs(workspace, "train", head, scaled_progress(progress, 0.05, 0.1))
+        maps = split_head_inputs(workspace, "train", head, scaled_progress(progress, 0.05, 0.1))
         start = time.perf_counter()
         heads, history = fit_mi_heads(train.features, head, workspace.data.num_classes, config, workspace.device, scaled_progress(progress, 0.1, 1.0), maps)
         meta = {
@@ -763,7 +763,7 @@ __all__ = [
     "MaskedHead",
     "as_masked_head",
     "class_spans",
-    "head_inputs",
+    "split_head_inputs",
     "masked_head",
     "alter_rate",
     "FittedHeads",

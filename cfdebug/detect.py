@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from . import metrics
-from .cfe import Progress, head_inputs, masked_head, masked_predictions, mc_heads, predict_masks, scaled_progress
+from .cfe import Progress, masked_head, masked_predictions, mc_heads, predict_masks, scaled_progress, split_head_inputs
 # DetectConfig and its constants live in cfdebug.config (METRICS, MCFilterConfig: re-exports).
 from .config import DETECT_METRICS as METRICS  # noqa: F401
 from .config import DETECT_ROWS as ROWS
@@ -441,7 +441,7 @@ def ablation(
     filters = global_mc_filters(workspace, config.filters, progress)
     ex = workspace.extractions.get(config.split)
     head = masked_head(workspace.target, workspace.device)
-    maps = head_inputs(workspace, config.split, head, progress)
+    maps = split_head_inputs(workspace, config.split, head, progress)
     return ablation_arrays(head, filters, ex.features, ex.labels, cls, top_n, n_random_draws, seed, maps)
 
 
@@ -483,7 +483,7 @@ def run_detection(workspace, config: DetectConfig | None = None, progress: Progr
     head = masked_head(workspace.target, workspace.device)
     if progress:
         progress(0.9, "ablation")
-    maps = head_inputs(workspace, config.split, head, scaled_progress(progress, 0.9, 0.95))
+    maps = split_head_inputs(workspace, config.split, head, scaled_progress(progress, 0.9, 0.95))
     result["ablation"] = ablation_arrays(head, filters, test.features, test.labels, config.ablation_class, config.ablation_top_n, config.ablation_draws, config.seed, maps)
     stats = fitted.stats
     result["cfe_keep_rate"] = {

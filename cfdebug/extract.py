@@ -151,9 +151,22 @@ class ExtractionCache:
     """Per-workspace access to extractions; computes on a miss, loads on a hit."""
 
     KIND = "extract"
+    MAPS_KIND = "fmaps"
 
     def __init__(self, workspace):
         self.ws = workspace
+
+    def _batches(self, split: str):
+        """A loader of ``(x, y, index)`` batches over ``split`` and the split's size."""
+        ws = self.ws
+        dataset = ws.data.torch_split(split)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=ws.config.extract.batch_size,
+            num_workers=ws.config.extract.num_workers,
+            pin_memory=ws.device.type == "cuda",
+        )
+        return loader, len(dataset)
 
     def key(self, split: str) -> str:
         return stable_hash(self.KIND, self.ws.key_parts, split, "v1")
@@ -164,16 +177,10 @@ class ExtractionCache:
         hit = ws.store.exists(self.KIND, key)
         if not hit:
             data = ws.data
-            dataset = data.torch_split(split)
-            batches = torch.utils.data.DataLoader(
-                dataset,
-                batch_size=ws.config.extract.batch_size,
-                num_workers=ws.config.extract.num_workers,
-                pin_memory=ws.device.type == "cuda",
-            )
+            batches, n = self._batches(split)
             meta = {"split": split, "key_parts": ws.key_parts, "classes": list(data.classes)}
             with ws.store.writer(self.KIND, key, meta) as tmp:
-                stats = stream_features(ws.model, ws.target.name, batches, len(dataset), tmp, ws.device, ws.target.activation, progress)
+                stats = stream_features(ws.model, ws.target.name, batches, n, tmp, ws.device, ws.target.activation, progress)
                 meta.update(stats)
                 np.save(tmp / "labels.npy", data.splits[split].labels)
                 np.save(tmp / "ids.npy", np.asarray(data.splits[split].ids))
@@ -189,25 +196,17 @@ class ExtractionCache:
             path=ws.store.path(self.KIND, key),
         )
 
-    MAPS_KIND = "fmaps"
-
     def maps(self, split: str, progress: Progress | None = None) -> np.ndarray:
         """The raw target feature maps of ``split``, ``[N, C, h, w]`` float32, memory-mapped
         read-only (computed on the first call, in one streaming pass, and cached)."""
         ws = self.ws
         key = stable_hash(self.MAPS_KIND, ws.key_parts, split, "v1")
         if not ws.store.exists(self.MAPS_KIND, key):
-            dataset = ws.data.torch_split(split)
-            batches = torch.utils.data.DataLoader(
-                dataset,
-                batch_size=ws.config.extract.batch_size,
-                num_workers=ws.config.extract.num_workers,
-                pin_memory=ws.device.type == "cuda",
-            )
+            batches, n = self._batches(split)
             meta = {"split": split, "key_parts": ws.key_parts}
             with ws.store.writer(self.MAPS_KIND, key, meta) as tmp:
                 report = (lambda frac, text: progress(frac, f"caching {split} feature maps: {text}")) if progress else None
-                stats = stream_features(ws.model, ws.target.name, batches, len(dataset), tmp, ws.device, ws.target.activation, report, keep_maps=True)
+                stats = stream_features(ws.model, ws.target.name, batches, n, tmp, ws.device, ws.target.activation, report, keep_maps=True)
                 meta.update(stats)
                 (tmp / "features.npy").unlink()  # the pooled features live in the extraction artifact
                 (tmp / "logits.npy").unlink()

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .cfe import Progress, head_inputs, masked_head, masked_predictions, mc_heads, predict_masks, scaled_progress
+from .cfe import Progress, masked_head, masked_predictions, mc_heads, predict_masks, scaled_progress, split_head_inputs
 from .config import MCFilterConfig, check_fraction
 from .errors import CfdebugError
 
@@ -137,7 +137,7 @@ def global_mc_filters(workspace, config: MCFilterConfig | None = None, progress:
         start = time.perf_counter()
         train = workspace.extractions.get("train")
         head = masked_head(workspace.target, workspace.device)
-        maps = head_inputs(workspace, "train", head)
+        maps = split_head_inputs(workspace, "train", head)
         result = accumulate_global_filters(fitted.heads, head, train.features, train.labels, train.probs, config.tau, maps)
         empty = result.empty_classes
         meta = {
