@@ -388,6 +388,43 @@ def test_cifar10_batches(tmp_path, protocol):
     assert x.shape == (3, 32, 32) and y == batches[2][b"labels"][0]
 
 
+def test_cifar_batches_in_numeric_order_and_stray_copies_ignored(tmp_path):
+    batches = [_cifar_batch(3, 10, seed) for seed in range(12)]
+    for k in range(1, 12):  # data_batch_1 … data_batch_11: 10 sorts before 2 as text
+        _dump(batches[k], tmp_path / f"data_batch_{k}")
+    _dump(_cifar_batch(5, 10, 99), tmp_path / "data_batch_1.bak")
+    _dump(batches[0], tmp_path / "test_batch")
+    bundle = load_data(DataConfig(source=str(tmp_path), val_fraction=0.1))
+    train_ids = bundle.splits["train"].ids + bundle.splits["val"].ids
+    assert len(train_ids) == 33  # the .bak batch's 5 images are not there
+    labels = dict(zip(bundle.splits["train"].ids, bundle.splits["train"].labels.tolist()))
+    expected = [v for k in range(1, 12) for v in batches[k][b"labels"]]
+    assert all(labels[f"train/{i:05d}"] == expected[i] for i in range(33) if f"train/{i:05d}" in labels)
+
+
+def test_cifar_negative_label_refused(tmp_path):
+    batch = _cifar_batch(4, 10, 0)
+    batch[b"labels"][2] = -1
+    _dump(batch, tmp_path / "data_batch_1")
+    _dump(_cifar_batch(4, 10, 1), tmp_path / "test_batch")
+    with pytest.raises(CfdebugError, match="labels >= 0, but found -1"):
+        load_data(DataConfig(source=str(tmp_path)))
+
+
+def test_decompression_bomb_is_refused_with_the_file_named(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    root = _tree(tmp_path / "ds")
+    bomb = _png(root / "test" / "dog" / "huge.png", size=64)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # 64×64 > 2 × 100 pixels: Pillow refuses it
+    bundle = load_data(DataConfig(source=str(root), input_size=16))
+    split = bundle.splits["test"]
+    ds = TorchSplit(split, bundle.input_size, bundle.mean, bundle.std)
+    with pytest.raises(CfdebugError, match="decompression bomb") as err:
+        ds[split.paths.index(str(bomb))]
+    assert "huge.png" in str(err.value)
+
+
 def test_cifar100_layout(tmp_path):
     _dump(_cifar_batch(10, 100, 0, b"fine_labels"), tmp_path / "train")
     _dump(_cifar_batch(4, 100, 1, b"fine_labels"), tmp_path / "test")
@@ -477,6 +514,8 @@ def test_empty_folder_detection(tmp_path):
         (dict(mean=(0.5, 0.5)), "mean"),
         (dict(std=(0.2, 0.0, 0.2)), "std"),
         (dict(std=(0.2, -1.0, 0.2)), "std"),
+        (dict(mean=(0.5, float("nan"), 0.5)), "finite"),
+        (dict(std=(0.2, float("inf"), 0.2)), "finite"),
     ],
 )
 def test_bad_transform_options(kwargs, match):

@@ -8,6 +8,7 @@ training split becomes one, so model selection never needs the test split.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +83,8 @@ def load_data(config: DataConfig) -> DataBundle:
         raise CfdebugError(f"Expected `--input-size` to be at least 8 pixels, but got {size}.")
     mean = tuple(config.mean or defaults[1])
     std = tuple(config.std or defaults[2])
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise CfdebugError(f"Expected `--mean` and `--std` as three numbers each (std > 0), but got {mean} and {std}.")
+    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(float(v)) for v in mean + std) or min(std) <= 0:
+        raise CfdebugError(f"Expected `--mean` and `--std` as three finite numbers each (std > 0), but got {mean} and {std}.")
     return DataBundle(
         name=name,
         format=fmt,

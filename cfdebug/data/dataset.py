@@ -83,6 +83,11 @@ def read_image(path: str | Path) -> Image.Image:
             return image.convert("RGB")
     except FileNotFoundError as exc:
         raise CfdebugError(f"Image file {path} no longer exists. Re-run on the current dataset.") from exc
+    except Image.DecompressionBombError as exc:
+        raise CfdebugError(
+            f"Refusing image {path}: {exc} Such a file can exhaust memory when decoded (a decompression "
+            "bomb). Resize it, or remove it from the dataset."
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise CfdebugError(
             f"Cannot read image {path}: {exc}. The file is not a readable image (truncated or "

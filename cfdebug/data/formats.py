@@ -197,6 +197,8 @@ def _cifar_arrays(batch: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise CfdebugError(f"CIFAR batch {path} lacks `data` or labels (found keys {sorted(batch)}).")
     data = np.asarray(batch["data"], dtype=np.uint8)
     labels = np.asarray(batch[key], dtype=np.int64)
+    if labels.size and labels.min() < 0:
+        raise CfdebugError(f"CIFAR batch {path}: expected class labels >= 0, but found {int(labels.min())}.")
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise CfdebugError(f"CIFAR batch {path}: expected data [N, 3072] and N labels, but got data {data.shape} and {len(labels)} labels.")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels  # [N, 32, 32, 3]
@@ -205,7 +207,8 @@ def _cifar_arrays(batch: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
 def read_cifar(root: Path) -> tuple[tuple[str, ...], dict[str, Split], list[Path], list[str]]:
     """CIFAR-10 (``data_batch_1..5``, ``test_batch``, ``batches.meta``) or CIFAR-100 (``train``, ``test``, ``meta``)."""
     if (root / "data_batch_1").is_file():
-        train_files = sorted(root.glob("data_batch_*"))
+        # data_batch_1 … data_batch_5 by number; stray copies (data_batch_1.bak) are not batches.
+        train_files = sorted((p for p in root.glob("data_batch_*") if p.name[len("data_batch_"):].isdigit()), key=lambda p: int(p.name[len("data_batch_"):]))
         test_files = [root / "test_batch"]
         meta_file, names_key = root / "batches.meta", "label_names"
     else:
