@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,6 +35,17 @@ OPTIMIZER_CHOICES = ("sgd", "adam")
 # XCR selector (cfdebug.xcr.selector): the map that masks T(x), and what the approximator fits.
 SELECTOR_MODES = ("Topk", "Softmax")
 SELECTOR_TARGETS = ("labels", "blackbox")
+# XCR evaluation (cfdebug.data.corruptions): CIFAR-10-C's 15 corruptions by group, 5 severities.
+CORRUPTION_GROUPS: dict[str, tuple[str, ...]] = {
+    "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
+    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
+    "weather": ("snow", "frost", "fog"),
+    "digital": ("brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression"),
+}
+CORRUPTIONS: tuple[str, ...] = tuple(name for group in CORRUPTION_GROUPS.values() for name in group)
+N_SEVERITIES = 5
+# XCR retraining (cfdebug.xcr.retrain): retrain the loaded model, or a seeded fresh one.
+INIT_CHOICES = ("pretrained", "scratch")
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +110,16 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise CfdebugError(f"Expected `{name}` to be one of {', '.join(map(str, choices))}, but got {value!r}.")
     return value
+
+
+def check_sequence(values: Any, name: str, check) -> tuple:
+    """Validate a list (not a string) of distinct items, each through ``check``; return a tuple."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise CfdebugError(f"Expected `{name}` to be a list, but got {values!r}.")
+    out = tuple(check(v) for v in values)
+    if len(set(out)) != len(out):
+        raise CfdebugError(f"Expected `{name}` to hold distinct values, but got {list(values)!r}.")
+    return out
 
 
 def default_workdir() -> str:
@@ -397,6 +418,168 @@ class SelectorConfig:
         check_real(self.lr, "lr", low=0.0, low_open=True)
         check_choice(self.mode, "mode", SELECTOR_MODES)
         check_choice(self.target, "target", SELECTOR_TARGETS)
+
+
+# --------------------------------------------------------------------------------------------
+# Paper B: XCR retraining and evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class XCRConfig:
+    """One XCR experiment: the selector, the retraining schedule, the evaluation.
+
+    Attributes:
+        selector: the :class:`SelectorConfig` whose masks ``T(x)`` are used for retraining
+            (its ``k``, ``beta``, ``patch_size``, ``mode``; ``target`` ``"labels"`` is XCR).
+        epochs, lr, optimizer, momentum, weight_decay, batch_size: the retraining schedule,
+            identical for the vanilla and the XCR run. ``batch_size`` counts original images;
+            an XCR batch holds twice as many (the originals and their ``T(x)``).
+        trainable: which layers are retrained (``"all"``, as in the paper; see
+            :data:`cfdebug.treatment.TRAINABLE_CHOICES`).
+        init: ``"pretrained"`` (retrain the workspace's black box) or ``"scratch"`` (seeded
+            random initialisation of the same architecture, as in the paper).
+        seeds: one vanilla and one XCR run per seed; tables report the mean over seeds.
+            The selector keeps its own seed (``selector.seed``): one explainer for all runs.
+        random_baseline: also retrain with random k-hot masks ("Compare with Random").
+        corruptions, severities, corruption_seed: the corrupted test sets (names from
+            :data:`cfdebug.data.corruptions.CORRUPTIONS`, severities 1..5). Generated from the
+            workspace's test images unless ``cifar10c_dir`` names a CIFAR-10-C folder (then
+            its ``<name>.npy`` files are read, with the workspace's test labels).
+        max_corrupt_images: evaluate corruptions on a seeded random subset of at most this many
+            test images (``None``: all).
+        table1_ks, table1_betas: the grid of Table 1 (XCR, VIBI and random masks).
+        n_bins: ECE / reliability bins (15, METHODS.md).
+    """
+
+    selector: SelectorConfig = field(default_factory=lambda: SelectorConfig(k=32, beta=0.001))
+    epochs: int = 10
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    trainable: str = "all"
+    init: str = "pretrained"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    random_baseline: bool = False
+    corruptions: tuple[str, ...] = CORRUPTIONS
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    corruption_seed: int = 0
+    cifar10c_dir: str | None = None
+    max_corrupt_images: int | None = None
+    table1_ks: tuple[int, ...] = (16, 32, 64)
+    table1_betas: tuple[float, ...] = (0.1, 0.01, 0.001)
+    n_bins: int = 15
+
+    def __post_init__(self):
+        if not isinstance(self.selector, SelectorConfig):
+            raise CfdebugError(f"Expected `selector` to be a SelectorConfig, but got {type(self.selector).__name__}.")
+        check_int(self.epochs, "epochs")
+        check_real(self.lr, "lr", low=0.0, low_open=True)
+        check_int(self.batch_size, "batch_size")
+        check_int(self.corruption_seed, "corruption_seed", 0)
+        check_int(self.n_bins, "n_bins")
+        check_choice(self.optimizer, "optimizer", OPTIMIZER_CHOICES)
+        check_choice(self.trainable, "trainable", TRAINABLE_CHOICES)
+        check_choice(self.init, "init", INIT_CHOICES)
+        if not isinstance(self.random_baseline, bool):
+            raise CfdebugError(f"Expected `random_baseline` to be true or false, but got {self.random_baseline!r}.")
+        seeds = check_sequence(self.seeds, "seeds", lambda s: check_int(s, "seeds", 0))
+        if not seeds:
+            raise CfdebugError("Expected `seeds` to hold at least one seed, but it is empty.")
+
+        def corruption(name):
+            if name not in CORRUPTIONS:
+                raise CfdebugError(f"Expected `corruptions` to hold names from {', '.join(CORRUPTIONS)}, but got {name!r}.")
+            return name
+
+        def severity(s):
+            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 1 <= s <= N_SEVERITIES:
+                raise CfdebugError(f"Expected `severities` to hold integers in 1..{N_SEVERITIES}, but got {s!r}.")
+            return int(s)
+
+        corruptions = check_sequence(self.corruptions, "corruptions", corruption)
+        severities = check_sequence(self.severities, "severities", severity)
+        if bool(corruptions) != bool(severities):
+            raise CfdebugError("Expected both `corruptions` and `severities` to be empty (clean evaluation only) or both non-empty.")
+        ks = check_sequence(self.table1_ks, "table1_ks", lambda k: check_int(k, "table1_ks"))
+        betas = check_sequence(self.table1_betas, "table1_betas", lambda b: check_real(b, "table1_betas", low=0.0))
+        if self.max_corrupt_images is not None:
+            check_int(self.max_corrupt_images, "max_corrupt_images")
+        if self.cifar10c_dir is not None and not isinstance(self.cifar10c_dir, str):
+            raise CfdebugError(f"Expected `cifar10c_dir` to be a folder path, but got {self.cifar10c_dir!r}.")
+        # Normalise lists (from JSON) to tuples so the frozen config hashes and compares.
+        for name, value in (("seeds", seeds), ("corruptions", corruptions), ("severities", severities), ("table1_ks", ks), ("table1_betas", betas)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def k(self) -> int:
+        return self.selector.k
+
+    @property
+    def patch_size(self) -> int:
+        return self.selector.patch_size
+
+    @classmethod
+    def demo(cls, **overrides) -> "XCRConfig":
+        """The embedded demo's settings (about 2.5 minutes on 2 CPU cores, measured).
+
+        Selector: :meth:`SelectorConfig.demo` (Adam 3e-3, 6 epochs) at the paper's best
+        ``k = 32, β = 0.001``. Retraining: 3 epochs, Adam 1e-3, all layers, from the trained
+        demo CNN, one seed. Evaluation: all 15 corruptions at severities 1, 3 and 5. Table 1:
+        k ∈ {16, 32, 64} at β = 0.001. Every field can be overridden, e.g.
+        ``XCRConfig.demo(severities=(1, 2, 3, 4, 5), seeds=(0, 1, 2))``.
+        """
+        selector = overrides.pop("selector", None) or SelectorConfig.demo(k=32, beta=0.001)
+        base = {
+            "selector": selector,
+            "epochs": 3,
+            "seeds": (0,),
+            "corruptions": CORRUPTIONS,
+            "severities": (1, 3, 5),
+            "table1_ks": (16, 32, 64),
+            "table1_betas": (0.001,),
+        }
+        return cls(**{**base, **overrides})
+
+    def check_against(self, image_size: int) -> int:
+        """Validate ``k``, the patch size and the Table 1 grid against ``image_size``; return ``d``."""
+        from .xcr.selector import check_k, num_patches  # torch-side helpers; this module stays torch-free
+
+        d = num_patches(image_size, image_size, self.selector.patch_size)
+        check_k(self.selector.k, d)
+        for k in self.table1_ks:
+            check_k(k, d)
+        return d
+
+
+def xcr_config_from_dict(d: dict) -> XCRConfig:
+    """Rebuild an :class:`XCRConfig` from ``config_dict(config)`` / ``asdict(config)`` (or JSON).
+
+    Unknown keys raise :class:`CfdebugError` naming them; missing keys take the defaults.
+    """
+    if isinstance(d, XCRConfig):
+        return d
+    if not isinstance(d, dict):
+        raise CfdebugError(f"Expected the XCR config to be a dict (asdict(XCRConfig)), but got {type(d).__name__}.")
+    known = {f.name for f in fields(XCRConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise CfdebugError(f"Unknown XCR config keys {', '.join(unknown)}; expected some of {', '.join(sorted(known))}.")
+    values = dict(d)
+    sel = values.get("selector")
+    if isinstance(sel, dict):
+        sel_known = {f.name for f in fields(SelectorConfig)}
+        bad = sorted(set(sel) - sel_known)
+        if bad:
+            raise CfdebugError(f"Unknown selector config keys {', '.join(bad)}; expected some of {', '.join(sorted(sel_known))}.")
+        values["selector"] = SelectorConfig(**sel)
+    for name in ("seeds", "corruptions", "severities", "table1_ks", "table1_betas"):
+        if isinstance(values.get(name), list):
+            values[name] = tuple(values[name])
+    return XCRConfig(**values)
+
 
 
 def config_dict(config) -> dict:

@@ -30,17 +30,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from ..config import CORRUPTION_GROUPS, CORRUPTIONS, N_SEVERITIES
 from ..errors import CfdebugError
 
 __all__ = ["CORRUPTIONS", "CORRUPTION_GROUPS", "MIN_IMAGE_SIZE", "corrupt", "load_cifar10c"]
 
-CORRUPTION_GROUPS: dict[str, tuple[str, ...]] = {
-    "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
-    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
-    "weather": ("snow", "frost", "fog"),
-    "digital": ("brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression"),
-}
-CORRUPTIONS: tuple[str, ...] = tuple(name for group in CORRUPTION_GROUPS.values() for name in group)
 
 # The official CIFAR-10-C release also ships these four "extra" corruptions; they can be loaded
 # from disk but are not generated here (they are not part of the 15-corruption benchmark).
@@ -50,7 +44,6 @@ _CIFAR10C_EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 # or left two columns, elastic's affine anchors sit a third of the side from the centre, and
 # pixelate at severity 5 keeps 65 % of the side; below 8 px these degenerate to (nearly) nothing.
 MIN_IMAGE_SIZE = 8
-N_SEVERITIES = 5
 _CIFAR10C_URL = "https://zenodo.org/record/2535967"
 
 # /////////////// Severity tables (make_cifar_c.py, CIFAR-10 values) ///////////////

@@ -23,23 +23,21 @@ model on the validation split (:func:`fit_val_temperature`).
 from __future__ import annotations
 
 import hashlib
-import math
-import numbers
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..data.corruptions import CORRUPTIONS, N_SEVERITIES
+from ..config import CORRUPTIONS, INIT_CHOICES, XCRConfig, xcr_config_from_dict
 from ..errors import CfdebugError
 from ..metrics import apply_temperature, fit_temperature, negative_log_likelihood
 from ..runtime import seed_everything
 from ..store import stable_hash
-from ..treatment import OPTIMIZER_CHOICES, TRAINABLE_CHOICES, FinetuneConfig, FinetuneResult, finetune
+from ..treatment import FinetuneConfig, FinetuneResult, finetune
 from ..training import predict_logits
-from .selector import SelectorConfig, apply_mask, check_k, num_patches, random_masks, selector_masks
+from .selector import apply_mask, num_patches, random_masks, selector_masks
 
 __all__ = [
     "INIT_CHOICES",
@@ -60,194 +58,10 @@ __all__ = [
 
 Progress = Callable[[float, str], None]
 
-INIT_CHOICES = ("pretrained", "scratch")
 #: The demo's default corruption set: all 15 (they cost ~0.2 s each on the 539 demo test images).
 DEMO_CORRUPTIONS = CORRUPTIONS
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise CfdebugError(f"Expected `{name}` to be an integer >= {minimum}, but got {value!r}.")
-    return int(value)
-
-
-def _check_positive(value, name: str) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if not ok:
-        raise CfdebugError(f"Expected `{name}` to be a positive finite number, but got {value!r}.")
-    return float(value)
-
-
-def _check_sequence(values, name: str, check) -> tuple:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise CfdebugError(f"Expected `{name}` to be a list, but got {values!r}.")
-    out = tuple(check(v) for v in values)
-    if len(set(out)) != len(out):
-        raise CfdebugError(f"Expected `{name}` to hold distinct values, but got {list(values)!r}.")
-    return out
-
-
-@dataclass(frozen=True)
-class XCRConfig:
-    """One XCR experiment: the selector, the retraining schedule, the evaluation.
-
-    Attributes:
-        selector: the :class:`SelectorConfig` whose masks ``T(x)`` are used for retraining
-            (its ``k``, ``beta``, ``patch_size``, ``mode``; ``target`` ``"labels"`` is XCR).
-        epochs, lr, optimizer, momentum, weight_decay, batch_size: the retraining schedule,
-            identical for the vanilla and the XCR run. ``batch_size`` counts original images;
-            an XCR batch holds twice as many (the originals and their ``T(x)``).
-        trainable: which layers are retrained (``"all"``, as in the paper; see
-            :data:`cfdebug.treatment.TRAINABLE_CHOICES`).
-        init: ``"pretrained"`` (retrain the workspace's black box) or ``"scratch"`` (seeded
-            random initialisation of the same architecture, as in the paper).
-        seeds: one vanilla and one XCR run per seed; tables report the mean over seeds.
-            The selector keeps its own seed (``selector.seed``): one explainer for all runs.
-        random_baseline: also retrain with random k-hot masks ("Compare with Random").
-        corruptions, severities, corruption_seed: the corrupted test sets (names from
-            :data:`cfdebug.data.corruptions.CORRUPTIONS`, severities 1..5). Generated from the
-            workspace's test images unless ``cifar10c_dir`` names a CIFAR-10-C folder (then
-            its ``<name>.npy`` files are read, with the workspace's test labels).
-        max_corrupt_images: evaluate corruptions on a seeded random subset of at most this many
-            test images (``None``: all).
-        table1_ks, table1_betas: the grid of Table 1 (XCR, VIBI and random masks).
-        n_bins: ECE / reliability bins (15, METHODS.md).
-    """
-
-    selector: SelectorConfig = field(default_factory=lambda: SelectorConfig(k=32, beta=0.001))
-    epochs: int = 10
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    trainable: str = "all"
-    init: str = "pretrained"
-    seeds: tuple[int, ...] = (0, 1, 2)
-    random_baseline: bool = False
-    corruptions: tuple[str, ...] = CORRUPTIONS
-    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
-    corruption_seed: int = 0
-    cifar10c_dir: str | None = None
-    max_corrupt_images: int | None = None
-    table1_ks: tuple[int, ...] = (16, 32, 64)
-    table1_betas: tuple[float, ...] = (0.1, 0.01, 0.001)
-    n_bins: int = 15
-
-    def __post_init__(self):
-        if not isinstance(self.selector, SelectorConfig):
-            raise CfdebugError(f"Expected `selector` to be a SelectorConfig, but got {type(self.selector).__name__}.")
-        _check_int(self.epochs, "epochs", 1)
-        _check_positive(self.lr, "lr")
-        _check_int(self.batch_size, "batch_size", 1)
-        _check_int(self.corruption_seed, "corruption_seed", 0)
-        _check_int(self.n_bins, "n_bins", 1)
-        if self.optimizer not in OPTIMIZER_CHOICES:
-            raise CfdebugError(f"Expected `optimizer` to be one of {', '.join(OPTIMIZER_CHOICES)}, but got {self.optimizer!r}.")
-        if self.trainable not in TRAINABLE_CHOICES:
-            raise CfdebugError(f"Expected `trainable` to be one of {', '.join(TRAINABLE_CHOICES)}, but got {self.trainable!r}.")
-        if self.init not in INIT_CHOICES:
-            raise CfdebugError(f"Expected `init` to be one of {', '.join(INIT_CHOICES)}, but got {self.init!r}.")
-        if not isinstance(self.random_baseline, bool):
-            raise CfdebugError(f"Expected `random_baseline` to be true or false, but got {self.random_baseline!r}.")
-        seeds = _check_sequence(self.seeds, "seeds", lambda s: _check_int(s, "seeds", 0))
-        if not seeds:
-            raise CfdebugError("Expected `seeds` to hold at least one seed, but it is empty.")
-
-        def corruption(name):
-            if name not in CORRUPTIONS:
-                raise CfdebugError(f"Expected `corruptions` to hold names from {', '.join(CORRUPTIONS)}, but got {name!r}.")
-            return name
-
-        def severity(s):
-            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 1 <= s <= N_SEVERITIES:
-                raise CfdebugError(f"Expected `severities` to hold integers in 1..{N_SEVERITIES}, but got {s!r}.")
-            return int(s)
-
-        corruptions = _check_sequence(self.corruptions, "corruptions", corruption)
-        severities = _check_sequence(self.severities, "severities", severity)
-        if bool(corruptions) != bool(severities):
-            raise CfdebugError("Expected both `corruptions` and `severities` to be empty (clean evaluation only) or both non-empty.")
-        ks = _check_sequence(self.table1_ks, "table1_ks", lambda k: _check_int(k, "table1_ks", 1))
-        betas = _check_sequence(self.table1_betas, "table1_betas", self._beta)
-        if self.max_corrupt_images is not None:
-            _check_int(self.max_corrupt_images, "max_corrupt_images", 1)
-        if self.cifar10c_dir is not None and not isinstance(self.cifar10c_dir, str):
-            raise CfdebugError(f"Expected `cifar10c_dir` to be a folder path, but got {self.cifar10c_dir!r}.")
-        # Normalise lists (from JSON) to tuples so the frozen config hashes and compares.
-        for name, value in (("seeds", seeds), ("corruptions", corruptions), ("severities", severities), ("table1_ks", ks), ("table1_betas", betas)):
-            object.__setattr__(self, name, value)
-
-    @staticmethod
-    def _beta(value) -> float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-            raise CfdebugError(f"Expected `table1_betas` to hold finite numbers >= 0, but got {value!r}.")
-        return float(value)
-
-    @property
-    def k(self) -> int:
-        return self.selector.k
-
-    @property
-    def patch_size(self) -> int:
-        return self.selector.patch_size
-
-    @classmethod
-    def demo(cls, **overrides) -> "XCRConfig":
-        """The embedded demo's settings (about 2.5 minutes on 2 CPU cores, measured).
-
-        Selector: :meth:`SelectorConfig.demo` (Adam 3e-3, 6 epochs) at the paper's best
-        ``k = 32, β = 0.001``. Retraining: 3 epochs, Adam 1e-3, all layers, from the trained
-        demo CNN, one seed. Evaluation: all 15 corruptions at severities 1, 3 and 5. Table 1:
-        k ∈ {16, 32, 64} at β = 0.001. Every field can be overridden, e.g.
-        ``XCRConfig.demo(severities=(1, 2, 3, 4, 5), seeds=(0, 1, 2))``.
-        """
-        selector = overrides.pop("selector", None) or SelectorConfig.demo(k=32, beta=0.001)
-        base = {
-            "selector": selector,
-            "epochs": 3,
-            "seeds": (0,),
-            "corruptions": DEMO_CORRUPTIONS,
-            "severities": (1, 3, 5),
-            "table1_ks": (16, 32, 64),
-            "table1_betas": (0.001,),
-        }
-        return cls(**{**base, **overrides})
-
-    def check_against(self, image_size: int) -> int:
-        """Validate ``k``, the patch size and the Table 1 grid against ``image_size``; return ``d``."""
-        d = num_patches(image_size, image_size, self.selector.patch_size)
-        check_k(self.selector.k, d)
-        for k in self.table1_ks:
-            check_k(k, d)
-        return d
-
-
-def xcr_config_from_dict(d: dict) -> XCRConfig:
-    """Rebuild an :class:`XCRConfig` from ``config_dict(config)`` / ``asdict(config)`` (or JSON).
-
-    Unknown keys raise :class:`CfdebugError` naming them; missing keys take the defaults.
-    """
-    if isinstance(d, XCRConfig):
-        return d
-    if not isinstance(d, dict):
-        raise CfdebugError(f"Expected the XCR config to be a dict (asdict(XCRConfig)), but got {type(d).__name__}.")
-    known = {f.name for f in fields(XCRConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise CfdebugError(f"Unknown XCR config keys {', '.join(unknown)}; expected some of {', '.join(sorted(known))}.")
-    values = dict(d)
-    sel = values.get("selector")
-    if isinstance(sel, dict):
-        sel_known = {f.name for f in fields(SelectorConfig)}
-        bad = sorted(set(sel) - sel_known)
-        if bad:
-            raise CfdebugError(f"Unknown selector config keys {', '.join(bad)}; expected some of {', '.join(sorted(sel_known))}.")
-        values["selector"] = SelectorConfig(**sel)
-    for name in ("seeds", "corruptions", "severities", "table1_ks", "table1_betas"):
-        if isinstance(values.get(name), list):
-            values[name] = tuple(values[name])
-    return XCRConfig(**values)
 
 
 #: ``override_xcr_config`` keywords that go to the selector, and the selector field each sets.
