@@ -51,32 +51,36 @@ def test_thresholded_relu_values_and_gradient():
     assert x.grad.tolist() == [0.0, 0.0, 1.0, 1.0]
 
 
-def _naive_mc_fit(g: np.ndarray, head: nn.Module, config: CFEConfig) -> list[nn.Linear]:
-    """The reference: K separate Dense layers, each with its own SGD, same init and batches."""
+def _naive_layer(init, k: int, config: CFEConfig):
+    """Head ``k`` of ``init`` as its own ``nn.Linear`` with its own SGD."""
+    layer = nn.Linear(C, C)
+    with torch.no_grad():
+        layer.weight.copy_(init.weight[k])
+        layer.bias.copy_(init.bias[k])
+    return layer, torch.optim.SGD(layer.parameters(), lr=config.lr, momentum=config.momentum)
+
+
+def _naive_mc_fit(g: np.ndarray, head: nn.Module, config: CFEConfig, maps=None) -> list[nn.Linear]:
+    """The reference: K separate Dense layers, each with its own SGD, same init and batches.
+
+    With ``maps`` [N, C, h, w] the frozen head runs on the masked maps (a map head)."""
     init = MCHeads(K, C)
     init.reset_parameters(config.seed)
     x = torch.as_tensor(g)
     mu, sd = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
-    layers, opts = [], []
-    for k in range(K):
-        layer = nn.Linear(C, C)
-        with torch.no_grad():
-            layer.weight.copy_(init.weight[k])
-            layer.bias.copy_(init.bias[k])
-        layers.append(layer)
-        opts.append(torch.optim.SGD(layer.parameters(), lr=config.lr, momentum=config.momentum))
+    layers, opts = zip(*[_naive_layer(init, k, config) for k in range(K)])
     frozen = frozen_head(head, "cpu")
-    _naive_mc_steps(x, mu, sd, layers, opts, frozen, config)
-    return layers
+    _naive_mc_steps(x, mu, sd, layers, opts, frozen, config, None if maps is None else torch.as_tensor(np.array(maps)))
+    return list(layers)
 
 
-def _naive_mc_steps(x, mu, sd, layers, opts, frozen, config):
+def _naive_mc_steps(x, mu, sd, layers, opts, frozen, config, maps=None):
     for idx in batch_order(N, config.batch_size, config.epochs, config.seed):
         gb = x[torch.as_tensor(idx)]
         for k in range(K):
             s = torch.sigmoid(layers[k]((gb - mu) / sd))
             m = torch.where(s > config.mask_threshold, s, torch.zeros_like(s))
-            z = frozen(gb * m)
+            z = frozen(gb * m) if maps is None else frozen(maps[torch.as_tensor(idx)] * m[:, :, None, None])
             target = torch.full((gb.shape[0],), k)
             loss = (
                 F.cross_entropy(z, target, reduction="sum")
@@ -120,11 +124,7 @@ def test_batched_mi_heads_match_naive_per_class_loop():
     frozen = frozen_head(head, "cpu")
     preds = frozen(x).argmax(1)
     for k in range(K):
-        layer = nn.Linear(C, C)
-        with torch.no_grad():
-            layer.weight.copy_(init.weight[k])
-            layer.bias.copy_(init.bias[k])
-        opt = torch.optim.SGD(layer.parameters(), lr=config.lr, momentum=config.momentum)
+        layer, opt = _naive_layer(init, k, config)
         _naive_mi_steps(x, mu, sd, layer, opt, frozen, preds, k, config)
         torch.testing.assert_close(heads.weight[k].detach(), layer.weight.detach(), atol=1e-5, rtol=1e-4)
 
@@ -299,32 +299,13 @@ def test_map_heads_match_naive_per_class_loop_on_a_position_dependent_head(tmp_p
     config = CFEConfig(epochs=3, batch_size=16, seed=2)
     heads, _ = fit_mc_heads(g, MaskedHead(head, "map"), K, config, head_inputs=maps)
 
+    layers = _naive_mc_fit(g, head, config, maps)
+    for k, layer in enumerate(layers):
+        torch.testing.assert_close(heads.weight[k].detach(), layer.weight.detach(), atol=1e-5, rtol=1e-4)
     init = MCHeads(K, C)
     init.reset_parameters(config.seed)
-    x, a = torch.as_tensor(g), torch.as_tensor(np.array(maps))
-    mu, sd = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
-    frozen = frozen_head(head, "cpu")
-    for k in range(K):
-        layer = nn.Linear(C, C)
-        with torch.no_grad():
-            layer.weight.copy_(init.weight[k])
-            layer.bias.copy_(init.bias[k])
-        opt = torch.optim.SGD(layer.parameters(), lr=config.lr, momentum=config.momentum)
-        for idx in batch_order(N, config.batch_size, config.epochs, config.seed):
-            idx = torch.as_tensor(idx)
-            s = torch.sigmoid(layer((x[idx] - mu) / sd))
-            m = torch.where(s > config.mask_threshold, s, torch.zeros_like(s))
-            z = frozen(a[idx] * m[:, :, None, None])
-            loss = (
-                F.cross_entropy(z, torch.full((len(idx),), k), reduction="sum")
-                + config.sparsity_lambda * config.sparsity_scale * m.abs().sum()
-                - config.logits_weight * z[:, k].sum()
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        torch.testing.assert_close(heads.weight[k].detach(), layer.weight.detach(), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(init.weight, heads.weight.detach())
+    a, frozen = torch.as_tensor(np.array(maps)), frozen_head(head, "cpu")
     # Masked predictions on maps: the masked map through the head, row by row.
     masks = predict_masks(heads, g, np.arange(N) % K)
     expect = frozen(a * torch.as_tensor(masks, dtype=torch.float32)[:, :, None, None]).argmax(1).numpy()
