@@ -60,6 +60,7 @@ from .config import DETECT_ROWS as ROWS
 from .config import DetectConfig, MCFilterConfig, check_fraction, check_int  # noqa: F401
 from .errors import CfdebugError
 from .mcfilters import GlobalFilters, global_mc_filters, global_sets
+from .store import stable_hash
 
 ROW_LABELS = {"avg_recall": "Avg. Recall", "avg_f1": "Avg. F1 score", "recall_cut": "Recall <{cut:g}"}
 
@@ -454,7 +455,8 @@ def run_detection(workspace, config: DetectConfig | None = None, progress: Progr
     """Everything paper A's section 4.2 reports, for one workspace, JSON-ready.
 
     Trains/loads the MC heads and global MC filters (training split only), then scores
-    ``config.split``. Returns :func:`detect_arrays`'s dict (``total_errors``, ``table1``,
+    ``config.split``. The report is cached (kind ``"detect"``, keyed by the workspace, the
+    config and the heads): the same call again returns the stored report. Returns :func:`detect_arrays`'s dict (``total_errors``, ``table1``,
     ``auroc``, ``aupr_err``, ``rerank_fixed``, ``images`` with ``path`` filled in, …) plus
     ``ablation`` (:func:`ablation_arrays`, averaged over classes unless
     ``config.ablation_class`` is set), ``cfe_keep_rate`` (overall, per class, mean MC filters),
@@ -472,6 +474,13 @@ def run_detection(workspace, config: DetectConfig | None = None, progress: Progr
     if config.split not in workspace.data.splits:
         raise CfdebugError(f"Expected `split` to be one of {', '.join(workspace.data.splits)}, but got {config.split!r}")
     fitted = mc_heads(workspace, config.filters.cfe, scaled_progress(progress, 0.0, 0.6))
+    # The report is an artifact too: a second run (or a fresh dashboard process) reads it back
+    # instead of recomputing the ablation, which on a feature-map head costs many passes.
+    key = stable_hash(CACHE_KIND, workspace.key_parts, config_dict(config), fitted.key, _CACHE_VERSION)
+    if workspace.store.exists(CACHE_KIND, key):
+        if progress:
+            progress(1.0, "detection report loaded from the cache")
+        return workspace.store.load_meta(CACHE_KIND, key)
     filters = global_mc_filters(workspace, config.filters, scaled_progress(progress, 0.6, 0.7))
     train = workspace.extractions.get("train")
     test = workspace.extractions.get(config.split, progress=scaled_progress(progress, 0.7, 0.8))
@@ -502,9 +511,15 @@ def run_detection(workspace, config: DetectConfig | None = None, progress: Progr
     result["split"] = config.split
     result["config"] = config_dict(config)
     result["seconds"] = time.perf_counter() - start
+    result = _jsonable(result)
+    workspace.store.save_arrays(CACHE_KIND, key, {}, result)
     if progress:
         progress(1.0, "detection done")
-    return _jsonable(result)
+    return result
+
+
+CACHE_KIND = "detect"
+_CACHE_VERSION = "v1"
 
 
 @dataclass

@@ -146,6 +146,22 @@ def test_demo_detection_report(demo_workspace, demo_result):
     json.dumps(r, allow_nan=False)  # JSON-ready: NaN written as null
 
 
+def test_detection_report_is_cached(demo_workspace, demo_result, monkeypatch):
+    from cfdebug import detect
+
+    def boom(*args, **kwargs):
+        raise AssertionError("recomputed a cached detection report")
+
+    monkeypatch.setattr(detect, "ablation_arrays", boom)
+    monkeypatch.setattr(detect, "detect_arrays", boom)
+    seen = []
+    again = run_detection(demo_workspace, progress=lambda frac, text: seen.append(text))
+    assert again == demo_result
+    assert "detection report loaded from the cache" in seen
+    with pytest.raises(AssertionError, match="recomputed"):  # another config is another report
+        run_detection(demo_workspace, DetectConfig(freq_threshold=0.2))
+
+
 def test_demo_per_image_table(demo_workspace, demo_result):
     images = demo_result["images"]
     test = demo_workspace.extractions.get("test")
