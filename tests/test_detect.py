@@ -87,6 +87,10 @@ def test_ablation_by_hand():
     assert result["random_recall_drop"] == pytest.approx(expected_random)
     both = ablation_arrays(head, filters, features, labels, cls=None, top_n=1, n_random_draws=5)
     assert both["classes"] == [0, 1]
+    # One set of random draws for all classes: a class checked alone gets the same baseline.
+    for cl in (0, 1):
+        alone = ablation_arrays(head, filters, features, labels, cls=cl, top_n=1, n_random_draws=5)
+        assert alone["per_class"][0] == both["per_class"][cl]
     with pytest.raises(CfdebugError, match="top_n"):
         ablation_arrays(head, filters, features, labels, cls=0, top_n=4)
     with pytest.raises(CfdebugError, match="cls"):
