@@ -402,7 +402,7 @@ def _fit_loop(heads, loss_fn, g: torch.Tensor, inputs: Any, config: CFEConfig, p
         x_b = None if inputs is None else _take(inputs, idx, g.device)
         opt.zero_grad(set_to_none=True)
         for span in spans:
-            terms = loss_fn(idx_t, g_b, x_b, None if len(spans) == 1 else span)
+            terms = loss_fn(idx_t, g_b, x_b, span)
             terms["loss"].backward()
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
@@ -421,9 +421,16 @@ def _fit_inputs(features: Any, head: MaskedHead | nn.Module | None, inputs: Any,
     head = as_masked_head(head)
     g = _as_features(features, device)
     _check_inputs(head, inputs, g.shape[0], g.shape[1])
-    frozen = MaskedHead(frozen_head(head.module, device), head.kind)
+    frozen = head if _frozen_on(head, device) else MaskedHead(frozen_head(head.module, device), head.kind)
     _check_head_classes(frozen, g, inputs, num_classes)
     return g, frozen
+
+
+def _frozen_on(head: MaskedHead, device) -> bool:
+    """Whether ``head`` already is a frozen eval-mode copy on ``device`` (e.g. from
+    :func:`masked_head`), so fitting need not copy it again (a VGG head is ~0.5 GB)."""
+    params = list(head.module.parameters())
+    return bool(params) and not head.module.training and not any(p.requires_grad for p in params) and head.device == torch.device(device)
 
 
 def _init_heads(heads, g: torch.Tensor, config: CFEConfig, seed: int):
@@ -678,9 +685,9 @@ def mc_heads(workspace, config: CFEConfig | None = None, progress: Progress | No
     from .config import config_dict
 
     config = config or CFEConfig()
-    head = masked_head(workspace.target, workspace.device)
     key = heads_key(workspace, "mc", config)
     if not workspace.store.exists(CACHE_KIND, key):
+        head = masked_head(workspace.target, workspace.device)
         train = workspace.extractions.get("train", progress=scaled_progress(progress, 0.0, 0.05))
         maps = split_head_inputs(workspace, "train", head, scaled_progress(progress, 0.05, 0.1))
         start = time.perf_counter()
@@ -721,10 +728,10 @@ def mi_heads(workspace, config: CFEConfig | None = None, progress: Progress | No
     from .config import config_dict
 
     config = config or CFEConfig()
-    head = masked_head(workspace.target, workspace.device)
     key = heads_key(workspace, "mi", config)
     hit = workspace.store.exists(CACHE_KIND, key)
     if not hit:
+        head = masked_head(workspace.target, workspace.device)
         train = workspace.extractions.get("train", progress=scaled_progress(progress, 0.0, 0.05))
         maps = split_head_inputs(workspace, "train", head, scaled_progress(progress, 0.05, 0.1))
         start = time.perf_counter()
