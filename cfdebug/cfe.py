@@ -38,7 +38,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,8 +47,8 @@ from torch import nn
 
 from .config import CFEConfig
 from .errors import CfdebugError
+from .runtime import Progress, scaled_progress
 
-Progress = Callable[[float, str], None]
 
 # Upper bound (elements) of one masked block [rows, C(, h, w)] fed to the frozen head, so the
 # feature-map path trains and predicts in bounded memory (64 MiB of float32 per block).
@@ -61,11 +61,15 @@ MAP_BLOCK_ELEMENTS = 1 << 24
 
 
 def thresholded_relu(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``x`` where ``x > threshold``, else 0 (Keras' ThresholdedReLU).
+    """``x`` where ``x > threshold``, else 0 (Keras' ThresholdedReLU; paper A eq. 5's ``ReLU_t``),
+    element-wise, any shape and dtype.
 
-    Its gradient is 1 above the threshold and 0 below, which is what autograd gives for this
-    expression; the CFE heads train with that gradient (a filter switched off by one image can
-    still be switched on again through the images where it is on).
+    Gradient: exactly what the formula implies, ``∂out/∂x = 1`` where ``x > threshold`` and 0
+    where ``x ≤ threshold`` (at the threshold too): it is computed as ``x * 1[x > threshold]``,
+    so autograd differentiates a product with a constant 0/1 mask (no straight-through estimate,
+    no smoothing). The CFE heads train with that gradient (a filter switched off by one image can
+    still be switched on through the images where it is on); in treatment a filter whose
+    ``sigmoid(g)`` is at or below θ gets no gradient from the MC/non-MC terms.
     """
     return x * (x > threshold).to(x.dtype)
 
@@ -757,13 +761,6 @@ def mi_heads(workspace, config: CFEConfig | None = None, progress: Progress | No
     return result
 
 
-def scaled_progress(progress: Progress | None, lo: float, hi: float) -> Progress | None:
-    """Map a stage's progress in [0, 1] onto [lo, hi] of the caller's bar."""
-    if progress is None:
-        return None
-    return lambda frac, text: progress(lo + (hi - lo) * frac, text)
-
-
 __all__ = [
     "CFEConfig",
     "MAP_BLOCK_ELEMENTS",
@@ -787,7 +784,6 @@ __all__ = [
     "mi_heads",
     "mi_loss",
     "predict_masks",
-    "scaled_progress",
     "second_most_probable",
     "thresholded_relu",
 ]

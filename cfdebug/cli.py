@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import DATA_FORMATS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig, config_dict, default_workdir
+from .config import DATA_FORMATS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig, config_dict, default_workdir, workspace_config_from_dict
 from .errors import CfdebugError
 from .runtime import DEVICE_CHOICES
 
@@ -202,23 +202,12 @@ def cmd_detect(args) -> dict:
         frame["predicted"] = [ws.data.classes[i] for i in frame["predicted"]]
         frame["proposed"] = [ws.data.classes[i] for i in frame["proposed"]]
         columns = ["id", "path", "true", "predicted", "confidence", "recall", "precision", "f1", "flagged", "proposed", "unscorable", "error"]
-        _write_csv_atomic(frame[columns], args.csv)
+        from .store import atomic_file
+
+        with atomic_file(args.csv) as tmp:
+            frame[columns].to_csv(tmp, index=False)
         print(f"per-image table written to {args.csv}", file=sys.stderr)
     return result
-
-
-def _write_csv_atomic(frame, path) -> None:
-    import os
-    import uuid
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -251,17 +240,6 @@ def treat_run_config(args) -> dict:
         batch_size=args.treat_batch_size, trainable=args.trainable,
     )
     return {"workspace": config_dict(workspace_config(args)), "treatment": config_dict(treatment), "lambdas1": l1, "lambdas2": l2, "seeds": seeds}
-
-
-def workspace_config_from_dict(d: dict) -> WorkspaceConfig:
-    data = dict(d["data"])
-    for key in ("mean", "std"):
-        if data.get(key) is not None:
-            data[key] = tuple(data[key])
-    return WorkspaceConfig(
-        model=ModelConfig(**d["model"]), data=DataConfig(**data), train=TrainConfig(**d["train"]),
-        extract=ExtractConfig(**d["extract"]), device=d["device"], workdir=d["workdir"],
-    )
 
 
 def print_table2(result: dict, model: str) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import CfdebugError
+from .store import jsonable
 
 DEMO_DATASETS = ("biased-digits", "clean-digits")
 DATA_FORMATS = ("auto", "digits", "imagefolder", "cub", "cifar")
@@ -191,6 +192,28 @@ class WorkspaceConfig:
     @property
     def workdir_path(self) -> Path:
         return Path(self.workdir)
+
+
+def workspace_config_from_dict(d: dict) -> WorkspaceConfig:
+    """The :class:`WorkspaceConfig` that ``config_dict`` wrote (run.json, artifacts' meta).
+
+    Lists become tuples again; missing sections take their defaults. A dict of another shape is
+    a :class:`CfdebugError` naming what is wrong.
+    """
+    if not isinstance(d, dict):
+        raise CfdebugError(f"Expected a workspace config as a JSON object, but got {type(d).__name__}.")
+    try:
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(d.get("data", {})).items()}
+        return WorkspaceConfig(
+            model=ModelConfig(**d.get("model", {})),
+            data=DataConfig(**data),
+            train=TrainConfig(**d.get("train", {})),
+            extract=ExtractConfig(**d.get("extract", {})),
+            device=d.get("device", "auto"),
+            workdir=d.get("workdir") or default_workdir(),
+        )
+    except TypeError as exc:
+        raise CfdebugError(f"Expected a workspace config as written by config_dict(WorkspaceConfig), but {exc}.") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,12 +607,4 @@ def xcr_config_from_dict(d: dict) -> XCRConfig:
 
 def config_dict(config) -> dict:
     """``asdict`` with tuples as lists, so that it round-trips through JSON unchanged."""
-    return _jsonable(asdict(config))
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+    return jsonable(asdict(config))

@@ -54,14 +54,15 @@ from typing import Any
 import numpy as np
 
 from . import metrics
-from .cfe import Progress, masked_head, masked_predictions, mc_heads, predict_masks, scaled_progress, split_head_inputs
+from .cfe import masked_head, masked_predictions, mc_heads, predict_masks, split_head_inputs
 # DetectConfig and its constants live in cfdebug.config (METRICS, MCFilterConfig: re-exports).
 from .config import DETECT_METRICS as METRICS  # noqa: F401
 from .config import DETECT_ROWS as ROWS
 from .config import DetectConfig, MCFilterConfig, check_fraction, check_int  # noqa: F401
 from .errors import CfdebugError
+from .runtime import Progress, scaled_progress
 from .mcfilters import GlobalFilters, global_mc_filters, global_sets
-from .store import stable_hash
+from .store import jsonable, stable_hash
 
 ROW_LABELS = {"avg_recall": "Avg. Recall", "avg_f1": "Avg. F1 score", "recall_cut": "Recall <{cut:g}"}
 
@@ -185,9 +186,7 @@ class _Split:
 
     @property
     def probs(self) -> np.ndarray:
-        z = self.logits - self.logits.max(1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(1, keepdims=True)
+        return metrics.softmax(self.logits)
 
 
 def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: DetectConfig | None = None) -> dict:
@@ -514,7 +513,7 @@ def run_detection(workspace, config: DetectConfig | None = None, progress: Progr
     result["split"] = config.split
     result["config"] = config_dict(config)
     result["seconds"] = time.perf_counter() - start
-    result = _jsonable(result)
+    result = jsonable(result)
     workspace.store.save_arrays(CACHE_KIND, key, {}, result)
     if progress:
         progress(1.0, "detection done")
@@ -532,18 +531,6 @@ class _WithPaths:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    return x
 
 
 def images_frame(result: dict):

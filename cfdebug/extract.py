@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -26,9 +25,10 @@ from numpy.lib.format import open_memmap
 
 from .errors import CfdebugError
 from .hooks import capture
+from .metrics import softmax
+from .runtime import Progress
 from .store import stable_hash
 
-Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -47,9 +47,7 @@ class Extraction:
 
     @cached_property
     def probs(self) -> np.ndarray:
-        z = self.logits - self.logits.max(1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(1, keepdims=True)
+        return softmax(self.logits)
 
     @property
     def preds(self) -> np.ndarray:

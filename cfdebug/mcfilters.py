@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from .cfe import Progress, masked_head, masked_predictions, mc_heads, predict_masks, scaled_progress, split_head_inputs
+from .cfe import masked_head, masked_predictions, mc_heads, predict_masks, split_head_inputs
 from .config import MCFilterConfig, check_fraction
 from .errors import CfdebugError
+from .runtime import Progress, scaled_progress
 
 
 @dataclass

@@ -46,6 +46,7 @@ __all__ = [
     "per_class_recall",
     "reliability_bins",
     "set_agreement",
+    "softmax",
     "sufficiency",
 ]
 
@@ -329,7 +330,8 @@ def brier_score(probs: Any, labels: Any) -> float:
     return float((diff**2).sum(axis=1).mean())
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits ``[N, K]`` (any float dtype, kept), shifted by the row max."""
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
@@ -361,7 +363,7 @@ def apply_temperature(logits: Any, T: float) -> np.ndarray:
     T = _check_temperature(T)
     raw = _to_numpy(logits, "logits")
     z = _check_logits(raw)
-    probs = _softmax(z / T)
+    probs = softmax(z / T)
     return probs.astype(np.float32) if raw.dtype == np.float32 else probs
 
 

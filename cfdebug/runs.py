@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import CfdebugError
+from .store import write_text_atomic
 
 __all__ = [
     "STATUSES",
@@ -382,7 +383,7 @@ class RunRegistry:
             # run.json is written while we hold the write lock, after the duplicate check, so a
             # second create() with the same id can never overwrite the first run's config.
             run_dir.mkdir(parents=True, exist_ok=True)
-            _write_text_atomic(run_dir / "run.json", run_json + "\n")
+            write_text_atomic(run_dir / "run.json", run_json + "\n")
             now = time.time()
             conn.execute(
                 "INSERT INTO runs (run_id, kind, status, config, created, updated) VALUES (?, ?, 'queued', ?, ?, ?)",
@@ -492,7 +493,7 @@ class RunRegistry:
             )
 
         self._execute(update, write=True)
-        _write_text_atomic(self.run_dir(run_id) / "result.json", _dumps(result, what="result", indent=2) + "\n")
+        write_text_atomic(self.run_dir(run_id) / "result.json", _dumps(result, what="result", indent=2) + "\n")
 
     def request_cancel(self, run_id: str) -> None:
         """Set the run's cancel flag (seen by :meth:`cancel_requested`); sends no signal."""
@@ -844,19 +845,6 @@ def _dumps(value: Any, *, what: str, indent: int | None = None) -> str:
 
 def _loads(text: str) -> Any:
     return json.loads(text)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and ``os.replace`` (atomic rename)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _proc_stat(pid: int) -> tuple[str, str] | None:

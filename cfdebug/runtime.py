@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Callable
 
 import numpy as np
 import torch
@@ -10,6 +11,20 @@ import torch
 from .errors import CfdebugError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+Progress = Callable[[float, str], None]
+"""The one progress type: ``progress(fraction in [0, 1], message)``."""
+
+
+def scaled_progress(progress: Progress | None, lo: float, hi: float, prefix: str = "") -> Progress | None:
+    """Map a stage's progress in [0, 1] onto [lo, hi] of the caller's bar (``None`` stays ``None``)."""
+    if progress is None:
+        return None
+
+    def inner(fraction: float, message: str) -> None:
+        progress(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), prefix + message)
+
+    return inner
 
 
 def resolve_device(name: str = "auto") -> torch.device:

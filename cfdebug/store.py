@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -110,19 +111,63 @@ def json_default(value):
     return str(value)
 
 
+def jsonable(value):
+    """Plain JSON types, recursively: dict keys as text, tuples and arrays as lists, NumPy
+    scalars as Python numbers, and NaN/inf as ``None`` (``--json`` output, registry results)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _write_json(path: Path, payload: dict) -> None:
     with open(path, "w") as handle:
         json.dump(payload, handle, indent=1, sort_keys=True, default=json_default)
 
 
-def write_json_atomic(path: str | Path, payload: dict) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename (for user-named outputs)."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success it replaces ``path`` atomically.
+
+    The one atomic writer for single files (run configs, results, checkpoints, ``--json`` and
+    ``--csv`` outputs): the file is synced, then renamed over ``path`` with ``os.replace``, so a
+    reader sees the old file or the new one, never half of one. On an exception the temporary
+    file is removed and ``path`` is untouched. Missing parent folders are created.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "w") as handle:
-            json.dump(payload, handle, indent=2, default=json_default)
+        yield tmp
+        if tmp.exists():
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> None:
+    """Write JSON to ``path`` atomically (for user-named outputs)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, default=json_default))
+
+
+def torch_save_atomic(payload, path: str | Path) -> None:
+    """``torch.save(payload)`` to ``path`` atomically (checkpoints, ``model.pt``)."""
+    import torch
+
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)

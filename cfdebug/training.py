@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -20,9 +19,8 @@ from torch import nn
 from .config import TrainConfig
 from .data import DataBundle
 from .errors import CfdebugError
-from .runtime import seed_everything
+from .runtime import Progress, seed_everything
 
-Progress = Callable[[float, str], None]
 
 
 def loader(bundle: DataBundle, split: str, batch_size: int, *, shuffle: bool = False, generator=None, num_workers: int = 0):

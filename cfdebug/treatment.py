@@ -31,10 +31,8 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import os
 import random
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -57,10 +55,11 @@ from .distributed import (
     wrap_ddp,
 )
 from .errors import CfdebugError
+from .cfe import thresholded_relu
 from .hooks import capture
 from .metrics import confusion_matrix, per_class_recall
-from .runtime import seed_everything
-from .store import stable_hash
+from .runtime import Progress, seed_everything
+from .store import stable_hash, torch_save_atomic
 from .training import loader, predict_logits
 
 __all__ = [
@@ -82,7 +81,6 @@ __all__ = [
     "table3",
 ]
 
-Progress = Callable[[float, str], None]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
@@ -97,18 +95,6 @@ def control_config(config: TreatmentConfig) -> TreatmentConfig:
 
 
 # ---------------------------------------------------------------------------------- the loss
-def thresholded_relu(x: torch.Tensor, theta: float = 0.5) -> torch.Tensor:
-    """``x`` where ``x > theta``, else 0 (eq. 5's ``ReLU_t``), element-wise, any shape and dtype.
-
-    Gradient: exactly what the formula implies, ``∂out/∂x = 1`` where ``x > theta`` and ``0``
-    where ``x ≤ theta`` (at ``x = theta`` too). It is computed as ``x * 1[x > theta]`` so
-    autograd differentiates the product with a constant 0/1 mask: no straight-through estimate,
-    no smoothing. Consequence for treatment: a filter whose ``sigmoid(g)`` is at or below θ
-    (``g ≤ 0`` for θ = 0.5) gets no gradient from the MC/non-MC terms at all.
-    """
-    return x * (x > theta).to(x.dtype)
-
-
 def treatment_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -341,19 +327,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_atomic(payload: Any, path: Path) -> None:
-    """``torch.save`` through a temporary file in the same folder, then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -831,7 +804,7 @@ def _check_finite(terms, epoch, step, run_path, last_good, registry, run_id) -> 
 def _write_checkpoint(run_path: Path, model, optimizer, epoch, history, best_epoch, best_val, best_val_loss, best_state, identity) -> None:
     best_file = f"best-epoch{best_epoch}.pt"
     if not (run_path / best_file).is_file() or best_epoch == epoch:
-        _save_atomic(best_state, run_path / best_file)
+        torch_save_atomic(best_state, run_path / best_file)
     payload = {
         "format": _CHECKPOINT_FORMAT,
         "identity": identity,
@@ -845,7 +818,7 @@ def _write_checkpoint(run_path: Path, model, optimizer, epoch, history, best_epo
         "best_val_loss": best_val_loss,
         "best_file": best_file,
     }
-    _save_atomic(payload, run_path / CHECKPOINT_NAME)
+    torch_save_atomic(payload, run_path / CHECKPOINT_NAME)
     # Only after the checkpoint that names the new best file: older best files are now unused.
     for old in run_path.glob("best-epoch*.pt"):
         if old.name != best_file:
@@ -991,7 +964,7 @@ def run_treatment(
         "state_dict": result.state_dict,
     }
     if run_dir is not None and get_rank() == 0:
-        _save_atomic(result.state_dict, Path(run_dir) / MODEL_NAME)
+        torch_save_atomic(result.state_dict, Path(run_dir) / MODEL_NAME)
     barrier()  # under DDP: model.pt is on disk before any process returns
     return out
 

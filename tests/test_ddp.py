@@ -64,13 +64,13 @@ CHILD = textwrap.dedent(
     out = Path(spec["out"])
     ctx = init_distributed("cpu")
     writes = []
-    save = treatment._save_atomic
+    save = treatment.torch_save_atomic
 
     def recording_save(payload, path):
         writes.append([Path(path).parent.name, Path(path).name])
         save(payload, path)
 
-    treatment._save_atomic = recording_save
+    treatment.torch_save_atomic = recording_save
     with main_first():  # rank 0 loads (or trains) the cached demo model first
         ws = Workspace(WorkspaceConfig(workdir=spec["workdir"], device=str(ctx.device)))
     registry = RunRegistry(spec["registry"])

@@ -1,7 +1,6 @@
 """Treatment: retrain with the MC-filter losses (λ1, λ2) in the background and compare with the CE-only control."""
 
 import dataclasses
-import time
 
 import numpy as np
 import pandas as pd

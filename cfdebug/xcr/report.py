@@ -39,6 +39,7 @@ from PIL import Image
 from ..config import config_dict
 from ..data.corruptions import MIN_IMAGE_SIZE, N_SEVERITIES, corrupt, load_cifar10c
 from ..errors import CfdebugError
+from ..runtime import Progress, scaled_progress
 from ..metrics import (
     apply_temperature,
     brier_score,
@@ -47,7 +48,7 @@ from ..metrics import (
     negative_log_likelihood,
     reliability_bins,
 )
-from ..store import stable_hash
+from ..store import jsonable, stable_hash
 from .retrain import XCRConfig, counterfactual_retrain, fit_val_temperature, training_masks, vanilla_retrain, xcr_config_from_dict
 from .selector import (
     SelectorConfig,
@@ -83,7 +84,6 @@ __all__ = [
     "print_table2",
 ]
 
-Progress = Callable[[float, str], None]
 
 TABLE1_MODES = ("XCR", "VIBI", "random")
 TABLE1_COLUMNS = ("k", "beta", "mode", "accuracy", "avg_drop", "avg_inc", "fidelity", "sufficiency")
@@ -223,16 +223,6 @@ def evaluate_calibration(model, images: np.ndarray, labels, data, device, *, tem
 # --------------------------------------------------------------------------------------------
 
 
-def _sub_progress(progress: Progress | None, lo: float, hi: float, prefix: str = "") -> Progress | None:
-    if progress is None:
-        return None
-
-    def inner(fraction: float, message: str) -> None:
-        progress(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), prefix + message)
-
-    return inner
-
-
 def explanation_table(
     ws,
     ks: Sequence[int],
@@ -301,7 +291,7 @@ def explanation_table(
 
             raise RunCancelled("Table 1 was stopped")
         label = f"Table 1 ({j + 1}/{len(jobs)}): {mode} k={k}" + ("" if beta is None else f" β={beta:g}") + ": "
-        step = _sub_progress(progress, j / len(jobs), (j + 1) / len(jobs), label)
+        step = scaled_progress(progress, j / len(jobs), (j + 1) / len(jobs), label)
         if mode == "random":
             masks = random_masks(len(labels), d, k, seed)
             full, masked = masked_probabilities(ws.model, data, masks, base.patch_size, device)
@@ -358,22 +348,6 @@ def _corrupted_chunks(ws, config: XCRConfig, images: np.ndarray, labels: np.ndar
 # --------------------------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------------------------
-
-
-def _jsonable(value):
-    """Plain JSON types (numpy → Python; NaN/inf → None) for ``--json`` and the registry."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    return value
 
 
 def _pool_bins(pooled: dict | None, bins: dict) -> dict:
@@ -559,7 +533,7 @@ def run_xcr_report(
         for method in methods:
             check()
             prefix = f"retrain {done + 1}/{runs_total} ({method}, seed {seed}): "
-            sub = _sub_progress(report, done / runs_total, (done + 1) / runs_total, prefix)
+            sub = scaled_progress(report, done / runs_total, (done + 1) / runs_total, prefix)
             folder = None if run_dir is None else Path(run_dir) / f"{method}-seed{seed}"
             if method == "vanilla":
                 result = vanilla_retrain(ws, config, seed, sub, run_dir=folder, registry=registry, run_id=run_id)
@@ -657,7 +631,7 @@ def run_xcr_report(
         "seconds": time.perf_counter() - started,
         "cache_hit": False,
     }
-    result = _jsonable(result)
+    result = jsonable(result)
     with store.writer(REPORT_KIND, key, {"config": config_dict(config), "key_parts": ws.key_parts, "format": REPORT_FORMAT}) as tmp:
         with open(tmp / "result.json", "w") as handle:
             json.dump(result, handle)
@@ -686,7 +660,7 @@ def xcr_run_from_config(run_json, run_id: str | None = None, progress: Progress 
     (status, cancel by SIGTERM), logs progress, resumes its retraining checkpoints and stores
     the result with ``set_result``; without, it just runs. Returns the result dict.
     """
-    from ..config import DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig
+    from ..config import workspace_config_from_dict
     from ..runs import RunRegistry, run_context
     from ..workspace import Workspace
 
@@ -701,18 +675,7 @@ def xcr_run_from_config(run_json, run_id: str | None = None, progress: Progress 
         payload = dict(run_json)
     if "workspace" not in payload or "xcr" not in payload:
         raise CfdebugError(f"Expected the run config to hold `workspace` and `xcr`, but it holds {', '.join(payload) or 'nothing'}.")
-    w = dict(payload["workspace"])
-    try:
-        ws_config = WorkspaceConfig(
-            model=ModelConfig(**w.get("model", {})),
-            data=DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in w.get("data", {}).items()}),
-            train=TrainConfig(**w.get("train", {})),
-            extract=ExtractConfig(**w.get("extract", {})),
-            device=w.get("device", "auto"),
-            workdir=w.get("workdir") or WorkspaceConfig().workdir,
-        )
-    except TypeError as exc:
-        raise CfdebugError(f"Expected a workspace config as written by config_dict(WorkspaceConfig), but {exc}.") from None
+    ws_config = workspace_config_from_dict(payload["workspace"])
     config = xcr_config_from_dict(payload["xcr"])
     if run_id is None:
         return run_xcr_report(Workspace(ws_config, progress), config, progress)
@@ -823,7 +786,7 @@ def bench_xcr(ws, n_images: int = 64, batch_size: int = 64, config: SelectorConf
         full, masked = masked_probabilities(model, batches, masks, cfg.patch_size, device)
         m = explanation_metrics(full, masked)
         out[f"{name}_avg_drop"], out[f"{name}_fidelity"] = m["avg_drop"], m["fidelity"]
-    return _jsonable(out)
+    return jsonable(out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ import torch
 from ..config import CORRUPTIONS, INIT_CHOICES, XCRConfig, xcr_config_from_dict
 from ..errors import CfdebugError
 from ..metrics import apply_temperature, fit_temperature, negative_log_likelihood
-from ..runtime import seed_everything
+from ..runtime import Progress, seed_everything
 from ..store import stable_hash
 from ..treatment import FinetuneConfig, FinetuneResult, finetune
 from ..training import predict_logits
@@ -56,7 +55,6 @@ __all__ = [
     "val_nll",
 ]
 
-Progress = Callable[[float, str], None]
 
 #: The demo's default corruption set: all 15 (they cost ~0.2 s each on the 539 demo test images).
 DEMO_CORRUPTIONS = CORRUPTIONS

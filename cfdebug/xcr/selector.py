@@ -37,10 +37,9 @@ from ..config import SELECTOR_MODES as MODES
 from ..config import SELECTOR_TARGETS as TARGETS  # noqa: F401  (re-exported)
 from ..config import SelectorConfig, check_int, config_dict
 from ..errors import CfdebugError
-from ..runtime import seed_everything
+from ..runtime import Progress, seed_everything
 from ..store import stable_hash
 
-Progress = Callable[[float, str], None]
 
 MASKS_KIND = "xcr-masks"
 SELECTOR_KIND = "xcr-selector"
