@@ -221,7 +221,7 @@ def report_markdown(result: dict, title: str, command: str) -> str:
     if xcr:
         parts += ["", f"XCR ({xcr.get('settings') or ''}). Table 1 (explanations, test split):", "",
                   "| method | k | β | accuracy | Avg Drop | Avg Inc |", "|---|---|---|---|---|---|"]
-        parts += [f"| {r.get('method')} | {r.get('k')} | {r.get('beta') if r.get('beta') is not None else '-'} | {_cell(r.get('accuracy'))} | "
+        parts += [f"| {r.get('mode')} | {r.get('k')} | {r.get('beta') if r.get('beta') is not None else '-'} | {_cell(r.get('accuracy'))} | "
                   f"{_cell(r.get('avg_drop'))} | {_cell(r.get('avg_inc'))} |" for r in xcr["table1"]]
     return "\n".join(parts) + "\n"
 
