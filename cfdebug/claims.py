@@ -142,7 +142,7 @@ def xcr_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, config=None, *, progress
     for split in ("clean", "corrupt"):
         for metric, higher in XCR_METRICS:
             key = f"{split}_{metric}"
-            xcr = [rows[("XCR", s)][key] for s in config.seeds]
+            xcr = [rows[("xcr", s)][key] for s in config.seeds]
             vanilla = [rows[("vanilla", s)][key] for s in config.seeds]
             if any(v is None for v in xcr + vanilla):
                 continue
