@@ -201,7 +201,7 @@ def bench_xcr_cli(args) -> dict:
     """Selector masks/s vs captum Occlusion with the same patch size, and the Avg Drop of both."""
     from .cli import workspace_config
     from .workspace import Workspace
-    from .xcr.report import bench_xcr, format_bench
+    from .xcr import bench_xcr, format_bench
 
     ws = Workspace(workspace_config(args))
     out = bench_xcr(ws, n_images=args.n, batch_size=args.batch_size)

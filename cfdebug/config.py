@@ -8,7 +8,9 @@ re-export their config (``from cfdebug.cfe import CFEConfig`` works as before).
 A config that is out of range raises :class:`~cfdebug.errors.CfdebugError` on construction,
 with a message in the torchmetrics form "Expected `lr` to be a positive number, but got 0.0."
 (:func:`check_int`, :func:`check_real`, :func:`check_fraction`, :func:`check_choice`; the
-stage modules use the same functions for their other arguments).
+stage modules use the same functions for their other arguments). The workspace configs name
+their fields by path (`data.val_fraction`, `device`); :func:`for_cli` turns those names into
+the CLI's flags (:data:`CLI_FLAGS`), :func:`rename_fields` into any other labels.
 
 This module must not import torch: the dashboard imports it.
 """
@@ -18,7 +20,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -128,13 +131,48 @@ def default_workdir() -> str:
     return os.environ.get("CFDEBUG_HOME") or ".cfdebug"
 
 
+#: Largest ``DataConfig.input_size`` accepted: a 4096×4096 RGB float32 image is already 192 MiB.
+MAX_INPUT_SIZE = 4096
+# ``WorkspaceConfig.device``: auto, cpu, cuda or cuda:N (checked here without importing torch).
+_DEVICE_PATTERN = re.compile(r"(auto|cpu|cuda(:\d+)?)")
+
+
+def check_text(value: Any, name: str, optional: bool = False) -> str | None:
+    """Validate a non-empty string (or ``None`` with ``optional``) and return it."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        expected = "None or a non-empty string" if optional else "a non-empty string"
+        raise CfdebugError(f"Expected `{name}` to be {expected}, but got {value!r}.")
+    return value
+
+
+def _check_rgb(value: Any, name: str, positive: bool) -> None:
+    """``None`` or three finite numbers (each > 0 with ``positive``), one per RGB channel."""
+    if value is None:
+        return
+    expected = "three finite numbers > 0 (one per RGB channel)" if positive else "three finite numbers (one per RGB channel)"
+    ok = isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and len(value) == 3
+    ok = ok and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not ok or (positive and min(value) <= 0):
+        raise CfdebugError(f"Expected `{name}` to be None or {expected}, but got {value!r}.")
+
+
+def _check_section(value: Any, name: str, cls: type) -> None:
+    if not isinstance(value, cls):
+        raise CfdebugError(f"Expected `{name}` to be a {cls.__name__}, but got {type(value).__name__}.")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset, and how its images become tensors.
 
     ``source`` is ``biased-digits``, ``clean-digits`` or a directory. ``input_size``, ``mean``
     and ``std`` of ``None`` take the dataset's defaults (32 px and 0.5/0.25 for the digits and
-    CIFAR; 224 px and the ImageNet statistics for ImageFolder and CUB trees).
+    CIFAR; 224 px and the ImageNet statistics for ImageFolder and CUB trees). ``bias`` in
+    ``[0, 1]`` is the Biased Digits shortcut strength; ``val_fraction`` in ``[0, 1)`` the part
+    of train carved out as validation when a dataset has no val split (``load_data`` needs it
+    ``> 0`` only then). Messages name the field as ``data.<field>`` (see :data:`CLI_FLAGS`).
     """
 
     source: str = "biased-digits"
@@ -146,6 +184,24 @@ class DataConfig:
     val_fraction: float = 0.1
     seed: int = 0
 
+    def __post_init__(self):
+        check_text(self.source, "data.source")
+        check_choice(self.format, "data.format", DATA_FORMATS)
+        if self.input_size is not None and (
+            isinstance(self.input_size, bool) or not isinstance(self.input_size, numbers.Integral)
+            or not 1 <= self.input_size <= MAX_INPUT_SIZE
+        ):
+            raise CfdebugError(f"Expected `data.input_size` to be None or an integer in 1..{MAX_INPUT_SIZE} (pixels), but got {self.input_size!r}.")
+        _check_rgb(self.mean, "data.mean", positive=False)
+        _check_rgb(self.std, "data.std", positive=True)
+        check_fraction(self.bias, "data.bias")
+        check_fraction(self.val_fraction, "data.val_fraction", upper_open=True)
+        check_int(self.seed, "data.seed", 0)
+        # Lists (JSON) become tuples so the frozen config hashes; the values are kept as given.
+        for name in ("mean", "std"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -154,6 +210,12 @@ class ModelConfig:
     name: str = "demo-cnn"
     weights: str | None = None
     layer: str | None = None
+
+    def __post_init__(self):
+        check_text(self.name, "model.name")
+        if not isinstance(self.weights, os.PathLike):
+            check_text(self.weights, "model.weights", optional=True)
+        check_text(self.layer, "model.layer", optional=True)
 
 
 @dataclass(frozen=True)
@@ -169,6 +231,13 @@ class TrainConfig:
     batch_size: int = 64
     seed: int = 0
 
+    def __post_init__(self):
+        check_int(self.epochs, "train.epochs")
+        check_real(self.lr, "train.lr", low=0.0, low_open=True)
+        check_real(self.weight_decay, "train.weight_decay", low=0.0)
+        check_int(self.batch_size, "train.batch_size")
+        check_int(self.seed, "train.seed", 0)
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
@@ -177,10 +246,18 @@ class ExtractConfig:
     batch_size: int = 128
     num_workers: int = 0
 
+    def __post_init__(self):
+        check_int(self.batch_size, "extract.batch_size")
+        check_int(self.num_workers, "extract.num_workers", 0)
+
 
 @dataclass(frozen=True)
 class WorkspaceConfig:
-    """Everything that identifies a workspace: model, data, device and where artifacts live."""
+    """Everything that identifies a workspace: model, data, device and where artifacts live.
+
+    ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether that device exists is
+    checked when the workspace opens it); ``workdir`` a non-empty folder path.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,9 +266,59 @@ class WorkspaceConfig:
     device: str = "auto"
     workdir: str = field(default_factory=default_workdir)
 
+    def __post_init__(self):
+        for name, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("extract", ExtractConfig)):
+            _check_section(getattr(self, name), name, cls)
+        if not isinstance(self.device, str) or not _DEVICE_PATTERN.fullmatch(self.device):
+            raise CfdebugError(f"Expected `device` to be auto, cpu, cuda or cuda:N, but got {self.device!r}.")
+        if not isinstance(self.workdir, os.PathLike):
+            check_text(self.workdir, "workdir")
+
     @property
     def workdir_path(self) -> Path:
         return Path(self.workdir)
+
+
+#: CLI flag of each workspace config field (as library messages name it), for :func:`for_cli`.
+#: Fields without a flag (``train.batch_size``, ``extract.num_workers``, …) are left as named.
+CLI_FLAGS: dict[str, str] = {
+    "model.name": "--model",
+    "model.weights": "--weights",
+    "model.layer": "--layer",
+    "data.source": "--data",
+    "data.format": "--format",
+    "data.input_size": "--input-size",
+    "data.mean": "--mean",
+    "data.std": "--std",
+    "data.bias": "--bias",
+    "data.val_fraction": "--val-fraction",
+    "data.seed": "--data-seed",
+    "train.epochs": "--epochs",
+    "train.lr": "--lr",
+    "train.seed": "--seed",
+    "extract.batch_size": "--batch-size",
+    "device": "--device",
+    "workdir": "--workdir",
+}
+
+
+def flag_for(field_name: str) -> str | None:
+    """The CLI flag that sets config field ``field_name`` (``"data.input_size"`` → ``"--input-size"``), or None."""
+    return CLI_FLAGS.get(field_name)
+
+
+def rename_fields(message: str, names: dict[str, str]) -> str:
+    """``message`` with every backquoted field name in ``names`` replaced by its entry.
+
+    Library messages name config fields (``Expected `data.val_fraction` to be in [0, 1), …``);
+    the CLI shows its flags instead (:func:`for_cli`), the dashboard its widget labels.
+    """
+    return re.sub(r"`([A-Za-z_][\w.]*)`", lambda m: f"`{names.get(m.group(1), m.group(1))}`", message)
+
+
+def for_cli(message: str) -> str:
+    """``message`` with config field names replaced by the CLI flags that set them (:data:`CLI_FLAGS`)."""
+    return rename_fields(message, CLI_FLAGS)
 
 
 def workspace_config_from_dict(d: dict) -> WorkspaceConfig:
@@ -448,6 +575,51 @@ class SelectorConfig:
 # --------------------------------------------------------------------------------------------
 
 
+def num_patches(height: int, width: int, patch_size: int) -> int:
+    """``d = (H/p)·(W/p)``; raises :class:`CfdebugError` when ``p`` does not divide ``H`` and ``W``."""
+    check_int(patch_size, "patch_size", 1)
+    if height % patch_size or width % patch_size:
+        divisors = [p for p in range(1, min(height, width) + 1) if height % p == 0 and width % p == 0]
+        shown = ", ".join(map(str, divisors[:12])) + (", …" if len(divisors) > 12 else "")
+        raise CfdebugError(
+            f"Expected `patch_size` to divide the image size {height}×{width}, but got {patch_size}. "
+            f"Choose one of {shown}."
+        )
+    return (height // patch_size) * (width // patch_size)
+
+
+def check_k(k, d: int) -> int:
+    """Validate ``k`` against the number of patches ``d``; return it as an ``int``."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= d:
+        raise CfdebugError(f"Expected `k` to be an integer in 1..{d} (the number of patches), but got {k!r}")
+    return int(k)
+
+
+def _xcr_retrain_default() -> FinetuneConfig:
+    # The paper retrains all layers with Adam and no dropout; `seed` is set per run from `seeds`.
+    return FinetuneConfig(epochs=10, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=0.0, batch_size=64,
+                          dropout=0.0, trainable="all")
+
+
+#: :class:`FinetuneConfig` fields of ``XCRConfig.retrain`` that may be given flat (``epochs=3``):
+#: :meth:`XCRConfig.demo`, ``override_xcr_config`` and run.json files written before ``retrain``
+#: existed. ``seed`` is not one: the runs' seeds are ``XCRConfig.seeds``.
+XCR_RETRAIN_FIELDS = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "batch_size", "trainable", "dropout")
+
+
+def route_retrain_fields(values: dict, retrain: FinetuneConfig) -> dict:
+    """``values`` (XCRConfig keywords) with flat :data:`XCR_RETRAIN_FIELDS` moved into ``retrain``.
+
+    Returns a new dict; when it held retraining fields, its ``retrain`` is ``retrain`` (or
+    ``values["retrain"]``) with those fields replaced, validated as a :class:`FinetuneConfig`.
+    """
+    values = dict(values)
+    flat = {name: values.pop(name) for name in XCR_RETRAIN_FIELDS if name in values}
+    if flat:
+        values["retrain"] = replace(values.get("retrain", retrain), **flat)
+    return values
+
+
 @dataclass(frozen=True)
 class XCRConfig:
     """One XCR experiment: the selector, the retraining schedule, the evaluation.
@@ -455,11 +627,10 @@ class XCRConfig:
     Attributes:
         selector: the :class:`SelectorConfig` whose masks ``T(x)`` are used for retraining
             (its ``k``, ``beta``, ``patch_size``, ``mode``; ``target`` ``"labels"`` is XCR).
-        epochs, lr, optimizer, momentum, weight_decay, batch_size: the retraining schedule,
-            identical for the vanilla and the XCR run. ``batch_size`` counts original images;
-            an XCR batch holds twice as many (the originals and their ``T(x)``).
-        trainable: which layers are retrained (``"all"``, as in the paper; see
-            :data:`cfdebug.treatment.TRAINABLE_CHOICES`).
+        retrain: the :class:`FinetuneConfig` of the retraining, identical for the vanilla and
+            the XCR run (default: Adam lr 1e-3, 10 epochs, all layers, no dropout).
+            ``batch_size`` counts original images; an XCR batch holds twice as many (the
+            originals and their ``T(x)``). Its ``seed`` is replaced by each of ``seeds``.
         init: ``"pretrained"`` (retrain the workspace's black box) or ``"scratch"`` (seeded
             random initialisation of the same architecture, as in the paper).
         seeds: one vanilla and one XCR run per seed; tables report the mean over seeds.
@@ -476,13 +647,7 @@ class XCRConfig:
     """
 
     selector: SelectorConfig = field(default_factory=lambda: SelectorConfig(k=32, beta=0.001))
-    epochs: int = 10
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    trainable: str = "all"
+    retrain: FinetuneConfig = field(default_factory=_xcr_retrain_default)
     init: str = "pretrained"
     seeds: tuple[int, ...] = (0, 1, 2)
     random_baseline: bool = False
@@ -496,15 +661,10 @@ class XCRConfig:
     n_bins: int = 15
 
     def __post_init__(self):
-        if not isinstance(self.selector, SelectorConfig):
-            raise CfdebugError(f"Expected `selector` to be a SelectorConfig, but got {type(self.selector).__name__}.")
-        check_int(self.epochs, "epochs")
-        check_real(self.lr, "lr", low=0.0, low_open=True)
-        check_int(self.batch_size, "batch_size")
+        _check_section(self.selector, "selector", SelectorConfig)
+        _check_section(self.retrain, "retrain", FinetuneConfig)
         check_int(self.corruption_seed, "corruption_seed", 0)
         check_int(self.n_bins, "n_bins")
-        check_choice(self.optimizer, "optimizer", OPTIMIZER_CHOICES)
-        check_choice(self.trainable, "trainable", TRAINABLE_CHOICES)
         check_choice(self.init, "init", INIT_CHOICES)
         if not isinstance(self.random_baseline, bool):
             raise CfdebugError(f"Expected `random_baseline` to be true or false, but got {self.random_baseline!r}.")
@@ -551,25 +711,23 @@ class XCRConfig:
         Selector: :meth:`SelectorConfig.demo` (Adam 3e-3, 6 epochs) at the paper's best
         ``k = 32, β = 0.001``. Retraining: 3 epochs, Adam 1e-3, all layers, from the trained
         demo CNN, one seed. Evaluation: all 15 corruptions at severities 1, 3 and 5. Table 1:
-        k ∈ {16, 32, 64} at β = 0.001. Every field can be overridden, e.g.
-        ``XCRConfig.demo(severities=(1, 2, 3, 4, 5), seeds=(0, 1, 2))``.
+        k ∈ {16, 32, 64} at β = 0.001. Every field can be overridden, the retraining's also
+        flat (:data:`XCR_RETRAIN_FIELDS`), e.g. ``XCRConfig.demo(epochs=1, seeds=(0, 1, 2))``.
         """
         selector = overrides.pop("selector", None) or SelectorConfig.demo(k=32, beta=0.001)
         base = {
             "selector": selector,
-            "epochs": 3,
+            "retrain": replace(_xcr_retrain_default(), epochs=3),
             "seeds": (0,),
             "corruptions": CORRUPTIONS,
             "severities": (1, 3, 5),
             "table1_ks": (16, 32, 64),
             "table1_betas": (0.001,),
         }
-        return cls(**{**base, **overrides})
+        return cls(**route_retrain_fields({**base, **overrides}, base["retrain"]))
 
     def check_against(self, image_size: int) -> int:
         """Validate ``k``, the patch size and the Table 1 grid against ``image_size``; return ``d``."""
-        from .xcr.selector import check_k, num_patches  # torch-side helpers; this module stays torch-free
-
         d = num_patches(image_size, image_size, self.selector.patch_size)
         check_k(self.selector.k, d)
         for k in self.table1_ks:
@@ -577,32 +735,37 @@ class XCRConfig:
         return d
 
 
+def _known_keys(d: dict, cls: type, what: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise CfdebugError(f"Unknown {what} keys {', '.join(unknown)}; expected some of {', '.join(sorted(known))}.")
+
+
 def xcr_config_from_dict(d: dict) -> XCRConfig:
     """Rebuild an :class:`XCRConfig` from ``config_dict(config)`` / ``asdict(config)`` (or JSON).
 
-    Unknown keys raise :class:`CfdebugError` naming them; missing keys take the defaults.
+    The retraining schedule is read from ``retrain``, or flat (:data:`XCR_RETRAIN_FIELDS`) as
+    run.json files written before ``retrain`` existed hold it; not both. Unknown keys raise
+    :class:`CfdebugError` naming them; missing keys take the defaults.
     """
     if isinstance(d, XCRConfig):
         return d
     if not isinstance(d, dict):
         raise CfdebugError(f"Expected the XCR config to be a dict (asdict(XCRConfig)), but got {type(d).__name__}.")
-    known = {f.name for f in fields(XCRConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise CfdebugError(f"Unknown XCR config keys {', '.join(unknown)}; expected some of {', '.join(sorted(known))}.")
     values = dict(d)
-    sel = values.get("selector")
-    if isinstance(sel, dict):
-        sel_known = {f.name for f in fields(SelectorConfig)}
-        bad = sorted(set(sel) - sel_known)
-        if bad:
-            raise CfdebugError(f"Unknown selector config keys {', '.join(bad)}; expected some of {', '.join(sorted(sel_known))}.")
-        values["selector"] = SelectorConfig(**sel)
+    flat = [name for name in XCR_RETRAIN_FIELDS if name in values]
+    if flat and "retrain" in values:
+        raise CfdebugError(f"Expected the retraining schedule under `retrain` or flat (an old run.json), but got both (`retrain` and {', '.join(flat)}).")
+    _known_keys({k: v for k, v in values.items() if k not in flat}, XCRConfig, "XCR config")
+    for name, cls, what in (("selector", SelectorConfig, "selector config"), ("retrain", FinetuneConfig, "retrain config")):
+        if isinstance(values.get(name), dict):
+            _known_keys(values[name], cls, what)
+            values[name] = cls(**values[name])
     for name in ("seeds", "corruptions", "severities", "table1_ks", "table1_betas"):
         if isinstance(values.get(name), list):
             values[name] = tuple(values[name])
-    return XCRConfig(**values)
-
+    return XCRConfig(**route_retrain_fields(values, _xcr_retrain_default()))
 
 
 def config_dict(config) -> dict:

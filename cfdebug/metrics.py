@@ -1,6 +1,8 @@
 """Calibration, explanation, detection, set-agreement and per-class metrics.
 
-Pure functions: no I/O, no global state, inputs are never modified. Every function accepts
+Pure functions: no I/O, no global state, inputs are never modified. The one stateful piece,
+:class:`CalibrationAccumulator`, pools the calibration metrics over chunks (torchmetrics'
+functional + stateful pattern); its result equals the functions' on the concatenation. Every function accepts
 ``torch.Tensor`` (any device; detached and copied to the CPU) or ``numpy`` arrays (or nested
 lists), computes in float64 numpy and returns Python floats, numpy arrays or dicts of them.
 Arguments are validated and a user mistake raises :class:`cfdebug.errors.CfdebugError` with a
@@ -35,6 +37,7 @@ __all__ = [
     "average_drop",
     "average_increase",
     "brier_score",
+    "CalibrationAccumulator",
     "confusion_matrix",
     "error_detection_curve",
     "error_detection_scores",
@@ -249,18 +252,7 @@ def reliability_bins(probs: Any, labels: Any, n_bins: int = 15) -> dict[str, np.
     n_bins = _check_positive_int(n_bins, "n_bins")
     p = _check_probs(probs)
     y = _check_labels(labels, "labels", n=p.shape[0], k=p.shape[1])
-    count, conf_sum, acc_sum = _reliability(p, y, n_bins)
-    edges = _bin_edges(n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        accuracy_ = np.where(count > 0, acc_sum / count, np.nan)
-        confidence = np.where(count > 0, conf_sum / count, np.nan)
-    return {
-        "bin_lower": edges[:-1].copy(),
-        "bin_upper": edges[1:].copy(),
-        "accuracy": accuracy_,
-        "confidence": confidence,
-        "count": count.astype(np.int64),
-    }
+    return _bins_dict(*_reliability(p, y, n_bins), n_bins)
 
 
 def expected_calibration_error(probs: Any, labels: Any, n_bins: int = 15) -> float:
@@ -297,19 +289,10 @@ def negative_log_likelihood(probs: Any, labels: Any, eps: float = 1e-12) -> floa
     Returns:
         float in ``[0, -log(eps)]``.
     """
-    if (
-        isinstance(eps, bool)
-        or not isinstance(eps, numbers.Real)
-        or not math.isfinite(eps)
-        or eps < 0
-        or eps >= 1
-    ):
-        raise CfdebugError(f"Expected `eps` to be a float in [0, 1), but got {eps!r}")
+    eps = _check_eps(eps)
     p = _check_probs(probs)
     y = _check_labels(labels, "labels", n=p.shape[0], k=p.shape[1])
-    p_true = np.clip(p[np.arange(p.shape[0]), y], eps, 1.0)
-    with np.errstate(divide="ignore"):
-        return float(-np.log(p_true).mean())
+    return float(_nll_terms(p, y, eps).mean())
 
 
 def brier_score(probs: Any, labels: Any) -> float:
@@ -325,9 +308,116 @@ def brier_score(probs: Any, labels: Any) -> float:
     """
     p = _check_probs(probs)
     y = _check_labels(labels, "labels", n=p.shape[0], k=p.shape[1])
+    return float(_brier_terms(p, y).mean())
+
+
+def _check_eps(eps: Any) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0 or eps >= 1:
+        raise CfdebugError(f"Expected `eps` to be a float in [0, 1), but got {eps!r}")
+    return eps
+
+
+def _nll_terms(p: np.ndarray, y: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """``-log max(p_i[y_i], eps)`` per sample, ``[N]`` float64 (validated ``p``, ``y``)."""
+    p_true = np.clip(p[np.arange(p.shape[0]), y], eps, 1.0)
+    with np.errstate(divide="ignore"):
+        return -np.log(p_true)
+
+
+def _brier_terms(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``sum_k (p_ik - 1[y_i = k])^2`` per sample, ``[N]`` float64 (validated ``p``, ``y``)."""
     diff = p.copy()  # [N, K]
     diff[np.arange(p.shape[0]), y] -= 1.0
-    return float((diff**2).sum(axis=1).mean())
+    return (diff**2).sum(axis=1)
+
+
+def _bins_dict(count: np.ndarray, conf_sum: np.ndarray, acc_sum: np.ndarray, n_bins: int) -> dict[str, np.ndarray]:
+    """Reliability bins (see :func:`reliability_bins`) from per-bin counts and sums."""
+    edges = _bin_edges(n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy_ = np.where(count > 0, acc_sum / count, np.nan)
+        confidence = np.where(count > 0, conf_sum / count, np.nan)
+    return {
+        "bin_lower": edges[:-1].copy(),
+        "bin_upper": edges[1:].copy(),
+        "accuracy": accuracy_,
+        "confidence": confidence,
+        "count": count.astype(np.int64),
+    }
+
+
+class CalibrationAccumulator:
+    """Streaming accuracy, ECE, NLL, Brier and reliability bins (torchmetrics' stateful form).
+
+    The state is the sufficient statistics of the functional metrics: the sample count, the
+    number correct, the sums of the per-sample NLL and Brier terms, and per confidence bin the
+    count, Σconfidence and Σcorrect. :meth:`compute` after any sequence of :meth:`update` /
+    :meth:`merge` calls equals :func:`expected_calibration_error`, :func:`negative_log_likelihood`,
+    :func:`brier_score` and :func:`reliability_bins` on the concatenated inputs, exactly for
+    one update and up to float rounding of the sums otherwise. Inputs are validated as by
+    those functions and never modified; memory does not grow with the number of samples.
+
+    Example::
+
+        acc = CalibrationAccumulator(n_bins=15)
+        for probs, labels in chunks:        # probs [B, K] float, labels [B] int
+            acc.update(probs, labels)
+        acc.compute()["ece"]
+    """
+
+    def __init__(self, n_bins: int = 15, eps: float = 1e-12):
+        self.n_bins = _check_positive_int(n_bins, "n_bins")
+        self.eps = _check_eps(eps)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every sample."""
+        self.n = 0
+        self.correct = 0
+        self.nll_sum = 0.0
+        self.brier_sum = 0.0
+        self.count = np.zeros(self.n_bins, dtype=np.int64)
+        self.conf_sum = np.zeros(self.n_bins, dtype=np.float64)
+        self.acc_sum = np.zeros(self.n_bins, dtype=np.float64)
+
+    def update(self, probs: Any, labels: Any) -> None:
+        """Add ``probs`` ``[B, K]`` (rows sum to 1) with true classes ``labels`` ``[B]`` in ``0..K-1``."""
+        p = _check_probs(probs)
+        y = _check_labels(labels, "labels", n=p.shape[0], k=p.shape[1])
+        count, conf_sum, acc_sum = _reliability(p, y, self.n_bins)
+        self.n += p.shape[0]
+        self.correct += int(np.count_nonzero(p.argmax(axis=1) == y))
+        self.nll_sum += float(_nll_terms(p, y, self.eps).sum())
+        self.brier_sum += float(_brier_terms(p, y).sum())
+        self.count += count
+        self.conf_sum += conf_sum
+        self.acc_sum += acc_sum
+
+    def merge(self, other: "CalibrationAccumulator") -> "CalibrationAccumulator":
+        """Add ``other``'s samples (same ``n_bins``) to this accumulator; return ``self``."""
+        if not isinstance(other, CalibrationAccumulator) or other.n_bins != self.n_bins:
+            raise CfdebugError(f"Expected a CalibrationAccumulator with n_bins={self.n_bins} to merge, but got {other!r}")
+        self.n += other.n
+        self.correct += other.correct
+        self.nll_sum += other.nll_sum
+        self.brier_sum += other.brier_sum
+        self.count += other.count
+        self.conf_sum += other.conf_sum
+        self.acc_sum += other.acc_sum
+        return self
+
+    def compute(self) -> dict:
+        """``{"accuracy", "ece", "nll", "brier"}`` (Python floats; Brier in ``[0, 2]``) and
+        ``"bins"`` (:func:`reliability_bins`' dict) over every sample added so far."""
+        if self.n == 0:
+            raise CfdebugError("Expected at least one sample in the calibration accumulator, but got none (call update first)")
+        return {
+            "accuracy": self.correct / self.n,
+            "ece": float(np.abs(self.acc_sum - self.conf_sum).sum() / self.n),
+            "nll": self.nll_sum / self.n,
+            "brier": self.brier_sum / self.n,
+            "bins": _bins_dict(self.count, self.conf_sum, self.acc_sum, self.n_bins),
+        }
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

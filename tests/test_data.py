@@ -496,7 +496,7 @@ def test_format_auto_detection_and_override(tmp_path):
     with pytest.raises(CfdebugError, match="--format") as err:
         load_data(DataConfig(source=str(odd)))
     assert "readme.md" in str(err.value)
-    with pytest.raises(CfdebugError, match="--format"):
+    with pytest.raises(CfdebugError, match="`data.format`"):  # refused by DataConfig itself
         load_data(DataConfig(source=str(tree), format="bogus"))
 
 
@@ -509,8 +509,8 @@ def test_empty_folder_detection(tmp_path):
     "kwargs, match",
     [
         (dict(input_size=4), "input-size"),
-        (dict(input_size=0), "input-size"),
-        (dict(input_size=-32), "input-size"),
+        (dict(input_size=0), "input.size"),  # refused by DataConfig itself: `data.input_size`
+        (dict(input_size=-32), "input.size"),
         (dict(mean=(0.5, 0.5)), "mean"),
         (dict(std=(0.2, 0.0, 0.2)), "std"),
         (dict(std=(0.2, -1.0, 0.2)), "std"),

@@ -256,6 +256,83 @@ def test_brier_in_range(seed):
 
 
 # --------------------------------------------------------------------------------------------
+# The streaming calibration accumulator
+# --------------------------------------------------------------------------------------------
+
+
+def _functional(probs, labels, n_bins):
+    return {
+        "accuracy": float(np.mean(probs.argmax(1) == labels)),
+        "ece": M.expected_calibration_error(probs, labels, n_bins),
+        "nll": M.negative_log_likelihood(probs, labels),
+        "brier": M.brier_score(probs, labels),
+        "bins": M.reliability_bins(probs, labels, n_bins),
+    }
+
+
+def _assert_same(got, want, tol):
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert isinstance(got[key], float)
+        assert got[key] == pytest.approx(want[key], rel=tol, abs=tol), key
+    for key in ("bin_lower", "bin_upper", "count"):
+        np.testing.assert_array_equal(got["bins"][key], want["bins"][key])
+    assert got["bins"]["count"].dtype == np.int64
+    for key in ("accuracy", "confidence"):
+        np.testing.assert_allclose(got["bins"][key], want["bins"][key], rtol=tol, atol=tol, equal_nan=True)
+
+
+def test_accumulator_one_update_equals_the_functions_exactly():
+    probs, labels = random_probs(3, 200, 10, scale=2.0)
+    acc = M.CalibrationAccumulator(15)
+    acc.update(probs, labels)
+    _assert_same(acc.compute(), _functional(probs, labels, 15), tol=0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_accumulator_over_random_chunks_equals_the_functions_on_the_concatenation(seed):
+    rng = np.random.default_rng(seed)
+    n, k, n_bins = 500, int(rng.integers(2, 20)), int(rng.integers(1, 20))
+    probs, labels = random_probs(seed, n, k, scale=1.0 + seed)
+    labels[::2] = probs[::2].argmax(1)  # many correct predictions, so the bins' accuracies vary
+    cuts = np.sort(rng.choice(np.arange(1, n), size=7, replace=False))
+    acc = M.CalibrationAccumulator(n_bins)
+    for part_p, part_y in zip(np.split(probs, cuts), np.split(labels, cuts)):
+        acc.update(torch.from_numpy(part_p).float() if seed % 2 else part_p, part_y)
+    want = _functional(probs.astype(np.float32) if seed % 2 else probs, labels, n_bins)
+    _assert_same(acc.compute(), want, tol=1e-12)
+
+
+def test_accumulator_merge_pools_like_one_stream():
+    probs, labels = random_probs(5, 300, 4)
+    one, a, b = M.CalibrationAccumulator(10), M.CalibrationAccumulator(10), M.CalibrationAccumulator(10)
+    one.update(probs, labels)
+    a.update(probs[:120], labels[:120])
+    b.update(probs[120:], labels[120:])
+    assert M.CalibrationAccumulator(10).merge(a).merge(b) is not None
+    _assert_same(a.merge(b).compute(), one.compute(), tol=1e-12)
+
+
+def test_accumulator_reset_validation_and_inputs_untouched():
+    probs, labels = random_probs(6, 50, 3)
+    before = probs.copy()
+    acc = M.CalibrationAccumulator()
+    assert acc.n_bins == 15
+    with raises("Expected at least one sample in the calibration accumulator, but got none (call update first)"):
+        acc.compute()
+    acc.update(probs, labels)
+    np.testing.assert_array_equal(probs, before)
+    acc.reset()
+    with pytest.raises(CfdebugError, match="at least one sample"):
+        acc.compute()
+    with raises("Expected `n_bins` to be a positive integer, but got 0"):
+        M.CalibrationAccumulator(0)
+    with pytest.raises(CfdebugError, match="rows summing to 1"):
+        acc.update(probs * 0.5, labels)
+    with pytest.raises(CfdebugError, match="n_bins=15"):
+        acc.merge(M.CalibrationAccumulator(10))
+
+
+# --------------------------------------------------------------------------------------------
 # Temperature scaling
 # --------------------------------------------------------------------------------------------
 

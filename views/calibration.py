@@ -24,7 +24,7 @@ with st.form("xcr-run"):
                        help=f"Out of d = (image size / {defaults.selector.patch_size})² patches; 12.5% of 256 is 32.")
     beta = b.selectbox("β (KL weight)", BETAS, index=BETAS.index(defaults.selector.beta) if defaults.selector.beta in BETAS else 2)
     selector_epochs = c.number_input("Selector epochs", min_value=1, value=int(defaults.selector.epochs), step=1)
-    epochs = d.number_input("Retraining epochs", min_value=1, value=int(defaults.epochs), step=1)
+    epochs = d.number_input("Retraining epochs", min_value=1, value=int(defaults.retrain.epochs), step=1)
     a, b, c = st.columns(3)
     seeds = a.number_input("Seeds", min_value=1, max_value=10, value=len(defaults.seeds), step=1, help="Tables show the mean over seeds.")
     all_severities = b.checkbox("All 5 severities", value=tuple(defaults.severities) == (1, 2, 3, 4, 5),

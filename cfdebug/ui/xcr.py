@@ -127,7 +127,7 @@ def mask_gallery(ws, selector_config: dict, n: int = 12, flagged_first: bool = F
     the black box's Grad-CAM toward its prediction. Order: flagged predictions first (paper A's
     detector, when ``flagged_first``), then errors, then the least confident predictions.
     """
-    from ..xcr.report import explanation_images
+    from ..xcr import explanation_images
     from ..xcr.selector import SelectorConfig, selector_masks
     from .filters import detection, gradcam_overlays
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import CORRUPTIONS, INIT_CHOICES, XCRConfig, xcr_config_from_dict
+from ..config import CORRUPTIONS, INIT_CHOICES, XCR_RETRAIN_FIELDS, XCRConfig, route_retrain_fields, xcr_config_from_dict
 from ..errors import CfdebugError
 from ..metrics import apply_temperature, fit_temperature, negative_log_likelihood
 from ..runtime import Progress, seed_everything
@@ -71,14 +71,15 @@ def override_xcr_config(config: XCRConfig, **values) -> XCRConfig:
     """``config`` with the given fields replaced; ``None`` values are ignored (unset CLI flags).
 
     Selector fields are given flat (:data:`SELECTOR_OVERRIDES`: ``k``, ``beta``, ``patch_size``,
-    ``mode``, ``target``, ``selector_epochs``, ``selector_lr``, ``selector_seed``); everything
-    else names an :class:`XCRConfig` field (``epochs``, ``lr``, ``seeds``, ``corruptions``,
-    ``severities``, ``cifar10c_dir``, ``random_baseline``, ``init``, ``table1_ks``, …). The
-    result is validated like any :class:`XCRConfig`.
+    ``mode``, ``target``, ``selector_epochs``, ``selector_lr``, ``selector_seed``), and so are
+    the retraining's (:data:`~cfdebug.config.XCR_RETRAIN_FIELDS`: ``epochs``, ``lr``,
+    ``batch_size``, …); everything else names an :class:`XCRConfig` field (``seeds``,
+    ``corruptions``, ``severities``, ``cifar10c_dir``, ``random_baseline``, ``init``,
+    ``table1_ks``, …). The result is validated like any :class:`XCRConfig`.
     """
     values = {k: v for k, v in values.items() if v is not None}
     selector = {SELECTOR_OVERRIDES[k]: values.pop(k) for k in list(values) if k in SELECTOR_OVERRIDES}
-    known = {f.name for f in fields(XCRConfig)} - {"selector"}
+    known = ({f.name for f in fields(XCRConfig)} - {"selector"}) | set(XCR_RETRAIN_FIELDS)
     unknown = sorted(set(values) - known)
     if unknown:
         raise CfdebugError(f"Unknown XCR settings {', '.join(unknown)}; expected some of {', '.join(sorted(known | set(SELECTOR_OVERRIDES)))}.")
@@ -87,6 +88,7 @@ def override_xcr_config(config: XCRConfig, **values) -> XCRConfig:
             values[name] = tuple(values[name])
     if selector:
         values["selector"] = replace(config.selector, **selector)
+    values = route_retrain_fields(values, config.retrain)
     return replace(config, **values) if values else config
 
 
@@ -103,15 +105,9 @@ def default_xcr_config(workspace_config) -> XCRConfig:
 
 
 def retrain_schedule(config: XCRConfig, seed: int) -> FinetuneConfig:
-    """The :class:`FinetuneConfig` shared by the vanilla and the XCR run of ``seed``.
-
-    Dropout on the pooled features is off (the paper uses none); everything else comes from
-    ``config``.
-    """
-    return FinetuneConfig(
-        epochs=config.epochs, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-        batch_size=config.batch_size, seed=int(seed), dropout=0.0, trainable=config.trainable, optimizer=config.optimizer,
-    )
+    """The :class:`FinetuneConfig` shared by the vanilla and the XCR run of ``seed``: ``config.retrain``
+    with its ``seed`` set to ``seed``."""
+    return replace(config.retrain, seed=int(seed))
 
 
 def counterfactual_batches(masks, patch_size: int):

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import SELECTOR_MODES as MODES
 from ..config import SELECTOR_TARGETS as TARGETS  # noqa: F401  (re-exported)
-from ..config import SelectorConfig, check_int, config_dict
+from ..config import SelectorConfig, check_int, check_k, config_dict, num_patches
 from ..errors import CfdebugError
 from ..runtime import Progress, seed_everything
 from ..store import stable_hash
@@ -55,26 +55,6 @@ FORMAT_VERSION = "xcr-selector-v1"
 # --------------------------------------------------------------------------------------------
 # Patches and masks (pure functions)
 # --------------------------------------------------------------------------------------------
-
-
-def num_patches(height: int, width: int, patch_size: int) -> int:
-    """``d = (H/p)·(W/p)``; raises :class:`CfdebugError` when ``p`` does not divide ``H`` and ``W``."""
-    check_int(patch_size, "patch_size", 1)
-    if height % patch_size or width % patch_size:
-        divisors = [p for p in range(1, min(height, width) + 1) if height % p == 0 and width % p == 0]
-        shown = ", ".join(map(str, divisors[:12])) + (", …" if len(divisors) > 12 else "")
-        raise CfdebugError(
-            f"Expected `patch_size` to divide the image size {height}×{width}, but got {patch_size}. "
-            f"Choose one of {shown}."
-        )
-    return (height // patch_size) * (width // patch_size)
-
-
-def check_k(k, d: int) -> int:
-    """Validate ``k`` against the number of patches ``d``; return it as an ``int``."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= d:
-        raise CfdebugError(f"Expected `k` to be an integer in 1..{d} (the number of patches), but got {k!r}")
-    return int(k)
 
 
 def topk_mask(log_p: torch.Tensor, k: int) -> torch.Tensor:

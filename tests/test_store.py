@@ -1,0 +1,171 @@
+"""The artifact cache and the atomic writers: nothing half-written on an exception or under
+concurrent writers, JSON-ready values, and Store round trips."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from cfdebug.errors import CfdebugError
+from cfdebug.store import Store, atomic_file, jsonable, stable_hash, torch_save_atomic, write_json_atomic, write_text_atomic
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.rglob("*") if ".tmp" in p.name)
+
+
+# ---------------------------------------------------------------------------------- atomic files
+def test_atomic_file_replaces_the_file_and_creates_parents(tmp_path):
+    path = tmp_path / "a" / "b" / "out.txt"
+    with atomic_file(path) as tmp:
+        assert tmp.parent == path.parent and tmp != path
+        tmp.write_text("new")
+        assert not path.exists()  # nothing visible before the block ends
+    assert path.read_text() == "new"
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_file_leaves_nothing_on_an_exception(tmp_path):
+    path = tmp_path / "out.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_file(path) as tmp:
+            tmp.write_text("half of a new fi")
+            raise RuntimeError("boom")
+    assert path.read_text() == "old"
+    assert _leftovers(tmp_path) == []
+    fresh = tmp_path / "never.txt"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(fresh) as tmp:
+            tmp.write_text("x")
+            raise KeyboardInterrupt
+    assert not fresh.exists() and _leftovers(tmp_path) == []
+
+
+def test_text_json_and_torch_writers_round_trip(tmp_path):
+    write_text_atomic(tmp_path / "t.txt", "héllo\n")
+    assert (tmp_path / "t.txt").read_text() == "héllo\n"
+    write_json_atomic(tmp_path / "j.json", {"a": np.float32(0.5), "b": np.arange(3), "c": tmp_path})
+    assert json.loads((tmp_path / "j.json").read_text()) == {"a": 0.5, "b": [0, 1, 2], "c": str(tmp_path)}
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    torch_save_atomic(state, tmp_path / "m" / "model.pt")
+    assert torch.equal(torch.load(tmp_path / "m" / "model.pt", weights_only=True)["w"], state["w"])
+    assert _leftovers(tmp_path) == []
+
+
+def test_concurrent_writers_leave_one_whole_file(tmp_path):
+    path = tmp_path / "shared.txt"
+    texts = [str(i) * 200_000 for i in range(8)]
+    start = threading.Barrier(len(texts))
+
+    def write(text):
+        start.wait()
+        for _ in range(5):
+            write_text_atomic(path, text)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert path.read_text() in texts  # one writer's whole text, never a mix
+    assert _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------- Store
+def test_store_writer_and_load_round_trip(tmp_path):
+    store = Store(tmp_path / "home")
+    arrays = {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "y": np.array([1, 0, 2])}
+    assert not store.exists("kind", "k1")
+    folder = store.save_arrays("kind", "k1", arrays, {"config": {"a": (1, 2)}, "n": np.int64(3)})
+    assert folder == store.path("kind", "k1") and store.exists("kind", "k1")
+    loaded, meta = store.load_arrays("kind", "k1")
+    assert set(loaded) == {"x", "y"}
+    np.testing.assert_array_equal(loaded["x"], arrays["x"])
+    assert meta == {"config": {"a": [1, 2]}, "n": 3} == store.load_meta("kind", "k1")
+    mapped, _ = store.load_arrays("kind", "k1", mmap=True)
+    assert isinstance(mapped["x"], np.memmap) and not mapped["x"].flags.writeable
+    with store.writer("kind", "k2", {"note": "text"}) as tmp:
+        (tmp / "result.json").write_text("{}")
+        assert not store.exists("kind", "k2")
+    assert (store.path("kind", "k2") / "result.json").read_text() == "{}"
+    assert _leftovers(tmp_path) == []
+
+
+def test_store_writer_leaves_nothing_on_an_exception(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(ValueError):
+        with store.writer("kind", "key", {}) as tmp:
+            np.save(tmp / "a.npy", np.zeros(3))
+            raise ValueError("killed mid-write")
+    assert not store.exists("kind", "key") and not store.path("kind", "key").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_two_writers_of_one_artifact_the_first_complete_wins(tmp_path):
+    store = Store(tmp_path)
+    with store.writer("kind", "key", {"who": "first"}) as first:
+        (first / "v.txt").write_text("first")
+        with store.writer("kind", "key", {"who": "second"}) as second:
+            (second / "v.txt").write_text("second")
+    # The second finished first; the first's rename finds the artifact and drops its copy.
+    assert store.load_meta("kind", "key") == {"who": "second"}
+    assert (store.path("kind", "key") / "v.txt").read_text() == "second"
+    assert _leftovers(tmp_path) == []
+
+
+def test_concurrent_store_writers(tmp_path):
+    store = Store(tmp_path)
+    start = threading.Barrier(6)
+    errors = []
+
+    def write(i):
+        try:
+            start.wait()
+            store.save_arrays("kind", "same", {"a": np.full(50_000, i)}, {"i": i})
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    arrays, meta = store.load_arrays("kind", "same")
+    assert (arrays["a"] == meta["i"]).all()  # one writer's arrays with that writer's meta
+    assert _leftovers(tmp_path) == []
+
+
+def test_store_on_an_unusable_workdir_is_a_user_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(CfdebugError, match="--workdir"):
+        Store(blocker)
+
+
+# ---------------------------------------------------------------------------------- values
+def test_jsonable_gives_plain_json_types():
+    value = {
+        1: (np.int64(2), np.float32(0.5), np.bool_(True)),
+        "arr": np.array([[1.0, np.nan], [np.inf, -0.0]]),
+        "nested": [{"t": (1, 2)}, float("-inf")],
+        "s": "x",
+        "none": None,
+    }
+    out = jsonable(value)
+    assert out == {"1": [2, 0.5, True], "arr": [[1.0, None], [None, -0.0]], "nested": [{"t": [1, 2]}, None], "s": "x", "none": None}
+    assert type(out["1"][0]) is int and type(out["1"][2]) is bool
+    json.dumps(out, allow_nan=False)
+    assert math.isnan(value["arr"][0, 1])  # input untouched
+
+
+def test_stable_hash_ignores_dict_order_and_sees_values():
+    assert stable_hash({"a": 1, "b": [1, 2]}, "x") == stable_hash({"b": [1, 2], "a": 1}, "x")
+    assert stable_hash({"a": 1}) != stable_hash({"a": 2})
+    assert len(stable_hash("anything")) == 20
