@@ -20,6 +20,22 @@ and the XCR selector (:func:`cfdebug.xcr.selector.train_selector`). All of them 
 A stage (:class:`Stage`) supplies only what differs: what trains (the module and its
 optimizer), how an epoch's batches are drawn, the step (forward pass and the loss, a dict of
 terms), how an epoch is evaluated and how epochs are compared.
+
+**Data-parallel fine-tuning.** Under ``torchrun`` (a ``torch.distributed`` group of N > 1, see
+:func:`cfdebug.distributed.init_distributed`) :func:`finetune` trains with
+``DistributedDataParallel``. Each epoch's global batch order is the single-process one; global
+batch ``i`` is cut into N equal slices of ``batch_size // N`` images (``batch_size`` must divide
+by N; a last batch that does not loses its final ``< N`` images). So that the optimisation
+matches the single-process run: BatchNorm layers in the trainable part normalise with
+global-batch statistics (:class:`~cfdebug.distributed.GlobalBatchNorm`), the dropout on ``g(x)``
+uses the rows of one global-batch mask, and a ``loss_fn`` returns each term so that its *mean
+over processes* is the single-process value on the global batch (``FinetuneBatch.world_size``
+says by how much to scale a batch *sum*; a batch mean needs nothing). Evaluation is sharded and
+gathered; rank 0's model-selection decision is kept; only rank 0 writes checkpoints, the
+registry and progress, and it alone polls for a cancel, which stops every process at the same
+batch (as a non-finite term on any process does). On resume rank 0 reads the checkpoint and
+sends it to all. Trainable parameters that get no gradient from ``logits``/``g(x)`` are frozen
+(a single process never updates them either), so DDP runs with ``find_unused_parameters=False``.
 """
 
 from __future__ import annotations
@@ -954,20 +970,9 @@ def finetune(
     stored config, base model, target, data or ``fingerprint`` differ. The data order of epoch
     ``e`` comes from a hash of ``(config.seed, e)``.
 
-    **Data parallel** (``torch.distributed`` initialised with more than one process, e.g. by
-    :func:`~cfdebug.distributed.init_distributed` under ``torchrun``): every process calls
-    ``finetune`` with the same arguments and gets the same :class:`FinetuneResult`. The trainable
-    model is wrapped in ``DistributedDataParallel``. Each epoch's global batch order is the
-    single-process one; global batch ``i`` is cut into ``world_size`` equal slices of
-    ``batch_size // world_size`` images (``batch_size`` must divide by the number of processes;
-    a last batch that does not loses its final ``< world_size`` images). So that the optimisation
-    matches the single-process run: BatchNorm layers in the trainable part normalise with
-    global-batch statistics (:class:`~cfdebug.distributed.GlobalBatchNorm`), the dropout on
-    ``g(x)`` uses the rows of one global-batch mask, and a ``loss_fn`` must return each term so
-    that its *mean over processes* is the single-process value on the global batch
-    (``FinetuneBatch.world_size`` says by how much to scale a batch *sum*). Evaluation is sharded
-    and gathered. Trainable parameters that get no gradient from ``logits``/``g(x)`` are frozen
-    (a single process never updates them either), so DDP runs with ``find_unused_parameters=False``.
+    **Data parallel** under ``torchrun`` (a process group of N > 1): every process calls
+    ``finetune`` with the same arguments and gets the same :class:`FinetuneResult`; see the
+    module docstring for how the run then matches the single-process one.
     """
     check_schedule(config)
     bundle, target = workspace.data, workspace.target

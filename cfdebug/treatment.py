@@ -36,7 +36,7 @@ from .distributed import barrier, get_rank
 from .errors import CfdebugError
 from .cfe import thresholded_relu
 from .metrics import confusion_matrix, per_class_recall
-from .runtime import Progress
+from .runtime import Progress, scaled_progress
 from .store import stable_hash, torch_save_atomic
 from .training import FinetuneBatch, finetune, split_logits
 
@@ -325,39 +325,20 @@ def treatment_sweep(
         per-class test recall with the *mean over seeds* of the best pair's (best = highest mean
         validation accuracy; never test).
     """
-    base_config = config or TreatmentConfig()
-    lambdas1, lambdas2, seeds = list(lambdas1), list(lambdas2), list(seeds)
-    for name, values in (("lambdas1", lambdas1), ("lambdas2", lambdas2), ("seeds", seeds)):
-        if not values:
-            raise CfdebugError(f"Expected `{name}` to hold at least one value, but it is empty.")
-    configs = []
-    for seed in seeds:
-        configs.append(("fine-tuned", replace(base_config, lambda1=0.0, lambda2=0.0, seed=seed, epochs=epochs)))
-        for l1, l2 in itertools.product(lambdas1, lambdas2):
-            configs.append(("treatment", replace(base_config, lambda1=l1, lambda2=l2, seed=seed, epochs=epochs)))
+    configs = _sweep_configs(config or TreatmentConfig(), list(lambdas1), list(lambdas2), list(seeds), epochs)
     bundle, k = workspace.data, workspace.data.num_classes
     check_global_sets(global_sets, k, workspace.target.channels)
     before = _base_predictions(workspace)
-    y_test = bundle.splits["test"].labels
     base = {f"{s}_acc": float(np.mean(before[s] == bundle.splits[s].labels)) for s in _SPLITS}
-    base["per_class_recall"] = per_class_recall(before["test"], y_test, k)
+    base["per_class_recall"] = per_class_recall(before["test"], bundle.splits["test"].labels, k)
 
     control, runs = [], []
     for i, (kind, cfg) in enumerate(configs):
-        sub = None
-        if run_dir is not None:
-            sub = sweep_run_dir(run_dir, kind, cfg.lambda1, cfg.lambda2, cfg.seed)
-
-        def inner(frac: float, message: str, i=i, cfg=cfg, kind=kind) -> None:
-            if progress is not None:
-                progress(
-                    (i + frac) / len(configs),
-                    f"run {i + 1}/{len(configs)} ({kind}, λ1={cfg.lambda1:g}, λ2={cfg.lambda2:g}, seed {cfg.seed}): {message}",
-                )
-
+        sub = sweep_run_dir(run_dir, kind, cfg.lambda1, cfg.lambda2, cfg.seed) if run_dir is not None else None
+        label = f"run {i + 1}/{len(configs)} ({kind}, λ1={cfg.lambda1:g}, λ2={cfg.lambda2:g}, seed {cfg.seed}): "
         out = run_treatment(
             workspace, cfg, global_sets, run_dir=sub, resume=sub is not None, registry=registry, run_id=run_id,
-            progress=inner, base=before,
+            progress=scaled_progress(progress, i / len(configs), (i + 1) / len(configs), label), base=before,
         )
         record = {
             "lambda1": cfg.lambda1,
@@ -371,6 +352,24 @@ def treatment_sweep(
             "history": out["history"],
         }
         (control if kind == "fine-tuned" else runs).append(record)
+    return {"base": base, "control": control, "runs": runs, **_sweep_tables(base, control, runs, bundle.classes)}
+
+
+def _sweep_configs(base: TreatmentConfig, lambdas1: list, lambdas2: list, seeds: list, epochs: int) -> list[tuple[str, TreatmentConfig]]:
+    """``(kind, config)`` of every run of a sweep, per seed the control first."""
+    for name, values in (("lambdas1", lambdas1), ("lambdas2", lambdas2), ("seeds", seeds)):
+        if not values:
+            raise CfdebugError(f"Expected `{name}` to hold at least one value, but it is empty.")
+    configs = []
+    for seed in seeds:
+        configs.append(("fine-tuned", replace(base, lambda1=0.0, lambda2=0.0, seed=seed, epochs=epochs)))
+        for l1, l2 in itertools.product(lambdas1, lambdas2):
+            configs.append(("treatment", replace(base, lambda1=l1, lambda2=l2, seed=seed, epochs=epochs)))
+    return configs
+
+
+def _sweep_tables(base: dict, control: list[dict], runs: list[dict], classes: Sequence[str]) -> dict:
+    """Table 2 (mean ± std over seeds), the best (λ1, λ2) by mean validation accuracy, Table 3."""
 
     def summary(model: str, items: list[dict], l1, l2) -> dict:
         row = {"model": model, "lambda1": l1, "lambda2": l2, "n_seeds": len(items)}
@@ -389,12 +388,9 @@ def treatment_sweep(
     best_items = groups[(best_row["lambda1"], best_row["lambda2"])]
     mean_recall = np.mean([r["per_class_recall"] for r in best_items], axis=0)
     return {
-        "base": base,
-        "control": control,
-        "runs": runs,
         "table2": table2,
         "best": {"lambda1": best_row["lambda1"], "lambda2": best_row["lambda2"]},
-        "table3": table3(base["per_class_recall"], mean_recall, bundle.classes),
+        "table3": table3(base["per_class_recall"], mean_recall, classes),
     }
 
 
