@@ -41,13 +41,12 @@ sends it to all. Trainable parameters that get no gradient from ``logits``/``g(x
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Sequence
+from typing import Any, Callable, ContextManager, Iterable
 
 import numpy as np
 import torch
@@ -65,6 +64,7 @@ from .distributed import (
     get_world_size,
     global_batchnorm,
     is_distributed,
+    is_within,
     wrap_ddp,
 )
 from .errors import CfdebugError
@@ -732,15 +732,11 @@ def trainable_modules(model: nn.Module, target, mode: str = "block+head") -> lis
     return block + [n for n in head if n not in block]
 
 
-def _is_within(name: str, roots: Sequence[str]) -> bool:
-    return any(r == "" or name == r or name.startswith(r + ".") for r in roots)
-
-
 def _prepare(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
     """Freeze everything outside ``names``; return the trainable parameters in model order."""
     trainable = []
     for pname, param in model.named_parameters():
-        param.requires_grad_(_is_within(pname.rsplit(".", 1)[0] if "." in pname else "", names))
+        param.requires_grad_(is_within(pname.rsplit(".", 1)[0] if "." in pname else "", names))
         if param.requires_grad:
             trainable.append(param)
     return trainable
@@ -755,7 +751,7 @@ def _set_train_mode(model: nn.Module, names: list[str]) -> None:
     for name, module in model.named_modules():
         # Skip the trainable modules and their ancestors (``features`` holds ``features.17``):
         # the ancestors' frozen children are reached by this loop one by one.
-        if name and not _is_within(name, names) and not any(_is_within(t, [name]) for t in names):
+        if name and not is_within(name, names) and not any(is_within(t, [name]) for t in names):
             module.eval()
 
 
