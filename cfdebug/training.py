@@ -429,7 +429,7 @@ def _report(run: _Run, row: dict, registry, run_id, progress) -> None:
     if progress is not None:
         progress(
             row["epoch"] / run.epochs,
-            f"{run.stage.name} epoch {row['epoch']}/{run.epochs}: loss {row['loss']:.4f}, "
+            f"epoch {row['epoch']}/{run.epochs}: loss {row['loss']:.4f}, "
             f"train acc {row['train_acc']:.3f}, val acc {row['val_acc']:.3f}, test acc {row['test_acc']:.3f}",
         )
 

@@ -36,7 +36,7 @@ from ..config import SELECTOR_MODES as MODES
 from ..config import SELECTOR_TARGETS as TARGETS  # noqa: F401  (re-exported)
 from ..config import SelectorConfig, check_int, config_dict
 from ..errors import CfdebugError
-from ..runtime import Progress, seed_everything
+from ..runtime import Progress, scaled_progress, seed_everything
 from ..store import stable_hash
 from ..training import Stage, StepOutput, cpu_state, run_epochs
 
@@ -469,7 +469,7 @@ def train_selector(workspace, config: SelectorConfig, progress: Progress | None 
         generator=generator, term_mean="sample", advice="Lower `lr`.",
     )
     start = time.perf_counter()
-    run = run_epochs(stage, config.epochs, progress=progress, should_stop=should_stop)
+    run = run_epochs(stage, config.epochs, progress=scaled_progress(progress, 0.0, 1.0, "selector "), should_stop=should_stop)
     nets.load_state_dict(run.best_state)
     history = SelectorHistory(rows=run.history, best_epoch=run.best_epoch, best_val_acc=run.best_row["val_acc"], seconds=time.perf_counter() - start)
     return selector.eval(), approximator.eval(), history
