@@ -175,7 +175,9 @@ def bench_treat(args) -> dict:
     two kinds alternate so machine load hits both alike."""
     from .cli import workspace_config
     from .mcfilters import global_mc_filters
-    from .treatment import FinetuneConfig, TreatmentConfig, finetune, treatment_loss
+    from .config import FinetuneConfig, TreatmentConfig
+    from .training import finetune
+    from .treatment import treatment_loss
     from .workspace import Workspace
 
     ws = Workspace(workspace_config(args))

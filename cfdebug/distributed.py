@@ -51,6 +51,7 @@ __all__ = [
     "differentiable_all_reduce_sum",
     "GlobalBatchNorm",
     "global_batchnorm",
+    "is_within",
 ]
 
 
@@ -328,7 +329,8 @@ class GlobalBatchNorm(nn.Module):
         return y.to(x.dtype)
 
 
-def _is_within(name: str, roots: Sequence[str]) -> bool:
+def is_within(name: str, roots: Sequence[str]) -> bool:
+    """Whether module ``name`` is one of ``roots`` or inside one (``""`` is the whole model)."""
     return any(r == "" or name == r or name.startswith(r + ".") for r in roots)
 
 
@@ -344,7 +346,7 @@ def global_batchnorm(model: nn.Module, within: Sequence[str] = ("",)) -> Iterato
             for name, module in list(model.named_modules()):
                 if (
                     name
-                    and _is_within(name, within)
+                    and is_within(name, within)
                     and isinstance(module, nn.modules.batchnorm._BatchNorm)
                     and not isinstance(module, nn.SyncBatchNorm)
                 ):

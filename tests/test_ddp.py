@@ -52,6 +52,7 @@ CHILD = textwrap.dedent(
     import torch
 
     sys.path.insert(0, {root!r})
+    import cfdebug.training as training
     import cfdebug.treatment as treatment
     from cfdebug.config import WorkspaceConfig
     from cfdebug.distributed import broadcast_object, init_distributed, main_first, shutdown
@@ -70,7 +71,8 @@ CHILD = textwrap.dedent(
         writes.append([Path(path).parent.name, Path(path).name])
         save(payload, path)
 
-    treatment.torch_save_atomic = recording_save
+    treatment.torch_save_atomic = recording_save  # model.pt
+    training.torch_save_atomic = recording_save  # checkpoints and best weights
     with main_first():  # rank 0 loads (or trains) the cached demo model first
         ws = Workspace(WorkspaceConfig(workdir=spec["workdir"], device=str(ctx.device)))
     registry = RunRegistry(spec["registry"])
@@ -86,8 +88,8 @@ CHILD = textwrap.dedent(
 
     errors = {{}}
     for name, call in (
-        ("nan", lambda: treatment.finetune(ws, CFG, loss_fn=nan_on_rank1)),
-        ("batch_size", lambda: treatment.finetune(ws, replace(CFG, batch_size=63))),
+        ("nan", lambda: training.finetune(ws, CFG, loss_fn=nan_on_rank1)),
+        ("batch_size", lambda: training.finetune(ws, replace(CFG, batch_size=63))),
     ):
         try:
             call()

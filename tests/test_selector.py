@@ -85,6 +85,35 @@ def test_relaxed_mask_in_unit_interval_and_differentiable():
     assert float(logits.grad.abs().sum()) > 0
 
 
+def _naive_relaxed_mask(log_p: torch.Tensor, k: int, tau: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """Paper B eq. 3-4 one scalar at a time (float64): for each draw l the Gumbel-softmax
+    ``c_l = softmax((g_l + log p)/τ)``, ``g_l = -log(-log u_l)``; then ``z*_j = max_l c_l,j``."""
+    b, d = log_p.shape
+    out = torch.zeros(b, d, dtype=torch.float64)
+    for row in range(b):
+        for draw in range(k):
+            scores = [(-math.log(-math.log(float(uniforms[row, draw, j]))) + float(log_p[row, j])) / tau for j in range(d)]
+            top = max(scores)
+            weights = [math.exp(v - top) for v in scores]
+            for j in range(d):
+                out[row, j] = max(float(out[row, j]), weights[j] / sum(weights))
+    return out
+
+
+def test_relaxed_mask_matches_a_naive_reference():
+    # Fails if τ is dropped (or applied twice), if the max over the k draws becomes a sum or a
+    # mean, or if the noise is not Gumbel(-log(-log u)).
+    log_p = torch.tensor([[0.1, 2.0, -1.0, 0.5, 0.0, -0.3], [1.5, 1.5, -2.0, 0.2, 0.9, -0.7]]).log_softmax(1)
+    k, tau = 3, 0.3
+    z = relaxed_mask(log_p, k, tau, generator=torch.Generator().manual_seed(7))
+    uniforms = torch.rand((2, k, 6), generator=torch.Generator().manual_seed(7))  # the same draws
+    reference = _naive_relaxed_mask(log_p, k, tau, uniforms)
+    assert torch.allclose(z.double(), reference, atol=1e-6), (z, reference)
+    # The reference is sharp enough to tell the alternatives apart.
+    assert not torch.allclose(reference, _naive_relaxed_mask(log_p, k, 1.0, uniforms), atol=1e-2)
+    assert float(reference.sum(1).max()) < k - 0.1
+
+
 def test_gradient_reaches_selector_weights_through_the_loss():
     torch.manual_seed(0)
     selector = PatchSelector(patch_size=2, width=4)

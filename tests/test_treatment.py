@@ -28,17 +28,15 @@ from cfdebug.errors import CfdebugError
 from cfdebug.hooks import capture, count_hooks
 from cfdebug.models import build_model, resolve_target
 from cfdebug.runs import RunCancelled, RunRegistry
-from cfdebug.training import loader
+from cfdebug.training import cross_entropy_loss, finetune, loader, trainable_modules
 from cfdebug.treatment import (
     FinetuneConfig,
     TreatmentConfig,
     check_global_sets,
     control_config,
-    finetune,
     run_treatment,
     table3,
     thresholded_relu,
-    trainable_modules,
     treatment_loss,
     treatment_sweep,
 )
@@ -297,7 +295,7 @@ def test_batch_transform_and_head_only(small_ws):
 
     def loss_fn(batch):
         seen.append((len(batch.images), len(batch.labels), len(batch.indices), tuple(batch.pooled.shape)))
-        return treatment.cross_entropy_loss(batch)
+        return cross_entropy_loss(batch)
 
     result = finetune(small_ws, FinetuneConfig(epochs=1, batch_size=32, trainable="head"), loss_fn=loss_fn, batch_transform=double)
     assert seen[0] == (64, 64, 32, (64, 64)) and len(seen) == 5

@@ -3,9 +3,9 @@
 The black box is retrained with every training batch doubled: the original images and their
 counterfactuals ``T(x)`` (hard top-k masks of the frozen selector, or its softmax map in
 ``"Softmax"`` mode), both with the **true** labels, 1:1. The control ("vanilla") is the
-identical run without ``T(x)``: same :class:`~cfdebug.treatment.FinetuneConfig`, same seed,
+identical run without ``T(x)``: same :class:`~cfdebug.config.FinetuneConfig`, same seed,
 hence the same initial weights and the same data order (``finetune`` draws the order of epoch
-``e`` from a hash of ``(seed, e)``). Both go through :func:`cfdebug.treatment.finetune`, so they
+``e`` from a hash of ``(seed, e)``). Both run on the training engine (:func:`cfdebug.training.finetune`), so they
 checkpoint, resume, report progress and can be cancelled like a treatment run.
 
 Differences from the paper, forced by the embedded demo's CPU budget and stated in the report:
@@ -34,8 +34,8 @@ from ..errors import CfdebugError
 from ..metrics import apply_temperature, fit_temperature, negative_log_likelihood
 from ..runtime import Progress, seed_everything
 from ..store import stable_hash
-from ..treatment import FinetuneConfig, FinetuneResult, finetune
-from ..training import predict_logits
+from ..config import FinetuneConfig
+from ..training import FinetuneResult, finetune, predict_logits
 from .selector import apply_mask, num_patches, random_masks, selector_masks
 
 __all__ = [
@@ -219,7 +219,7 @@ def counterfactual_retrain(
         method: a name for the logs (``"xcr"`` or ``"random"``).
 
     Returns:
-        The :class:`~cfdebug.treatment.FinetuneResult` (best-validation epoch's weights).
+        The :class:`~cfdebug.training.FinetuneResult` (best-validation epoch's weights).
     """
     masks = np.asarray(masks)
     n_train = len(ws.data.splits["train"])

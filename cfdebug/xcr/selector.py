@@ -22,7 +22,6 @@ The trained selector and its masks are cached in the workspace store:
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -37,8 +36,9 @@ from ..config import SELECTOR_MODES as MODES
 from ..config import SELECTOR_TARGETS as TARGETS  # noqa: F401  (re-exported)
 from ..config import SelectorConfig, check_int, check_k, config_dict, num_patches
 from ..errors import CfdebugError
-from ..runtime import Progress, seed_everything
+from ..runtime import Progress, scaled_progress, seed_everything
 from ..store import stable_hash
+from ..training import Stage, StepOutput, cpu_state, run_epochs
 
 
 MASKS_KIND = "xcr-masks"
@@ -298,21 +298,30 @@ def approximator_accuracy(selector: PatchSelector, approximator: nn.Module, data
     true classes (the XCR measure, also reported for VIBI-trained selectors). Both networks'
     train/eval modes are restored afterwards.
     """
+    return _approximator_scores(selector, approximator, data, k, patch_size, device, mode, batch_size)[0]
+
+
+@torch.no_grad()
+def _approximator_scores(selector, approximator, data, k, patch_size, device, mode="Topk", batch_size=256) -> tuple[float, float]:
+    """``(accuracy, mean cross-entropy)`` of the approximator on ``T(x)`` against the true labels
+    (NaN for no data); see :func:`approximator_accuracy`."""
     modes = (selector.training, approximator.training)
     selector.eval()
     approximator.eval()
     correct = total = 0
+    loss_sum = 0.0
     try:
         for x, y, *_ in _batches(data, batch_size):
             x, y = x.to(device), y.to(device)
             mask = selection_map(selector(x), k, mode)
-            pred = approximator(apply_mask(x, mask, patch_size)).argmax(1)
-            correct += int((pred == y).sum())
+            logits = approximator(apply_mask(x, mask, patch_size))
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
             total += len(y)
     finally:
         selector.train(modes[0])
         approximator.train(modes[1])
-    return correct / total if total else float("nan")
+    return (correct / total, loss_sum / total) if total else (float("nan"), float("nan"))
 
 
 @torch.no_grad()
@@ -350,10 +359,12 @@ def masked_probabilities(model: nn.Module, data, masks, patch_size: int, device:
 class SelectorHistory:
     """Training record of :func:`train_selector`.
 
-    ``rows``: one dict per epoch with the mean training ``loss``, ``ce``, ``kl``, the
-    approximator's accuracy on the relaxed training sample (``train_acc``), its validation
-    accuracy with the hard top-k mask (``val_acc``), with the softmax map (``val_acc_softmax``,
-    only in ``"Softmax"`` mode) and the epoch's ``seconds``. ``best_epoch`` / ``best_val_acc``:
+    ``rows``: one engine history row per epoch (:data:`cfdebug.training.HISTORY_KEYS`): the mean
+    training ``loss``, ``ce``, ``kl`` (per sample), the approximator's running accuracy on the
+    relaxed training sample (``train_acc``), its validation accuracy and cross-entropy with the
+    hard top-k mask (``val_acc``, ``val_loss``), its test accuracy (``test_acc``, logged only;
+    NaN without a test split), with the softmax map ``val_acc_softmax`` (only in ``"Softmax"``
+    mode) and the epoch's ``train_seconds`` / ``eval_seconds``. ``best_epoch`` / ``best_val_acc``:
     the kept epoch (highest ``val_acc``) and its ``val_acc``; ``seconds``: total wall time.
     """
 
@@ -366,8 +377,26 @@ class SelectorHistory:
         return {"rows": self.rows, "best_epoch": self.best_epoch, "best_val_acc": self.best_val_acc, "seconds": self.seconds}
 
 
+def _selector_scores(selector, approximator, data, config: SelectorConfig, device, val_loader) -> dict[str, float]:
+    """An epoch's scores: top-k validation accuracy and loss, the softmax-map validation accuracy
+    (Softmax mode), test accuracy. ``val_loader`` draws its base seed from the global RNG (as it
+    always has: the Gumbel noise of the next epoch depends on that stream); the test pass draws
+    from a private generator, so logging it changes nothing."""
+    k, p = config.k, config.patch_size
+    val_acc, val_loss = _approximator_scores(selector, approximator, val_loader, k, p, device)
+    scores = {"val_acc": val_acc, "val_loss": val_loss}
+    if config.mode == "Softmax":
+        scores["val_acc_softmax"] = approximator_accuracy(selector, approximator, val_loader, k, p, device, "Softmax")
+    test_acc = float("nan")
+    if "test" in data.splits:
+        test = torch.utils.data.DataLoader(data.torch_split("test"), batch_size=256, generator=torch.Generator())
+        test_acc = approximator_accuracy(selector, approximator, test, k, p, device)
+    return {**scores, "test_acc": test_acc}
+
+
 def train_selector(workspace, config: SelectorConfig, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None):
-    """Train the selector and approximator on ``workspace``'s training split.
+    """Train the selector and approximator on ``workspace``'s training split (on the engine,
+    :func:`cfdebug.training.run_epochs`).
 
     Adam on both networks' parameters with ``config.lr``; each step samples the relaxed mask
     ``z*`` (``config.k`` Gumbel draws at ``config.tau``), classifies ``T(x)`` and minimises
@@ -390,70 +419,40 @@ def train_selector(workspace, config: SelectorConfig, progress: Progress | None 
         ``(selector, approximator, history)``: both networks in eval mode on the workspace
         device with the kept epoch's weights, and a :class:`SelectorHistory`.
     """
-    from ..runs import RunCancelled
-
     data, device = workspace.data, workspace.device
     d = num_patches(data.input_size, data.input_size, config.patch_size)
     check_k(config.k, d)
     generator = seed_everything(config.seed)
     selector = PatchSelector(config.patch_size, 3, config.width).to(device)
     approximator = Approximator(data.num_classes, 3, config.width).to(device)
-    params = list(selector.parameters()) + list(approximator.parameters())
-    optimizer = torch.optim.Adam(params, lr=config.lr)
+    optimizer = torch.optim.Adam(list(selector.parameters()) + list(approximator.parameters()), lr=config.lr)
     blackbox = workspace.model if config.target == "blackbox" else None
     if blackbox is not None:
         blackbox.eval()
     train_loader = torch.utils.data.DataLoader(data.torch_split("train"), batch_size=config.batch_size, shuffle=True, generator=generator)
     val_loader = torch.utils.data.DataLoader(data.torch_split("val"), batch_size=256)
 
-    rows, best = [], (-1.0, 0, None)
+    def step(batch, epoch: int, index: int) -> StepOutput:
+        x, y = batch[0].to(device), batch[1].to(device)
+        if blackbox is not None:
+            with torch.no_grad():
+                y = blackbox(x).argmax(1)  # VIBI: imitate the black box's decision
+        log_p = selector(x)
+        z = relaxed_mask(log_p, config.k, config.tau)
+        logits = approximator(apply_mask(x, z, config.patch_size))
+        return StepOutput(selector_loss(logits, y, log_p, config.beta), len(y), int((logits.argmax(1) == y).sum()))
+
+    nets = nn.ModuleDict({"selector": selector, "approximator": approximator})
+    stage = Stage(
+        name="selector training", model=nets, optimizer=optimizer, batches=lambda epoch: train_loader, step=step,
+        evaluate=lambda: _selector_scores(selector, approximator, data, config, device, val_loader),
+        generator=generator, term_mean="sample", advice="Lower `lr`.",
+    )
     start = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        selector.train()
-        approximator.train()
-        sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
-        correct = total = 0
-        t0 = time.perf_counter()
-        for x, y, _ in train_loader:
-            if should_stop is not None and should_stop():
-                raise RunCancelled(f"selector training was stopped at epoch {epoch}")
-            x, y = x.to(device), y.to(device)
-            if blackbox is not None:
-                with torch.no_grad():
-                    y = blackbox(x).argmax(1)  # VIBI: imitate the black box's decision
-            log_p = selector(x)
-            z = relaxed_mask(log_p, config.k, config.tau)
-            logits = approximator(apply_mask(x, z, config.patch_size))
-            losses = selector_loss(logits, y, log_p, config.beta)
-            if not math.isfinite(losses["loss"].item()):
-                raise CfdebugError(f"Selector training diverged at epoch {epoch}: the loss is {losses['loss'].item()}. Lower `lr`.")
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            for name in sums:
-                sums[name] += losses[name].item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            total += len(y)
-        val_acc = approximator_accuracy(selector, approximator, val_loader, config.k, config.patch_size, device)
-        row = {name: value / total for name, value in sums.items()}
-        row.update(epoch=epoch, train_acc=correct / total, val_acc=val_acc)
-        if config.mode == "Softmax":
-            row["val_acc_softmax"] = approximator_accuracy(selector, approximator, val_loader, config.k, config.patch_size, device, "Softmax")
-        row["seconds"] = time.perf_counter() - t0
-        rows.append(row)
-        if val_acc > best[0]:
-            state = {"selector": _cpu_state(selector), "approximator": _cpu_state(approximator)}
-            best = (val_acc, epoch, state)
-        if progress:
-            progress(epoch / config.epochs, f"selector epoch {epoch}/{config.epochs}: loss {row['loss']:.3f} (ce {row['ce']:.3f}, kl {row['kl']:.3f}), relaxed train acc {row['train_acc']:.3f}, val acc (top-k) {val_acc:.3f}")
-    selector.load_state_dict(best[2]["selector"])
-    approximator.load_state_dict(best[2]["approximator"])
-    history = SelectorHistory(rows=rows, best_epoch=best[1], best_val_acc=best[0], seconds=time.perf_counter() - start)
+    run = run_epochs(stage, config.epochs, progress=scaled_progress(progress, 0.0, 1.0, "selector "), should_stop=should_stop)
+    nets.load_state_dict(run.best_state)
+    history = SelectorHistory(rows=run.history, best_epoch=run.best_epoch, best_val_acc=run.best_row["val_acc"], seconds=time.perf_counter() - start)
     return selector.eval(), approximator.eval(), history
-
-
-def _cpu_state(module: nn.Module) -> dict:
-    return copy.deepcopy({k: v.detach().cpu() for k, v in module.state_dict().items()})
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,8 +504,8 @@ def trained_selector(workspace, config: SelectorConfig, progress: Progress | Non
         "format": FORMAT_VERSION,
     }
     with store.writer(SELECTOR_KIND, key, meta) as tmp:
-        torch.save(_cpu_state(selector), tmp / "selector.pt")
-        torch.save(_cpu_state(approximator), tmp / "approximator.pt")
+        torch.save(cpu_state(selector), tmp / "selector.pt")
+        torch.save(cpu_state(approximator), tmp / "approximator.pt")
     return selector, approximator, dict(meta, cache_hit=False)
 
 
