@@ -163,9 +163,10 @@ def is_demo(config: WorkspaceConfig) -> bool:
     return config.model.name == DEMO_MODEL and config.data.source in DEMO_DATASETS
 
 
-def demo_asset_paths(bed: str, directory: str | Path = ASSET_DIR) -> tuple[Path, Path]:
-    """The shipped demo CNN for embedded bed ``bed``: ``(state_dict .pt, record .json)``."""
-    stem = Path(directory) / f"{DEMO_MODEL}_{bed}"
+def demo_asset_paths(bed: str, directory: str | Path | None = None) -> tuple[Path, Path]:
+    """The shipped demo CNN for embedded bed ``bed``: ``(state_dict .pt, record .json)`` in
+    ``directory`` (default :data:`ASSET_DIR`, looked up at call time)."""
+    stem = Path(ASSET_DIR if directory is None else directory) / f"{DEMO_MODEL}_{bed}"
     return stem.parent / f"{stem.name}.pt", stem.parent / f"{stem.name}.json"
 
 
@@ -182,7 +183,7 @@ def pixels_sha256(data: DataBundle) -> str:
     return digest.hexdigest()
 
 
-def write_demo_asset(bed: str, directory: str | Path = ASSET_DIR, progress: Progress | None = None) -> dict:
+def write_demo_asset(bed: str, directory: str | Path | None = None, progress: Progress | None = None) -> dict:
     """Train the demo CNN on ``bed`` from scratch and write it as a shipped asset; return the record.
 
     Trains with the default configs on CPU in a throwaway workdir (never a cached or GPU-trained
@@ -226,7 +227,7 @@ def write_demo_asset(bed: str, directory: str | Path = ASSET_DIR, progress: Prog
     return record
 
 
-def write_demo_assets(directory: str | Path = ASSET_DIR, beds=DEMO_DATASETS) -> list[dict]:
+def write_demo_assets(directory: str | Path | None = None, beds=DEMO_DATASETS) -> list[dict]:
     """``make assets``: :func:`write_demo_asset` for every embedded bed, one summary line each."""
     records = []
     for bed in beds:
