@@ -139,3 +139,18 @@ def test_demo_training_is_independent_of_the_thread_count(tmp_path):
     for name in a["state"]:
         assert torch.equal(a["state"][name], b["state"][name]), name
     assert np.isfinite(a["accuracy"]["val"])
+
+
+def test_dashboard_sidebar_offers_hard_digits_with_its_asset(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CFDEBUG_HOME", str(tmp_path))
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
+    app.run()
+    assert "hard-digits" in app.sidebar.selectbox[0].options
+    app.sidebar.selectbox[0].set_value("hard-digits")
+    app.sidebar.button[0].click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert not app.error, [e.value for e in app.error]
+    assert app.metric[2].value == f"{100 * _record('hard-digits')['accuracy']['test']:.1f}%"  # Test accuracy
+    assert not (tmp_path / "objects" / "models").exists()  # the shipped model, not a trained one
