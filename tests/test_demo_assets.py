@@ -68,8 +68,10 @@ def test_demo_workspace_loads_the_asset_without_training(bed, tmp_path):
 
 
 def test_hard_digits_asset_is_hard_but_not_hopeless():
-    acc = _record("hard-digits")["accuracy"]
-    assert 0.80 <= acc["val"] <= 0.92 and 0.80 <= acc["test"] <= 0.92
+    record = _record("hard-digits")
+    acc = record["accuracy"]
+    assert 0.80 <= acc["test"] <= 0.92  # errors for ordinary reasons, not saturated
+    assert record["train_config"]["epochs"] == 20  # the bed's default (BED_TRAIN_EPOCHS)
     biased, clean = _record("biased-digits")["accuracy"], _record("clean-digits")["accuracy"]
     assert biased["test"] < clean["test"] - 0.05  # the shortcut costs test accuracy
 
