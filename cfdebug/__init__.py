@@ -1,7 +1,13 @@
 """cfdebug: find why an image classifier fails, and treat it.
 
 The library behind ``python -m cfdebug`` and the Streamlit dashboard. Start with a
-:class:`Workspace` (a model on a dataset), then read its cached extractions.
+:class:`Workspace` (a model on a dataset, from a :class:`WorkspaceConfig`), then run a stage
+on it: :func:`run_detection` (paper A's flagged predictions and detection scores),
+:func:`treatment_sweep` / :func:`run_treat_job` (treatment), :func:`run_xcr_report` /
+:func:`run_xcr_job` (paper B's XCR). The names in ``__all__`` are the API; the modules'
+other functions stay importable but may change.
+
+``import cfdebug`` is cheap (no torch): the names that need torch load on first use.
 """
 
 from .config import (
@@ -16,10 +22,26 @@ from .config import (
     TrainConfig,
     TreatmentConfig,
     WorkspaceConfig,
+    XCRConfig,
 )
 from .errors import CfdebugError
 
 __version__ = "0.1.0"
+
+# Public name -> the module that defines it; imported on first use (these import torch).
+_LAZY = {
+    "Workspace": "workspace",
+    "load_data": "data",
+    "run_detection": "detect",
+    "treatment_sweep": "treatment",
+    "run_xcr_report": "xcr",
+    "run_treat_job": "jobs",
+    "run_xcr_job": "jobs",
+    "treat_spec": "jobs",
+    "xcr_spec": "jobs",
+    "RunRegistry": "runs",
+    "start_background_run": "runs",
+}
 
 __all__ = [
     "CFEConfig",
@@ -33,21 +55,21 @@ __all__ = [
     "SelectorConfig",
     "TrainConfig",
     "TreatmentConfig",
-    "Workspace",
     "WorkspaceConfig",
-    "load_data",
+    "XCRConfig",
+    *_LAZY,
     "__version__",
 ]
 
 
 def __getattr__(name):
     # Heavy imports (torch) only when used, so `import cfdebug` in a page stays cheap.
-    if name == "Workspace":
-        from .workspace import Workspace
+    if name in _LAZY:
+        import importlib
 
-        return Workspace
-    if name == "load_data":
-        from .data import load_data
-
-        return load_data
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'cfdebug' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

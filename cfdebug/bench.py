@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import WorkspaceConfig
 from .errors import CfdebugError
 
 
@@ -51,14 +52,12 @@ def _time_extraction(model, layer, activation, batches, n, device) -> float:
         return stream_features(model, layer, batches, n, Path(tmp), device, activation)["seconds"]
 
 
-def _peak_rss_child(args) -> dict:
-    """Run in a fresh process: extraction over ``args.rss_child`` synthetic images; report RSS."""
-    from .cli import workspace_config
+def peak_rss_child(ws_config: WorkspaceConfig, n: int) -> dict:
+    """Meant for a fresh process: extraction over ``n`` synthetic images; report its RSS (MiB)."""
     from .workspace import Workspace
 
-    ws = Workspace(workspace_config(args))
-    n = args.rss_child
-    batches = torch.utils.data.DataLoader(SyntheticImages(n, ws.data.input_size), batch_size=args.batch_size)
+    ws = Workspace(ws_config)
+    batches = torch.utils.data.DataLoader(SyntheticImages(n, ws.data.input_size), batch_size=ws_config.extract.batch_size)
     import psutil
 
     before = psutil.Process().memory_info().rss / 1024  # KiB, like ru_maxrss on Linux
@@ -67,63 +66,66 @@ def _peak_rss_child(args) -> dict:
     return {"n": n, "peak_rss_mib": after / 1024, "rss_before_mib": before / 1024}
 
 
-def bench_extract(args) -> dict:
-    from .cli import workspace_config
+def _rss_in_child(ws_config: WorkspaceConfig, n: int) -> dict:
+    """:func:`peak_rss_child` in a fresh ``python -m cfdebug bench extract --rss-child N`` process."""
+    cfg = ws_config
+    cmd = [sys.executable, "-m", "cfdebug", "bench", "extract", "--rss-child", str(n), "--model", cfg.model.name,
+           "--data", cfg.data.source, "--workdir", cfg.workdir, "--device", cfg.device, "--batch-size", str(cfg.extract.batch_size)]
+    if cfg.model.weights:
+        cmd += ["--weights", cfg.model.weights]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise CfdebugError(f"The RSS measurement process failed: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_extract(ws_config: WorkspaceConfig, n: int = 2000, repeats: int = 3) -> dict:
+    """Extraction vs plain inference time over ``n`` synthetic images (fastest of ``repeats``),
+    and peak RSS of extraction in a fresh process at ``n`` and ``10 n`` images."""
     from .workspace import Workspace
 
-    if args.rss_child is not None:
-        result = _peak_rss_child(args)
-        print(json.dumps(result))
-        return None
-    if args.n <= 0 or args.repeats <= 0:
-        raise CfdebugError(f"Expected positive `--n` and `--repeats`, but got {args.n} and {args.repeats}.")
-    ws = Workspace(workspace_config(args))
-    data = SyntheticImages(args.n, ws.data.input_size)
-    batches = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
+    if n <= 0 or repeats <= 0:
+        raise CfdebugError(f"Expected positive `--n` and `--repeats`, but got {n} and {repeats}.")
+    batch_size = ws_config.extract.batch_size
+    ws = Workspace(ws_config)
+    data = SyntheticImages(n, ws.data.input_size)
+    batches = torch.utils.data.DataLoader(data, batch_size=batch_size)
     cached = list(batches)  # the same tensors for both passes, so only the model work differs
     _plain_inference(ws.model, cached[:2], ws.device)  # warm-up
     plain, extract = [], []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         plain.append(_plain_inference(ws.model, cached, ws.device))
-        extract.append(_time_extraction(ws.model, ws.target.name, ws.target.activation, cached, args.n, ws.device))
+        extract.append(_time_extraction(ws.model, ws.target.name, ws.target.activation, cached, n, ws.device))
     ratio = min(extract) / min(plain)
-    print(f"model {ws.config.model.name}, layer {ws.target.name}, {args.n} images of {ws.data.input_size}px, batch {args.batch_size}, device {ws.device}")
-    print(f"plain inference: {min(plain):.3f} s ({args.n / min(plain):.0f} images/s); extraction: {min(extract):.3f} s")
+    print(f"model {ws.config.model.name}, layer {ws.target.name}, {n} images of {ws.data.input_size}px, batch {batch_size}, device {ws.device}")
+    print(f"plain inference: {min(plain):.3f} s ({n / min(plain):.0f} images/s); extraction: {min(extract):.3f} s")
     print(f"time ratio extraction / inference: {ratio:.3f}  (target <= 1.15: {'PASS' if ratio <= 1.15 else 'FAIL'})")
-    rss = []
-    for n in (args.n, 10 * args.n):
-        cmd = [sys.executable, "-m", "cfdebug", "bench", "extract", "--rss-child", str(n), "--model", args.model,
-               "--data", args.data, "--workdir", args.workdir, "--device", args.device, "--batch-size", str(args.batch_size)]
-        if args.weights:
-            cmd += ["--weights", args.weights]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise CfdebugError(f"The RSS measurement process failed: {out.stderr.strip()[-500:]}")
-        rss.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rss = [_rss_in_child(ws_config, m) for m in (n, 10 * n)]
     growth = rss[1]["peak_rss_mib"] / rss[0]["peak_rss_mib"]
     delta = [max(0.0, r["peak_rss_mib"] - r["rss_before_mib"]) for r in rss]
     print(f"peak RSS: {rss[0]['peak_rss_mib']:.0f} MiB at N={rss[0]['n']}, {rss[1]['peak_rss_mib']:.0f} MiB at 10N={rss[1]['n']}")
     print(f"  (peak above the RSS just before extraction: {delta[0]:.1f} MiB at N vs {delta[1]:.1f} MiB at 10N)")
     print(f"peak RSS ratio 10N / N: {growth:.3f}  (target < 1.2: {'PASS' if growth < 1.2 else 'FAIL'})")
     return {
-        "time_ratio": ratio, "plain_s": min(plain), "extract_s": min(extract), "n": args.n,
+        "time_ratio": ratio, "plain_s": min(plain), "extract_s": min(extract), "n": n,
         "rss": rss, "rss_ratio": growth, "device": str(ws.device),
     }
 
 
-def bench_cfe(args) -> dict:
+def bench_cfe(ws_config: WorkspaceConfig, n: int = 128, repeats: int = 3) -> dict:
     """CFE fit + mask prediction for all classes vs one extraction pass over the same training
-    split (target ≤ 1×), and Grad-CAM images/s batched vs one image at a time."""
+    split (target ≤ 1×; fastest of ``repeats``), and Grad-CAM images/s on ``n`` training images
+    batched vs one image at a time."""
     from .cfe import CFEConfig, fit_mc_heads, masked_head, predict_masks
-    from .cli import workspace_config
     from .extract import stream_features
     from .gradcam import gradcam
     from .workspace import Workspace
 
-    ws = Workspace(workspace_config(args))
+    batch_size = ws_config.extract.batch_size
+    ws = Workspace(ws_config)
     train = ws.data.torch_split("train")
-    batches = list(torch.utils.data.DataLoader(train, batch_size=args.batch_size))
-    extract_s = min(_time_extraction(ws.model, ws.target.name, ws.target.activation, batches, len(train), ws.device) for _ in range(args.repeats))
+    batches = list(torch.utils.data.DataLoader(train, batch_size=batch_size))
+    extract_s = min(_time_extraction(ws.model, ws.target.name, ws.target.activation, batches, len(train), ws.device) for _ in range(repeats))
     head = masked_head(ws.target, ws.device)
     with tempfile.TemporaryDirectory() as tmp:
         # A head that runs on feature maps (VGG) trains on the cached maps, read from disk.
@@ -136,7 +138,7 @@ def bench_cfe(args) -> dict:
         warm = min(256, len(features))
         fit_mc_heads(features[:warm], head, ws.data.num_classes, CFEConfig(epochs=1), ws.device, head_inputs=None if maps is None else maps[:warm])
         fit_times = []
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             start = time.perf_counter()
             heads, _ = fit_mc_heads(features, head, ws.data.num_classes, CFEConfig(), ws.device, head_inputs=maps)
             fit_times.append(time.perf_counter() - start)
@@ -150,12 +152,12 @@ def bench_cfe(args) -> dict:
     print(f"extraction pass: {extract_s:.3f} s; CFE fit (all {ws.data.num_classes} MC heads, {CFEConfig().epochs} epochs): {fit_s:.3f} s; mask prediction: {predict_s:.3f} s")
     print(f"time ratio (CFE fit + predict) / extraction pass: {ratio:.3f}  (target <= 1.0: {'PASS' if ratio <= 1.0 else 'FAIL'})")
 
-    n = min(args.n, len(train))
+    n = min(n, len(train))
     x = torch.stack([train[i][0] for i in range(n)])
     targets = torch.as_tensor(logits[:n].argmax(1))
     gradcam(ws.model, ws.target.name, x[:4], targets[:4], ws.device)  # warm-up
     start = time.perf_counter()
-    gradcam(ws.model, ws.target.name, x, targets, ws.device, batch_size=args.batch_size)
+    gradcam(ws.model, ws.target.name, x, targets, ws.device, batch_size=batch_size)
     batched_s = time.perf_counter() - start
     start = time.perf_counter()
     for i in range(n):
@@ -169,27 +171,27 @@ def bench_cfe(args) -> dict:
     }
 
 
-def bench_treat(args) -> dict:
+def bench_treat(ws_config: WorkspaceConfig, epochs_per_repeat: int = 2, repeats: int = 3) -> dict:
     """Training time of a treatment epoch (CE − λ1·L_MC + λ2·L_nonMC) against a CE-only epoch
     of the identical schedule (target ≤ 1.10); the fastest epoch of each is compared, and the
-    two kinds alternate so machine load hits both alike."""
-    from .cli import workspace_config
+    two kinds alternate (``repeats`` times, ``epochs_per_repeat`` epochs each) so machine load
+    hits both alike."""
     from .mcfilters import global_mc_filters
     from .config import FinetuneConfig, TreatmentConfig
     from .training import finetune
     from .treatment import treatment_loss
     from .workspace import Workspace
 
-    ws = Workspace(workspace_config(args))
+    ws = Workspace(ws_config)
     sets = torch.from_numpy(global_mc_filters(ws).histogram > 0).to(ws.device)
-    treat_cfg = TreatmentConfig(epochs=args.epochs_per_repeat)
-    ce_cfg = FinetuneConfig(epochs=args.epochs_per_repeat)
+    treat_cfg = TreatmentConfig(epochs=epochs_per_repeat)
+    ce_cfg = FinetuneConfig(epochs=epochs_per_repeat)
 
     def treat_loss(batch):
         return treatment_loss(batch.logits, batch.labels, batch.pooled, sets[batch.labels], treat_cfg.lambda1, treat_cfg.lambda2, treat_cfg.theta)
 
     treat_s, ce_s = [], []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         ce_s += [r["train_seconds"] for r in finetune(ws, ce_cfg).history]
         treat_s += [r["train_seconds"] for r in finetune(ws, treat_cfg, loss_fn=treat_loss).history]
     ratio = min(treat_s) / min(ce_s)
@@ -199,23 +201,16 @@ def bench_treat(args) -> dict:
     return {"ce_epoch_s": min(ce_s), "treat_epoch_s": min(treat_s), "ratio": ratio, "device": str(ws.device)}
 
 
-def bench_xcr_cli(args) -> dict:
+def bench_xcr_selector(ws_config: WorkspaceConfig, n: int = 64) -> dict:
     """Selector masks/s vs captum Occlusion with the same patch size, and the Avg Drop of both."""
-    from .cli import workspace_config
     from .workspace import Workspace
     from .xcr import bench_xcr, format_bench
 
-    ws = Workspace(workspace_config(args))
-    out = bench_xcr(ws, n_images=args.n, batch_size=args.batch_size)
+    ws = Workspace(ws_config)
+    out = bench_xcr(ws, n_images=n, batch_size=ws_config.extract.batch_size)
     print(format_bench(out))
     return out
 
 
-BENCHES = {"extract": bench_extract, "cfe": bench_cfe, "treat": bench_treat, "xcr": bench_xcr_cli}
+#: ``--n``'s default for each ``python -m cfdebug bench WHAT`` (images; unused by ``treat``).
 DEFAULT_N = {"extract": 2000, "cfe": 128, "treat": 0, "xcr": 64}
-
-
-def run(what: str, args) -> dict:
-    if args.n is None:
-        args.n = DEFAULT_N[what]
-    return BENCHES[what](args)

@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import DATA_FORMATS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig, config_dict, default_workdir, workspace_config_from_dict
+from .config import DATA_FORMATS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig, default_workdir
 from .errors import CfdebugError
 from .runtime import DEVICE_CHOICES
 
@@ -76,6 +76,8 @@ def progress_printer(args, prefix: str = ""):
     state = {"last": -1.0}
 
     def show(fraction: float, message: str) -> None:
+        if fraction < state["last"]:
+            state["last"] = -1.0  # a new stage of a longer job (e.g. training, then a sweep) starts from 0
         if fraction >= 1.0 or fraction - state["last"] >= 0.1 or "epoch" in message:
             state["last"] = fraction
             print(f"{prefix}{message}", file=sys.stderr, flush=True)
@@ -225,7 +227,8 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 def treat_run_config(args) -> dict:
-    """The JSON a treatment run is started from (also what the dashboard writes to run.json)."""
+    """The spec a treatment run is started from (also what the dashboard writes to run.json)."""
+    from .jobs import treat_spec
     from .treatment import TreatmentConfig
 
     l1, l2, seeds = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2"), _ints(args.seeds, "--seeds")
@@ -239,7 +242,7 @@ def treat_run_config(args) -> dict:
         lambda1=l1[0], lambda2=l2[0], epochs=args.treat_epochs, lr=args.treat_lr, seed=seeds[0],
         batch_size=args.treat_batch_size, trainable=args.trainable,
     )
-    return {"workspace": config_dict(workspace_config(args)), "treatment": config_dict(treatment), "lambdas1": l1, "lambdas2": l2, "seeds": seeds}
+    return treat_spec(workspace_config(args), treatment, l1, l2, seeds)
 
 
 def print_table2(result: dict, model: str) -> None:
@@ -272,17 +275,10 @@ def print_table3(result: dict, model: str) -> None:
 
 
 def cmd_treat(args) -> dict | None:
-    """Run a treatment sweep as a registry run; under ``torchrun`` every rank trains (DDP) and
-    rank 0 alone writes the registry, checkpoints and output."""
-    import contextlib
-    import dataclasses
-    import signal
-
-    from .distributed import broadcast_object, init_distributed, main_first, shutdown
-    from .mcfilters import global_mc_filters
-    from .runs import RunCancelled, RunRegistry, run_context
-    from .treatment import TreatmentConfig, treatment_sweep
-    from .workspace import Workspace
+    """A treatment sweep as a registry run (:func:`cfdebug.jobs.run_treat_job`); under ``torchrun``
+    every rank trains (DDP) and rank 0 alone writes the registry, checkpoints and output."""
+    from .jobs import read_run_spec, run_treat_job
+    from .runs import RunRegistry
 
     registry = RunRegistry(args.workdir)
     run_id = None
@@ -292,68 +288,25 @@ def cmd_treat(args) -> dict | None:
             raise CfdebugError(f"Run {args.resume} is a {record.kind!r} run, not a treatment run; resume it with `python -m cfdebug {record.kind} --resume {args.resume}`.")
         run_id, spec = record.run_id, record.config
     elif args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise CfdebugError(f"Run config {path} does not exist.")
-        try:
-            payload = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CfdebugError(f"Run config {path} is not valid JSON: {exc}.") from None
-        spec = payload.get("config", payload)
-        run_id = args.run_id or payload.get("run_id")
+        spec, stored_id = read_run_spec(args.config)
+        run_id = args.run_id or stored_id
     else:
         spec = treat_run_config(args)
-    try:
-        ws_config = workspace_config_from_dict(spec["workspace"])
-        treatment = TreatmentConfig(**spec["treatment"])
-        lambdas1, lambdas2, seeds = spec["lambdas1"], spec["lambdas2"], spec["seeds"]
-    except (KeyError, TypeError) as exc:
-        if run_id is not None:
-            registry.set_status(run_id, "failed", error=f"not a treatment config: {exc}")
-        raise CfdebugError(f"The run config is not a treatment config ({exc}). Start a new run instead.") from None
+    started = {}
 
-    ctx = init_distributed(ws_config.device)  # a no-op unless started by torchrun
-    result = None
-    try:
-        if run_id is None:
-            run_id = registry.create("treat", spec).run_id if ctx.is_main else None
-        run_id = broadcast_object(run_id)
-        ws_config = dataclasses.replace(ws_config, device=str(ctx.device))
-        if ctx.is_main and ctx.distributed:
-            # torchrun gives each worker its own session, so cancel() signals rank 0 only: turn
-            # its SIGTERM into the registry's cancel flag, which every rank checks each step.
-            signal.signal(signal.SIGTERM, lambda *_: registry.request_cancel(run_id))
-        guard = run_context(registry, run_id, handle_sigterm=not ctx.distributed) if ctx.is_main else contextlib.nullcontext()
-        with guard:
-            if ctx.is_main:
-                print(f"run {run_id} (registry {registry.db_path}); resume with: python -m cfdebug treat --resume {run_id} --workdir {args.workdir}", file=sys.stderr)
-            with main_first():  # rank 0 trains/extracts into the cache, the others then read it
-                ws = Workspace(ws_config, progress_printer(args, "training: ") if ctx.is_main else None)
-                sets = global_mc_filters(ws).histogram > 0  # METHODS: G_y binarised as h_y > 0
-            sets = broadcast_object(sets)
-            result = treatment_sweep(
-                ws, lambdas1, lambdas2, seeds, treatment.epochs, sets,
-                progress=progress_printer(args, "treat: ") if ctx.is_main else None, config=treatment,
-                run_dir=registry.run_dir(run_id), registry=registry, run_id=run_id,
-            )
-            result = {"run_id": run_id, "classes": list(ws.data.classes), "world_size": ctx.world_size, **result}
-            if ctx.is_main:
-                result["flagged_churn"] = _flagged_churn(ws, ws_config, registry.run_dir(run_id), result, seeds[0], progress_printer(args, "treat: "))
-                registry.set_result(run_id, result)
-    except RunCancelled:
-        if ctx.is_main:
-            raise
+    def on_start(run_id: str, ws) -> None:
+        started.update(run_id=run_id, ws=ws)
+        print(f"run {run_id} (registry {registry.db_path}); resume with: python -m cfdebug treat --resume {run_id} --workdir {args.workdir}", file=sys.stderr)
+
+    result = run_treat_job(spec, registry=registry, run_id=run_id, progress=progress_printer(args), on_start=on_start)
+    if result is None:
+        if started:  # rank 0, cancelled: the registry recorded it (other ranks print nothing)
+            print(f"run {started['run_id']} was cancelled; resume it with: python -m cfdebug treat --resume {started['run_id']}", file=sys.stderr)
         return None
-    finally:
-        shutdown()
-    if not ctx.is_main:
-        return None
-    if result is None:  # cancelled: run_context recorded it
-        print(f"run {run_id} was cancelled; resume it with: python -m cfdebug treat --resume {run_id}", file=sys.stderr)
-        return None
-    print(f"{ws_config.model.name} on {ws.data.describe()}: treatment of the filters at {ws.target.name}" + (f" ({ctx.world_size} processes, DDP)" if ctx.distributed else ""))
-    print_table2(result, ws_config.model.name)
-    print_table3(result, ws_config.model.name)
+    ws = started["ws"]
+    print(f"{ws.config.model.name} on {ws.data.describe()}: treatment of the filters at {ws.target.name}" + (f" ({result['world_size']} processes, DDP)" if result["world_size"] > 1 else ""))
+    print_table2(result, ws.config.model.name)
+    print_table3(result, ws.config.model.name)
     fc = result["flagged_churn"]
     print(f"\nflagged-set churn (detection recomputed on the treated model, λ1={fc['lambda1']:g}, λ2={fc['lambda2']:g}, seed {fc['seed']}): "
           f"{fc['flagged_errors_fixed']} of {fc['flagged_errors_before']} flagged errors fixed; {fc['new_errors']} new errors, "
@@ -374,12 +327,13 @@ def _csv_list(text, name, convert, everything):
 
 def cmd_xcr(args) -> dict:
     from .data.corruptions import CORRUPTIONS
-    from .xcr.report import print_table1, print_table2, run_xcr_report, xcr_run_from_config
-    from .xcr.retrain import default_xcr_config, override_xcr_config
+    from .jobs import read_run_spec, run_xcr_job
+    from .xcr import default_xcr_config, override_xcr_config, print_table1, print_table2, run_xcr_report
 
     progress = progress_printer(args, "xcr: ")
     if args.config:
-        result = xcr_run_from_config(args.config, args.run_id, progress)
+        spec, _ = read_run_spec(args.config)
+        result = run_xcr_job(spec, run_id=args.run_id, progress=progress)
     else:
         ws = _open_workspace(args)
         cfg = override_xcr_config(
@@ -397,24 +351,6 @@ def cmd_xcr(args) -> dict:
     print_table1(result)
     print_table2(result)
     return result
-
-
-def _flagged_churn(ws, ws_config, run_dir, result, seed, progress) -> dict:
-    """Detection on the base model vs recomputed on the best treated model (first seed)."""
-    import dataclasses
-
-    from .detect import run_detection
-    from .treatment import flagged_churn, sweep_run_dir
-    from .workspace import Workspace
-
-    best = result["best"]
-    weights = sweep_run_dir(run_dir, "treatment", best["lambda1"], best["lambda2"], seed) / "model.pt"
-    treated_cfg = dataclasses.replace(ws_config, model=dataclasses.replace(ws_config.model, weights=str(weights)))
-    if progress:
-        progress(1.0, "recomputing detection on the treated model for the flagged-set churn")
-    churn = flagged_churn(run_detection(ws), run_detection(Workspace(treated_cfg)))
-    churn.update({"lambda1": best["lambda1"], "lambda2": best["lambda2"], "seed": seed, "weights": str(weights)})
-    return churn
 
 
 def cmd_runs(args) -> dict:
@@ -452,10 +388,21 @@ def cmd_models(args) -> dict:
     return {"models": names}
 
 
-def cmd_bench(args) -> dict:
+def cmd_bench(args) -> dict | None:
     from . import bench
 
-    return bench.run(args.what, args)
+    ws_config = workspace_config(args)
+    if args.rss_child is not None:  # the fresh process `bench extract` measures RSS in
+        print(json.dumps(bench.peak_rss_child(ws_config, args.rss_child)))
+        return None
+    n = bench.DEFAULT_N[args.what] if args.n is None else args.n
+    if args.what == "extract":
+        return bench.bench_extract(ws_config, n=n, repeats=args.repeats)
+    if args.what == "cfe":
+        return bench.bench_cfe(ws_config, n=n, repeats=args.repeats)
+    if args.what == "treat":
+        return bench.bench_treat(ws_config, epochs_per_repeat=args.epochs_per_repeat, repeats=args.repeats)
+    return bench.bench_xcr_selector(ws_config, n=n)
 
 
 def build_parser() -> argparse.ArgumentParser:

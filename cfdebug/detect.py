@@ -120,6 +120,22 @@ def flag_predictions(metric: Any, pred: Any, confidence: Any, thresholds: Any, s
     return {"checked": checked, "unscorable": unscorable, "flagged": checked & ~unscorable & below}
 
 
+def flags_at_margin(result: dict, margin: float = 0.0) -> dict[str, np.ndarray]:
+    """The flag rule on a :func:`run_detection` report's per-image ``agreement_margin``, with
+    every class threshold moved by ``margin``: flagged when checked (confidence ≤ the report's
+    ``skip_threshold``; 0 checks all), scorable and ``agreement_margin < margin``.
+
+    ``margin = 0`` is the rule of the report's ``score_metric`` row (the paper's: below the
+    class's mean training agreement); a lower margin flags fewer, more certain errors. Returns
+    :func:`flag_predictions`'s ``{"checked", "unscorable", "flagged"}`` bool ``[N]`` arrays.
+    """
+    images = result["images"]
+    metric = np.asarray([np.nan if r["unscorable"] else r["agreement_margin"] for r in images], dtype=np.float64)  # [N]
+    pred = np.asarray([r["predicted"] for r in images], dtype=np.int64)
+    confidence = np.asarray([r["confidence"] for r in images], dtype=np.float64)
+    return flag_predictions(metric, pred, confidence, float(margin), result["config"]["skip_threshold"])
+
+
 def table1_row(key: str, flags: dict[str, np.ndarray], is_error: np.ndarray, skip: float, freq: float, threshold: Any) -> dict:
     """One row of Table 1 from the flags of :func:`flag_predictions` and ``is_error`` [N] bool."""
     flagged = flags["flagged"]
@@ -549,6 +565,7 @@ __all__ = [
     "combined_score",
     "detect_arrays",
     "flag_predictions",
+    "flags_at_margin",
     "images_frame",
     "run_detection",
     "table1_row",

@@ -67,6 +67,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -85,6 +86,7 @@ __all__ = [
     "RunRegistry",
     "RunCancelled",
     "launch",
+    "start_background_run",
     "cancel",
     "run_context",
     "check_cancel",
@@ -95,6 +97,11 @@ FINISHED_STATUSES = ("done", "failed", "cancelled")
 
 #: How a user lists runs; used in error messages.
 LIST_RUNS_HINT = "list them with `python -m cfdebug runs` (or `RunRegistry(workdir).list()`)"
+
+#: The run kinds :func:`start_background_run` starts (each a ``python -m cfdebug <kind>`` command).
+BACKGROUND_KINDS = ("treat", "xcr")
+#: The folder holding the ``cfdebug`` package; put first on a child's PYTHONPATH so it imports this copy.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_LOCK_TIMEOUT_S = 10.0
 # One attempt waits at most this long inside SQLite's own busy handler before the outer retry
@@ -679,6 +686,28 @@ def launch(
     # os.kill(pid, 0) for as long as the dashboard runs.
     threading.Thread(target=proc.wait, name=f"cfdebug-reap-{run_id}", daemon=True).start()
     return proc.pid
+
+
+def start_background_run(workdir: str | Path, kind: str, spec: dict) -> str:
+    """Register a run of ``kind`` (``"treat"`` or ``"xcr"``) for ``spec`` and start it; return its id.
+
+    The child runs the command a user would type, the same way for every kind:
+    ``python -m cfdebug <kind> --config RUN_DIR/run.json --run-id ID --workdir WORKDIR --quiet``
+    (ending in :func:`cfdebug.jobs.run_treat_job` / :func:`~cfdebug.jobs.run_xcr_job`), with this
+    interpreter, this process's working directory (relative paths in ``spec`` mean the same) and
+    :data:`PACKAGE_ROOT` first on ``PYTHONPATH``, so it imports this copy of cfdebug even when it
+    is not installed. ``spec`` is the kind's spec (:func:`cfdebug.jobs.treat_spec`,
+    :func:`~cfdebug.jobs.xcr_spec`). See :func:`launch` for the process and its log.
+    """
+    if kind not in BACKGROUND_KINDS:
+        raise CfdebugError(f"Expected `kind` to be one of {', '.join(BACKGROUND_KINDS)}, but got {kind!r}.")
+    registry = RunRegistry(workdir)
+    record = registry.create(kind, spec)
+    argv = [sys.executable, "-m", "cfdebug", kind, "--config", str(record.config_path), "--run-id", record.run_id,
+            "--workdir", str(registry.workdir), "--quiet"]
+    path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    launch(registry, record.run_id, argv, env={"PYTHONPATH": path})
+    return record.run_id
 
 
 def cancel(registry: RunRegistry, run_id: str) -> RunRecord:

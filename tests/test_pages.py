@@ -123,3 +123,16 @@ def test_treatment_page_launches_a_background_run(app, workdir):
     assert not app.exception, [e.value for e in app.exception]
     labels = [m.label for m in app.metric]
     assert any(label.startswith("Treated (best on val") for label in labels) and "Control (CE fine-tune)" in labels
+    assert not app.error, [e.value for e in app.error]
+    assert any("Churn on the test split" in m.value for m in app.markdown)  # read from the stored result
+
+    # A run made before results stored the per-image predictions: a clear error, nothing re-predicted.
+    registry = RunRegistry(workdir)
+    done = registry.get(run_id)
+    old = registry.create("treat", done.config)
+    registry.set_result(old.run_id, {k: v for k, v in done.result.items() if k != "best_test"})
+    app.query_params["run"] = old.run_id
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert any("older version of cfdebug" in e.value for e in app.error)
+    assert not any("Churn on the test split" in m.value for m in app.markdown)

@@ -27,6 +27,7 @@ from cfdebug.runs import (
     _pid_alive,
     cancel,
     launch,
+    start_background_run,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -466,3 +467,26 @@ def test_pid_alive_detects_zombie(tmp_path):
     proc.wait()
     assert _pid_alive(os.getpid())
     assert not _pid_alive(None)
+
+
+# ---------------------------------------------------------------------- the dashboard's launcher
+def test_start_background_run_refuses_an_unknown_kind(tmp_path):
+    with pytest.raises(CfdebugError, match="`kind` to be one of treat, xcr"):
+        start_background_run(tmp_path, "bench", {})
+
+
+@pytest.mark.parametrize("kind", ["treat", "xcr"])
+def test_start_background_run_starts_the_cli_the_same_way_for_each_kind(tmp_path, monkeypatch, kind):
+    """From a folder where `cfdebug` is not importable, with no PYTHONPATH: the child still imports
+    this checkout, runs `python -m cfdebug KIND --config … --run-id … --workdir … --quiet`, and a spec
+    of the wrong shape ends as a failed run naming the problem."""
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.chdir(tmp_path)
+    run_id = start_background_run(tmp_path / "wd", kind, {"not": "a spec"})
+    reg = RunRegistry(tmp_path / "wd")
+    final = _wait_finished(reg, run_id)
+    assert final.status == "failed", (final.status, final.log_path.read_text())
+    log = final.log_path.read_text()
+    assert f"-m cfdebug {kind} --config {final.config_path} --run-id {run_id} --workdir {tmp_path / 'wd'} --quiet" in log
+    assert "No module named" not in log
+    assert ("not a treatment config" if kind == "treat" else "`workspace` and `xcr`") in (final.error or "") + log

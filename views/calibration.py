@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from cfdebug import ui, viz
+from cfdebug.config import XCR_BETA_CHOICES
 from cfdebug.ui import xcr as xcr_ui
 
 st.header("Calibration & robustness")
@@ -16,13 +17,13 @@ st.caption(
 )
 
 defaults = xcr_ui.default_config(ws)
-BETAS = [0.1, 0.01, 0.001]
 with st.form("xcr-run"):
     st.markdown("**New run** (runs in the background; you can leave the page)")
     a, b, c, d = st.columns(4)
     k = a.number_input("k (patches kept)", min_value=1, value=int(defaults.selector.k), step=1,
                        help=f"Out of d = (image size / {defaults.selector.patch_size})² patches; 12.5% of 256 is 32.")
-    beta = b.selectbox("β (KL weight)", BETAS, index=BETAS.index(defaults.selector.beta) if defaults.selector.beta in BETAS else 2)
+    betas = list(XCR_BETA_CHOICES)
+    beta = b.selectbox("β (KL weight)", betas, index=betas.index(defaults.selector.beta) if defaults.selector.beta in betas else len(betas) - 1)
     selector_epochs = c.number_input("Selector epochs", min_value=1, value=int(defaults.selector.epochs), step=1)
     epochs = d.number_input("Retraining epochs", min_value=1, value=int(defaults.retrain.epochs), step=1)
     a, b, c = st.columns(3)

@@ -38,7 +38,7 @@ st.download_button("Download histogram (CSV)", table.to_csv(index_label="class")
 st.subheader(f"Top filters of class {classes[cls]}")
 if filters.counts[cls] == 0:
     st.warning(
-        f"Class {classes[cls]} has no confidently correct training image (p ≥ 0.9), so its global MC set is empty "
+        f"Class {classes[cls]} has no confidently correct training image (p ≥ {filters.meta['config']['tau']:g}), so its global MC set is empty "
         "and its predictions are reported as unscorable."
     )
     st.stop()

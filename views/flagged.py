@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from cfdebug import metrics, ui, viz
-from cfdebug.detect import combined_score
+from cfdebug.detect import combined_score, flags_at_margin
 
 st.header("Flagged predictions")
 ws = ui.workspace_page()
@@ -28,7 +28,7 @@ with st.expander("Table 1: misclassification detection", expanded=True):
     ]
     st.markdown(f"**Total errors: {result['total_errors']}** of {result['n_images']} test images")
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-    st.caption(f"Re-ranking the top-5 classes by agreement fixes {result['rerank_fixed']} flagged errors.")
+    st.caption(f"Re-ranking the top-{result['rerank_top_k']} classes by agreement fixes {result['rerank_fixed']} flagged errors.")
 
 st.subheader("Detection quality")
 is_error = images["error"].to_numpy(bool)
@@ -52,8 +52,8 @@ threshold = right.slider(
     "Flag when agreement − class mean is below", lo, hi, 0.0, 0.01,
     help="0 is the paper's rule (below the class's mean training agreement). Lower flags fewer, more certain errors.",
 )
-checked = images["confidence"].to_numpy(float) <= skip if skip > 0 else np.ones(len(images), bool)
-flagged = checked & ~images["unscorable"].to_numpy(bool) & (margin < threshold)
+flags = flags_at_margin(result, threshold)
+checked, flagged = flags["checked"], flags["flagged"]
 detected = int((flagged & is_error).sum())
 right.metric("Errors detected", f"{detected} of {int(is_error.sum())}", f"{100 * detected / max(is_error.sum(), 1):.0f}%", delta_color="off")
 right.metric("New errors (correct but flagged)", int((flagged & ~is_error).sum()))

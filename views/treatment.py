@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cfdebug import metrics, viz
-from cfdebug import ui
+from cfdebug import ui, viz
+from cfdebug.config import TREATMENT_LAMBDA1_GRID, TREATMENT_LAMBDA2_GRID, TREATMENT_LR_GRID, TreatmentConfig
 from cfdebug.runs import cancel
 from cfdebug.ui import treatment as tui
 
@@ -20,16 +20,17 @@ st.caption(
     "seed and schedule), so you see what the losses add beyond fine-tuning. The epoch kept is the best on validation."
 )
 
+DEFAULTS = TreatmentConfig()
 with st.form("launch"):
     c1, c2 = st.columns(2)
-    lambda1 = c1.select_slider("λ1 (MC filters)", options=list(tui.LAMBDA1_GRID), value=1e-3, format_func=lambda v: f"{v:g}",
+    lambda1 = c1.select_slider("λ1 (MC filters)", options=list(TREATMENT_LAMBDA1_GRID), value=DEFAULTS.lambda1, format_func=lambda v: f"{v:g}",
                                help="Log-spaced; the paper's grid spans 1e-4 … 2e-3")
-    lambda2 = c2.select_slider("λ2 (non-MC filters)", options=list(tui.LAMBDA2_GRID), value=2e-5, format_func=lambda v: f"{v:g}",
+    lambda2 = c2.select_slider("λ2 (non-MC filters)", options=list(TREATMENT_LAMBDA2_GRID), value=DEFAULTS.lambda2, format_func=lambda v: f"{v:g}",
                                help="Log-spaced; the paper's grid spans 1e-5 … 1e-4")
     c3, c4, c5 = st.columns(3)
-    epochs = c3.number_input("Epochs", 1, 200, 10)
-    lr = c4.select_slider("Learning rate (SGD)", options=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3], value=1e-4, format_func=lambda v: f"{v:g}")
-    seed = c5.number_input("Seed", 0, 10_000, 0)
+    epochs = c3.number_input("Epochs", 1, 200, DEFAULTS.epochs)
+    lr = c4.select_slider("Learning rate (SGD)", options=list(TREATMENT_LR_GRID), value=DEFAULTS.lr, format_func=lambda v: f"{v:g}")
+    seed = c5.number_input("Seed", 0, 10_000, DEFAULTS.seed)
     if st.form_submit_button("Launch run", type="primary"):
         run_id = tui.launch_treatment(ws, float(lambda1), float(lambda2), int(epochs), float(lr), int(seed))
         st.session_state["treatment_selected"] = run_id
@@ -122,15 +123,11 @@ t3_rows = [dict(group=g, **r) for g in ("improved", "worsened") for r in t3[g]]
 left.markdown("**Table 3**: classes whose recall changed most")
 left.dataframe(pd.DataFrame(t3_rows).drop(columns=["class_index"], errors="ignore"), hide_index=True, width="stretch")
 
-weights = tui.treated_weights(record)
-if weights is not None:
-    test = ui.extraction(ws, "test")
-    after = tui.test_predictions(ws, weights)
-    k = len(classes)
-    delta = metrics.confusion_matrix(after, test.labels, k) - metrics.confusion_matrix(test.preds, test.labels, k)
-    right.plotly_chart(viz.confusion_delta_heatmap(delta, classes), width="stretch")
-    fixed = np.flatnonzero((test.preds != test.labels) & (after == test.labels))
-    broken = np.flatnonzero((test.preds == test.labels) & (after != test.labels))
+changes = tui.best_model_changes(record)
+if changes is not None:
+    base_preds, after, labels = (np.asarray(changes[k]) for k in ("base_test_predictions", "test_predictions", "labels"))
+    fixed, broken = np.asarray(changes["fixed"], int), np.asarray(changes["broken"], int)
+    right.plotly_chart(viz.confusion_delta_heatmap(np.asarray(changes["confusion_delta"]), classes), width="stretch")
     st.markdown(f"**Churn on the test split**: {len(fixed)} errors fixed, {len(broken)} new errors.")
     fc = res.get("flagged_churn")
     if fc:
@@ -145,8 +142,10 @@ if weights is not None:
             shown = idx[:12]
             cols = st.columns(12)
             for j, (i, image) in enumerate(zip(shown, ui.sample_images(ws, "test", shown))):
-                was, now = classes[test.preds[i]], classes[after[i]]
-                cols[j].image(image, caption=f"{label}: {classes[test.labels[i]]} (was {was}, now {now})", width="stretch")
+                was, now = classes[base_preds[i]], classes[after[i]]
+                cols[j].image(image, caption=f"{label}: {classes[labels[i]]} (was {was}, now {now})", width="stretch")
+weights = tui.treated_weights(record)
+if weights is not None:
     if st.button("Use the treated model as the workspace model", help="The other pages then recompute on the treated weights"):
         cfg = ws.config
         st.session_state[ui.workspace.STATE_KEY] = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=str(weights)))

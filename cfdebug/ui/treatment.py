@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import numpy as np
+import streamlit as st
 
 from ..config import config_dict
 from ..errors import CfdebugError
-from .workspace import memo, show_user_error
-
-LAMBDA1_GRID = (0.0, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 0.1)
-LAMBDA2_GRID = (0.0, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 1e-3)
+from .workspace import show_user_error
 
 
 def registry(ws):
@@ -26,16 +22,13 @@ def launch_treatment(ws, lambda1: float, lambda2: float, epochs: int, lr: float,
 
     The run is the same command a user types: ``python -m cfdebug treat --config run.json``.
     """
-    from ..runs import launch
+    from ..jobs import treat_spec
+    from ..runs import start_background_run
     from ..treatment import TreatmentConfig
 
     try:
         treatment = TreatmentConfig(lambda1=lambda1, lambda2=lambda2, epochs=epochs, lr=lr, seed=seed)
-        reg = registry(ws)
-        spec = {"workspace": config_dict(ws.config), "treatment": config_dict(treatment), "lambdas1": [lambda1], "lambdas2": [lambda2], "seeds": [seed]}
-        record = reg.create("treat", spec)
-        launch(reg, record.run_id, [sys.executable, "-m", "cfdebug", "treat", "--config", str(record.config_path), "--run-id", record.run_id, "--workdir", ws.config.workdir, "--quiet"])
-        return record.run_id
+        return start_background_run(ws.config.workdir, "treat", treat_spec(ws.config, treatment, [lambda1], [lambda2], [seed]))
     except CfdebugError as exc:
         show_user_error(exc)
 
@@ -58,13 +51,20 @@ def treated_weights(record) -> Path | None:
     return path if path.is_file() else None
 
 
-def test_predictions(ws, weights: Path) -> np.ndarray:
-    """Test predictions [N] of the workspace architecture with ``weights`` (for the confusion delta)."""
-    from ..models import load_model
-    from ..training import predict_logits
+def best_model_changes(record) -> dict | None:
+    """The best treated model's test predictions against the base model's, as the run stored
+    them (:func:`cfdebug.jobs.prediction_changes`: ``confusion_delta``, ``fixed``, ``broken``,
+    ``test_predictions``, ``base_test_predictions``, ``labels``).
 
-    def compute():
-        model = load_model(type(ws.config.model)(name=ws.config.model.name, weights=str(weights), layer=ws.config.model.layer), ws.data.num_classes)
-        return predict_logits(model.to(ws.device), ws.data, "test", ws.device).argmax(1)
-
-    return memo(("treated-preds", str(weights), weights.stat().st_mtime_ns), compute)
+    A run made by an older version of cfdebug has none: that is shown as ``st.error`` (the rest
+    of the page still draws) and ``None`` is returned; nothing is re-predicted.
+    """
+    changes = (record.result or {}).get("best_test")
+    if changes and "test_predictions" in changes:
+        return changes
+    st.error(
+        f"Expected run {record.run_id} to hold the treated model's per-image test predictions, but it was made by an "
+        "older version of cfdebug that did not store them; launch the run again to see the churn and the confusion delta.",
+        icon=":material/error:",
+    )
+    return None

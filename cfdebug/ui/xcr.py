@@ -7,10 +7,7 @@ result. The heavy objects (selector masks, Grad-CAM) come from the workspace's o
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import streamlit as st
@@ -19,7 +16,6 @@ from ..config import config_dict
 from ..errors import CfdebugError
 from .workspace import extraction, show_user_error
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `cfdebug` package
 RUN_KIND = "xcr"
 ACTIVE = ("queued", "running")
 
@@ -72,15 +68,11 @@ def build_config(ws, *, k: int, beta: float, selector_epochs: int, epochs: int, 
 
 def start_run(ws, config) -> str:
     """Register an XCR run for ``config`` and launch it in the background; return its id."""
-    from ..runs import launch
+    from ..jobs import xcr_spec
+    from ..runs import start_background_run
 
-    reg = registry(ws)
     try:
-        record = reg.create(RUN_KIND, {"workspace": config_dict(ws.config), "xcr": config_dict(config)})
-        argv = [sys.executable, "-m", "cfdebug", RUN_KIND, "--config", str(record.config_path), "--run-id", record.run_id]
-        path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        launch(reg, record.run_id, argv, env={"PYTHONPATH": path}, cwd=PACKAGE_ROOT)
-        return record.run_id
+        return start_background_run(ws.config.workdir, RUN_KIND, xcr_spec(ws.config, config))
     except CfdebugError as exc:
         show_user_error(exc)
 

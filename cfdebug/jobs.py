@@ -1,0 +1,256 @@
+"""Background-run entry points: one per run kind, called alike by the CLI, ``torchrun`` and the dashboard.
+
+A run's *spec* is the JSON its ``run.json`` holds under ``config`` (:meth:`RunRegistry.create`):
+
+* ``treat``: ``{"workspace": config_dict(WorkspaceConfig), "treatment": config_dict(TreatmentConfig),
+  "lambdas1": [float], "lambdas2": [float], "seeds": [int]}`` (:func:`treat_spec`);
+* ``xcr``: ``{"workspace": config_dict(WorkspaceConfig), "xcr": config_dict(XCRConfig)}`` (:func:`xcr_spec`).
+
+:func:`run_treat_job` and :func:`run_xcr_job` take a spec, run it as a registry run (status,
+progress, cancel, resume from checkpoints) and return the result dict; they print nothing.
+:func:`start_background_run` (in :mod:`cfdebug.runs`) starts either kind as
+``python -m cfdebug <kind> --config run.json --run-id ID``, which ends in these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from .config import TreatmentConfig, WorkspaceConfig, config_dict, workspace_config_from_dict, xcr_config_from_dict
+from .errors import CfdebugError
+
+if TYPE_CHECKING:  # runtime imports torch; this module stays cheap to import (the dashboard builds specs with it)
+    from .runtime import Progress
+
+__all__ = [
+    "RUN_KINDS",
+    "read_run_spec",
+    "treat_spec",
+    "xcr_spec",
+    "run_treat_job",
+    "run_xcr_job",
+    "prediction_changes",
+]
+
+RUN_KINDS = ("treat", "xcr")
+
+
+def treat_spec(workspace: WorkspaceConfig, treatment: TreatmentConfig, lambdas1: Sequence[float], lambdas2: Sequence[float], seeds: Sequence[int]) -> dict:
+    """The spec of a treatment sweep: every (λ1, λ2) in ``lambdas1 × lambdas2`` and the control, per seed.
+
+    ``treatment`` gives the schedule (its own ``lambda1``/``lambda2``/``seed`` are the first of each list).
+    """
+    lambdas1, lambdas2, seeds = [float(v) for v in lambdas1], [float(v) for v in lambdas2], [int(v) for v in seeds]
+    if not (lambdas1 and lambdas2 and seeds):
+        raise CfdebugError("Expected at least one value each for `lambdas1`, `lambdas2` and `seeds`, but one of them is empty.")
+    return {"workspace": config_dict(workspace), "treatment": config_dict(treatment), "lambdas1": lambdas1, "lambdas2": lambdas2, "seeds": seeds}
+
+
+def xcr_spec(workspace: WorkspaceConfig, xcr) -> dict:
+    """The spec of an XCR report run (``xcr``: an :class:`~cfdebug.config.XCRConfig`)."""
+    return {"workspace": config_dict(workspace), "xcr": config_dict(xcr)}
+
+
+def read_run_spec(path: str | Path) -> tuple[dict, str | None]:
+    """``(spec, run_id)`` from a run's ``run.json`` (``{"kind", "run_id", "config"}``) or a file holding a bare spec (run id ``None``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CfdebugError(f"Expected a run config file (a run's run.json), but {path} does not exist; check the `config` path.")
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CfdebugError(f"Expected {path} to be a readable JSON run config, but reading it failed ({exc}); pass a run's run.json.") from None
+    if not isinstance(payload, dict):
+        raise CfdebugError(f"Expected {path} to hold a JSON object, but it holds a {type(payload).__name__}; pass a run's run.json.")
+    return payload.get("config", payload), payload.get("run_id")
+
+
+# --------------------------------------------------------------------------------------------
+# treat
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_treat_spec(spec: dict) -> tuple[WorkspaceConfig, TreatmentConfig, list, list, list]:
+    try:
+        return (
+            workspace_config_from_dict(spec["workspace"]),
+            TreatmentConfig(**spec["treatment"]),
+            list(spec["lambdas1"]), list(spec["lambdas2"]), list(spec["seeds"]),
+        )
+    except (KeyError, TypeError) as exc:
+        raise CfdebugError(f"The run config is not a treatment config ({exc}). Start a new run instead.") from None
+
+
+def run_treat_job(
+    spec: dict,
+    *,
+    registry=None,
+    run_id: str | None = None,
+    progress: Progress | None = None,
+    on_start: Callable[[str, object], None] | None = None,
+) -> dict | None:
+    """Run a treatment sweep (:func:`~cfdebug.treatment.treatment_sweep`) as a registry run.
+
+    Under ``torchrun`` every rank trains (DDP) and rank 0 alone writes the registry, checkpoints
+    and the result; without it this is one process. Rank 0 turns ``SIGTERM`` (sent by
+    :func:`~cfdebug.runs.cancel`) into the run's cancel flag, which every rank polls each step.
+
+    Args:
+        spec: a treat spec (:func:`treat_spec`).
+        registry: the :class:`~cfdebug.runs.RunRegistry` (default: the one of the spec's workdir).
+        run_id: the registered run to run (created, queued, by :meth:`RunRegistry.create` or
+            :func:`~cfdebug.runs.start_background_run`); ``None`` registers a new one. A run with
+            checkpoints resumes from them.
+        progress: ``progress(fraction, message)`` on rank 0 (loading the workspace, then the sweep).
+        on_start: called on rank 0 as ``on_start(run_id, workspace)`` once the run is registered
+            and its workspace loaded (the CLI prints where the run lives and how to resume it).
+
+    Returns:
+        On rank 0, :func:`~cfdebug.treatment.treatment_sweep`'s dict plus ``run_id``, ``classes``,
+        ``world_size``, ``flagged_churn`` (detection on the base vs the best treated model, first
+        seed) and ``best_test`` (:func:`prediction_changes` of that model on the test split); the
+        result is also stored in the registry. ``None`` on the other ranks and when the run was
+        cancelled (the registry records it).
+    """
+    from .distributed import broadcast_object, init_distributed, main_first, shutdown
+    from .mcfilters import global_mc_filters
+    from .runs import RunCancelled, RunRegistry, run_context
+    from .runtime import scaled_progress
+    from .treatment import treatment_sweep
+    from .workspace import Workspace
+
+    try:
+        ws_config, treatment, lambdas1, lambdas2, seeds = _parse_treat_spec(spec)
+    except CfdebugError as exc:
+        if registry is not None and run_id is not None:
+            registry.set_status(run_id, "failed", error=str(exc))
+        raise
+    registry = registry if registry is not None else RunRegistry(ws_config.workdir)
+    ctx = init_distributed(ws_config.device)  # a no-op unless started by torchrun
+    result = None
+    try:
+        if run_id is None:
+            run_id = registry.create("treat", spec).run_id if ctx.is_main else None
+        run_id = broadcast_object(run_id)
+        ws_config = dataclasses.replace(ws_config, device=str(ctx.device))
+        if ctx.is_main and ctx.distributed:
+            # torchrun gives each worker its own session, so cancel() signals rank 0 only: turn
+            # its SIGTERM into the registry's cancel flag, which every rank checks each step.
+            signal.signal(signal.SIGTERM, lambda *_: registry.request_cancel(run_id))
+        main_progress = progress if ctx.is_main else None
+        guard = run_context(registry, run_id, handle_sigterm=not ctx.distributed) if ctx.is_main else contextlib.nullcontext()
+        with guard:
+            with main_first():  # rank 0 trains/extracts into the cache, the others then read it
+                ws = Workspace(ws_config, scaled_progress(main_progress, 0.0, 1.0, "training: "))
+                sets = global_mc_filters(ws).histogram > 0  # METHODS: G_y binarised as h_y > 0
+            sets = broadcast_object(sets)
+            if ctx.is_main and on_start is not None:
+                on_start(run_id, ws)
+            result = treatment_sweep(
+                ws, lambdas1, lambdas2, seeds, treatment.epochs, sets,
+                progress=scaled_progress(main_progress, 0.0, 1.0, "treat: "), config=treatment,
+                run_dir=registry.run_dir(run_id), registry=registry, run_id=run_id,
+            )
+            result = {"run_id": run_id, "classes": list(ws.data.classes), "world_size": ctx.world_size, **result}
+            if ctx.is_main:
+                result.update(_best_model_changes(ws, registry.run_dir(run_id), result, seeds[0], scaled_progress(main_progress, 0.0, 1.0, "treat: ")))
+                registry.set_result(run_id, result)
+    except RunCancelled:
+        if ctx.is_main:
+            raise
+        return None
+    finally:
+        shutdown()
+    return result if ctx.is_main else None
+
+
+def _best_model_changes(ws, run_dir: Path, result: dict, seed: int, progress: Progress | None) -> dict:
+    """Detection on the base model vs recomputed on the best treated model (``seed``):
+    ``{"flagged_churn": …, "best_test": …}`` (see :func:`run_treat_job`)."""
+    from .detect import run_detection
+    from .treatment import flagged_churn, sweep_run_dir
+    from .workspace import Workspace
+
+    best = result["best"]
+    weights = sweep_run_dir(run_dir, "treatment", best["lambda1"], best["lambda2"], seed) / "model.pt"
+    ws_config = ws.config
+    treated_cfg = dataclasses.replace(ws_config, model=dataclasses.replace(ws_config.model, weights=str(weights)))
+    if progress:
+        progress(1.0, "recomputing detection on the treated model for the flagged-set churn")
+    before, after = run_detection(ws), run_detection(Workspace(treated_cfg))
+    which = {"lambda1": best["lambda1"], "lambda2": best["lambda2"], "seed": seed, "weights": str(weights)}
+    churn = flagged_churn(before, after)
+    churn.update(which)
+    return {"flagged_churn": churn, "best_test": {**which, **prediction_changes(before, after, ws.data.num_classes)}}
+
+
+def prediction_changes(before: dict, after: dict, num_classes: int) -> dict:
+    """How a model's predictions on a split changed, from two :func:`~cfdebug.detect.run_detection`
+    reports on the same images (``before``: the base model, ``after``: the treated one).
+
+    Returns lists (JSON-ready): ``base_test_predictions`` / ``test_predictions`` [N] int,
+    ``labels`` [N] int, ``confusion_delta`` [K, K] int (after − before; rows true class, columns
+    predicted), ``fixed`` (indices wrong before, right after) and ``broken`` (right before, wrong after).
+    """
+    from .metrics import confusion_matrix
+
+    if [r["id"] for r in before["images"]] != [r["id"] for r in after["images"]]:
+        raise CfdebugError("Expected two detection results on the same images, but their image ids differ.")
+    labels = np.asarray([r["true"] for r in before["images"]], dtype=np.int64)  # [N]
+    base = np.asarray([r["predicted"] for r in before["images"]], dtype=np.int64)  # [N]
+    treated = np.asarray([r["predicted"] for r in after["images"]], dtype=np.int64)  # [N]
+    delta = confusion_matrix(treated, labels, num_classes) - confusion_matrix(base, labels, num_classes)  # [K, K]
+    return {
+        "base_test_predictions": base.tolist(),
+        "test_predictions": treated.tolist(),
+        "labels": labels.tolist(),
+        "confusion_delta": np.asarray(delta).tolist(),
+        "fixed": np.flatnonzero((base != labels) & (treated == labels)).tolist(),
+        "broken": np.flatnonzero((base == labels) & (treated != labels)).tolist(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# xcr
+# --------------------------------------------------------------------------------------------
+
+
+def run_xcr_job(
+    spec: dict,
+    *,
+    registry=None,
+    run_id: str | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Run an XCR report (:func:`~cfdebug.xcr.run_xcr_report`) for an xcr spec (:func:`xcr_spec`).
+
+    With ``run_id`` (a run registered by :meth:`RunRegistry.create` or
+    :func:`~cfdebug.runs.start_background_run`) the report runs inside
+    :func:`~cfdebug.runs.run_context` (status, cancel by ``SIGTERM``), logs progress, resumes its
+    retraining checkpoints and stores the result; ``registry`` defaults to the one of the spec's
+    workdir. Without ``run_id`` it just runs. Returns the report dict.
+    """
+    from .runs import RunRegistry, run_context
+    from .workspace import Workspace
+    from .xcr import run_xcr_report
+
+    if not isinstance(spec, dict) or "workspace" not in spec or "xcr" not in spec:
+        held = ", ".join(spec) if isinstance(spec, dict) else type(spec).__name__
+        raise CfdebugError(f"Expected the run config to hold `workspace` and `xcr`, but it holds {held or 'nothing'}; start a new XCR run instead.")
+    ws_config = workspace_config_from_dict(spec["workspace"])
+    config = xcr_config_from_dict(spec["xcr"])
+    if run_id is None:
+        return run_xcr_report(Workspace(ws_config, progress), config, progress)
+    registry = registry if registry is not None else RunRegistry(ws_config.workdir)
+    with run_context(registry, run_id):
+        ws = Workspace(ws_config, progress)
+        result = run_xcr_report(ws, config, progress, registry, run_id)
+        registry.set_result(run_id, result)
+    return result
