@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import DATA_FORMATS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig, default_workdir
+from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig, default_workdir, for_cli
 from .errors import CfdebugError
 from .runtime import DEVICE_CHOICES
 
@@ -46,7 +46,7 @@ def _workspace_parent() -> argparse.ArgumentParser:
     g.add_argument("--workdir", default=default_workdir(), help="artifact cache (default: $CFDEBUG_HOME or ./.cfdebug)")
     g.add_argument("--device", default="auto", help=f"{'|'.join(DEVICE_CHOICES)} (default auto: CUDA when available)")
     g.add_argument("--batch-size", type=int, default=128, help="batch size for extraction (default 128)")
-    g.add_argument("--epochs", type=int, default=TrainConfig.epochs, help=f"training epochs when a model is trained (default {TrainConfig.epochs})")
+    g.add_argument("--epochs", type=int, default=None, help=f"training epochs when a model is trained (default {DEFAULT_TRAIN_EPOCHS}; {', '.join(f'{v} on {k}' for k, v in BED_TRAIN_EPOCHS.items())})")
     g.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"learning rate for training (default {TrainConfig.lr})")
     g.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -54,8 +54,6 @@ def _workspace_parent() -> argparse.ArgumentParser:
 
 
 def workspace_config(args) -> WorkspaceConfig:
-    if args.batch_size <= 0:
-        raise CfdebugError(f"Expected `--batch-size` to be a positive integer, but got {args.batch_size}.")
     return WorkspaceConfig(
         model=ModelConfig(name=args.model, weights=args.weights, layer=args.layer),
         data=DataConfig(
@@ -515,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json_atomic(args.json, result)
             print(f"results written to {args.json}", file=sys.stderr)
     except CfdebugError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {for_cli(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing half-written was kept", file=sys.stderr)
