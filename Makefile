@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints.txt
 PORT ?= 8501
 
-.PHONY: demo test setup clean assets
+.PHONY: demo test setup clean assets results
 
 setup: $(STAMP)
 
@@ -30,3 +30,8 @@ clean:
 # `make assets`: retrain the shipped demo models (assets/models/demo-cnn_<bed>.pt + .json) from scratch.
 assets: $(STAMP)
 	$(PY) -c "from cfdebug.workspace import write_demo_assets; write_demo_assets()"
+
+# `make results`: the verdict tables of docs/RESULTS.md and the README, regenerated from `report` runs.
+results: $(STAMP)
+	$(PY) -m cfdebug report --data biased-digits --markdown docs/RESULTS.md --markdown-verdicts README.md
+	$(PY) -m cfdebug report --data hard-digits --markdown docs/RESULTS.md --markdown-verdicts README.md

@@ -41,8 +41,9 @@ DETECTION_SCORES = {
 XCR_METRICS = (("acc", True), ("ece", False), ("nll", False), ("brier", False))
 
 __all__ = ["CLAIMS", "DEFAULT_SEEDS", "DEFAULT_BUDGET", "budget_flags", "detection_scores", "detection_claim", "verdicts_markdown",
-           "report_markdown", "replace_marked_section",
-           "treatment_claim", "xcr_claim", "run_claims"]
+           "report_markdown", "model_line", "replace_marked_section",
+           "treatment_claim", "xcr_claim", "run_claims", "detection_verdicts",
+           "treatment_verdicts", "xcr_verdicts"]
 
 
 def budget_flags(scores: np.ndarray, budget: float) -> np.ndarray:
@@ -79,30 +80,63 @@ def detection_scores(report: dict) -> tuple[dict[str, np.ndarray], np.ndarray, n
     return scores, msp, np.array([r["error"] for r in images], bool)
 
 
-def detection_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, budget: float = DEFAULT_BUDGET, *,
-                    n_boot: int = 2000, progress: Progress | None = None) -> dict:
-    """MC agreement scores vs MSP over ``seeds`` CFE fits; see the module docstring."""
-    per_seed, flags, scores_by_seed = [], {name: [] for name in DETECTION_SCORES}, {name: [] for name in DETECTION_SCORES}
-    msp = is_error = msp_flags = None
-    from .detect import run_detection
+def detection_verdicts(reports: Sequence[dict], budget: float = DEFAULT_BUDGET, *, n_boot: int = 2000) -> list[Comparison]:
+    """Each agreement score vs MSP from detection ``reports`` of the same test split (one per CFE seed).
 
-    for i, seed in enumerate(seeds):
-        cfg = DetectConfig(filters=MCFilterConfig(cfe=CFEConfig(seed=int(seed))))
-        test = run_detection(ws, cfg, scaled_progress(progress, i / len(seeds), (i + 1) / len(seeds), f"CFE seed {seed}: "))
-        scores, msp, is_error = detection_scores(test)
-        msp_flags = budget_flags(msp, budget)
-        row = {"seed": int(seed), "auroc": test["auroc"], "aupr_err": test["aupr_err"], "table1": test["table1"]}
+    The images are resampled once for every score (paired bootstrap); several reports' scores are
+    averaged per resample. One report (the dashboard's) gives an interval over images too.
+    """
+    if not reports:
+        raise CfdebugError("Expected at least one detection report, but got none.")
+    scores_by_seed, flags = {name: [] for name in DETECTION_SCORES}, {name: [] for name in DETECTION_SCORES}
+    for report in reports:
+        scores, msp, is_error = detection_scores(report)
         for name in DETECTION_SCORES:
             scores_by_seed[name].append(scores[name])
             flags[name].append(budget_flags(scores[name], budget))
-        row["flagged_at_budget"] = {name: int(flags[name][-1].sum()) for name in DETECTION_SCORES} | {"msp": int(msp_flags.sum())}
-        per_seed.append(row)
-    comparisons = detection_comparisons(
+    return detection_comparisons(
         {name: np.stack(v) for name, v in scores_by_seed.items()}, msp, is_error, baseline="msp",
-        method_flags={name: np.stack(v) for name, v in flags.items()}, baseline_flags=msp_flags, n_boot=n_boot,
+        method_flags={name: np.stack(v) for name, v in flags.items()}, baseline_flags=budget_flags(msp, budget), n_boot=n_boot,
     )
-    return {"comparisons": comparisons, "per_seed": per_seed, "budget": budget, "n_images": int(is_error.size),
-            "n_errors": int(is_error.sum()), "score_definitions": DETECTION_SCORES}
+
+
+def detection_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, budget: float = DEFAULT_BUDGET, *,
+                    n_boot: int = 2000, progress: Progress | None = None) -> dict:
+    """MC agreement scores vs MSP over ``seeds`` CFE fits; see the module docstring."""
+    from .detect import run_detection
+
+    reports = []
+    for i, seed in enumerate(seeds):
+        cfg = DetectConfig(filters=MCFilterConfig(cfe=CFEConfig(seed=int(seed))))
+        reports.append(run_detection(ws, cfg, scaled_progress(progress, i / len(seeds), (i + 1) / len(seeds), f"CFE seed {seed}: ")))
+    per_seed = [{"seed": int(seed), "auroc": r["auroc"], "aupr_err": r["aupr_err"], "table1": r["table1"]} for seed, r in zip(seeds, reports)]
+    return {"comparisons": detection_verdicts(reports, budget, n_boot=n_boot), "per_seed": per_seed, "budget": budget,
+            "n_images": reports[0]["n_images"], "n_errors": reports[0]["total_errors"], "score_definitions": DETECTION_SCORES}
+
+
+def treatment_verdicts(sweep: dict, classes: Sequence[str], lambda1: float | None = None, lambda2: float | None = None) -> list[Comparison]:
+    """Treated vs its CE control from a :func:`~cfdebug.treatment.treatment_sweep` result, paired by seed.
+
+    The (λ1, λ2) pair is the sweep's ``best`` (chosen on validation) unless given. Test accuracy,
+    then the recall of every class with test images.
+    """
+    best = sweep.get("best") or {}
+    l1 = best.get("lambda1") if lambda1 is None else lambda1
+    l2 = best.get("lambda2") if lambda2 is None else lambda2
+    control = {r["seed"]: r for r in sweep["control"]}
+    treated = {r["seed"]: r for r in sweep["runs"] if r["lambda1"] == l1 and r["lambda2"] == l2}
+    seeds = sorted(set(control) & set(treated))
+    if not seeds:
+        raise CfdebugError(f"Expected treated and control runs with the same seeds for λ1={l1}, λ2={l2}, but found none.")
+    name = f"treated (λ1={l1:g}, λ2={l2:g})"
+    out = [seed_comparison("treatment", "test_acc", [treated[s]["test_acc"] for s in seeds], [control[s]["test_acc"] for s in seeds],
+                           method=name, baseline="CE control")]
+    recall_t = np.array([treated[s]["per_class_recall"] for s in seeds], float)  # [S, K]
+    recall_c = np.array([control[s]["per_class_recall"] for s in seeds], float)
+    for k, cls in enumerate(classes):
+        if np.isfinite(recall_t[:, k]).all() and np.isfinite(recall_c[:, k]).all():
+            out.append(seed_comparison("treatment", f"recall[{cls}]", recall_t[:, k], recall_c[:, k], method=name, baseline="CE control"))
+    return out
 
 
 def treatment_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, config: TreatmentConfig | None = None, *,
@@ -117,18 +151,27 @@ def treatment_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, config: TreatmentC
                             scaled_progress(progress, 0.1, 1.0), config=config)
     control = sorted(sweep["control"], key=lambda r: r["seed"])
     treated = sorted(sweep["runs"], key=lambda r: r["seed"])
-    name = f"treated (λ1={config.lambda1:g}, λ2={config.lambda2:g})"
-    out = [seed_comparison("treatment", "test_acc", [r["test_acc"] for r in treated], [r["test_acc"] for r in control],
-                           method=name, baseline="CE control")]
-    recall_t = np.array([r["per_class_recall"] for r in treated], float)  # [S, K]
-    recall_c = np.array([r["per_class_recall"] for r in control], float)
-    for k, cls in enumerate(ws.data.classes):
-        if np.isfinite(recall_t[:, k]).all() and np.isfinite(recall_c[:, k]).all():
-            out.append(seed_comparison("treatment", f"recall[{cls}]", recall_t[:, k], recall_c[:, k], method=name, baseline="CE control"))
-    base = sweep["base"]
-    return {"comparisons": out, "base": {"test_acc": base["test_acc"]}, "table2": sweep["table2"],
+    return {"comparisons": treatment_verdicts(sweep, ws.data.classes), "base": {"test_acc": sweep["base"]["test_acc"]},
+            "table2": sweep["table2"], "config": config_dict(config),
             "per_seed": [{"seed": c["seed"], "control_test_acc": c["test_acc"], "treated_test_acc": t["test_acc"]}
-                         for c, t in zip(control, treated)], "config": config_dict(config)}
+                         for c, t in zip(control, treated)]}
+
+
+def xcr_verdicts(result: dict, method: str = "xcr", baseline: str = "vanilla") -> list[Comparison]:
+    """XCR vs vanilla retraining from an XCR report's ``per_seed`` rows, paired by seed, clean and corrupted."""
+    rows = {(r["method"], r["seed"]): r for r in result["per_seed"]}
+    seeds = sorted({s for (m, s) in rows if m == method} & {s for (m, s) in rows if m == baseline})
+    out = []
+    for split in ("clean", "corrupt"):
+        for metric, higher in XCR_METRICS:
+            key = f"{split}_{metric}"
+            xcr = [rows[(method, s)][key] for s in seeds]
+            vanilla = [rows[(baseline, s)][key] for s in seeds]
+            if not seeds or any(v is None for v in xcr + vanilla):
+                continue
+            out.append(seed_comparison("xcr", key, xcr, vanilla, method=method.upper() if method == "xcr" else method,
+                                       baseline=baseline, higher_is_better=higher))
+    return out
 
 
 def xcr_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, config=None, *, progress: Progress | None = None) -> dict:
@@ -137,18 +180,8 @@ def xcr_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, config=None, *, progress
 
     config = replace(config or default_xcr_config(ws.config), seeds=tuple(int(s) for s in seeds))
     result = run_xcr_report(ws, config, progress)
-    rows = {(r["method"], r["seed"]): r for r in result["per_seed"]}
-    out = []
-    for split in ("clean", "corrupt"):
-        for metric, higher in XCR_METRICS:
-            key = f"{split}_{metric}"
-            xcr = [rows[("xcr", s)][key] for s in config.seeds]
-            vanilla = [rows[("vanilla", s)][key] for s in config.seeds]
-            if any(v is None for v in xcr + vanilla):
-                continue
-            out.append(seed_comparison("xcr", key, xcr, vanilla, method="XCR", baseline="vanilla", higher_is_better=higher))
-    return {"comparisons": out, "table1": result["table1"], "table2": result["table2"], "per_seed": result["per_seed"],
-            "settings": result.get("settings")}
+    return {"comparisons": xcr_verdicts(result), "table1": result["table1"], "table2": result["table2"],
+            "per_seed": result["per_seed"], "settings": result.get("settings")}
 
 
 def run_claims(ws, claims: Sequence[str] = CLAIMS, seeds: Sequence[int] = DEFAULT_SEEDS, *, budget: float = DEFAULT_BUDGET,
@@ -171,7 +204,8 @@ def run_claims(ws, claims: Sequence[str] = CLAIMS, seeds: Sequence[int] = DEFAUL
         comparisons: list[Comparison] = result.pop("comparisons")
         verdicts += [c.as_dict() for c in comparisons]
         out[claim] = result
-    return jsonable({"verdicts": verdicts, **out, "seeds": [int(s) for s in seeds], "claims": list(claims),
+    model = {"accuracy": (ws.model_meta or {}).get("accuracy"), "source": (ws.model_meta or {}).get("source")}
+    return jsonable({"verdicts": verdicts, **out, "seeds": [int(s) for s in seeds], "claims": list(claims), "model": model,
                      "workspace": config_dict(ws.config), "seconds": time.perf_counter() - start})
 
 
@@ -201,10 +235,18 @@ def verdicts_markdown(verdicts: Sequence[dict], claims: Sequence[str] | None = N
     return "\n".join(lines)
 
 
+def model_line(result: dict) -> str:
+    """One sentence with the judged model's train/val/test accuracy, when the workspace knows it."""
+    acc = (result.get("model") or {}).get("accuracy")
+    if not acc:
+        return "Model accuracy: not recorded (a model loaded from a checkpoint)."
+    return "Model accuracy: " + ", ".join(f"{split} {100 * acc[split]:.1f}%" for split in ("train", "val", "test") if split in acc) + "."
+
+
 def report_markdown(result: dict, title: str, command: str) -> str:
     """One workspace's section of docs/RESULTS.md: the command, the verdict table, the tables behind it."""
-    parts = [f"## {title}", "", f"`{command}` ({result['seconds']:.0f} s on this machine; seeds {', '.join(map(str, result['seeds']))})", "",
-             verdicts_markdown(result["verdicts"])]
+    parts = [f"### {title}", "", f"`{command}` ({result['seconds']:.0f} s on this machine; seeds {', '.join(map(str, result['seeds']))})", "",
+             model_line(result), "", verdicts_markdown(result["verdicts"])]
     det = result.get("detection")
     if det:
         parts += ["", f"Detection: {det['n_errors']} errors among {det['n_images']} test predictions; review budget "

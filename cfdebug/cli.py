@@ -12,9 +12,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig, default_workdir, for_cli
+from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, TreatmentConfig, WorkspaceConfig, default_workdir, for_cli
 from .errors import CfdebugError
 from .runtime import DEVICE_CHOICES
+from .store import write_text_atomic
 
 EPILOG = "Defaults to the embedded demo (demo-cnn on biased-digits). Docs: README.md."
 
@@ -351,6 +352,46 @@ def cmd_xcr(args) -> dict:
     return result
 
 
+def cmd_report(args) -> dict:
+    """Every chosen claim on one workspace, each method vs its baseline with a 95% interval and a verdict."""
+    from .claims import CLAIMS, model_line, replace_marked_section, report_markdown, run_claims, verdicts_markdown
+    from .config import TreatmentConfig
+    from .data.corruptions import CORRUPTIONS
+    from .runtime import fixed_threads
+    from .verdicts import format_verdicts
+    from .xcr import default_xcr_config, override_xcr_config
+
+    claims = _csv_list(args.claims, "--claims", str, CLAIMS)
+    seeds = _ints(args.seeds, "--seeds")
+    outputs = [(path, False) for path in args.markdown or []] + [(path, True) for path in args.markdown_verdicts or []]
+    for path, _ in outputs:  # before hours of work, not after
+        if not Path(path).is_file():
+            raise CfdebugError(f"Expected --markdown {path} to be an existing file with the section markers, but it does not exist.")
+        replace_marked_section(Path(path).read_text(), args.section or args.data, "")
+    with fixed_threads(args.threads, deterministic=False):
+        ws = _open_workspace(args)
+        treatment = TreatmentConfig(lambda1=args.lambda1, lambda2=args.lambda2, epochs=args.treat_epochs)
+        xcr = override_xcr_config(
+            default_xcr_config(ws.config), selector_epochs=args.selector_epochs, epochs=args.xcr_epochs,
+            corruptions=_csv_list(args.corruptions, "--corruptions", str, CORRUPTIONS),
+            severities=_csv_list(args.severities, "--severities", int, (1, 2, 3, 4, 5)),
+        )
+        xcr = override_xcr_config(xcr, table1_ks=(xcr.k,), table1_betas=(xcr.selector.beta,))  # Table 1 at the k, β used
+        result = run_claims(ws, claims, seeds, budget=args.budget, treatment=treatment, xcr=xcr,
+                            n_boot=args.n_boot, progress=progress_printer(args, "report: "))
+    print(f"{ws.config.model.name} on {ws.data.describe()}: {', '.join(claims)} over seeds {', '.join(map(str, seeds))} "
+          f"({result['seconds']:.0f} s, {args.threads} thread{'s' if args.threads != 1 else ''})")
+    print(format_verdicts(result["verdicts"]))
+    title = f"{ws.config.model.name} on {args.data}"
+    command = "python -m cfdebug report " + " ".join(a for a in sys.argv[2:] if a) if sys.argv[1:2] == ["report"] else "python -m cfdebug report"
+    for path, verdicts_only in outputs:
+        short = f"**{title}** (`{command}`). {model_line(result)}\n\n{verdicts_markdown(result['verdicts'])}"
+        body = short if verdicts_only else report_markdown(result, title, command)
+        write_text_atomic(path, replace_marked_section(Path(path).read_text(), args.section or args.data, body))
+        print(f"wrote the {args.section or args.data} section of {path}", file=sys.stderr)
+    return result
+
+
 def cmd_runs(args) -> dict:
     from .runs import RunRegistry, cancel
 
@@ -467,6 +508,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-corrupt-images", type=int, default=None, help="cap on corrupted test images per corruption and severity")
     p.add_argument("--no-cache", action="store_true", help="recompute even when the same report is cached")
     p.set_defaults(func=cmd_xcr)
+
+    p = sub.add_parser("report", parents=[ws, common], help="verdicts: each method vs its baseline (detection vs MSP, treatment vs CE control, XCR vs vanilla) with 95% intervals over seeds or images", epilog=EPILOG)
+    p.add_argument("--claims", default="detection,treatment,xcr", help="comma-separated claims to judge, or `all` (default detection,treatment,xcr)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: CFE fits for detection, paired runs for treatment and XCR (default 0,1,2)")
+    p.add_argument("--budget", type=float, default=0.1, help="review budget: the fraction of test predictions flagged, lowest scores first (default 0.1)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the test images for detection (default 2000)")
+    p.add_argument("--lambda1", type=float, default=TreatmentConfig.lambda1, help=f"treatment λ1 (default {TreatmentConfig.lambda1:g})")
+    p.add_argument("--lambda2", type=float, default=TreatmentConfig.lambda2, help=f"treatment λ2 (default {TreatmentConfig.lambda2:g})")
+    p.add_argument("--treat-epochs", type=int, default=TreatmentConfig.epochs, help=f"fine-tuning epochs of treatment and control (default {TreatmentConfig.epochs})")
+    p.add_argument("--selector-epochs", type=int, default=None, help="XCR selector training epochs (default: the XCR default)")
+    p.add_argument("--xcr-epochs", type=int, default=None, help="XCR and vanilla retraining epochs (default: the XCR default)")
+    p.add_argument("--corruptions", default=None, help="comma-separated corruptions for XCR, or `all` (default: the XCR default)")
+    p.add_argument("--severities", default=None, help="comma-separated severities 1-5 for XCR, or `all` (default: the XCR default)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads; a fixed count makes the numbers identical on every machine (default 1)")
+    p.add_argument("--markdown", action="append", metavar="FILE", help="replace the section between <!-- SECTION:start/end --> markers in FILE with the full report (repeatable)")
+    p.add_argument("--markdown-verdicts", action="append", metavar="FILE", help="the same with the verdict table only (the README's results)")
+    p.add_argument("--section", default=None, help="marker name for --markdown (default: the --data value)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("runs", parents=[common], help="list background runs (treatment, XCR) or cancel one")
     p.add_argument("--workdir", default=default_workdir(), help="artifact cache holding runs.db (default: $CFDEBUG_HOME or ./.cfdebug)")

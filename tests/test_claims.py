@@ -56,3 +56,38 @@ def test_detection_and_treatment_claims_on_the_demo(demo_workspace):
     treat = [r for r in rows if r["claim"] == "treatment"]
     assert treat[0]["metric"] == "test_acc" and treat[0]["baseline"] == "CE control" and treat[0]["n_seeds"] == 2
     assert len(out["detection"]["per_seed"]) == 2
+
+
+def _run(seed, acc, recall, l1=0.0, l2=0.0):
+    return {"seed": seed, "test_acc": acc, "per_class_recall": recall, "lambda1": l1, "lambda2": l2}
+
+
+def test_treatment_verdicts_pair_treated_with_control_by_seed():
+    from cfdebug.claims import treatment_verdicts
+
+    sweep = {
+        "best": {"lambda1": 1e-3, "lambda2": 2e-5},
+        "control": [_run(1, 0.80, [0.7, float("nan")]), _run(0, 0.90, [0.9, float("nan")]), _run(2, 0.70, [0.6, float("nan")])],
+        "runs": [_run(s, a + 0.02, [r + 0.05, float("nan")], 1e-3, 2e-5) for s, a, r in ((0, 0.9, 0.9), (1, 0.8, 0.7), (2, 0.7, 0.6))]
+        + [_run(0, 0.1, [0.0, 0.0], 1e-2, 2e-5)],  # another pair: not the best, ignored
+    }
+    rows = treatment_verdicts(sweep, ["a", "b"])
+    assert [r.metric for r in rows] == ["test_acc", "recall[a]"]  # class b has no test images (NaN)
+    assert rows[0].difference == pytest.approx(0.02) and rows[0].verdict == "better" and rows[0].n_seeds == 3
+    assert rows[0].baseline == "CE control" and "λ1=0.001" in rows[0].method
+    with pytest.raises(CfdebugError, match="same seeds"):
+        treatment_verdicts(sweep, ["a", "b"], lambda1=0.5, lambda2=0.5)
+
+
+def test_xcr_verdicts_lower_is_better_for_calibration():
+    from cfdebug.claims import xcr_verdicts
+
+    rows = []
+    for s, shift in ((0, 0.01), (1, 0.02), (2, 0.015)):
+        base = {"clean_acc": 0.9, "corrupt_acc": 0.7, "clean_ece": 0.10, "corrupt_ece": 0.20, "clean_nll": 0.4,
+                "corrupt_nll": 1.0, "clean_brier": 0.2, "corrupt_brier": 0.4}
+        rows.append({"method": "vanilla", "seed": s, **base})
+        rows.append({"method": "xcr", "seed": s, **{k: v + shift for k, v in base.items()}})
+    out = {r.metric: r for r in xcr_verdicts({"per_seed": rows})}
+    assert out["clean_acc"].verdict == "better" and out["corrupt_ece"].verdict == "worse"
+    assert len(out) == 8 and all(r.n_seeds == 3 for r in out.values())
