@@ -4,6 +4,8 @@ import pandas as pd
 import streamlit as st
 
 from cfdebug import ui, viz
+from cfdebug.claims import xcr_verdicts
+from cfdebug.ui import verdicts as verdict_ui
 from cfdebug.config import XCR_BETA_CHOICES
 from cfdebug.ui import xcr as xcr_ui
 
@@ -46,8 +48,8 @@ if finished and finished[0].status != "done":
     st.warning(f"The latest run `{finished[0].run_id}` {finished[0].status}: {finished[0].error or 'no message'}")
 done = [r for r in runs if r.status == "done" and r.result]
 if not done:
-    st.info("No finished XCR run for this workspace yet. Start one above (the demo takes about 3 minutes on 2 CPU cores), "
-            "or run `python -m cfdebug xcr` in a terminal.")
+    st.info("No finished XCR run for this workspace yet. Start one above (several minutes on 2 CPU cores; the monitor shows "
+            "progress), or run `python -m cfdebug xcr` in a terminal.")
     st.stop()
 
 ids = [r.run_id for r in done]
@@ -57,6 +59,11 @@ if st.query_params.get("run") != run_id:
     st.query_params["run"] = run_id
 result = next(r for r in done if r.run_id == run_id).result
 st.caption(result.get("settings", ""))
+
+xcr_vs_vanilla = xcr_verdicts(result)
+verdict_ui.remember("xcr", xcr_vs_vanilla)
+headline = next((i for i, r in enumerate(xcr_vs_vanilla) if r.metric == "corrupt_acc"), 0)
+verdict_ui.show(xcr_vs_vanilla, headline=headline, title="Did XCR retraining beat vanilla retraining?", key=f"{run_id}_verdicts")
 
 # ---- Table 2
 st.subheader("Calibration and robustness (Table 2)")

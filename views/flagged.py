@@ -5,7 +5,9 @@ import pandas as pd
 import streamlit as st
 
 from cfdebug import metrics, ui, viz
+from cfdebug.claims import DEFAULT_BUDGET, budget_flags
 from cfdebug.detect import combined_score, flags_at_margin
+from cfdebug.ui import verdicts as verdict_ui
 
 st.header("Flagged predictions")
 ws = ui.workspace_page()
@@ -16,8 +18,9 @@ skip = result["config"]["skip_threshold"]
 
 st.caption(
     "Each test prediction's local MC filters (from the predicted class's CFE head) are compared with that class's "
-    "global MC filters. A prediction is **flagged** when the agreement is below the class's mean on training images; "
-    f"predictions with confidence above {skip:.0%} are not checked. Thresholds come from training data only."
+    "global MC filters. By default the lowest-scoring share of test predictions is flagged for review (a budget); "
+    "the paper's rule flags a prediction when its agreement is below the class's mean on training images "
+    f"(predictions with confidence above {skip:.0%} are not checked). Thresholds come from training data only."
 )
 
 with st.expander("Table 1: misclassification detection", expanded=True):
@@ -47,19 +50,46 @@ if 0 < is_error.sum() < len(is_error):
 else:
     left.info("Detection curves need at least one error and one correct prediction.")
 margin = scores["MC agreement"]
-lo, hi = float(np.floor(margin.min() * 20) / 20), float(np.ceil(margin.max() * 20) / 20)
-threshold = right.slider(
-    "Flag when agreement − class mean is below", lo, hi, 0.0, 0.01,
-    help="0 is the paper's rule (below the class's mean training agreement). Lower flags fewer, more certain errors.",
+rule = right.radio(
+    "Flag rule", ["Review budget", "Paper rule"], horizontal=True,
+    index=0 if st.query_params.get("rule", "budget") == "budget" else 1,
+    help="Review budget: the lowest-scoring share of test predictions, what a person can look at. "
+         "Paper rule: agreement below the class's mean on training images (Table 1), with a movable threshold.",
 )
-flags = flags_at_margin(result, threshold)
-checked, flagged = flags["checked"], flags["flagged"]
+if rule == "Review budget":
+    wanted = st.query_params.get("budget")
+    budget = right.slider("Budget (% of test predictions)", 1, 50, int(wanted) if wanted and wanted.isdigit() and 1 <= int(wanted) <= 50 else round(100 * DEFAULT_BUDGET),
+                          help="The same number of predictions is flagged by the agreement score and by MSP, so their precisions compare like for like.")
+    st.query_params.update(rule="budget", budget=str(budget))
+    flagged = budget_flags(margin, budget / 100)
+    checked = np.ones_like(flagged)
+    msp_flagged = budget_flags(scores["max softmax (MSP)"], budget / 100)
+    precision = (flagged & is_error).sum() / max(flagged.sum(), 1)
+    msp_precision = (msp_flagged & is_error).sum() / max(msp_flagged.sum(), 1)
+    right.metric("Precision of the flags (errors among flagged)", f"{precision:.0%}", f"{100 * (precision - msp_precision):+.0f} pts vs MSP at the same budget",
+                 help=f"MSP flags its {int(msp_flagged.sum())} least confident predictions: {msp_precision:.0%} of them are errors.")
+else:
+    lo, hi = float(np.floor(margin.min() * 20) / 20), float(np.ceil(margin.max() * 20) / 20)
+    threshold = right.slider(
+        "Flag when agreement − class mean is below", lo, hi, 0.0, 0.01,
+        help="0 is the paper's rule (below the class's mean training agreement). Lower flags fewer, more certain errors.",
+    )
+    st.query_params.update(rule="paper")
+    st.query_params.pop("budget", None)
+    flags = flags_at_margin(result, threshold)
+    checked, flagged = flags["checked"], flags["flagged"]
 detected = int((flagged & is_error).sum())
 right.metric("Errors detected", f"{detected} of {int(is_error.sum())}", f"{100 * detected / max(is_error.sum(), 1):.0f}%", delta_color="off")
 right.metric("New errors (correct but flagged)", int((flagged & ~is_error).sum()))
 right.metric("Flagged", int(flagged.sum()), help=f"of {int(checked.sum())} checked predictions")
 if images["unscorable"].any():
     right.warning(f"{int(images['unscorable'].sum())} predictions are unscorable: their class has no global MC filters.")
+
+if 0 < is_error.sum() < len(is_error):
+    rows = verdict_ui.detection(ws, result, (budget / 100) if rule == "Review budget" else DEFAULT_BUDGET)
+    if rows:
+        verdict_ui.show([r for r in rows if r["method"] in ("mc_agreement", "combined")], title="Does MC agreement find errors better than MSP?",
+                        key="detection_verdicts")
 
 st.subheader("Gallery")
 images["flagged_now"] = flagged

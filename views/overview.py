@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from cfdebug import metrics, ui, viz
+from cfdebug.ui import verdicts as verdict_ui
 
 st.header("Overview")
 ws = ui.workspace_page()
@@ -13,6 +14,32 @@ K = len(classes)
 st.caption(f"Model **{ws.config.model.name}** (filters at `{ws.target.name}`, {ws.target.channels} channels) on **{ws.data.describe()}**, device `{ws.device}`.")
 if ws.data.skipped:
     st.warning(f"{len(ws.data.skipped)} non-image file(s) in the dataset were skipped, e.g. `{ws.data.skipped[0]}`.")
+
+if ws.config.data.source == "biased-digits":
+    st.info(
+        "**The demo: Biased Digits.** Handwritten digits (scikit-learn's bundled set) where, in training, a small square in "
+        "the top-left corner has the digit's own colour on 90% of images; at test time its colour is random. The demo CNN "
+        "learns the colour as a shortcut, so it fails on test images whose square points to another class. "
+        "Grad-CAM (Flagged predictions) and the XCR masks (Calibration & robustness) light up that corner square. "
+        "Next: **Class filters** shows which filters each class relies on; **Flagged predictions** lists the suspect test "
+        "predictions; **Treatment** retrains against a plain fine-tuning control. **Hard Digits** (sidebar) is a bed "
+        "without a shortcut, where models err for ordinary reasons."
+    )
+elif ws.config.data.source == "hard-digits":
+    st.info(
+        "**Hard Digits**: jittered, noisy handwritten digits with no shortcut: nothing but the digit is tied to the class, "
+        "so the model's errors are ordinary ones. Compare each method with its baseline here and on the biased demo."
+    )
+verdicts = verdict_ui.remembered()
+with st.container(border=True):
+    st.markdown("**Verdicts for this workspace** (each method against its baseline, 95% interval)")
+    if not verdicts:
+        st.caption("None computed yet in this session: open **Flagged predictions** (detection vs MSP), a finished **Treatment** "
+                   "run (treated vs control) or **Calibration & robustness** (XCR vs vanilla); `python -m cfdebug report` "
+                   "computes all three over 3 seeds.")
+    for claim, rows in verdicts.items():
+        if rows:
+            st.markdown(f"*{claim}*: " + verdict_ui.sentence(rows[0]))
 
 splits = {name: ui.extraction(ws, name) for name in ("train", "val", "test")}
 test = splits["test"]

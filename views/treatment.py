@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from cfdebug.claims import treatment_verdicts
+from cfdebug.ui import verdicts as verdict_ui
 from cfdebug import ui, viz
 from cfdebug.config import TREATMENT_LAMBDA1_GRID, TREATMENT_LAMBDA2_GRID, TREATMENT_LR_GRID, TreatmentConfig
 from cfdebug.runs import cancel
@@ -27,12 +29,13 @@ with st.form("launch"):
                                help="Log-spaced; the paper's grid spans 1e-4 … 2e-3")
     lambda2 = c2.select_slider("λ2 (non-MC filters)", options=list(TREATMENT_LAMBDA2_GRID), value=DEFAULTS.lambda2, format_func=lambda v: f"{v:g}",
                                help="Log-spaced; the paper's grid spans 1e-5 … 1e-4")
-    c3, c4, c5 = st.columns(3)
+    c3, c4, c5, c6 = st.columns(4)
     epochs = c3.number_input("Epochs", 1, 200, DEFAULTS.epochs)
     lr = c4.select_slider("Learning rate (SGD)", options=list(TREATMENT_LR_GRID), value=DEFAULTS.lr, format_func=lambda v: f"{v:g}")
-    seed = c5.number_input("Seed", 0, 10_000, DEFAULTS.seed)
+    seed = c5.number_input("First seed", 0, 10_000, DEFAULTS.seed)
+    n_seeds = c6.number_input("Seeds", 1, 5, 3, help="Treated and control runs per seed; 3 or more give the verdict a 95% interval.")
     if st.form_submit_button("Launch run", type="primary"):
-        run_id = tui.launch_treatment(ws, float(lambda1), float(lambda2), int(epochs), float(lr), int(seed))
+        run_id = tui.launch_treatment(ws, float(lambda1), float(lambda2), int(epochs), float(lr), int(seed), int(n_seeds))
         st.session_state["treatment_selected"] = run_id
         st.toast(f"Started {run_id}")
 
@@ -57,7 +60,7 @@ def live_runs():
     running = [r for r in records if r.status in ("queued", "running")]
     for r in running:
         p = r.progress or {}
-        total = 2 * max(int(r.config.get("treatment", {}).get("epochs", 1)), 1)  # control + treatment
+        total = 2 * len(r.config.get("seeds", [0])) * max(int(r.config.get("treatment", {}).get("epochs", 1)), 1)  # control + treated per seed
         done = len(tui.registry(ws).progress(r.run_id))
         st.progress(min(done / total, 1.0), text=f"{r.run_id}: {p.get('tag') or 'starting'} epoch {p.get('epoch', 0)}")
     if running:
@@ -104,6 +107,12 @@ m[1].metric("Control (CE fine-tune)", f"{100 * row['fine-tuned']['test_acc_mean'
             f"{100 * (row['fine-tuned']['test_acc_mean'] - row['base']['test_acc_mean']):+.2f} pts")
 m[2].metric(f"Treated (best on val: λ1={best['lambda1']:g}, λ2={best['lambda2']:g})", f"{100 * row['treatment']['test_acc_mean']:.2f}%",
             f"{100 * (row['treatment']['test_acc_mean'] - row['fine-tuned']['test_acc_mean']):+.2f} pts vs control")
+treated_vs_control = treatment_verdicts(res, classes)
+verdict_ui.remember("treatment", treated_vs_control)
+verdict_ui.show(treated_vs_control, title="Did the treatment beat its CE control?", key=f"{run_id}_verdicts")
+if len(res["control"]) < 2:
+    st.caption("One seed gives no interval: launch the same λ pair with more seeds, or run "
+               "`python -m cfdebug treat --seeds 0,1,2`, to judge it.")
 st.dataframe(t2, hide_index=True, width="stretch")
 st.download_button("Download Table 2 (CSV)", t2.to_csv(index=False), f"{run_id}_table2.csv", "text/csv")
 

@@ -17,8 +17,9 @@ def registry(ws):
     return RunRegistry(ws.config.workdir)
 
 
-def launch_treatment(ws, lambda1: float, lambda2: float, epochs: int, lr: float, seed: int) -> str:
-    """Create a treatment run (treatment + its CE-only control) and start it in the background.
+def launch_treatment(ws, lambda1: float, lambda2: float, epochs: int, lr: float, seed: int, n_seeds: int = 1) -> str:
+    """Create a treatment run (treatment + its CE-only control, for seeds ``seed … seed + n_seeds − 1``)
+    and start it in the background.
 
     The run is the same command a user types: ``python -m cfdebug treat --config run.json``.
     """
@@ -28,7 +29,8 @@ def launch_treatment(ws, lambda1: float, lambda2: float, epochs: int, lr: float,
 
     try:
         treatment = TreatmentConfig(lambda1=lambda1, lambda2=lambda2, epochs=epochs, lr=lr, seed=seed)
-        return start_background_run(ws.config.workdir, "treat", treat_spec(ws.config, treatment, [lambda1], [lambda2], [seed]))
+        seeds = list(range(seed, seed + max(int(n_seeds), 1)))
+        return start_background_run(ws.config.workdir, "treat", treat_spec(ws.config, treatment, [lambda1], [lambda2], seeds))
     except CfdebugError as exc:
         show_user_error(exc)
 

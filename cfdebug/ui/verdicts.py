@@ -1,0 +1,83 @@
+"""Verdict cards: a method against its baseline, the paired difference, its 95% interval, the verdict."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import streamlit as st
+
+from ..errors import CfdebugError
+from ..store import stable_hash
+from .workspace import memo, show_user_error
+
+_ICONS = {"better": "✅", "worse": "⚠️", "no detectable difference": "➖"}
+_PAIRING_HELP = (
+    "The interval is a 95% interval of the paired difference: over seeds (Student t) for retraining runs, "
+    "over test images (paired bootstrap) for detection scores. **better**/**worse**: the interval excludes 0 "
+    "on the side the metric favours; otherwise **no detectable difference**. One seed gives no interval "
+    "(indicative). `python -m cfdebug report` runs every claim over 3 seeds."
+)
+
+
+def _bound(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))) else f"{x:+.3f}"
+
+
+def sentence(row: dict) -> str:
+    """``"AUROC: MC agreement 0.858 vs MSP 0.892, −0.033 [−0.077, +0.010]: no detectable difference"``."""
+    r = row if isinstance(row, dict) else row.as_dict()
+    tail = " (indicative: one run)" if r.get("indicative") else ""
+    return (f"{_ICONS.get(r['verdict'], '')} **{r['metric']}**: {r['method']} {r['method_value']:.3f} vs {r['baseline']} "
+            f"{r['baseline_value']:.3f}, difference {r['difference']:+.3f} [{_bound(r['ci_low'])}, {_bound(r['ci_high'])}] "
+            f"→ **{r['verdict']}**{tail}")
+
+
+def verdict_table(rows) -> pd.DataFrame:
+    """The rows as a table (strings for the interval bounds, so ±inf shows as n/a)."""
+    out = []
+    for row in rows:
+        r = row if isinstance(row, dict) else row.as_dict()
+        out.append({"metric": r["metric"], "method": r["method"], "baseline": r["baseline"], "method value": r["method_value"],
+                    "baseline value": r["baseline_value"], "difference": r["difference"], "95% CI low": _bound(r["ci_low"]),
+                    "95% CI high": _bound(r["ci_high"]), "paired over": f"{r['n_seeds']} seed(s)" + (f", {r['n_images']} images" if r.get("n_images") else ""),
+                    "verdict": r["verdict"]})
+    return pd.DataFrame(out)
+
+
+def show(rows, *, headline: int = 0, title: str | None = None, key: str = "verdicts") -> None:
+    """A verdict card: the headline comparison as a sentence, the others in an expander with a CSV download."""
+    rows = [r if isinstance(r, dict) else r.as_dict() for r in rows]
+    if not rows:
+        return
+    box = st.container(border=True)
+    if title:
+        box.markdown(f"**{title}**")
+    box.markdown(sentence(rows[headline]), help=_PAIRING_HELP)
+    if len(rows) > 1:
+        with box.expander(f"All {len(rows)} comparisons"):
+            table = verdict_table(rows)
+            st.dataframe(table, hide_index=True, width="stretch")
+            st.download_button("Download verdicts (CSV)", table.to_csv(index=False), f"{key}.csv", "text/csv", key=f"{key}-csv")
+
+
+def detection(ws, report: dict, budget: float) -> list[dict]:
+    """Detection verdicts for the page's report (one CFE seed, bootstrap over its test images), cached."""
+    from ..claims import detection_verdicts
+
+    key = ("detection-verdicts", stable_hash(ws.key_parts), stable_hash(report.get("config")), float(budget))
+    try:
+        rows = memo(key, lambda: [c.as_dict() for c in detection_verdicts([report], budget)])
+        st.session_state.setdefault("verdicts", {})["detection"] = rows
+        return rows
+    except CfdebugError as exc:
+        show_user_error(exc)
+
+
+def remember(claim: str, rows) -> None:
+    """Keep a page's verdicts for the Overview's card (this browser session)."""
+    st.session_state.setdefault("verdicts", {})[claim] = [r if isinstance(r, dict) else r.as_dict() for r in rows]
+
+
+def remembered() -> dict:
+    return dict(st.session_state.get("verdicts", {}))
