@@ -444,25 +444,19 @@ def cmd_bench(args) -> dict | None:
     return bench.bench_xcr_selector(ws_config, n=n)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m cfdebug",
-        description="Find why an image classifier fails (counterfactual filters, XCR) and treat it.",
-        epilog=EPILOG,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    ws = _workspace_parent()
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
-
+def _add_train(sub, ws, common) -> None:
     p = sub.add_parser("train", parents=[ws, common], help="train (or fetch from cache) a model and print train/val/test accuracy", epilog=EPILOG)
     p.add_argument("--out", default=None, metavar="PATH", help="also copy the trained state_dict to PATH")
     p.set_defaults(func=cmd_train)
 
+
+def _add_extract(sub, ws, common) -> None:
     p = sub.add_parser("extract", parents=[ws, common], help="stream a dataset through the model; cache pooled target-layer features and logits", epilog=EPILOG)
     p.add_argument("--splits", default="train,val,test", help="comma-separated splits (default train,val,test)")
     p.set_defaults(func=cmd_extract)
 
+
+def _add_detect(sub, ws, common) -> None:
     p = sub.add_parser("detect", parents=[ws, common], help="counterfactual filters: CFE heads, global MC filters, flagged predictions (Table 1), AUROC vs MSP", epilog=EPILOG)
     p.add_argument("--csv", default=None, metavar="PER_IMAGE.csv", help="write one row per scored image (id, path, true, predicted, confidence, recall, precision, f1, flagged, proposed, unscorable)")
     p.add_argument("--skip-threshold", type=float, default=0.9, help="only predictions with confidence <= this are checked (default 0.9; 0 disables skipping and checks every prediction)")
@@ -476,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfe-batch-size", type=int, default=CFEConfig.batch_size, help=f"CFE batch size (default {CFEConfig.batch_size}; the loss is a sum over the batch)")
     p.set_defaults(func=cmd_detect)
 
+
+def _add_treat(sub, ws, common) -> None:
     p = sub.add_parser("treat", parents=[ws, common], help="treatment: retrain with the MC-filter losses (λ1, λ2) against a CE-only control; Tables 2 and 3", epilog=EPILOG)
     p.add_argument("--lambda1", default="1e-3", help="weight(s) rewarding the true class's MC filters, comma-separated for a sweep (default 1e-3; paper grid 1e-4…2e-3)")
     p.add_argument("--lambda2", default="2e-5", help="weight(s) penalising non-MC filters, comma-separated (default 2e-5; paper grid 1e-5…1e-4)")
@@ -489,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="RUN_ID", help="resume a stopped or crashed run from its last checkpoint")
     p.set_defaults(func=cmd_treat)
 
+
+def _add_xcr(sub, ws, common) -> None:
     p = sub.add_parser("xcr", parents=[ws, common], help="XCR: explanation selector, masks, counterfactual retraining vs vanilla; calibration on clean and corrupted images (paper B Tables 1-2)", epilog=EPILOG)
     p.add_argument("--config", default=None, metavar="RUN_JSON", help="start from a run.json (what the dashboard launches)")
     p.add_argument("--run-id", default=None, help="the registry id of the run started with --config")
@@ -509,7 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute even when the same report is cached")
     p.set_defaults(func=cmd_xcr)
 
-    p = sub.add_parser("report", parents=[ws, common], help="verdicts: each method vs its baseline (detection vs MSP, treatment vs CE control, XCR vs vanilla) with 95% intervals over seeds or images", epilog=EPILOG)
+
+def _add_report(sub, ws, common) -> None:
+    p = sub.add_parser("report", parents=[ws, common], help="verdicts: each method vs its baseline (detection vs MSP, treatment vs CE control, XCR vs vanilla) with 95%% intervals over seeds or images", epilog=EPILOG)
     p.add_argument("--claims", default="detection,treatment,xcr", help="comma-separated claims to judge, or `all` (default detection,treatment,xcr)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: CFE fits for detection, paired runs for treatment and XCR (default 0,1,2)")
     p.add_argument("--budget", type=float, default=0.1, help="review budget: the fraction of test predictions flagged, lowest scores first (default 0.1)")
@@ -527,12 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--section", default=None, help="marker name for --markdown (default: the --data value)")
     p.set_defaults(func=cmd_report)
 
+
+def _add_runs(sub, ws, common) -> None:
     p = sub.add_parser("runs", parents=[common], help="list background runs (treatment, XCR) or cancel one")
     p.add_argument("--workdir", default=default_workdir(), help="artifact cache holding runs.db (default: $CFDEBUG_HOME or ./.cfdebug)")
     p.add_argument("--kind", default=None, help="only runs of this kind (treat, xcr)")
     p.add_argument("--cancel", default=None, metavar="RUN_ID", help="cancel a queued or running run")
     p.set_defaults(func=cmd_runs)
 
+
+def _add_export_demo(sub, ws, common) -> None:
     p = sub.add_parser("export-demo", parents=[common], help="write Biased Digits as an ImageFolder tree (DIR/train/<class>/*.png, DIR/val/…, DIR/test/…)")
     p.add_argument("directory", help="an empty or new folder")
     p.add_argument("--bias", type=float, default=0.9, help="shortcut strength in train/val (default 0.9; 0 = clean digits)")
@@ -540,9 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="split seed (default 0)")
     p.set_defaults(func=cmd_export_demo)
 
+
+def _add_models(sub, ws, common) -> None:
     p = sub.add_parser("models", parents=[common], help="list the model names --model accepts")
     p.set_defaults(func=cmd_models)
 
+
+def _add_bench(sub, ws, common) -> None:
     p = sub.add_parser("bench", parents=[ws, common], help="benchmarks that print ratios against a baseline measured in the same run")
     p.add_argument("what", choices=["extract", "cfe", "treat", "xcr"], help="extract: extraction vs plain inference time, and peak RSS at N vs 10×N images; cfe: CFE fit + mask prediction vs one extraction pass, and Grad-CAM batched vs one image at a time; treat: a treatment epoch vs a CE-only epoch; xcr: selector masks/s vs captum Occlusion, and both Avg Drops")
     p.add_argument("--epochs-per-repeat", type=int, default=2, help="bench treat: epochs per timed run (default 2)")
@@ -550,7 +558,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timing repeats; the fastest of each is compared (default 3)")
     p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cfdebug",
+        description="Find why an image classifier fails (counterfactual filters, XCR) and treat it.",
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ws = _workspace_parent()
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
+    _add_train(sub, ws, common)
+    _add_extract(sub, ws, common)
+    _add_detect(sub, ws, common)
+    _add_treat(sub, ws, common)
+    _add_xcr(sub, ws, common)
+    _add_report(sub, ws, common)
+    _add_runs(sub, ws, common)
+    _add_export_demo(sub, ws, common)
+    _add_models(sub, ws, common)
+    _add_bench(sub, ws, common)
     return parser
+
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -272,40 +272,14 @@ def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: 
     scores = {"mc_agreement": score, "msp": te_conf, "combined": combined_score(te_conf, score), "mc_agreement_raw": raw}
     auroc, aupr = _detection_scores(scores, is_error)
 
-    # Re-ranking over the top-k classes, each scored with its own head, global set and threshold.
-    top = np.argsort(-te.logits, axis=1, kind="stable")[:, : min(config.rerank_top_k, k)]  # [N, k]
-    top_local = predict_masks(heads, te.features, top)  # [N, k, C]
-    n, kk, c = top_local.shape
-    top_metric = agreement(top_local.reshape(n * kk, c), top.reshape(-1), sets_main)[config.score_metric]
-    top_agree = agreement_margin(top_metric, top.reshape(-1), score_thr).reshape(n, kk)  # [N, k]
-    best = np.argmax(top_agree, axis=1)  # first (most probable) on ties
-    proposal = top[np.arange(n), best]
+    proposal, kk = _rerank(heads, te, sets_main, score_thr, config)
+    n = len(te_pred)
     flagged = flags[config.flag_row]["flagged"]
     proposed = np.where(flagged, proposal, te_pred)
 
     unscorable = np.isnan(te_main["recall"])  # [N]: the predicted class has an empty global set
     empty_classes = np.nonzero(~sets_main.any(1))[0]
-    paths = getattr(test, "paths", None)
-    images = []
-    for i in range(n):
-        images.append(
-            {
-                "id": str(te.ids[i]),
-                "path": None if paths is None else str(paths[i]),
-                "true": int(te.labels[i]),
-                "predicted": int(te_pred[i]),
-                "confidence": float(te_conf[i]),
-                "recall": _num(te_main["recall"][i]),
-                "precision": _num(te_main["precision"][i]),
-                "f1": _num(te_main["f1"][i]),
-                "agreement_margin": float(score[i]),
-                "flagged": bool(flagged[i]),
-                **{f"flagged_{row}": bool(flags[row]["flagged"][i]) for row in ROWS},
-                "proposed": int(proposed[i]),
-                "unscorable": bool(unscorable[i]),
-                "error": bool(is_error[i]),
-            }
-        )
+    images = _image_rows(te, getattr(test, "paths", None), te_conf, te_main, score, flags, flagged, proposed, unscorable, is_error)
     return {
         "n_images": int(n),
         "total_errors": int(is_error.sum()),
@@ -334,6 +308,42 @@ def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: 
         "n_unscorable": int(unscorable.sum()),
         "images": images,
     }
+
+
+def _rerank(heads, te: "_Split", sets_main: np.ndarray, score_thr: np.ndarray, config: DetectConfig) -> tuple[np.ndarray, int]:
+    """The class among each prediction's top-k (by logit) whose own head, global set and threshold
+    agree most (the most probable on ties): ``proposal`` [N] int, and k."""
+    k = score_thr.shape[0]
+    top = np.argsort(-te.logits, axis=1, kind="stable")[:, : min(config.rerank_top_k, k)]  # [N, k]
+    top_local = predict_masks(heads, te.features, top)  # [N, k, C]
+    n, kk, c = top_local.shape
+    top_metric = agreement(top_local.reshape(n * kk, c), top.reshape(-1), sets_main)[config.score_metric]
+    top_agree = agreement_margin(top_metric, top.reshape(-1), score_thr).reshape(n, kk)  # [N, k]
+    best = np.argmax(top_agree, axis=1)  # first (most probable) on ties
+    return top[np.arange(n), best], int(kk)
+
+
+def _image_rows(te, paths, conf, main, score, flags, flagged, proposed, unscorable, is_error) -> list[dict]:
+    """One JSON-ready dict per scored image (the per-image table of the report)."""
+    return [
+        {
+            "id": str(te.ids[i]),
+            "path": None if paths is None else str(paths[i]),
+            "true": int(te.labels[i]),
+            "predicted": int(te.logits[i].argmax()),
+            "confidence": float(conf[i]),
+            "recall": _num(main["recall"][i]),
+            "precision": _num(main["precision"][i]),
+            "f1": _num(main["f1"][i]),
+            "agreement_margin": float(score[i]),
+            "flagged": bool(flagged[i]),
+            **{f"flagged_{row}": bool(flags[row]["flagged"][i]) for row in ROWS},
+            "proposed": int(proposed[i]),
+            "unscorable": bool(unscorable[i]),
+            "error": bool(is_error[i]),
+        }
+        for i in range(len(te.labels))
+    ]
 
 
 def _num(x) -> float | None:

@@ -153,3 +153,13 @@ def test_unknown_model_without_weights_is_one_line_error(run, recwarn):
     # the warning is either recorded by pytest or printed by the CLI's own warning printer
     assert [str(w.message) for w in recwarn] == []
     _one_line_error(rc, err, "resnet-18", "resnet18")
+
+
+@pytest.mark.parametrize("command", [None, "train", "extract", "detect", "treat", "xcr", "report", "runs", "export-demo", "models", "bench"])
+def test_every_help_text_renders(command, capsys):
+    from cfdebug.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(([command] if command else []) + ["--help"])
+    assert exc.value.code == 0
+    assert "usage: python -m cfdebug" in capsys.readouterr().out
