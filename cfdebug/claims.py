@@ -140,19 +140,26 @@ def treatment_verdicts(sweep: dict, classes: Sequence[str], lambda1: float | Non
 
 
 def treatment_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, config: TreatmentConfig | None = None, *,
+                    lambdas1: Sequence[float] | None = None, lambdas2: Sequence[float] | None = None,
                     progress: Progress | None = None) -> dict:
-    """Treatment at ``config``'s (λ1, λ2) vs its CE control, paired by seed (test accuracy, per-class recall)."""
+    """Treatment vs its CE control, paired by seed (test accuracy, per-class recall).
+
+    With grids ``lambdas1 × lambdas2`` the pair is chosen on VALIDATION accuracy (mean over seeds;
+    :func:`~cfdebug.treatment.treatment_sweep`), and only that pair is compared on test; without
+    them, ``config``'s (λ1, λ2).
+    """
     from .mcfilters import global_mc_filters
     from .treatment import treatment_sweep
 
     config = config or TreatmentConfig()
+    l1s, l2s = list(lambdas1 or [config.lambda1]), list(lambdas2 or [config.lambda2])
     sets = global_mc_filters(ws, MCFilterConfig(), scaled_progress(progress, 0.0, 0.1)).histogram > 0  # METHODS: G_y = h_y > 0
-    sweep = treatment_sweep(ws, [config.lambda1], [config.lambda2], list(seeds), config.epochs, sets,
-                            scaled_progress(progress, 0.1, 1.0), config=config)
+    sweep = treatment_sweep(ws, l1s, l2s, list(seeds), config.epochs, sets, scaled_progress(progress, 0.1, 1.0), config=config)
+    best = sweep["best"]
     control = sorted(sweep["control"], key=lambda r: r["seed"])
-    treated = sorted(sweep["runs"], key=lambda r: r["seed"])
+    treated = sorted((r for r in sweep["runs"] if (r["lambda1"], r["lambda2"]) == (best["lambda1"], best["lambda2"])), key=lambda r: r["seed"])
     return {"comparisons": treatment_verdicts(sweep, ws.data.classes), "base": {"test_acc": sweep["base"]["test_acc"]},
-            "table2": sweep["table2"], "config": config_dict(config),
+            "table2": sweep["table2"], "config": config_dict(config), "best": best, "grid": {"lambda1": l1s, "lambda2": l2s},
             "per_seed": [{"seed": c["seed"], "control_test_acc": c["test_acc"], "treated_test_acc": t["test_acc"]}
                          for c, t in zip(control, treated)]}
 
@@ -185,7 +192,8 @@ def xcr_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, config=None, *, progress
 
 
 def run_claims(ws, claims: Sequence[str] = CLAIMS, seeds: Sequence[int] = DEFAULT_SEEDS, *, budget: float = DEFAULT_BUDGET,
-               treatment: TreatmentConfig | None = None, xcr=None, n_boot: int = 2000,
+               treatment: TreatmentConfig | None = None, lambdas1: Sequence[float] | None = None,
+               lambdas2: Sequence[float] | None = None, xcr=None, n_boot: int = 2000,
                progress: Progress | None = None) -> dict:
     """Run ``claims`` on ``ws`` and return ``{"verdicts": [Comparison dicts], <claim>: tables, "seconds"}``."""
     unknown = [c for c in claims if c not in CLAIMS]
@@ -196,7 +204,7 @@ def run_claims(ws, claims: Sequence[str] = CLAIMS, seeds: Sequence[int] = DEFAUL
     start, out, verdicts = time.perf_counter(), {}, []
     runners = {
         "detection": lambda p: detection_claim(ws, seeds, budget, n_boot=n_boot, progress=p),
-        "treatment": lambda p: treatment_claim(ws, seeds, treatment, progress=p),
+        "treatment": lambda p: treatment_claim(ws, seeds, treatment, lambdas1=lambdas1, lambdas2=lambdas2, progress=p),
         "xcr": lambda p: xcr_claim(ws, seeds, xcr, progress=p),
     }
     for i, claim in enumerate(claims):
@@ -256,9 +264,17 @@ def report_markdown(result: dict, title: str, command: str) -> str:
         parts += [f"| {r['seed']} | " + " | ".join(_cell(v) for v in r["auroc"].values()) + " |" for r in det["per_seed"]]
     treat = result.get("treatment")
     if treat:
-        parts += ["", f"Treatment: base model test accuracy {_cell(treat['base']['test_acc'])}; per seed (control → treated):", "",
-                  "| seed | control test acc | treated test acc |", "|---|---|---|"]
-        parts += [f"| {r['seed']} | {_cell(r['control_test_acc'])} | {_cell(r['treated_test_acc'])} |" for r in treat["per_seed"]]
+        best = treat.get("best") or {}
+        parts += ["", f"Treatment: base model test accuracy {_cell(treat['base']['test_acc'])}. Every (λ1, λ2) and the control, "
+                  f"mean ± std over seeds; the pair compared above (λ1={best.get('lambda1')}, λ2={best.get('lambda2')}) is the best "
+                  "on validation accuracy, test never chose it:", "",
+                  "| run | λ1 | λ2 | val acc | test acc |", "|---|---|---|---|---|"]
+        for r in treat["table2"]:
+            name = {"base": "base", "fine-tuned": "control (CE fine-tune)"}.get(r["model"], "treated")
+            l1 = "-" if r["model"] != "treatment" else f"{r['lambda1']:g}"
+            l2 = "-" if r["model"] != "treatment" else f"{r['lambda2']:g}"
+            parts.append(f"| {name} | {l1} | {l2} | {_cell(r['val_acc_mean'])} ± {_cell(r['val_acc_std'])} | "
+                         f"{_cell(r['test_acc_mean'])} ± {_cell(r['test_acc_std'])} |")
     xcr = result.get("xcr")
     if xcr:
         parts += ["", f"XCR ({xcr.get('settings') or ''}). Table 1 (explanations, test split):", "",

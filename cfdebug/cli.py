@@ -370,14 +370,15 @@ def cmd_report(args) -> dict:
         replace_marked_section(Path(path).read_text(), args.section or args.data, "")
     with fixed_threads(args.threads, deterministic=False):
         ws = _open_workspace(args)
-        treatment = TreatmentConfig(lambda1=args.lambda1, lambda2=args.lambda2, epochs=args.treat_epochs)
+        lambdas1, lambdas2 = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2")
+        treatment = TreatmentConfig(lambda1=lambdas1[0], lambda2=lambdas2[0], epochs=args.treat_epochs)
         xcr = override_xcr_config(
             default_xcr_config(ws.config), selector_epochs=args.selector_epochs, epochs=args.xcr_epochs,
             corruptions=_csv_list(args.corruptions, "--corruptions", str, CORRUPTIONS),
             severities=_csv_list(args.severities, "--severities", int, (1, 2, 3, 4, 5)),
         )
         xcr = override_xcr_config(xcr, table1_ks=(xcr.k,), table1_betas=(xcr.selector.beta,))  # Table 1 at the k, β used
-        result = run_claims(ws, claims, seeds, budget=args.budget, treatment=treatment, xcr=xcr,
+        result = run_claims(ws, claims, seeds, budget=args.budget, treatment=treatment, lambdas1=lambdas1, lambdas2=lambdas2, xcr=xcr,
                             n_boot=args.n_boot, progress=progress_printer(args, "report: "))
     print(f"{ws.config.model.name} on {ws.data.describe()}: {', '.join(claims)} over seeds {', '.join(map(str, seeds))} "
           f"({result['seconds']:.0f} s, {args.threads} thread{'s' if args.threads != 1 else ''})")
@@ -514,8 +515,8 @@ def _add_report(sub, ws, common) -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: CFE fits for detection, paired runs for treatment and XCR (default 0,1,2)")
     p.add_argument("--budget", type=float, default=0.1, help="review budget: the fraction of test predictions flagged, lowest scores first (default 0.1)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the test images for detection (default 2000)")
-    p.add_argument("--lambda1", type=float, default=TreatmentConfig.lambda1, help=f"treatment λ1 (default {TreatmentConfig.lambda1:g})")
-    p.add_argument("--lambda2", type=float, default=TreatmentConfig.lambda2, help=f"treatment λ2 (default {TreatmentConfig.lambda2:g})")
+    p.add_argument("--lambda1", default=f"{TreatmentConfig.lambda1:g}", help=f"treatment λ1, or a comma-separated grid: the pair with the best validation accuracy is judged (default {TreatmentConfig.lambda1:g})")
+    p.add_argument("--lambda2", default=f"{TreatmentConfig.lambda2:g}", help=f"treatment λ2, or a comma-separated grid (default {TreatmentConfig.lambda2:g})")
     p.add_argument("--treat-epochs", type=int, default=TreatmentConfig.epochs, help=f"fine-tuning epochs of treatment and control (default {TreatmentConfig.epochs})")
     p.add_argument("--selector-epochs", type=int, default=None, help="XCR selector training epochs (default: the XCR default)")
     p.add_argument("--xcr-epochs", type=int, default=None, help="XCR and vanilla retraining epochs (default: the XCR default)")
