@@ -228,12 +228,25 @@ def _cell(x, digits: int = 3, signed: bool = False) -> str:
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
-def verdicts_markdown(verdicts: Sequence[dict], claims: Sequence[str] | None = None) -> str:
+# The rows the README shows (docs/RESULTS.md shows every row).
+HEADLINE_ROWS = {
+    ("detection", "mc_agreement", "auroc"), ("detection", "mc_agreement", "precision_at_budget"),
+    ("detection", "combined", "auroc"), ("treatment", None, "test_acc"),
+    ("xcr", None, "clean_acc"), ("xcr", None, "corrupt_acc"), ("xcr", None, "corrupt_ece"), ("xcr", None, "corrupt_nll"),
+}
+
+
+def is_headline(row: dict) -> bool:
+    """True for the few rows that summarise each claim (:data:`HEADLINE_ROWS`)."""
+    return (row["claim"], row["method"], row["metric"]) in HEADLINE_ROWS or (row["claim"], None, row["metric"]) in HEADLINE_ROWS
+
+
+def verdicts_markdown(verdicts: Sequence[dict], headline_only: bool = False) -> str:
     """A Markdown verdict table: metric, method, baseline, values, difference with its 95% CI, verdict."""
     lines = ["| claim | metric | method | baseline | method value | baseline value | difference [95% CI] | paired by | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in verdicts:
-        if claims is not None and r["claim"] not in claims:
+        if headline_only and not is_headline(r):
             continue
         ci = f"{_cell(r['difference'], signed=True)} [{_cell(r['ci_low'], signed=True)}, {_cell(r['ci_high'], signed=True)}]"
         paired = f"{r['n_seeds']} seed{'s' if r['n_seeds'] != 1 else ''}" + (f" × {r['n_images']} images" if r.get("n_images") else "")

@@ -386,7 +386,7 @@ def cmd_report(args) -> dict:
     title = f"{ws.config.model.name} on {args.data}"
     command = "python -m cfdebug report " + " ".join(a for a in sys.argv[2:] if a) if sys.argv[1:2] == ["report"] else "python -m cfdebug report"
     for path, verdicts_only in outputs:
-        short = f"**{title}** (`{command}`). {model_line(result)}\n\n{verdicts_markdown(result['verdicts'])}"
+        short = f"**{title}** (`{command}`). {model_line(result)}\n\n{verdicts_markdown(result['verdicts'], headline_only=True)}"
         body = short if verdicts_only else report_markdown(result, title, command)
         write_text_atomic(path, replace_marked_section(Path(path).read_text(), args.section or args.data, body))
         print(f"wrote the {args.section or args.data} section of {path}", file=sys.stderr)
