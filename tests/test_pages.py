@@ -109,6 +109,7 @@ def test_treatment_page_launches_a_background_run(app, workdir):
     assert not app.exception, [e.value for e in app.exception]
     before = {r.run_id for r in RunRegistry(workdir).list("treat")}
     app.number_input[0].set_value(2)  # epochs
+    [n for n in app.number_input if n.label == "Seeds"][0].set_value(2)  # two seeds: the verdict gets an interval
     [b for b in app.button if b.label == "Launch run"][0].click().run()
     new = [r for r in RunRegistry(workdir).list("treat") if r.run_id not in before]
     assert len(new) == 1
@@ -118,9 +119,12 @@ def test_treatment_page_launches_a_background_run(app, workdir):
         time.sleep(1)
     record = RunRegistry(workdir).get(run_id)
     assert record.status == "done", (record.status, record.error, (record.run_dir / "log.txt").read_text()[-2000:])
-    assert len(RunRegistry(workdir).progress(run_id)) == 4  # 2 epochs of the control + 2 of the treatment
+    assert len(RunRegistry(workdir).progress(run_id)) == 8  # 2 seeds × (2 epochs of the control + 2 of the treatment)
     app.run()
     assert not app.exception, [e.value for e in app.exception]
+    text = " ".join(m.value for m in app.markdown)
+    assert "Did the treatment beat its CE control?" in text and "CE control" in text
+    assert any(v in text for v in ("better", "worse", "no detectable difference"))
     labels = [m.label for m in app.metric]
     assert any(label.startswith("Treated (best on val") for label in labels) and "Control (CE fine-tune)" in labels
     assert not app.error, [e.value for e in app.error]
