@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints.txt
 PORT ?= 8501
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean assets
 
 setup: $(STAMP)
 
@@ -26,3 +26,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cfdebug .pytest_cache
+
+# `make assets`: retrain the shipped demo models (assets/models/demo-cnn_<bed>.pt + .json) from scratch.
+assets: $(STAMP)
+	$(PY) -c "from cfdebug.workspace import write_demo_assets; write_demo_assets()"

@@ -438,8 +438,8 @@ def cmd_runs(args) -> dict:
 def cmd_export_demo(args) -> dict:
     from .data import export_imagefolder
 
-    counts = export_imagefolder(args.directory, bias=args.bias, seed=args.data_seed)
-    print(f"wrote Biased Digits (bias {args.bias}) to {args.directory}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    counts = export_imagefolder(args.directory, bias=args.bias, seed=args.data_seed, bed=args.bed)
+    print(f"wrote {args.bed}{f' (bias {args.bias})' if args.bed == 'biased-digits' else ''} to {args.directory}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"use it with: python -m cfdebug extract --data {args.directory}")
     return {"directory": str(args.directory), "counts": counts}
 
@@ -532,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-demo", parents=[common], help="write Biased Digits as an ImageFolder tree (DIR/train/<class>/*.png, DIR/val/…, DIR/test/…)")
     p.add_argument("directory", help="an empty or new folder")
     p.add_argument("--bias", type=float, default=0.9, help="shortcut strength in train/val (default 0.9; 0 = clean digits)")
+    p.add_argument("--bed", default="biased-digits", choices=DEMO_DATASETS, help="which embedded set to export (default biased-digits; --bias applies to it only)")
     p.add_argument("--data-seed", type=int, default=0, help="split seed (default 0)")
     p.set_defaults(func=cmd_export_demo)
 

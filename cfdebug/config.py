@@ -28,7 +28,7 @@ from typing import Any, Sequence
 from .errors import CfdebugError
 from .store import jsonable
 
-DEMO_DATASETS = ("biased-digits", "clean-digits")
+DEMO_DATASETS = ("biased-digits", "clean-digits", "hard-digits")
 DATA_FORMATS = ("auto", "digits", "imagefolder", "cub", "cifar")
 # Detection (cfdebug.detect): the Table-1 rows and the agreement metrics a score can use.
 DETECT_ROWS = ("avg_recall", "avg_f1", "recall_cut")

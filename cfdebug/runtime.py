@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -52,3 +53,29 @@ def seed_everything(seed: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+@contextmanager
+def fixed_threads(threads: int = 1, deterministic: bool = True) -> Iterator[None]:
+    """Run the body with ``threads`` intra-op CPU threads and, if ``deterministic``, with
+    ``torch.use_deterministic_algorithms(True)``; both settings are restored afterwards.
+
+    The order of a parallel reduction (conv backward, matmul) depends on the thread count, so
+    the same seed gives different weights on a 1-core and a 2-core machine unless it is fixed.
+    Both settings are process-wide: another thread of the process (a second dashboard session)
+    runs with them too while the body runs. Deterministic algorithms need a cuBLAS workspace
+    setting on CUDA, so callers ask for them on CPU only.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise CfdebugError(f"Expected `threads` to be a positive integer, but got {threads!r}.")
+    old_threads = torch.get_num_threads()
+    old_deterministic = torch.are_deterministic_algorithms_enabled()
+    old_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    try:
+        if deterministic:
+            torch.use_deterministic_algorithms(True)
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_deterministic, warn_only=old_warn_only)
+        torch.set_num_threads(old_threads)

@@ -1,9 +1,10 @@
-"""Datasets: Biased Digits, ImageFolder trees, CUB-200-2011, CIFAR batches, and their errors."""
+"""Datasets: Biased and Hard Digits, ImageFolder trees, CUB-200-2011, CIFAR batches, and their errors."""
 
 from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,10 @@ from PIL import Image
 
 from cfdebug.config import DataConfig
 from cfdebug.data import TorchSplit, carve_validation, export_imagefolder, load_data
-from cfdebug.data.digits import CLASS_COLOURS, SPLIT_FRACTIONS, SQUARE, build_digits, stratified_split
+from cfdebug.data.digits import (
+    CLASS_COLOURS, CORNER_FREE, HARD_JITTER, SPLIT_FRACTIONS, SQUARE, build_bed, build_digits, build_hard_digits, digit_images,
+    jitter_digits, stratified_split,
+)
 from cfdebug.data.formats import detect_format
 from cfdebug.errors import CfdebugError
 
@@ -530,3 +534,76 @@ def test_custom_transform_options(tmp_path):
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
     full = TorchSplit(bundle.splits["train"], 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[0][0]
     np.testing.assert_allclose(full.numpy(), bundle.splits["train"].images[0].transpose(2, 0, 1) / 255.0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- Hard Digits (no shortcut)
+
+
+@pytest.fixture(scope="module")
+def hard():
+    return build_hard_digits(0)
+
+
+def test_hard_digits_shapes_split_and_balance(hard, digits):
+    for name, (images, labels, source) in hard.items():
+        assert images.shape == (len(labels), 32, 32, 3) and images.dtype == np.uint8
+        np.testing.assert_array_equal(source, digits[name][2])  # the biased set's split, image for image
+        np.testing.assert_array_equal(labels, digits[name][1])
+        counts = np.bincount(labels, minlength=10)
+        assert counts.max() - counts.min() <= 0.1 * counts.mean() + 1, (name, counts)
+    # not a plain copy: jittered, noisy, with a background
+    assert not np.array_equal(hard["train"][0], digits["train"][0])
+    assert hard["train"][0][:, 0, 0, :].std() > 10
+
+
+def test_hard_digits_deterministic_under_seed(hard):
+    again = build_hard_digits(0)
+    for name in hard:
+        for a, b in zip(hard[name], again[name]):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(build_hard_digits(1)["train"][0], hard["train"][0])
+
+
+def test_hard_digits_corner_carries_no_stroke():
+    """Without background, contrast change or noise, every corner block is empty: no digit pixel
+    reaches a corner, so nothing there can depend on the class."""
+    images, _ = digit_images()
+    strokes = jitter_digits(images, np.random.default_rng(2), replace(HARD_JITTER, background=(0.0, 0.0), contrast=(1.0, 1.0), noise=(0.0, 0.0)))
+    assert strokes.max() > 200  # the digits are there
+    assert strokes[:, CORNER_FREE == 0].max() == 0
+
+
+def test_hard_digits_corner_statistics_do_not_predict_the_label(hard):
+    """Per class, the corner square's mean and spread are within noise (one-way ANOVA), unlike
+    Biased Digits, where the square's colour gives the class away."""
+    from scipy.stats import f_oneway
+
+    for name in ("train", "test"):
+        images, labels, _ = hard[name]
+        corner = images[:, SQUARE[0], SQUARE[1], :].reshape(len(images), -1).astype(float)  # [N, 108]
+        for stat in (corner.mean(1), corner.std(1)):
+            p = f_oneway(*(stat[labels == k] for k in range(10))).pvalue
+            assert p > 0.01, (name, p)
+    biased_images, biased_labels, _ = build_digits(0.9, 0)["train"]
+    red = biased_images[:, SQUARE[0], SQUARE[1], 0].reshape(len(biased_images), -1).mean(1)
+    assert f_oneway(*(red[biased_labels == k] for k in range(10))).pvalue < 1e-6  # the test can see a shortcut
+
+
+def test_load_data_hard_digits():
+    bundle = load_data(DataConfig(source="hard-digits"))
+    assert bundle.name == "hard-digits" and bundle.format == "digits" and bundle.num_classes == 10
+    assert {k: len(v) for k, v in bundle.splits.items()} == {"train": 1078, "val": 180, "test": 539}
+    assert bundle.fingerprint not in (load_data(DataConfig()).fingerprint, load_data(DataConfig(source="clean-digits")).fingerprint)
+    assert bundle.fingerprint != load_data(DataConfig(source="hard-digits", seed=1)).fingerprint
+    with pytest.raises(CfdebugError, match="embedded dataset"):
+        build_bed("easy-digits")
+
+
+def test_export_hard_digits(tmp_path):
+    out = tmp_path / "hard"
+    counts = export_imagefolder(out, bed="hard-digits")
+    assert counts == {"train": 1078, "val": 180, "test": 539}
+    mem = load_data(DataConfig(source="hard-digits")).splits["test"]
+    disk = load_data(DataConfig(source=str(out))).splits["test"]
+    j = mem.ids.index(disk.ids[0].replace(".png", "").replace(os.sep, "/"))
+    np.testing.assert_array_equal(disk.load_image(0), mem.images[j])

@@ -1,4 +1,4 @@
-"""Datasets: the embedded Biased Digits, ImageFolder trees, CUB-200-2011 and CIFAR batches.
+"""Datasets: the embedded Biased and Hard Digits, ImageFolder trees, CUB-200-2011 and CIFAR batches.
 
 ``load_data(DataConfig)`` returns a :class:`DataBundle` with ``train``, ``val`` and ``test``
 splits. When a layout has no validation split, a seeded stratified ``val_fraction`` of the
@@ -7,6 +7,7 @@ training split becomes one, so model selection never needs the test split.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -17,7 +18,7 @@ from ..config import DATA_FORMATS, DEMO_DATASETS, DataConfig
 from ..errors import CfdebugError
 from ..store import stable_hash
 from .dataset import DataBundle, Split, TorchSplit, read_image
-from .digits import DIGIT_CLASSES, build_digits, export_imagefolder
+from .digits import DIGIT_CLASSES, HARD_JITTER, build_bed, export_imagefolder
 from .formats import detect_format, read_cifar, read_cub, read_imagefolder, tree_fingerprint
 
 __all__ = ["DataBundle", "Split", "TorchSplit", "load_data", "read_image", "export_imagefolder", "carve_validation"]
@@ -44,12 +45,14 @@ def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
 
 
 @functools.lru_cache(maxsize=4)
-def _digits_bundle(bias: float, seed: int) -> tuple[dict[str, Split], str]:
+def _digits_bundle(bed: str, bias: float, seed: int) -> tuple[dict[str, Split], str]:
     splits = {}
-    for name, (images, labels, source) in build_digits(bias, seed).items():
+    for name, (images, labels, source) in build_bed(bed, bias, seed).items():
         images.setflags(write=False)
         ids = tuple(f"{name}/{DIGIT_CLASSES[l]}/{i:04d}" for l, i in zip(labels, source))
         splits[name] = Split(name, ids, labels, images=images)
+    if bed == "hard-digits":  # the jitter ranges are part of the data: a retuned bed is another dataset
+        return splits, stable_hash("hard-digits", seed, len(splits["train"]), dataclasses.asdict(HARD_JITTER), "v1")
     return splits, stable_hash("digits", bias, seed, len(splits["train"]), "v1")
 
 
@@ -58,8 +61,9 @@ def load_data(config: DataConfig) -> DataBundle:
     if config.format not in DATA_FORMATS:
         raise CfdebugError(f"Expected `--format` to be one of {', '.join(DATA_FORMATS)}, but got {config.format!r}.")
     if config.source in DEMO_DATASETS or config.format == "digits":
-        bias = 0.0 if config.source == "clean-digits" else config.bias
-        splits, fingerprint = _digits_bundle(float(bias), int(config.seed))
+        bed = config.source if config.source in DEMO_DATASETS else "biased-digits"
+        bias = 0.0 if bed != "biased-digits" else config.bias
+        splits, fingerprint = _digits_bundle(bed, float(bias), int(config.seed))
         name, fmt, classes, skipped = config.source, "digits", DIGIT_CLASSES, ()
         defaults = SMALL_DEFAULTS
     else:
