@@ -39,6 +39,8 @@ OPTIMIZER_CHOICES = ("sgd", "adam")
 # XCR selector (cfdebug.xcr.selector): the map that masks T(x), and what the approximator fits.
 SELECTOR_MODES = ("Topk", "Softmax")
 SELECTOR_TARGETS = ("labels", "blackbox")
+SELECTOR_SCHEDULES = ("constant", "cosine")
+SELECTOR_ESTIMATORS = ("straight-through", "relaxed")
 # XCR evaluation (cfdebug.data.corruptions): CIFAR-10-C's 15 corruptions by group, 5 severities.
 CORRUPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
@@ -381,6 +383,8 @@ class CFEConfig:
         check_int(self.epochs, "epochs")
         check_int(self.batch_size, "batch_size")
         check_real(self.lr, "lr", low=0.0, low_open=True)
+        check_real(self.weight_decay, "weight_decay", low=0.0)
+        check_int(self.shift, "shift", 0)
         for name in ("sparsity_lambda", "sparsity_scale", "logits_weight", "mi_sparsity"):
             check_real(getattr(self, name), name, low=0.0)
         check_real(self.momentum, "momentum", 0.0, 1.0, high_open=True)
@@ -537,12 +541,16 @@ class SelectorConfig:
     beta: float = 0.01
     patch_size: int = 2
     tau: float = 0.5
+    estimator: str = "straight-through"
     mode: str = "Topk"
     target: str = "labels"
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-4
-    width: int = 16
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    shift: int = 0
+    width: int = 32
     seed: int = 0
 
     @classmethod
@@ -568,6 +576,8 @@ class SelectorConfig:
         check_real(self.lr, "lr", low=0.0, low_open=True)
         check_choice(self.mode, "mode", SELECTOR_MODES)
         check_choice(self.target, "target", SELECTOR_TARGETS)
+        check_choice(self.schedule, "schedule", SELECTOR_SCHEDULES)
+        check_choice(self.estimator, "estimator", SELECTOR_ESTIMATORS)
 
 
 # --------------------------------------------------------------------------------------------
