@@ -1,11 +1,13 @@
 """The XCR explanation selector (paper B, Sec. 3.1): L2X/VIBI patch selection by Gumbel top-k.
 
 An image ``[3, H, W]`` is cut into ``d = (H/p)·(W/p)`` square patches of side ``p``. A small
-CNN, the *selector*, gives every patch a log-probability ``log p(x) ∈ R^d`` (a log-softmax over
-the ``d`` patches). While training, ``k`` patches are sampled with the generalised
-Gumbel-softmax trick and relaxed into a mask ``z* ∈ [0, 1]^d`` so that the gradient reaches the
-selector; a second small CNN, the *approximator*, classifies ``T(x) = upsample(z*) ⊙ x``. At
-evaluation the explanation is the hard top-k of ``log p(x)``: exactly ``k`` patches.
+ResNet-style CNN, the *selector*, gives every patch a log-probability ``log p(x) ∈ R^d`` (a
+log-softmax over the ``d`` patches). While training, ``k`` patches are sampled with the
+generalised Gumbel-softmax trick and relaxed into a mask ``z* ∈ [0, 1]^d`` so that the gradient
+reaches the selector; a second small ResNet, the *approximator*, classifies
+``T(x) = upsample(z) ⊙ x`` where ``z`` is ``z*`` itself or (the default, see
+:func:`training_mask`) its hard top-k with ``z*``'s gradient. At evaluation the explanation is
+the hard top-k of ``log p(x)``: exactly ``k`` patches.
 
 XCR trains the approximator against the true labels (``target="labels"``); VIBI imitates the
 black box (``target="blackbox"``). The loss is ``CE + β·KL(p(z|x) ‖ Uniform(d))`` with the
@@ -45,7 +47,7 @@ from ..training import Stage, StepOutput, cpu_state, run_epochs
 MASKS_KIND = "xcr-masks"
 SELECTOR_KIND = "xcr-selector"
 # Bumped when the networks or the training loop change, so stale cache entries are not reused.
-FORMAT_VERSION = "xcr-selector-v1"
+FORMAT_VERSION = "xcr-selector-v2"  # v2: ResNet-style networks, lr schedule, straight-through mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,18 +440,6 @@ def _selector_scores(selector, approximator, data, config: SelectorConfig, devic
     return {**scores, "test_acc": test_acc}
 
 
-def random_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
-    """``x`` ``[B, C, H, W]`` with each image moved by its own random offset in ``-shift..shift``
-    pixels along each axis (edges replicated; offsets from the global torch RNG); ``shift=0``
-    returns ``x`` itself."""
-    if shift == 0:
-        return x
-    b, _, h, w = x.shape
-    padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
-    offsets = torch.randint(0, 2 * shift + 1, (b, 2)).tolist()
-    return torch.stack([padded[i, :, r : r + h, c : c + w] for i, (r, c) in enumerate(offsets)])
-
-
 def scheduled_lr(config: SelectorConfig, step: int, steps: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based) of ``steps``: ``config.lr`` for
     ``schedule="constant"``; for ``"cosine"`` half a cosine from ``config.lr`` down to 0."""
@@ -462,9 +452,10 @@ def train_selector(workspace, config: SelectorConfig, progress: Progress | None 
     """Train the selector and approximator on ``workspace``'s training split (on the engine,
     :func:`cfdebug.training.run_epochs`).
 
-    Adam on both networks' parameters with ``config.lr``; each step samples the relaxed mask
-    ``z*`` (``config.k`` Gumbel draws at ``config.tau``), classifies ``T(x)`` and minimises
-    :func:`selector_loss`. After every epoch the approximator is scored on the validation split
+    Adam on both networks' parameters, its learning rate set every step by
+    :func:`scheduled_lr`; each step draws the training mask (:func:`training_mask`: the relaxed
+    sample ``z*`` of ``config.k`` Gumbel draws at ``config.tau``, by default passed on as its
+    hard top-k with ``z*``'s gradient), classifies ``T(x)`` and minimises :func:`selector_loss`. After every epoch the approximator is scored on the validation split
     with the hard top-k mask, and the epoch with the best score is kept (the test split is never
     used to choose anything). The top-k score decides in both selection modes: the training
     objective does not depend on ``config.mode`` (it only changes which map ``T(x)`` uses
@@ -489,7 +480,7 @@ def train_selector(workspace, config: SelectorConfig, progress: Progress | None 
     generator = seed_everything(config.seed)
     selector = PatchSelector(config.patch_size, 3, config.width).to(device)
     approximator = Approximator(data.num_classes, 3, config.width).to(device)
-    optimizer = torch.optim.Adam(list(selector.parameters()) + list(approximator.parameters()), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(list(selector.parameters()) + list(approximator.parameters()), lr=config.lr)
     blackbox = workspace.model if config.target == "blackbox" else None
     if blackbox is not None:
         blackbox.eval()
@@ -503,7 +494,6 @@ def train_selector(workspace, config: SelectorConfig, progress: Progress | None 
         for group in optimizer.param_groups:
             group["lr"] = scheduled_lr(config, (epoch - 1) * len(train_loader) + index, steps)
         x, y = batch[0].to(device), batch[1].to(device)
-        x = random_shift(x, config.shift)
         if blackbox is not None:
             with torch.no_grad():
                 y = blackbox(x).argmax(1)  # VIBI: imitate the black box's decision
@@ -633,6 +623,7 @@ __all__ = [
     "SelectorConfig",
     "SelectorHistory",
     "SelectorMasks",
+    "ResidualBlock",
     "apply_mask",
     "approximator_accuracy",
     "check_k",
@@ -643,6 +634,7 @@ __all__ = [
     "num_patches",
     "random_masks",
     "relaxed_mask",
+    "scheduled_lr",
     "selection_map",
     "selector_key",
     "selector_loss",
@@ -650,4 +642,5 @@ __all__ = [
     "topk_mask",
     "trained_selector",
     "train_selector",
+    "training_mask",
 ]
