@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import SELECTOR_ESTIMATORS as ESTIMATORS  # noqa: F401  (re-exported)
 from ..config import SELECTOR_MODES as MODES
 from ..config import SELECTOR_TARGETS as TARGETS  # noqa: F401  (re-exported)
 from ..config import SelectorConfig, check_int, check_k, config_dict, num_patches
