@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +18,7 @@ from cfdebug.xcr.selector import (
     PatchSelector,
     SelectorConfig,
     apply_mask,
+    approximator_accuracy,
     check_k,
     compute_masks,
     kl_to_uniform,
@@ -24,6 +26,7 @@ from cfdebug.xcr.selector import (
     num_patches,
     random_masks,
     relaxed_mask,
+    scheduled_lr,
     selection_map,
     selector_key,
     selector_loss,
@@ -31,6 +34,7 @@ from cfdebug.xcr.selector import (
     topk_mask,
     train_selector,
     trained_selector,
+    training_mask,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +142,33 @@ def test_relaxed_sample_follows_p_at_low_temperature():
     assert torch.allclose(freq, p, atol=0.015)
     # More draws keep more patches: E[sum z*] grows with k.
     assert float(relaxed_mask(log_p[:500], k=3, tau=0.01).sum(1).mean()) > 1.5
+
+
+def test_straight_through_mask_is_k_hot_with_the_relaxed_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 64, requires_grad=True)
+    weights = torch.randn(3, 64)
+    config = SelectorConfig(k=8, tau=0.5)
+    z = training_mask(logits.log_softmax(1), config, torch.Generator().manual_seed(1))
+    assert z.sum(1).tolist() == [8.0] * 3 and set(z.detach().unique().tolist()) == {0.0, 1.0}
+    (z * weights).sum().backward()
+    straight = logits.grad.clone()
+    logits.grad = None
+    relaxed = training_mask(logits.log_softmax(1), replace(config, estimator="relaxed"), torch.Generator().manual_seed(1))
+    assert relaxed.sum(1).max() < 8  # draws with replacement: fewer than k patches in z*
+    (relaxed * weights).sum().backward()
+    assert torch.allclose(straight, logits.grad)  # the same draws, the relaxed sample's gradient
+    # The hard mask keeps the k largest entries of the relaxed sample.
+    assert torch.equal(z.detach(), topk_mask(relaxed.detach(), 8))
+
+
+def test_scheduled_lr():
+    cosine, constant = SelectorConfig(lr=0.01), SelectorConfig(lr=0.01, schedule="constant")
+    assert scheduled_lr(cosine, 0, 100) == 0.01 and scheduled_lr(cosine, 100, 100) == 0.0
+    assert math.isclose(scheduled_lr(cosine, 50, 100), 0.005)
+    lrs = [scheduled_lr(cosine, s, 100) for s in range(101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert {scheduled_lr(constant, s, 100) for s in (0, 50, 100)} == {0.01}
 
 
 def test_selection_map_modes():
@@ -260,7 +291,7 @@ def test_bad_patch_size_raises():
         apply_mask(torch.zeros(1, 3, 32, 32), torch.ones(1, 64), 2)
 
 
-@pytest.mark.parametrize("field, value", [("mode", "topk"), ("target", "teacher"), ("tau", 0.0), ("beta", -1.0), ("lr", 0.0)])
+@pytest.mark.parametrize("field, value", [("mode", "topk"), ("target", "teacher"), ("tau", 0.0), ("beta", -1.0), ("lr", 0.0), ("schedule", "step"), ("estimator", "hard")])
 def test_bad_config_values_raise(field, value):
     with pytest.raises(CfdebugError, match=f"`{field}`"):
         SelectorConfig(**{field: value})
@@ -335,6 +366,39 @@ def test_vibi_target_imitates_the_black_box(tmp_path):
     assert {"loss", "ce", "kl", "train_acc", "val_acc"} <= set(history.rows[0])
 
 
+# One bright 2×2 patch per class at a fixed spot of an 8×8 noise image (d = 16 patches): the label
+# is which patch is bright, so a selector that learns keeps that patch and the approximator reads
+# the label off it; a selector that does not learn keeps noise patches (chance).
+BRIGHT_SPOTS = (0, 6, 9, 15)
+
+
+def _bright_patch_split(n: int, generator: torch.Generator) -> torch.utils.data.TensorDataset:
+    x = 0.5 * torch.randn(n, 3, 8, 8, generator=generator)
+    y = torch.randint(0, len(BRIGHT_SPOTS), (n,), generator=generator)
+    for i, label in enumerate(y.tolist()):
+        r, c = divmod(BRIGHT_SPOTS[label], 4)
+        x[i, :, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2] = 2.0
+    return torch.utils.data.TensorDataset(x, y, torch.arange(n))
+
+
+def test_selector_learns_the_patch_that_decides_the_label():
+    g = torch.Generator().manual_seed(0)
+    splits = {name: _bright_patch_split(n, g) for name, n in (("train", 128), ("val", 64))}
+    fake = _fake_workspace(None)
+    fake.data.splits, fake.data.torch_split = splits, lambda split: splits[split]
+    k = 2
+    selector, approximator, history = train_selector(fake, SelectorConfig(k=k, beta=0.0, epochs=8, batch_size=32, lr=1e-2, width=8))
+    kept = compute_masks(selector, splits["val"], k, torch.device("cpu"))  # [64, 16] bool
+    wanted = np.array(BRIGHT_SPOTS)[splits["val"].tensors[1].numpy()]
+    # Random k-hot masks keep the bright patch with probability 2/16; measured 0.81 for seed 0
+    # and 1.0 for seeds 1 and 2. (Where the bright patch is not kept, the selector still tells
+    # the class through *which* patches it keeps, the L2X leak: hence the accuracy of 1.0.)
+    assert float(kept[np.arange(len(wanted)), wanted].mean()) > 0.6
+    # Chance is 0.25; measured 1.0.
+    assert approximator_accuracy(selector, approximator, splits["val"], k, 2, torch.device("cpu")) > 0.9
+    assert history.best_val_acc > 0.9
+
+
 def test_should_stop_cancels_and_caches_nothing(tmp_path):
     fake = _fake_workspace(tmp_path)
     config = SelectorConfig(k=4, epochs=2, batch_size=16, width=4)
@@ -354,8 +418,8 @@ def test_should_stop_cancels_and_caches_nothing(tmp_path):
 # The demo: training on Biased Digits, cached masks
 # --------------------------------------------------------------------------------------------
 
-# The demo schedule (lr 3e-3 instead of the paper's 1e-4, see SelectorConfig.demo), cut to three
-# epochs to keep the test short.
+# The demo schedule (width 16, lr 5e-3 with a cosine decay instead of the paper's 1e-4, see
+# SelectorConfig.demo), cut to three epochs to keep the test short.
 DEMO_CONFIG = SelectorConfig.demo(k=32, beta=0.01, patch_size=2, epochs=3, seed=0)
 
 
@@ -374,8 +438,9 @@ def demo_masks(demo_workspace):
 
 def test_demo_selector_trains_above_chance(demo_masks, demo_workspace):
     history = demo_masks.meta["history"]
-    # 10 classes: chance is 0.1. Measured 0.47-0.48 for this config (1 or 2 threads).
-    assert history["best_val_acc"] > 0.3, history
+    # 10 classes: chance is 0.1. Measured 0.89 for this config (1 thread; 0.47-0.48 before the
+    # ResNet-style networks, lr schedule and straight-through mask of xcr-selector-v2).
+    assert history["best_val_acc"] > 0.6, history
     n_val = len(demo_workspace.data.splits["val"])
     assert demo_masks.masks.shape == (n_val, 256) and demo_masks.masks.dtype == np.bool_
     assert (demo_masks.masks.sum(1) == 32).all()

@@ -1,11 +1,13 @@
 """The XCR explanation selector (paper B, Sec. 3.1): L2X/VIBI patch selection by Gumbel top-k.
 
 An image ``[3, H, W]`` is cut into ``d = (H/p)·(W/p)`` square patches of side ``p``. A small
-CNN, the *selector*, gives every patch a log-probability ``log p(x) ∈ R^d`` (a log-softmax over
-the ``d`` patches). While training, ``k`` patches are sampled with the generalised
-Gumbel-softmax trick and relaxed into a mask ``z* ∈ [0, 1]^d`` so that the gradient reaches the
-selector; a second small CNN, the *approximator*, classifies ``T(x) = upsample(z*) ⊙ x``. At
-evaluation the explanation is the hard top-k of ``log p(x)``: exactly ``k`` patches.
+ResNet-style CNN, the *selector*, gives every patch a log-probability ``log p(x) ∈ R^d`` (a
+log-softmax over the ``d`` patches). While training, ``k`` patches are sampled with the
+generalised Gumbel-softmax trick and relaxed into a mask ``z* ∈ [0, 1]^d`` so that the gradient
+reaches the selector; a second small ResNet, the *approximator*, classifies
+``T(x) = upsample(z) ⊙ x`` where ``z`` is ``z*`` itself or (the default, see
+:func:`training_mask`) its hard top-k with ``z*``'s gradient. At evaluation the explanation is
+the hard top-k of ``log p(x)``: exactly ``k`` patches.
 
 XCR trains the approximator against the true labels (``target="labels"``); VIBI imitates the
 black box (``target="blackbox"``). The loss is ``CE + β·KL(p(z|x) ‖ Uniform(d))`` with the
@@ -44,7 +46,7 @@ from ..training import Stage, StepOutput, cpu_state, run_epochs
 MASKS_KIND = "xcr-masks"
 SELECTOR_KIND = "xcr-selector"
 # Bumped when the networks or the training loop change, so stale cache entries are not reused.
-FORMAT_VERSION = "xcr-selector-v1"
+FORMAT_VERSION = "xcr-selector-v2"  # v2: ResNet-style networks, lr schedule, straight-through mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,6 +91,22 @@ def relaxed_mask(log_p: torch.Tensor, k: int, tau: float = 0.5, generator: torch
     gumbel = -torch.log(-torch.log(u))
     c = torch.softmax((gumbel + log_p.unsqueeze(1)) / tau, dim=-1)  # [B, k, d]
     return c.max(dim=1).values  # [B, d]
+
+
+def training_mask(log_p: torch.Tensor, config: SelectorConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The mask ``T(x)`` uses while training: ``[B, d]`` float, differentiable in ``log_p``.
+
+    ``config.estimator == "relaxed"``: the relaxed sample :func:`relaxed_mask` itself (paper B).
+    ``"straight-through"``: its ``k`` largest entries as a hard k-hot mask in the forward pass,
+    the relaxed sample's gradient in the backward pass. The relaxed sample draws its ``k``
+    patches with replacement, so once ``p`` is peaked it keeps far fewer than ``k`` (about 12
+    of 32 on Hard Digits) and the approximator, trained on those, meets ``k`` patches only at
+    evaluation; the straight-through mask shows it exactly ``k`` while training too.
+    """
+    z = relaxed_mask(log_p, config.k, config.tau, generator)
+    if config.estimator == "relaxed":
+        return z
+    return topk_mask(z.detach(), config.k) - z.detach() + z
 
 
 def selection_map(log_p: torch.Tensor, k: int, mode: str = "Topk") -> torch.Tensor:
@@ -193,23 +211,48 @@ def _conv(cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int =
     return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
+class ResidualBlock(nn.Module):
+    """ResNet basic block: ``[B, cin, H, W]`` → ``[B, cout, H/stride, W/stride]`` float.
+
+    Two 3×3 convolutions with BatchNorm (the first strided, both dilated by ``dilation``) plus a
+    shortcut (identity, or a strided 1×1 convolution with BatchNorm when the shape changes).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=dilation, dilation=dilation, bias=False), nn.BatchNorm2d(cout),
+        )
+        same = stride == 1 and cin == cout
+        self.shortcut = nn.Identity() if same else nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+#: Dilations of the selector's residual blocks at patch resolution.
+SELECTOR_DILATIONS = (1, 2, 4)
+
+
 class PatchSelector(nn.Module):
     """Selector CNN: ``[B, C, H, W]`` normalised images → ``log p(x)`` ``[B, d]`` float.
 
     A ``p×p`` convolution with stride ``p`` embeds each patch (one cell per patch, aligned
-    exactly with the patch grid for any ``p``); three 3×3 convolutions with dilation 1, 2, 4 at
-    patch resolution give each patch score a receptive field of 15 patches (30 px for p=2), i.e.
-    most of a 32×32 image; a 1×1 convolution to one channel is the patch logit. The paper uses
-    a ResNet-18 selector for CIFAR; this small one trains on two CPU cores in seconds, which
-    METHODS.md allows for the embedded demo (``width`` scales it up).
+    exactly with the patch grid for any ``p``); three residual blocks (:class:`ResidualBlock`)
+    with dilation 1, 2, 4 at patch resolution give each patch score a receptive field of 29
+    patches (all of a 32×32 image for p=2); a 1×1 convolution to one channel is the patch logit.
+    The paper uses a ResNet-18 selector for CIFAR; this ResNet-style one keeps its ingredients
+    (residual blocks, BatchNorm) at a size that trains on two CPU cores in well under a minute
+    for the demo, which METHODS.md allows (``width`` scales it).
     """
 
-    def __init__(self, patch_size: int = 2, in_channels: int = 3, width: int = 16):
+    def __init__(self, patch_size: int = 2, in_channels: int = 3, width: int = 32):
         super().__init__()
         check_int(patch_size, "patch_size", 1)
         self.patch_size = patch_size
         self.patchify = nn.Sequential(*_conv(in_channels, width, kernel=patch_size, stride=patch_size))
-        self.context = nn.Sequential(*_conv(width, width), *_conv(width, width, dilation=2), *_conv(width, width, dilation=4))
+        self.context = nn.Sequential(*(ResidualBlock(width, width, dilation=r) for r in SELECTOR_DILATIONS))
         self.score = nn.Conv2d(width, 1, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,19 +264,21 @@ class PatchSelector(nn.Module):
 class Approximator(nn.Module):
     """Approximator CNN: ``T(x)`` ``[B, C, H, W]`` → class logits ``[B, K]`` float.
 
-    Small VGG-style: three 3×3 convolutions (width ×1, ×2, ×4) with 2×2 max-pooling between
-    them, global average pooling and a linear layer, so it accepts any input size.
+    A small ResNet for 32 px inputs: a 3×3 stem convolution (``width`` channels), three residual
+    blocks that each halve the resolution and double the width (×2, ×4, ×8), global average
+    pooling and a linear layer, so it accepts any input size.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16):
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32):
         super().__init__()
         self.features = nn.Sequential(
-            *_conv(in_channels, width), nn.MaxPool2d(2),
-            *_conv(width, 2 * width), nn.MaxPool2d(2),
-            *_conv(2 * width, 4 * width),
+            *_conv(in_channels, width),
+            ResidualBlock(width, 2 * width, stride=2),
+            ResidualBlock(2 * width, 4 * width, stride=2),
+            ResidualBlock(4 * width, 8 * width, stride=2),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(4 * width, num_classes)
+        self.classifier = nn.Linear(8 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
@@ -394,13 +439,22 @@ def _selector_scores(selector, approximator, data, config: SelectorConfig, devic
     return {**scores, "test_acc": test_acc}
 
 
+def scheduled_lr(config: SelectorConfig, step: int, steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``steps``: ``config.lr`` for
+    ``schedule="constant"``; for ``"cosine"`` half a cosine from ``config.lr`` down to 0."""
+    if config.schedule == "constant":
+        return config.lr
+    return 0.5 * config.lr * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+
+
 def train_selector(workspace, config: SelectorConfig, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None):
     """Train the selector and approximator on ``workspace``'s training split (on the engine,
     :func:`cfdebug.training.run_epochs`).
 
-    Adam on both networks' parameters with ``config.lr``; each step samples the relaxed mask
-    ``z*`` (``config.k`` Gumbel draws at ``config.tau``), classifies ``T(x)`` and minimises
-    :func:`selector_loss`. After every epoch the approximator is scored on the validation split
+    Adam on both networks' parameters, its learning rate set every step by
+    :func:`scheduled_lr`; each step draws the training mask (:func:`training_mask`: the relaxed
+    sample ``z*`` of ``config.k`` Gumbel draws at ``config.tau``, by default passed on as its
+    hard top-k with ``z*``'s gradient), classifies ``T(x)`` and minimises :func:`selector_loss`. After every epoch the approximator is scored on the validation split
     with the hard top-k mask, and the epoch with the best score is kept (the test split is never
     used to choose anything). The top-k score decides in both selection modes: the training
     objective does not depend on ``config.mode`` (it only changes which map ``T(x)`` uses
@@ -432,13 +486,18 @@ def train_selector(workspace, config: SelectorConfig, progress: Progress | None 
     train_loader = torch.utils.data.DataLoader(data.torch_split("train"), batch_size=config.batch_size, shuffle=True, generator=generator)
     val_loader = torch.utils.data.DataLoader(data.torch_split("val"), batch_size=256)
 
+    steps = config.epochs * len(train_loader)
+
     def step(batch, epoch: int, index: int) -> StepOutput:
+        # The learning rate is a function of the step alone, so a resumed run continues it exactly.
+        for group in optimizer.param_groups:
+            group["lr"] = scheduled_lr(config, (epoch - 1) * len(train_loader) + index, steps)
         x, y = batch[0].to(device), batch[1].to(device)
         if blackbox is not None:
             with torch.no_grad():
                 y = blackbox(x).argmax(1)  # VIBI: imitate the black box's decision
         log_p = selector(x)
-        z = relaxed_mask(log_p, config.k, config.tau)
+        z = training_mask(log_p, config)
         logits = approximator(apply_mask(x, z, config.patch_size))
         return StepOutput(selector_loss(logits, y, log_p, config.beta), len(y), int((logits.argmax(1) == y).sum()))
 
@@ -563,6 +622,7 @@ __all__ = [
     "SelectorConfig",
     "SelectorHistory",
     "SelectorMasks",
+    "ResidualBlock",
     "apply_mask",
     "approximator_accuracy",
     "check_k",
@@ -573,6 +633,7 @@ __all__ = [
     "num_patches",
     "random_masks",
     "relaxed_mask",
+    "scheduled_lr",
     "selection_map",
     "selector_key",
     "selector_loss",
@@ -580,4 +641,5 @@ __all__ = [
     "topk_mask",
     "trained_selector",
     "train_selector",
+    "training_mask",
 ]
