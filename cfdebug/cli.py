@@ -7,6 +7,7 @@ progress on long work goes to stderr, results to stdout (and ``--json``/``--csv`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
@@ -352,6 +353,20 @@ def cmd_xcr(args) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def _locked(path):
+    """An exclusive advisory lock on ``path``.lock for a read-modify-write of ``path``."""
+    import fcntl
+
+    with open(f"{path}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            Path(f"{path}.lock").unlink(missing_ok=True)
+
+
 def cmd_report(args) -> dict:
     """Every chosen claim on one workspace, each method vs its baseline with a 95% interval and a verdict."""
     from .claims import CLAIMS, model_line, replace_marked_section, report_markdown, run_claims, verdicts_markdown
@@ -388,7 +403,8 @@ def cmd_report(args) -> dict:
     for path, verdicts_only in outputs:
         short = f"**{title}** (`{command}`). {model_line(result)}\n\n{verdicts_markdown(result['verdicts'], headline_only=True)}"
         body = short if verdicts_only else report_markdown(result, title, command)
-        write_text_atomic(path, replace_marked_section(Path(path).read_text(), args.section or args.data, body))
+        with _locked(path):  # two reports (make -j2 results) may rewrite the same file
+            write_text_atomic(path, replace_marked_section(Path(path).read_text(), args.section or args.data, body))
         print(f"wrote the {args.section or args.data} section of {path}", file=sys.stderr)
     return result
 
