@@ -93,9 +93,19 @@ def test_flagged_page_threshold_slider_updates_counts(app):
     flagged = {m.label: m.value for m in app.metric}
     before = int(flagged["Flagged"])
     assert before > 0 and app.query_params["image"]
-    app.slider[0].set_value(app.slider[0].min).run()  # the lowest threshold flags (almost) nothing
+    # The review budget is the default: 10% of the test predictions, the same count as MSP's.
+    assert app.query_params["rule"] in ("budget", ["budget"]) and "Precision of the flags (errors among flagged)" in flagged
+    assert before == 54  # ceil(10% of the demo's 539 test predictions)
+    text = " ".join(m.value for m in app.markdown)
+    assert "Does MC agreement find errors better than MSP?" in text and "AUROC" in text
+    assert any(v in text for v in ("better", "worse", "no detectable difference"))
+    app.slider[0].set_value(app.slider[0].min).run()  # a 1% budget flags fewer
     after = int({m.label: m.value for m in app.metric}["Flagged"])
-    assert after < before
+    assert after < before and app.query_params["budget"] in ("1", ["1"])
+    app.radio[0].set_value("Paper rule").run()  # the paper's rule with its threshold slider
+    assert app.query_params["rule"] in ("paper", ["paper"])
+    app.slider[0].set_value(app.slider[0].min).run()  # the lowest threshold flags (almost) nothing
+    assert int({m.label: m.value for m in app.metric}["Flagged"]) <= before
     assert not app.exception
 
 

@@ -66,7 +66,7 @@ if rule == "Review budget":
     msp_flagged = budget_flags(scores["max softmax (MSP)"], budget / 100)
     precision = (flagged & is_error).sum() / max(flagged.sum(), 1)
     msp_precision = (msp_flagged & is_error).sum() / max(msp_flagged.sum(), 1)
-    right.metric("Precision of the flags (errors among flagged)", f"{precision:.0%}", f"{100 * (precision - msp_precision):+.0f} pts vs MSP at the same budget",
+    right.metric("Precision of the flags (errors among flagged)", f"{precision:.0%}", f"{100 * (precision - msp_precision):+.0f} pts vs MSP at the same budget", delta_color="off",
                  help=f"MSP flags its {int(msp_flagged.sum())} least confident predictions: {msp_precision:.0%} of them are errors.")
 else:
     lo, hi = float(np.floor(margin.min() * 20) / 20), float(np.ceil(margin.max() * 20) / 20)

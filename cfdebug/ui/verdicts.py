@@ -20,6 +20,20 @@ _PAIRING_HELP = (
 )
 
 
+# Plain names for the identifiers in verdict rows.
+NAMES = {
+    "mc_agreement": "MC agreement", "mc_recall": "MC recall", "mc_f1": "MC F1", "combined": "combined rank",
+    "msp": "max softmax (MSP)", "auroc": "AUROC", "aupr_err": "AUPR-Err", "fpr_at_95tpr": "FPR at 95% TPR",
+    "precision_at_budget": "precision at the review budget", "test_acc": "test accuracy", "clean_acc": "clean accuracy",
+    "corrupt_acc": "corrupted accuracy", "clean_ece": "clean ECE", "corrupt_ece": "corrupted ECE", "clean_nll": "clean NLL",
+    "corrupt_nll": "corrupted NLL", "clean_brier": "clean Brier", "corrupt_brier": "corrupted Brier",
+}
+
+
+def _name(x: str) -> str:
+    return NAMES.get(x, x)
+
+
 def _bound(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))) else f"{x:+.3f}"
 
@@ -28,7 +42,7 @@ def sentence(row: dict) -> str:
     """``"AUROC: MC agreement 0.858 vs MSP 0.892, −0.033 [−0.077, +0.010]: no detectable difference"``."""
     r = row if isinstance(row, dict) else row.as_dict()
     tail = " (indicative: one run)" if r.get("indicative") else ""
-    return (f"{_ICONS.get(r['verdict'], '')} **{r['metric']}**: {r['method']} {r['method_value']:.3f} vs {r['baseline']} "
+    return (f"{_ICONS.get(r['verdict'], '')} **{_name(r['metric'])}**: {_name(r['method'])} {r['method_value']:.3f} vs {_name(r['baseline'])} "
             f"{r['baseline_value']:.3f}, difference {r['difference']:+.3f} [{_bound(r['ci_low'])}, {_bound(r['ci_high'])}] "
             f"→ **{r['verdict']}**{tail}")
 
@@ -38,7 +52,7 @@ def verdict_table(rows) -> pd.DataFrame:
     out = []
     for row in rows:
         r = row if isinstance(row, dict) else row.as_dict()
-        out.append({"metric": r["metric"], "method": r["method"], "baseline": r["baseline"], "method value": r["method_value"],
+        out.append({"metric": _name(r["metric"]), "method": _name(r["method"]), "baseline": _name(r["baseline"]), "method value": r["method_value"],
                     "baseline value": r["baseline_value"], "difference": r["difference"], "95% CI low": _bound(r["ci_low"]),
                     "95% CI high": _bound(r["ci_high"]), "paired over": f"{r['n_seeds']} seed(s)" + (f", {r['n_images']} images" if r.get("n_images") else ""),
                     "verdict": r["verdict"]})
