@@ -163,3 +163,23 @@ def test_every_help_text_renders(command, capsys):
         main(([command] if command else []) + ["--help"])
     assert exc.value.code == 0
     assert "usage: python -m cfdebug" in capsys.readouterr().out
+
+
+def test_report_refuses_a_markdown_file_without_markers_before_any_work(tmp_path, capsys):
+    from cfdebug.cli import main
+
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# results\n")
+    rc = main(["report", "--workdir", str(tmp_path / "wd"), "--markdown", str(doc), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "<!-- biased-digits:start -->" in err
+    assert not (tmp_path / "wd").exists() and doc.read_text() == "# results\n"  # nothing computed, nothing written
+    assert main(["report", "--claims", "detection,magic", "--workdir", str(tmp_path / "wd"), "--quiet"]) == 2
+    assert "claims" in capsys.readouterr().err
+
+
+def test_marked_sections_are_replaced_in_place():
+    from cfdebug.claims import replace_marked_section
+
+    text = "a\n<!-- s:start -->\nold\n<!-- s:end -->\nb\n"
+    assert replace_marked_section(text, "s", "new\nrows") == "a\n<!-- s:start -->\nnew\nrows\n<!-- s:end -->\nb\n"
