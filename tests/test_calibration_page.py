@@ -61,6 +61,7 @@ def _ok(app):
     assert not app.error, [e.value for e in app.error]
 
 
+@pytest.mark.slow
 def test_page_shows_tables_figures_and_gallery_of_a_finished_run(page, finished_run):
     page.query_params["run"] = finished_run  # other tests may have finished newer runs
     page.run()

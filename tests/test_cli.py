@@ -42,6 +42,7 @@ def _one_line_error(rc: int, err: str, *needles: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_train_prints_accuracies(run):
     # `train` trains fresh (the session's demo model is the shipped asset); one epoch keeps it cheap
     rc, out, err = run("train", "--epochs", "1")

@@ -76,6 +76,7 @@ def test_hard_digits_asset_is_hard_but_not_hopeless():
     assert biased["test"] < clean["test"] - 0.05  # the shortcut costs test accuracy
 
 
+@pytest.mark.slow
 def test_train_request_and_other_configs_do_not_use_the_asset(tmp_path):
     """``train=True`` trains fresh; a training config the asset was not made with trains too."""
     config = WorkspaceConfig(workdir=str(tmp_path), device="cpu")

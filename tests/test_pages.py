@@ -109,6 +109,7 @@ def test_flagged_page_threshold_slider_updates_counts(app):
     assert not app.exception
 
 
+@pytest.mark.slow
 def test_treatment_page_launches_a_background_run(app, workdir):
     import time
 

@@ -354,6 +354,7 @@ def _fake_workspace(tmp_path, size=8, n=48, num_classes=4):
     )
 
 
+@pytest.mark.slow
 def test_vibi_target_imitates_the_black_box(tmp_path):
     fake = _fake_workspace(tmp_path)
     config = SelectorConfig(k=4, epochs=4, batch_size=16, lr=1e-2, width=4, target="blackbox")
@@ -436,6 +437,7 @@ def demo_masks(demo_workspace):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_demo_selector_trains_above_chance(demo_masks, demo_workspace):
     history = demo_masks.meta["history"]
     # 10 classes: chance is 0.1. Measured 0.89 for this config (1 thread; 0.47-0.48 before the

@@ -154,6 +154,7 @@ def tiny_ws(demo_workspace):
     return SimpleNamespace(**{**vars(demo_workspace), "data": data})
 
 
+@pytest.mark.slow
 def test_history_schema_is_the_same_for_all_three_stages(tiny_ws):
     model = build_model(DEMO_MODEL, tiny_ws.data.num_classes)
     trained = train_classifier(model, tiny_ws.data, TrainConfig(epochs=1, batch_size=32), torch.device("cpu"))

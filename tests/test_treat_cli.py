@@ -10,6 +10,7 @@ from cfdebug.cli import main
 from cfdebug.runs import RunRegistry
 
 
+@pytest.mark.slow
 def test_treat_sweep_prints_tables_and_writes_json(demo_workspace, workdir, tmp_path, capsys):
     out = tmp_path / "treat.json"
     rc = main(["treat", "--workdir", str(workdir), "--treat-epochs", "1", "--lambda1", "1e-3", "--lambda2", "2e-5,1e-4",

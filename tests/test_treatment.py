@@ -237,6 +237,7 @@ def test_table3_orders_and_filters():
 
 
 # ---------------------------------------------------------------------------------- the loop
+@pytest.mark.slow
 def test_reference_run_outputs(small_ws, reference):
     out, k = reference.out, small_ws.data.num_classes
     assert [r["epoch"] for r in out["history"]] == [1, 2, 3]
@@ -264,6 +265,7 @@ def test_frozen_part_and_workspace_model_unchanged(small_ws, reference):
     assert all(p.requires_grad for p in small_ws.model.parameters())
 
 
+@pytest.mark.slow
 def test_model_selection_never_uses_test_labels(small_ws, global_sets, reference):
     test = small_ws.data.splits["test"]
     shuffled = dataclasses.replace(test, labels=np.random.default_rng(1).permutation(test.labels))
@@ -277,6 +279,7 @@ def test_model_selection_never_uses_test_labels(small_ws, global_sets, reference
     assert [r["test_acc"] for r in out["history"]] != [r["test_acc"] for r in ref["history"]]
 
 
+@pytest.mark.slow
 def test_control_is_treatment_with_zero_lambdas(small_ws, global_sets):
     cfg = replace(CFG, epochs=1)
     ce_only = finetune(small_ws, cfg)  # default loss: plain cross-entropy
@@ -305,6 +308,7 @@ def test_batch_transform_and_head_only(small_ws):
     assert changed == {"classifier.weight", "classifier.bias"}
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_exact(small_ws, global_sets, reference, tmp_path):
     class Stop(Exception):
         pass
@@ -382,6 +386,7 @@ def test_resume_refuses_changed_inputs_and_finished_run_reloads(small_ws, global
     assert _same_state(again["state_dict"], reference.out["state_dict"])
 
 
+@pytest.mark.slow
 def test_nan_loss_fails_naming_the_term_and_keeps_checkpoint(small_ws, global_sets, tmp_path, monkeypatch):
     registry = RunRegistry(tmp_path / "home")
     run_id = registry.create("treat", {}).run_id
@@ -418,6 +423,7 @@ def test_cancel_requested_stops_between_batches(small_ws, global_sets, tmp_path)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_sweep_tables(small_ws, global_sets):
     messages = []
     out = treatment_sweep(

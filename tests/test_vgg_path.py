@@ -62,6 +62,7 @@ def test_vgg_target_has_a_map_head_only(vgg_workspace):
     assert maps.shape == (len(ws.data.splits["train"]), 512, 2, 2)  # features.19 at 32 px
 
 
+@pytest.mark.slow
 def test_map_head_predictions_equal_the_masked_full_model(vgg_workspace):
     """The map head on MC-masked cached maps gives exactly what the whole VGG gives when a
     hook multiplies the target layer's output by the same masks."""
@@ -88,6 +89,7 @@ def test_map_head_predictions_equal_the_masked_full_model(vgg_workspace):
     assert mc_heads(ws, CFE).cache_hit
 
 
+@pytest.mark.slow
 def test_vgg_detection_runs_on_the_map_path(vgg_workspace):
     ws = vgg_workspace
     config = DetectConfig(filters=MCFilterConfig(tau=0.0, cfe=CFE))  # random weights are never confident
@@ -105,6 +107,7 @@ def test_vgg_detection_runs_on_the_map_path(vgg_workspace):
     assert one["per_class"][0]["filters"] == next(r for r in result["ablation"]["per_class"] if r["class"] == cls)["filters"]
 
 
+@pytest.mark.slow
 def test_detect_cli_on_vgg(tiny_folder, tmp_path, capsys):
     out = tmp_path / "vgg.json"
     rc = main([

@@ -62,6 +62,7 @@ def test_counterfactual_batches_appends_masked_copies_with_the_same_labels():
     assert torch.equal(images, before)  # inputs are not modified
 
 
+@pytest.mark.slow
 def test_vanilla_and_xcr_share_schedule_and_data_order_and_xcr_doubles_batches(small, monkeypatch):
     calls = []
     real = xcr_retrain.finetune
@@ -221,6 +222,7 @@ def test_scoring_in_chunks_equals_scoring_at_once(small):
         assert got["bins"]["count"].tolist() == want["bins"]["count"].tolist()
 
 
+@pytest.mark.slow
 def test_registered_run_logs_progress_and_checkpoints(demo_workspace, workdir):
     from cfdebug.runs import RunRegistry
 
