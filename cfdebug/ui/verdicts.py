@@ -41,7 +41,8 @@ def _bound(x) -> str:
 def sentence(row: dict) -> str:
     """``"AUROC: MC agreement 0.858 vs MSP 0.892, −0.033 [−0.077, +0.010]: no detectable difference"``."""
     r = row if isinstance(row, dict) else row.as_dict()
-    tail = " (indicative: one run)" if r.get("indicative") else ""
+    paired = f"{r['n_seeds']} seed{'s' if r['n_seeds'] != 1 else ''}" + (f" × {r['n_images']} test images" if r.get("n_images") else "")
+    tail = f" (paired over {paired}" + ("; indicative: one run)" if r.get("indicative") else ")")
     return (f"{_ICONS.get(r['verdict'], '')} **{_name(r['metric'])}**: {_name(r['method'])} {r['method_value']:.3f} vs {_name(r['baseline'])} "
             f"{r['baseline_value']:.3f}, difference {r['difference']:+.3f} [{_bound(r['ci_low'])}, {_bound(r['ci_high'])}] "
             f"→ **{r['verdict']}**{tail}")
