@@ -176,14 +176,13 @@ def bench_treat(ws_config: WorkspaceConfig, epochs_per_repeat: int = 2, repeats:
     of the identical schedule (target ≤ 1.10); the fastest epoch of each is compared, and the
     two kinds alternate (``repeats`` times, ``epochs_per_repeat`` epochs each) so machine load
     hits both alike."""
-    from .mcfilters import global_mc_filters
     from .config import FinetuneConfig, TreatmentConfig
     from .training import finetune
-    from .treatment import treatment_loss
+    from .treatment import training_sets, treatment_loss
     from .workspace import Workspace
 
     ws = Workspace(ws_config)
-    sets = torch.from_numpy(global_mc_filters(ws).histogram > 0).to(ws.device)
+    sets = torch.from_numpy(training_sets(ws)).to(ws.device)
     treat_cfg = TreatmentConfig(epochs=epochs_per_repeat)
     ce_cfg = FinetuneConfig(epochs=epochs_per_repeat)
 

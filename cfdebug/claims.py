@@ -26,7 +26,7 @@ from .config import CFEConfig, DetectConfig, MCFilterConfig, TreatmentConfig, co
 from .errors import CfdebugError
 from .runtime import Progress, scaled_progress
 from .store import jsonable
-from .verdicts import Comparison, detection_comparisons, seed_comparison
+from .verdicts import Comparison, detection_comparisons, format_value, seed_comparison
 
 CLAIMS = ("detection", "treatment", "xcr")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -42,7 +42,7 @@ XCR_METRICS = (("acc", True), ("ece", False), ("nll", False), ("brier", False))
 
 __all__ = ["CLAIMS", "DEFAULT_SEEDS", "DEFAULT_BUDGET", "budget_flags", "detection_scores", "detection_claim", "verdicts_markdown",
            "report_markdown", "model_line", "replace_marked_section",
-           "treatment_claim", "xcr_claim", "run_claims", "detection_verdicts",
+           "treatment_claim", "xcr_claim", "run_claims", "detection_verdicts", "pair_runs",
            "treatment_verdicts", "xcr_verdicts"]
 
 
@@ -114,18 +114,28 @@ def detection_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, budget: float = DE
             "n_images": reports[0]["n_images"], "n_errors": reports[0]["total_errors"], "score_definitions": DETECTION_SCORES}
 
 
+def pair_runs(sweep: dict, lambda1: float | None = None, lambda2: float | None = None) -> list[dict]:
+    """The runs of one (λ1, λ2) pair of a treatment sweep, by seed; the sweep's ``best`` (chosen on
+    validation) unless a pair is given."""
+    best = sweep.get("best") or {}
+    l1 = best.get("lambda1") if lambda1 is None else lambda1
+    l2 = best.get("lambda2") if lambda2 is None else lambda2
+    return sorted((r for r in sweep["runs"] if (r["lambda1"], r["lambda2"]) == (l1, l2)), key=lambda r: r["seed"])
+
+
 def treatment_verdicts(sweep: dict, classes: Sequence[str], lambda1: float | None = None, lambda2: float | None = None) -> list[Comparison]:
     """Treated vs its CE control from a :func:`~cfdebug.treatment.treatment_sweep` result, paired by seed.
 
     The (λ1, λ2) pair is the sweep's ``best`` (chosen on validation) unless given. Test accuracy,
     then the recall of every class with test images.
     """
+    runs = pair_runs(sweep, lambda1, lambda2)
+    control = {r["seed"]: r for r in sweep["control"]}
+    treated = {r["seed"]: r for r in runs}
+    seeds = sorted(set(control) & set(treated))
     best = sweep.get("best") or {}
     l1 = best.get("lambda1") if lambda1 is None else lambda1
     l2 = best.get("lambda2") if lambda2 is None else lambda2
-    control = {r["seed"]: r for r in sweep["control"]}
-    treated = {r["seed"]: r for r in sweep["runs"] if r["lambda1"] == l1 and r["lambda2"] == l2}
-    seeds = sorted(set(control) & set(treated))
     if not seeds:
         raise CfdebugError(f"Expected treated and control runs with the same seeds for λ1={l1}, λ2={l2}, but found none.")
     name = f"treated (λ1={l1:g}, λ2={l2:g})"
@@ -148,16 +158,15 @@ def treatment_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, config: TreatmentC
     :func:`~cfdebug.treatment.treatment_sweep`), and only that pair is compared on test; without
     them, ``config``'s (λ1, λ2).
     """
-    from .mcfilters import global_mc_filters
-    from .treatment import treatment_sweep
+    from .treatment import training_sets, treatment_sweep
 
     config = config or TreatmentConfig()
     l1s, l2s = list(lambdas1 or [config.lambda1]), list(lambdas2 or [config.lambda2])
-    sets = global_mc_filters(ws, MCFilterConfig(), scaled_progress(progress, 0.0, 0.1)).histogram > 0  # METHODS: G_y = h_y > 0
+    sets = training_sets(ws, scaled_progress(progress, 0.0, 0.1))
     sweep = treatment_sweep(ws, l1s, l2s, list(seeds), config.epochs, sets, scaled_progress(progress, 0.1, 1.0), config=config)
     best = sweep["best"]
     control = sorted(sweep["control"], key=lambda r: r["seed"])
-    treated = sorted((r for r in sweep["runs"] if (r["lambda1"], r["lambda2"]) == (best["lambda1"], best["lambda2"])), key=lambda r: r["seed"])
+    treated = pair_runs(sweep)
     return {"comparisons": treatment_verdicts(sweep, ws.data.classes), "base": {"test_acc": sweep["base"]["test_acc"]},
             "table2": sweep["table2"], "config": config_dict(config), "best": best, "grid": {"lambda1": l1s, "lambda2": l2s},
             "per_seed": [{"seed": c["seed"], "control_test_acc": c["test_acc"], "treated_test_acc": t["test_acc"]}
@@ -222,12 +231,6 @@ def run_claims(ws, claims: Sequence[str] = CLAIMS, seeds: Sequence[int] = DEFAUL
 # --------------------------------------------------------------------------------------------
 
 
-def _cell(x, digits: int = 3, signed: bool = False) -> str:
-    if x is None:
-        return "n/a"
-    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
-
-
 # The rows the README shows (docs/RESULTS.md shows every row).
 HEADLINE_ROWS = {
     ("detection", "mc_agreement", "auroc"), ("detection", "mc_agreement", "precision_at_budget"),
@@ -248,11 +251,11 @@ def verdicts_markdown(verdicts: Sequence[dict], headline_only: bool = False) -> 
     for r in verdicts:
         if headline_only and not is_headline(r):
             continue
-        ci = f"{_cell(r['difference'], signed=True)} [{_cell(r['ci_low'], signed=True)}, {_cell(r['ci_high'], signed=True)}]"
+        ci = f"{format_value(r['difference'], signed=True)} [{format_value(r['ci_low'], signed=True)}, {format_value(r['ci_high'], signed=True)}]"
         paired = f"{r['n_seeds']} seed{'s' if r['n_seeds'] != 1 else ''}" + (f" × {r['n_images']} images" if r.get("n_images") else "")
         verdict = f"**{r['verdict']}**" + (" (indicative: one run)" if r.get("indicative") else "")
-        lines.append(f"| {r['claim']} | {r['metric']} | {r['method']} | {r['baseline']} | {_cell(r['method_value'])} | "
-                     f"{_cell(r['baseline_value'])} | {ci} | {paired} | {verdict} |")
+        lines.append(f"| {r['claim']} | {r['metric']} | {r['method']} | {r['baseline']} | {format_value(r['method_value'])} | "
+                     f"{format_value(r['baseline_value'])} | {ci} | {paired} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -274,11 +277,11 @@ def report_markdown(result: dict, title: str, command: str) -> str:
                   f"{det['budget']:.0%} of them. Per CFE seed, AUROC:", "",
                   "| CFE seed | " + " | ".join(det["per_seed"][0]["auroc"]) + " |",
                   "|---" * (1 + len(det["per_seed"][0]["auroc"])) + "|"]
-        parts += [f"| {r['seed']} | " + " | ".join(_cell(v) for v in r["auroc"].values()) + " |" for r in det["per_seed"]]
+        parts += [f"| {r['seed']} | " + " | ".join(format_value(v) for v in r["auroc"].values()) + " |" for r in det["per_seed"]]
     treat = result.get("treatment")
     if treat:
         best = treat.get("best") or {}
-        parts += ["", f"Treatment: base model test accuracy {_cell(treat['base']['test_acc'])}. Every (λ1, λ2) and the control, "
+        parts += ["", f"Treatment: base model test accuracy {format_value(treat['base']['test_acc'])}. Every (λ1, λ2) and the control, "
                   f"mean ± std over seeds; the pair compared above (λ1={best.get('lambda1')}, λ2={best.get('lambda2')}) is the best "
                   "on validation accuracy, test never chose it:", "",
                   "| run | λ1 | λ2 | val acc | test acc |", "|---|---|---|---|---|"]
@@ -286,14 +289,14 @@ def report_markdown(result: dict, title: str, command: str) -> str:
             name = {"base": "base", "fine-tuned": "control (CE fine-tune)"}.get(r["model"], "treated")
             l1 = "-" if r["model"] != "treatment" else f"{r['lambda1']:g}"
             l2 = "-" if r["model"] != "treatment" else f"{r['lambda2']:g}"
-            parts.append(f"| {name} | {l1} | {l2} | {_cell(r['val_acc_mean'])} ± {_cell(r['val_acc_std'])} | "
-                         f"{_cell(r['test_acc_mean'])} ± {_cell(r['test_acc_std'])} |")
+            parts.append(f"| {name} | {l1} | {l2} | {format_value(r['val_acc_mean'])} ± {format_value(r['val_acc_std'])} | "
+                         f"{format_value(r['test_acc_mean'])} ± {format_value(r['test_acc_std'])} |")
     xcr = result.get("xcr")
     if xcr:
         parts += ["", f"XCR ({xcr.get('settings') or ''}). Table 1 (explanations, test split):", "",
                   "| method | k | β | accuracy | Avg Drop | Avg Inc |", "|---|---|---|---|---|---|"]
-        parts += [f"| {r.get('mode')} | {r.get('k')} | {r.get('beta') if r.get('beta') is not None else '-'} | {_cell(r.get('accuracy'))} | "
-                  f"{_cell(r.get('avg_drop'))} | {_cell(r.get('avg_inc'))} |" for r in xcr["table1"]]
+        parts += [f"| {r.get('mode')} | {r.get('k')} | {r.get('beta') if r.get('beta') is not None else '-'} | {format_value(r.get('accuracy'))} | "
+                  f"{format_value(r.get('avg_drop'))} | {format_value(r.get('avg_inc'))} |" for r in xcr["table1"]]
     return "\n".join(parts) + "\n"
 
 

@@ -250,6 +250,12 @@ class TrainConfig:
         check_int(self.batch_size, "train.batch_size")
         check_int(self.seed, "train.seed", 0)
 
+    def for_dataset(self, source: str) -> "TrainConfig":
+        """This config with ``epochs`` resolved for dataset ``source`` when it is ``None``."""
+        if self.epochs is not None:
+            return self
+        return replace(self, epochs=BED_TRAIN_EPOCHS.get(source, DEFAULT_TRAIN_EPOCHS))
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
@@ -285,9 +291,8 @@ class WorkspaceConfig:
             raise CfdebugError(f"Expected `device` to be auto, cpu, cuda or cuda:N, but got {self.device!r}.")
         if not isinstance(self.workdir, os.PathLike):
             check_text(self.workdir, "workdir")
-        if self.train.epochs is None:  # the dataset's default, fixed here so every key and run.json names it
-            epochs = BED_TRAIN_EPOCHS.get(self.data.source, DEFAULT_TRAIN_EPOCHS)
-            object.__setattr__(self, "train", replace(self.train, epochs=epochs))
+        # the dataset's default epochs, fixed here so every key and run.json names them
+        object.__setattr__(self, "train", self.train.for_dataset(self.data.source))
 
     @property
     def workdir_path(self) -> Path:

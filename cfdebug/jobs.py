@@ -120,10 +120,9 @@ def run_treat_job(
         cancelled (the registry records it).
     """
     from .distributed import broadcast_object, init_distributed, main_first, shutdown
-    from .mcfilters import global_mc_filters
     from .runs import RunCancelled, RunRegistry, run_context
     from .runtime import scaled_progress
-    from .treatment import treatment_sweep
+    from .treatment import training_sets, treatment_sweep
     from .workspace import Workspace
 
     try:
@@ -149,7 +148,7 @@ def run_treat_job(
         with guard:
             with main_first():  # rank 0 trains/extracts into the cache, the others then read it
                 ws = Workspace(ws_config, scaled_progress(main_progress, 0.0, 1.0, "training: "))
-                sets = global_mc_filters(ws).histogram > 0  # METHODS: G_y binarised as h_y > 0
+                sets = training_sets(ws)
             sets = broadcast_object(sets)
             if ctx.is_main and on_start is not None:
                 on_start(run_id, ws)

@@ -44,7 +44,7 @@ import copy
 import random
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable
 
@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DEFAULT_TRAIN_EPOCHS, TRAINABLE_CHOICES, TrainConfig, check_schedule, config_dict
+from .config import TRAINABLE_CHOICES, TrainConfig, check_schedule, config_dict
 from .data import DataBundle
 from .distributed import (
     all_gather_object,
@@ -599,8 +599,7 @@ def train_classifier(model: nn.Module, bundle: DataBundle, config: TrainConfig, 
     history is the running accuracy over the epoch's batches (train mode). Ties in validation
     accuracy go to the earlier epoch.
     """
-    if config.epochs is None:  # a bare TrainConfig; a WorkspaceConfig resolves it per dataset
-        config = replace(config, epochs=DEFAULT_TRAIN_EPOCHS)
+    config = config.for_dataset(bundle.name)  # a bare TrainConfig; a WorkspaceConfig has resolved it already
     generator = seed_everything(config.seed)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

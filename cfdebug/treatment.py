@@ -49,6 +49,7 @@ __all__ = [
     "thresholded_relu",
     "treatment_loss",
     "check_global_sets",
+    "training_sets",
     "control_config",
     "run_treatment",
     "treatment_sweep",
@@ -115,6 +116,14 @@ def treatment_loss(
     if world_size != 1:
         mc, non_mc = mc * world_size, non_mc * world_size
     return {"loss": ce - lambda1 * mc + lambda2 * non_mc, "ce": ce, "mc": mc, "non_mc": non_mc}
+
+
+def training_sets(workspace, progress: Progress | None = None) -> np.ndarray:
+    """The global MC sets treatment trains with: ``[K, C]`` bool, ``G_y = h_y > 0`` (METHODS.md),
+    from the workspace's global MC filters (default :class:`~cfdebug.config.MCFilterConfig`)."""
+    from .mcfilters import global_mc_filters
+
+    return global_mc_filters(workspace, progress=progress).histogram > 0
 
 
 def check_global_sets(global_sets: Any, num_classes: int, channels: int) -> np.ndarray:

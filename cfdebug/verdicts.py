@@ -49,6 +49,7 @@ __all__ = [
     "seed_comparison",
     "detection_metrics",
     "detection_comparisons",
+    "format_value",
     "format_verdicts",
 ]
 
@@ -320,12 +321,11 @@ def detection_comparisons(
     return out
 
 
-def _fmt(x: float, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+def format_value(x: float | None, digits: int = 3, signed: bool = False) -> str:
+    """A value or interval bound as text; ``"n/a"`` for a missing, NaN or infinite one (no interval)."""
+    if x is None or not math.isfinite(x):
         return "n/a"
-    if math.isinf(x):
-        return "-inf" if x < 0 else "+inf"
-    return f"{x:+.{digits}f}" if digits < 0 else f"{x:.{digits}f}"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
 def format_verdicts(comparisons: Sequence[Comparison | dict]) -> str:
@@ -334,7 +334,7 @@ def format_verdicts(comparisons: Sequence[Comparison | dict]) -> str:
     header = ("claim", "metric", "method", "baseline (value)", "method value", "difference [95% CI]", "paired by", "verdict")
     lines = []
     for r in rows:
-        ci = f"{r['difference']:+.3f} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        ci = f"{r['difference']:+.3f} [{format_value(r['ci_low'])}, {format_value(r['ci_high'])}]"
         paired = f"{r['n_seeds']} seed{'s' if r['n_seeds'] != 1 else ''}"
         if r.get("n_images"):
             paired += f", {r['n_images']} images"

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cfdebug.claims import treatment_verdicts
+from cfdebug.claims import pair_runs, treatment_verdicts
 from cfdebug.ui import verdicts as verdict_ui
 from cfdebug import ui, viz
 from cfdebug.config import TREATMENT_LAMBDA1_GRID, TREATMENT_LAMBDA2_GRID, TREATMENT_LR_GRID, TreatmentConfig
@@ -83,12 +83,6 @@ done = [r for r in tui.runs_for(ws) if r.status == "done" and r.result]
 if not done:
     st.stop()
 
-def best_runs(result: dict) -> list[dict]:
-    """The runs (one per seed) of the λ pair chosen on validation."""
-    b = result["best"]
-    return [r for r in result["runs"] if (r["lambda1"], r["lambda2"]) == (b["lambda1"], b["lambda2"])]
-
-
 st.subheader("Results")
 ids = [r.run_id for r in done]
 wanted = st.query_params.get("run") or st.session_state.get("treatment_selected")
@@ -118,7 +112,7 @@ st.download_button("Download Table 2 (CSV)", t2.to_csv(index=False), f"{run_id}_
 
 base_recall = np.asarray(res["base"]["per_class_recall"], float)
 control_recall = np.mean([r["per_class_recall"] for r in res["control"]], axis=0)
-treated_recall = np.mean([r["per_class_recall"] for r in best_runs(res)], axis=0)
+treated_recall = np.mean([r["per_class_recall"] for r in pair_runs(res)], axis=0)
 order = np.argsort(-(treated_recall - base_recall), kind="stable")
 sorted_classes = [classes[i] for i in order]
 st.plotly_chart(
@@ -165,7 +159,7 @@ if len(done) >= 2:
     pick = st.multiselect("Runs", ids, default=ids[:2], max_selections=2)
     if len(pick) == 2:
         a, b = (next(r for r in done if r.run_id == i).result for i in pick)
-        series = {i: np.mean([r["per_class_recall"] for r in best_runs(x)], axis=0) for i, x in zip(pick, (a, b))}
+        series = {i: np.mean([r["per_class_recall"] for r in pair_runs(x)], axis=0) for i, x in zip(pick, (a, b))}
         st.plotly_chart(viz.per_class_recall_bar(classes, series, "Per-class test recall of the treated models"), width="stretch")
         compare = pd.DataFrame([
             {"run": i, **next(r for r in x["table2"] if r["model"] == "treatment" and (r["lambda1"], r["lambda2"]) == (x["best"]["lambda1"], x["best"]["lambda2"]))}

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 
 import pandas as pd
 import streamlit as st
 
 from ..errors import CfdebugError
 from ..store import stable_hash
+from ..verdicts import format_value
 from .workspace import memo, show_user_error
 
 _ICONS = {"better": "✅", "worse": "⚠️", "no detectable difference": "➖"}
@@ -34,17 +34,13 @@ def _name(x: str) -> str:
     return NAMES.get(x, x)
 
 
-def _bound(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))) else f"{x:+.3f}"
-
-
 def sentence(row: dict) -> str:
     """``"AUROC: MC agreement 0.858 vs MSP 0.892, −0.033 [−0.077, +0.010]: no detectable difference"``."""
     r = row if isinstance(row, dict) else row.as_dict()
     paired = f"{r['n_seeds']} seed{'s' if r['n_seeds'] != 1 else ''}" + (f" × {r['n_images']} test images" if r.get("n_images") else "")
     tail = f" (paired over {paired}" + ("; indicative: one run)" if r.get("indicative") else ")")
     return (f"{_ICONS.get(r['verdict'], '')} **{_name(r['metric'])}**: {_name(r['method'])} {r['method_value']:.3f} vs {_name(r['baseline'])} "
-            f"{r['baseline_value']:.3f}, difference {r['difference']:+.3f} [{_bound(r['ci_low'])}, {_bound(r['ci_high'])}] "
+            f"{r['baseline_value']:.3f}, difference {r['difference']:+.3f} [{format_value(r['ci_low'], signed=True)}, {format_value(r['ci_high'], signed=True)}] "
             f"→ **{r['verdict']}**{tail}")
 
 
@@ -54,8 +50,8 @@ def verdict_table(rows) -> pd.DataFrame:
     for row in rows:
         r = row if isinstance(row, dict) else row.as_dict()
         out.append({"metric": _name(r["metric"]), "method": _name(r["method"]), "baseline": _name(r["baseline"]), "method value": r["method_value"],
-                    "baseline value": r["baseline_value"], "difference": r["difference"], "95% CI low": _bound(r["ci_low"]),
-                    "95% CI high": _bound(r["ci_high"]), "paired over": f"{r['n_seeds']} seed(s)" + (f", {r['n_images']} images" if r.get("n_images") else ""),
+                    "baseline value": r["baseline_value"], "difference": r["difference"], "95% CI low": format_value(r["ci_low"], signed=True),
+                    "95% CI high": format_value(r["ci_high"], signed=True), "paired over": f"{r['n_seeds']} seed(s)" + (f", {r['n_images']} images" if r.get("n_images") else ""),
                     "verdict": r["verdict"]})
     return pd.DataFrame(out)
 
