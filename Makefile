@@ -1,4 +1,5 @@
-# `make demo`: set up .venv and start the dashboard on the embedded Biased Digits demo.
+# `make demo`: set up .venv and start the dashboard on the embedded Biased Digits demo (this machine only).
+# `make serve HOST=0.0.0.0 [ROOTS="DIR …"] [READ_ONLY=1]`: the same, shared on purpose (see README, Sharing).
 # `make test`: same set-up, then the test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -6,8 +7,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints.txt
 PORT ?= 8501
+HOST ?= 127.0.0.1
+ROOTS ?=
+READ_ONLY ?=
 
-.PHONY: demo test setup clean assets results results-biased-digits results-hard-digits
+.PHONY: demo serve test setup clean assets results results-biased-digits results-hard-digits
 
 setup: $(STAMP)
 
@@ -19,7 +23,10 @@ $(STAMP): requirements.txt $(CONSTRAINTS) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+	$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+
+serve: $(STAMP)
+	$(PY) -m cfdebug serve --host $(HOST) --port $(PORT) $(foreach root,$(ROOTS),--root $(root)) $(if $(filter-out 0 no false off,$(READ_ONLY)),--read-only)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

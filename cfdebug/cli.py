@@ -16,6 +16,7 @@ from pathlib import Path
 from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, TreatmentConfig, WorkspaceConfig, default_workdir, for_cli
 from .errors import CfdebugError
 from .runtime import DEVICE_CHOICES
+from .serve import DEFAULT_HOST, DEFAULT_PORT
 from .store import write_text_atomic
 
 EPILOG = "Defaults to the embedded demo (demo-cnn on biased-digits). Docs: README.md."
@@ -461,6 +462,23 @@ def cmd_bench(args) -> dict | None:
     return bench.bench_xcr_selector(ws_config, n=n)
 
 
+def cmd_serve(args) -> None:
+    from .serve import serve
+
+    serve(args.host, args.port, args.root or (), args.read_only, args.streamlit_args)
+
+
+def _add_serve(sub, ws, common) -> None:
+    p = sub.add_parser("serve", help="start the dashboard (127.0.0.1 unless --host says otherwise); Streamlit options after --",
+                       epilog="Sharing: put it behind a reverse proxy with authentication; --read-only for demos. Docs: README.md.")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 shares it)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--root", action="append", metavar="DIR", help="a further folder the dashboard may read weights and datasets from (repeatable; the start folder and the workdir always are)")
+    p.add_argument("--read-only", action="store_true", help="no launching or cancelling runs, only the preset workspaces (demos)")
+    p.add_argument("streamlit_args", nargs="*", metavar="-- STREAMLIT_OPTION", help="further `streamlit run` options, after --")
+    p.set_defaults(func=cmd_serve)
+
+
 def _add_train(sub, ws, common) -> None:
     p = sub.add_parser("train", parents=[ws, common], help="train (or fetch from cache) a model and print train/val/test accuracy", epilog=EPILOG)
     p.add_argument("--out", default=None, metavar="PATH", help="also copy the trained state_dict to PATH")
@@ -597,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_demo(sub, ws, common)
     _add_models(sub, ws, common)
     _add_bench(sub, ws, common)
+    _add_serve(sub, ws, common)
     return parser
 
 

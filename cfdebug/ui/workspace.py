@@ -14,7 +14,9 @@ import numpy as np
 import streamlit as st
 
 from ..config import DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, default_workdir
+from ..access import check_workspace
 from ..errors import CfdebugError
+from . import access as access_ui
 
 STATE_KEY = "cfdebug_workspace"
 DEVICES = ("auto", "cpu", "cuda")
@@ -24,12 +26,17 @@ FOLDER_CHOICE = "a folder…"
 def _from_query() -> WorkspaceConfig:
     q = st.query_params
     weights = q.get("weights") or None
-    return WorkspaceConfig(
+    cfg = WorkspaceConfig(
         model=ModelConfig(name=q.get("model", "demo-cnn"), weights=weights, layer=q.get("layer") or None),
         data=DataConfig(source=q.get("data", "biased-digits")),
         device=q.get("device", "auto") if q.get("device", "auto") in DEVICES else "auto",
         workdir=default_workdir(),
     )
+    if access_ui.admitted(cfg):
+        return cfg
+    for key in ("model", "weights", "layer", "data"):  # the link asked for what this dashboard may not open
+        st.query_params.pop(key, None)
+    return WorkspaceConfig(workdir=default_workdir())
 
 
 def current_config() -> WorkspaceConfig:
@@ -70,13 +77,14 @@ def workspace_sidebar() -> WorkspaceConfig:
             if not source:
                 st.error("Enter the dataset folder, or pick one of the demo datasets.")
             else:
-                cfg = WorkspaceConfig(
+                wanted = WorkspaceConfig(
                     model=ModelConfig(name=model.strip() or "demo-cnn", weights=weights.strip() or None, layer=cfg.model.layer),
                     data=DataConfig(source=source),
                     device=device,
                     workdir=cfg.workdir,
                 )
-                st.session_state[STATE_KEY] = cfg
+                if access_ui.admitted(wanted):  # otherwise the message shows and the current workspace stays
+                    cfg = st.session_state[STATE_KEY] = wanted
     _sync_query(cfg)
     st.sidebar.caption(f"Artifacts cached in `{cfg.workdir}`")
     return cfg
@@ -138,6 +146,7 @@ def load_workspace(cfg: WorkspaceConfig | None = None):
     """The cached :class:`cfdebug.workspace.Workspace`; training the demo model shows progress."""
     cfg = cfg or current_config()
     try:
+        check_workspace(cfg)  # every way into session state (URL, Load, a page's button) meets the same check
         with _status("Loading model and data (the demo model trains on first use, ~20 s)…") as (status, progress):
             ws = _workspace(cfg, progress)
             status.update(label=f"{ws.config.model.name} on {ws.data.name}")
