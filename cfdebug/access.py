@@ -47,7 +47,7 @@ def allowed_roots(extra=None) -> list[Path]:
 def _display(root: Path) -> str:
     """How a root is named in messages: relative to the start directory when inside it."""
     if root == START_DIR:
-        return "the folder the dashboard was started from"
+        return "its start folder"
     if root.is_relative_to(START_DIR):
         return f"`{root.relative_to(START_DIR)}`"
     return f"`{root}`"
@@ -56,9 +56,9 @@ def _display(root: Path) -> str:
 def outside_roots_message(roots: list[Path], what: str) -> str:
     """The one message for any ``what`` outside ``roots``; it names no path a visitor typed."""
     return (
-        f"Expected the {what} to be inside the folders this dashboard may read ({', '.join(map(_display, roots))}), "
-        "but it is not; ask whoever started the dashboard to add its folder with `--root` "
-        f"(`python -m cfdebug serve --root DIR`, or `{ROOTS_ENV}`), or give a path inside one of these."
+        f"Expected the {what} to be inside a folder this dashboard may read ({', '.join(map(_display, roots))}), "
+        "but it is not; give a path inside one of these, or ask whoever started the dashboard to add its folder "
+        f"with `--root` (`python -m cfdebug serve --root DIR`, or `{ROOTS_ENV}`)."
     )
 
 

@@ -39,7 +39,8 @@ def test_errors_only_toggle_shows_only_errors(app):
     assert all(c.startswith("✗") for c in captions), captions
 
 
-def test_bad_dataset_path_shows_st_error(app, tmp_path):
+def test_bad_dataset_path_shows_st_error(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("CFDEBUG_ROOTS", str(tmp_path))  # an allowed root, so the loader's own message shows
     app.run()
     app.sidebar.selectbox[0].set_value("a folder…")
     app.sidebar.text_input[2].set_value(str(tmp_path / "missing"))

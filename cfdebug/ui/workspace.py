@@ -13,10 +13,10 @@ from contextlib import contextmanager
 import numpy as np
 import streamlit as st
 
-from ..config import DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, default_workdir
 from ..access import check_workspace
+from ..config import DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, default_workdir
 from ..errors import CfdebugError
-from . import access as access_ui
+from .access import admitted
 
 STATE_KEY = "cfdebug_workspace"
 DEVICES = ("auto", "cpu", "cuda")
@@ -32,7 +32,7 @@ def _from_query() -> WorkspaceConfig:
         device=q.get("device", "auto") if q.get("device", "auto") in DEVICES else "auto",
         workdir=default_workdir(),
     )
-    if access_ui.admitted(cfg):
+    if admitted(cfg):
         return cfg
     for key in ("model", "weights", "layer", "data"):  # the link asked for what this dashboard may not open
         st.query_params.pop(key, None)
@@ -83,7 +83,7 @@ def workspace_sidebar() -> WorkspaceConfig:
                     device=device,
                     workdir=cfg.workdir,
                 )
-                if access_ui.admitted(wanted):  # otherwise the message shows and the current workspace stays
+                if admitted(wanted):  # otherwise the message shows and the current workspace stays
                     cfg = st.session_state[STATE_KEY] = wanted
     _sync_query(cfg)
     st.sidebar.caption(f"Artifacts cached in `{cfg.workdir}`")
