@@ -139,7 +139,7 @@ def test_treatment_page_launches_a_background_run(app, workdir):
     labels = [m.label for m in app.metric]
     assert any(label.startswith("Treated (best on val") for label in labels) and "Control (CE fine-tune)" in labels
     assert not app.error, [e.value for e in app.error]
-    assert any("Churn on the test split" in m.value for m in app.markdown)  # read from the stored result
+    assert any(m.value.startswith("**Treated vs control**") for m in app.markdown)  # read from the stored result (control predictions kept)
 
     # A run made before results stored the per-image predictions: a clear error, nothing re-predicted.
     registry = RunRegistry(workdir)
@@ -150,4 +150,4 @@ def test_treatment_page_launches_a_background_run(app, workdir):
     app.run()
     assert not app.exception, [e.value for e in app.exception]
     assert any("older version of cfdebug" in e.value for e in app.error)
-    assert not any("Churn on the test split" in m.value for m in app.markdown)
+    assert not any("test errors fixed" in m.value for m in app.markdown)
