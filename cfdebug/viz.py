@@ -53,19 +53,21 @@ def confusion_heatmap(matrix: np.ndarray, classes: Sequence[str], title: str = "
     return _layout(fig, title, height=max(380, 22 * len(labels) + 120))
 
 
-def filter_heatmap(values: np.ndarray, classes: Sequence[str], filter_order: np.ndarray, title: str = "Global MC filters per class") -> go.Figure:
-    """Class × filter heatmap of ``values`` [K, C] (e.g. the histogram divided by its row max),
-    columns in ``filter_order``."""
+def filter_heatmap(values: np.ndarray, classes: Sequence[str], filter_order: np.ndarray, title: str = "Global MC filters per class",
+                   signed: bool = False) -> go.Figure:
+    """Class × filter heatmap of ``values`` [K, C] (e.g. the MC frequency, or a signed
+    specificity in [-1, 1] when ``signed``), columns in ``filter_order``."""
     order = np.asarray(filter_order)
     z = np.asarray(values, dtype=float)[:, order]
+    scale = dict(colorscale="RdBu", zmin=-1, zmax=1, zmid=0) if signed else dict(colorscale="Viridis", zmin=0, zmax=1)
     fig = go.Figure(
         go.Heatmap(
-            z=z, x=[f"f{i}" for i in order], y=[str(c) for c in classes], colorscale="Viridis", zmin=0, zmax=1,
-            hovertemplate="class %{y}, filter %{x}<br>MC frequency %{z:.2f} of the class maximum<extra></extra>",
-            colorbar=dict(title="freq / max"),
+            z=z, x=[f"f{i}" for i in order], y=[str(c) for c in classes], **scale,
+            hovertemplate="class %{y}, filter %{x}<br>value %{z:.2f}<extra></extra>",
+            colorbar=dict(title="scaled"),
         )
     )
-    fig.update_xaxes(title="filter (sorted)", type="category", showticklabels=len(order) <= 64, tickfont=dict(size=8))
+    fig.update_xaxes(title="filter (ranked)", type="category", showticklabels=len(order) <= 64, tickfont=dict(size=8))
     fig.update_yaxes(title="class", type="category", autorange="reversed")
     return _layout(fig, title, height=max(320, 24 * len(classes) + 140))
 
