@@ -32,7 +32,7 @@ def test_agreement_bar_shows_only_local_filters():
 def test_reliability_diagram_keeps_sparse_bins_off_the_line_and_counts_bins():
     bins = {"bin_lower": [0.0, 0.5], "bin_upper": [0.5, 1.0], "accuracy": [0.0, 0.9], "confidence": [0.3, 0.9], "count": [1, 999]}
     fig = viz.reliability_diagram({"vanilla": bins})
-    line = [t for t in fig.data if t.name == "vanilla" and t.mode == "lines+markers"][0]
+    line = [t for t in fig.data if isinstance(t, go.Scatter) and t.name == "vanilla" and t.mode == "lines+markers"][0]
     assert list(line.x) == [0.9]  # one stray image in the low bin draws no drop to 0
     bars = [t for t in fig.data if isinstance(t, go.Bar)]
     assert list(bars[0].y) == [1, 999]

@@ -7,6 +7,7 @@ import streamlit as st
 from cfdebug import metrics, ui, viz
 from cfdebug.claims import DEFAULT_BUDGET, budget_flags
 from cfdebug.detect import combined_score, flags_at_margin
+from cfdebug.ui import browser as bui
 from cfdebug.ui import verdicts as verdict_ui
 
 st.header("Flagged predictions")
@@ -137,13 +138,6 @@ else:
     c.plotly_chart(viz.agreement_bar(local, global_set, freq, f"Filters of {pick} vs class {classes[pred]}",
                                      activation=ws.extractions.get("test").features[i]), width="stretch")
 
-# The CSV is what the screen shows: `flagged` is the current rule's flag (the report's paper-rule flags stay as
-# flagged_paper_rule), with the rule and its setting in every row.
 setting = f"budget {budget}%" if rule == "Review budget" else f"paper rule, threshold {threshold:g}"
-export = images.drop(columns=["flagged_now", "flagged"]).assign(
-    flagged=flagged, checked=checked, rule=setting, flagged_paper_rule=images["flagged"],
-    true=lambda d: d["true"].map(lambda k: classes[k]),
-    predicted=lambda d: d["predicted"].map(lambda k: classes[k]),
-    proposed=lambda d: d["proposed"].map(lambda k: classes[k]),
-)
+export = bui.flagged_export(images.drop(columns=["flagged_now"]), flagged, checked, setting, classes)
 st.download_button("Download per-image table (CSV)", export.to_csv(index=False), "flagged_predictions.csv", "text/csv")

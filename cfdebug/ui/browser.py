@@ -57,6 +57,15 @@ def predictions(ws, split: str, detection: dict | None = None, budget: float | N
     return table
 
 
+def flagged_export(images: pd.DataFrame, flagged, checked, rule: str, classes) -> pd.DataFrame:
+    """The Flagged view's per-image CSV as the screen shows it: ``flagged``/``checked`` [N] bool are
+    the current rule's (``rule`` names it and its setting, in every row); the report's own
+    paper-rule flags stay as ``flagged_paper_rule``; classes by name. ``images`` is not changed."""
+    name = lambda k: classes[int(k)]  # noqa: E731
+    out = images.rename(columns={"flagged": "flagged_paper_rule"}).assign(flagged=np.asarray(flagged, bool), checked=np.asarray(checked, bool), rule=rule)
+    return out.assign(true=out["true"].map(name), predicted=out["predicted"].map(name), proposed=out["proposed"].map(name))
+
+
 @dataclass(frozen=True)
 class Selection:
     """What the browser shows; every field round-trips through the URL (:meth:`to_query`)."""
