@@ -49,11 +49,13 @@ def live_runs():
     rows = []
     for r in records:
         spec = r.config.get("treatment", {})
-        last = (r.progress or {}) if "epoch" in (r.progress or {}) else {}
+        active = r.status in ("queued", "running")
+        epoch_rows = tui.run_rows(ws, r.run_id) if active else []
+        last = epoch_rows[-1] if epoch_rows else (r.progress or {}) if "epoch" in (r.progress or {}) else {}
         rows.append({
             "run": r.run_id, "status": r.status, "λ1": spec.get("lambda1"), "λ2": spec.get("lambda2"),
             "seeds": ", ".join(map(str, r.config.get("seeds", []))), "epochs": spec.get("epochs"),
-            "now at": (f"{tui.part_label(last.get('tag'))}, epoch {last['epoch']}" if last else ("preparing" if r.status in ("queued", "running") else "")),
+            "now at": (f"{tui.part_label(last.get('tag'))}, epoch {last['epoch']}" if epoch_rows else "preparing") if active else "finished",
             "loss": last.get("loss"), "val acc": last.get("val_acc"), "error": r.error,
         })
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
@@ -150,19 +152,22 @@ if changes is not None:
                                                       f"Treated − control ({which})"), width="stretch")
         right.plotly_chart(viz.confusion_delta_heatmap(compare["control_vs_base"]["confusion_delta"], classes,
                                                        f"Control − base (fine-tuning alone, seed {changes['seed']})"), width="stretch")
-        st.caption("Green: more correct predictions on the diagonal or fewer errors off it; red: the opposite. Numbers are image counts.")
+        st.caption("Green: more correct predictions on the diagonal or fewer errors off it; red: the opposite. Numbers are image counts; "
+                   "an empty matrix means no change. Image captions: true class: before→after.")
         pairs = [("treated vs control", compare["treated_vs_control"], compare["control"], compare["treated"]),
                  ("control vs base", compare["control_vs_base"], compare["base"], compare["control"])]
         labels = compare["labels"]
     for name, d, before, after in pairs:
         st.markdown(f"**{name.capitalize()}** ({which}): {len(d['fixed'])} test errors fixed, {len(d['broken'])} new errors "
                     f"(net {len(d['fixed']) - len(d['broken']):+d}).")
+        if not len(d["fixed"]) and not len(d["broken"]):
+            st.caption("Both models predict every test image alike.")
         for label, idx in (("fixed", d["fixed"]), ("broke", d["broken"])):
             if len(idx):
-                shown = idx[:12]
-                cols = st.columns(12)
+                shown = idx[:10]
+                cols = st.columns(10)
                 for j, (i, image) in enumerate(zip(shown, ui.sample_images(ws, "test", shown))):
-                    cols[j].image(image, caption=f"{label}: true {classes[labels[i]]}, {classes[before[i]]} → {classes[after[i]]}", width="stretch")
+                    cols[j].image(image, caption=f"{label} {classes[labels[i]]}: {classes[before[i]]}→{classes[after[i]]}", width="stretch")
     fc = res.get("flagged_churn")
     if fc:
         st.markdown(
