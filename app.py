@@ -12,6 +12,7 @@ PAGES = [
     st.Page("views/overview.py", title="Overview", icon=":material/dashboard:", default=True),
     st.Page("views/class_filters.py", title="Class filters", icon=":material/filter_alt:", url_path="class_filters"),
     st.Page("views/flagged.py", title="Flagged predictions", icon=":material/flag:", url_path="flagged"),
+    st.Page("views/browser.py", title="Sample browser", icon=":material/grid_view:", url_path="browser"),
     st.Page("views/treatment.py", title="Treatment", icon=":material/healing:", url_path="treatment"),
     st.Page("views/calibration.py", title="Calibration & robustness", icon=":material/tune:", url_path="calibration"),
 ]

@@ -91,3 +91,37 @@ def filter_maps(model: nn.Module, layer: str, images: torch.Tensor, filter_index
     one = torch.nn.functional.interpolate(one, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
     peak = one.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
     return (one.clamp_min(0) / peak).cpu().numpy()
+
+
+def region_overlay(image: np.ndarray, heat: np.ndarray, level: float = 0.5, scale: int = 4,
+                   colour: tuple[int, int, int] = (255, 140, 0), alpha: float = 0.25) -> np.ndarray:
+    """Where ``heat`` ``[h, w]`` in [0, 1] is at least ``level``, as a translucent tint with an
+    outline over ``image`` [H, W, 3] uint8, so the image stays readable (a jet blend hides a small
+    digit). Small images are upscaled ``scale``× (nearest) first, so the outline is thin.
+
+    Returns ``[scale·H, scale·W, 3]`` uint8.
+    """
+    image = np.asarray(image, dtype=np.uint8)
+    h, w = image.shape[:2]
+    big = cv2.resize(image, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
+    heat = cv2.resize(np.clip(np.asarray(heat, np.float32), 0, 1), (w * scale, h * scale), interpolation=cv2.INTER_LINEAR)
+    region = (heat >= level).astype(np.uint8)  # [sH, sW]
+    out = big.astype(np.float32)
+    tint = np.asarray(colour, np.float32)
+    out[region > 0] = (1 - alpha) * out[region > 0] + alpha * tint
+    out = out.clip(0, 255).astype(np.uint8)
+    contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), thickness=max(1, scale // 2))
+    return out
+
+
+def region_share(maps: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
+    """The share of each map's mass inside ``maps[:, rows, cols]``: ``[B]`` float64 in [0, 1]
+    for ``maps`` [B, H, W] ≥ 0 (0 for an all-zero map). Compare it with the region's area share
+    (``region pixels / (H·W)``): a map that ignores the region has about that share."""
+    m = np.asarray(maps, dtype=np.float64)
+    if m.ndim != 3:
+        raise CfdebugError(f"Expected `maps` of shape [B, H, W], but got shape {m.shape}")
+    total = m.reshape(len(m), -1).sum(1)  # [B]
+    inside = m[:, rows, cols].reshape(len(m), -1).sum(1)  # [B]
+    return np.where(total > 0, inside / np.maximum(total, 1e-12), 0.0)

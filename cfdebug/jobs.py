@@ -115,7 +115,8 @@ def run_treat_job(
     Returns:
         On rank 0, :func:`~cfdebug.treatment.treatment_sweep`'s dict plus ``run_id``, ``classes``,
         ``world_size``, ``flagged_churn`` (detection on the base vs the best treated model, first
-        seed) and ``best_test`` (:func:`prediction_changes` of that model on the test split); the
+        seed) and ``best_test`` (:func:`prediction_changes` of that model on the test split, plus
+        ``control_test_predictions`` [N] of the same seed's CE control); the
         result is also stored in the registry. ``None`` on the other ranks and when the run was
         cancelled (the registry records it).
     """
@@ -187,7 +188,15 @@ def _best_model_changes(ws, run_dir: Path, result: dict, seed: int, progress: Pr
     which = {"lambda1": best["lambda1"], "lambda2": best["lambda2"], "seed": seed, "weights": str(weights)}
     churn = flagged_churn(before, after)
     churn.update(which)
-    return {"flagged_churn": churn, "best_test": {**which, **prediction_changes(before, after, ws.data.num_classes)}}
+    changes = prediction_changes(before, after, ws.data.num_classes)
+    # The control of the same seed, so a page can show what the losses changed beyond fine-tuning
+    # (treated − control); its test predictions only, no detection.
+    control_weights = sweep_run_dir(run_dir, "fine-tuned", 0.0, 0.0, seed) / "model.pt"
+    if control_weights.is_file():
+        control_cfg = dataclasses.replace(ws_config, model=dataclasses.replace(ws_config.model, weights=str(control_weights)))
+        changes["control_test_predictions"] = Workspace(control_cfg).extractions.get("test").preds.astype(np.int64).tolist()
+        changes["control_weights"] = str(control_weights)
+    return {"flagged_churn": churn, "best_test": {**which, **changes}}
 
 
 def prediction_changes(before: dict, after: dict, num_classes: int) -> dict:

@@ -65,6 +65,52 @@ class GlobalFilters:
         return order[:n]
 
 
+RANKINGS = ("specificity", "magnitude", "frequency")
+
+
+def mc_frequency(histogram: Any, counts: Any) -> np.ndarray:
+    """``[K, C]`` float64 in [0, 1]: the fraction of a class's voting images in which each filter
+    is an MC filter (``h_c / count_c``; 0 for a class with no voting image)."""
+    h = np.asarray(histogram, dtype=np.float64)
+    n = np.asarray(counts, dtype=np.float64)
+    if h.ndim != 2 or n.shape != (h.shape[0],):
+        raise CfdebugError(f"Expected `histogram` [K, C] and `counts` [K], but got shapes {h.shape} and {n.shape}")
+    return np.where(n[:, None] > 0, h / np.maximum(n[:, None], 1), 0.0)
+
+
+def filter_specificity(histogram: Any, counts: Any) -> np.ndarray:
+    """``[K, C]`` float64 in [-1, 1]: a filter's MC frequency in class ``c`` minus its mean MC
+    frequency in the other classes that have voting images. A filter that is MC in every image of
+    every class (a generic one) scores 0, however often it fires; one kept only for ``c`` scores
+    its frequency there."""
+    freq = mc_frequency(histogram, counts)
+    voting = np.asarray(counts) > 0  # [K]
+    total, n_voting = (freq * voting[:, None]).sum(0), int(voting.sum())  # [C], scalar
+    others = (total[None, :] - freq * voting[:, None]) / np.maximum(n_voting - voting[:, None].astype(int), 1)  # [K, C]
+    return freq - others
+
+
+def rank_filters(filters: GlobalFilters, cls: int, by: str = "specificity") -> np.ndarray:
+    """All filter indices ``[C]`` of class ``cls``, best first, ranked ``by``:
+
+    * ``"specificity"``: :func:`filter_specificity` (ties by magnitude);
+    * ``"magnitude"``: the mean activation when MC (:meth:`GlobalFilters.normalised_magnitude`);
+    * ``"frequency"``: the histogram, as :meth:`GlobalFilters.top_filters` (ties by magnitude).
+
+    The heatmap's columns and the top-filter list use the same ranking, so their orders agree.
+    """
+    if by not in RANKINGS:
+        raise CfdebugError(f"Expected `by` to be one of {', '.join(RANKINGS)}, but got {by!r}.")
+    if not 0 <= cls < filters.num_classes:
+        raise CfdebugError(f"Expected `cls` in 0..{filters.num_classes - 1}, but got {cls}.")
+    magnitude = filters.normalised_magnitude()[cls]
+    if by == "magnitude":
+        return np.argsort(-magnitude, kind="stable")
+    if by == "frequency":
+        return np.lexsort((-magnitude, -filters.histogram[cls]))
+    return np.lexsort((-magnitude, -filter_specificity(filters.histogram, filters.counts)[cls]))
+
+
 def global_sets(histogram: Any, freq_threshold: float = 0.15) -> np.ndarray:
     """Global MC sets ``G_c = h_c > f·max(h_c)``.
 
@@ -165,4 +211,7 @@ __all__ = [
     "check_fraction",
     "global_mc_filters",
     "global_sets",
+    "filter_specificity",
+    "mc_frequency",
+    "rank_filters",
 ]

@@ -14,7 +14,8 @@ PALETTE = {"base": "#4C78A8", "accent": "#F58518", "good": "#54A24B", "bad": "#E
 
 
 def _layout(fig: go.Figure, title: str, height: int = 380, **kwargs) -> go.Figure:
-    fig.update_layout(title=title, height=height, margin=dict(l=40, r=20, t=50, b=40), template="plotly_white", **kwargs)
+    kwargs.setdefault("margin", dict(l=40, r=20, t=50, b=40))
+    fig.update_layout(title=title, height=height, template="plotly_white", **kwargs)
     return fig
 
 
@@ -52,46 +53,70 @@ def confusion_heatmap(matrix: np.ndarray, classes: Sequence[str], title: str = "
     return _layout(fig, title, height=max(380, 22 * len(labels) + 120))
 
 
-def filter_heatmap(values: np.ndarray, classes: Sequence[str], filter_order: np.ndarray, title: str = "Global MC filters per class") -> go.Figure:
-    """Class × filter heatmap of ``values`` [K, C] (e.g. the histogram divided by its row max),
-    columns in ``filter_order``."""
+def filter_heatmap(values: np.ndarray, classes: Sequence[str], filter_order: np.ndarray, title: str = "Global MC filters per class",
+                   signed: bool = False) -> go.Figure:
+    """Class × filter heatmap of ``values`` [K, C] (e.g. the MC frequency, or a signed
+    specificity in [-1, 1] when ``signed``), columns in ``filter_order``."""
     order = np.asarray(filter_order)
     z = np.asarray(values, dtype=float)[:, order]
+    scale = dict(colorscale="RdBu", zmin=-1, zmax=1, zmid=0) if signed else dict(colorscale="Viridis", zmin=0, zmax=1)
     fig = go.Figure(
         go.Heatmap(
-            z=z, x=[f"f{i}" for i in order], y=[str(c) for c in classes], colorscale="Viridis", zmin=0, zmax=1,
-            hovertemplate="class %{y}, filter %{x}<br>MC frequency %{z:.2f} of the class maximum<extra></extra>",
-            colorbar=dict(title="freq / max"),
+            z=z, x=[f"f{i}" for i in order], y=[str(c) for c in classes], **scale,
+            hovertemplate="class %{y}, filter %{x}<br>value %{z:.2f}<extra></extra>",
+            colorbar=dict(title="scaled"),
         )
     )
-    fig.update_xaxes(title="filter (sorted)", type="category", showticklabels=len(order) <= 64, tickfont=dict(size=8))
+    fig.update_xaxes(title="filter (ranked)", type="category", showticklabels=len(order) <= 64, tickfont=dict(size=8))
     fig.update_yaxes(title="class", type="category", autorange="reversed")
     return _layout(fig, title, height=max(320, 24 * len(classes) + 140))
 
 
-def top_filters_bar(filters: np.ndarray, frequency: np.ndarray, title: str) -> go.Figure:
-    """Bars of the MC frequency (fraction of voting images) of a class's top filters."""
-    fig = go.Figure(go.Bar(x=[f"f{i}" for i in filters], y=frequency, marker_color=PALETTE["base"],
+def top_filters_bar(filters: np.ndarray, frequency: np.ndarray, title: str, other: np.ndarray | None = None,
+                    value_label: str = "fraction of voting images") -> go.Figure:
+    """Bars of a class's top filters: ``frequency`` [n] (the class's MC frequency, fraction of its
+    voting images) and, when given, ``other`` [n] (the same filters' mean frequency in the other
+    classes), so a filter every class uses stands out from one specific to this class."""
+    names = [f"f{i}" for i in filters]
+    fig = go.Figure(go.Bar(x=names, y=frequency, name="this class", marker_color=PALETTE["base"],
                            hovertemplate="filter %{x}<br>MC in %{y:.0%} of the class's voting images<extra></extra>"))
-    fig.update_yaxes(title="fraction of voting images", range=[0, 1.05], tickformat=".0%")
-    fig.update_xaxes(type="category")
-    return _layout(fig, title, height=300)
+    if other is not None:
+        fig.add_bar(x=names, y=other, name="other classes (mean)", marker_color=PALETTE["muted"],
+                    hovertemplate="filter %{x}<br>MC in %{y:.0%} of the other classes' voting images (mean)<extra></extra>")
+    fig.update_yaxes(title=value_label, range=[0, 1.05], tickformat=".0%")
+    fig.update_xaxes(type="category", title="filter (ranked)")
+    return _layout(fig, title, height=300, barmode="group", legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
 
 
-def agreement_bar(local: np.ndarray, global_: np.ndarray, frequency: np.ndarray, title: str = "Local vs global MC filters") -> go.Figure:
-    """Filters of one prediction: in both sets, only local (MC_x), only global (G_ĉ); bar height is
-    the filter's global MC frequency for the predicted class."""
+def agreement_bar(local: np.ndarray, global_: np.ndarray, frequency: np.ndarray, title: str = "Local vs global MC filters",
+                  activation: np.ndarray | None = None) -> go.Figure:
+    """Filters of one prediction, two-sided: up, the filter's global MC frequency for the predicted
+    class (``frequency`` [C] in [0, 1], of the class maximum); down, for the image's own MC
+    filters (``local`` [C] bool), its activation on this image (``activation`` [C] ≥ 0, scaled to
+    the image's maximum; 1 when not given). Colours: in both sets, only local (MC_x), only global
+    (G_ĉ). A filter only in MC_x has (almost) no upward bar, so the downward one shows it."""
     local, global_ = np.asarray(local, bool), np.asarray(global_, bool)
+    frequency = np.asarray(frequency, float)
+    act = np.ones(len(local)) if activation is None else np.asarray(activation, float) / max(float(np.max(activation)), 1e-12)
     groups = (("in both", local & global_, PALETTE["good"]), ("only local (this image)", local & ~global_, PALETTE["accent"]),
               ("only global (the class)", ~local & global_, PALETTE["bad"]))
+    shown = np.flatnonzero(local | global_)
+    order = shown[np.lexsort((-act[shown] * local[shown], -frequency[shown]))]
+    names = [f"f{i}" for i in order]
     fig = go.Figure()
     for name, mask, colour in groups:
         idx = np.flatnonzero(mask)
-        fig.add_bar(x=[f"f{i}" for i in idx], y=np.asarray(frequency)[idx], name=f"{name}: {len(idx)}", marker_color=colour,
-                    hovertemplate="filter %{x}<br>global frequency %{y:.2f}<extra>" + name + "</extra>")
-    fig.update_xaxes(type="category", categoryorder="total descending", title="filter")
-    fig.update_yaxes(title="global MC frequency (of class max)", range=[0, 1.05])
-    return _layout(fig, title, height=320, legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+        x = [f"f{i}" for i in idx]
+        fig.add_bar(x=x, y=frequency[idx], name=f"{name}: {len(idx)}", marker_color=colour, legendgroup=name,
+                    hovertemplate="filter %{x}<br>class frequency %{y:.2f}<extra>" + name + "</extra>")
+        down = idx[local[idx]]
+        if len(down):
+            fig.add_bar(x=[f"f{i}" for i in down], y=-act[down], marker_color=colour, opacity=0.6, legendgroup=name, showlegend=False,
+                        customdata=act[down], hovertemplate="filter %{x}<br>activation on this image %{customdata:.2f} of its max<extra>" + name + "</extra>")
+    fig.add_hline(y=0, line_color="#555555", line_width=1)
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=names, title="filter", showticklabels=len(names) <= 60)
+    fig.update_yaxes(title="↑ class frequency · ↓ this image", range=[-1.05, 1.05])
+    return _layout(fig, title, height=340, barmode="overlay", legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
 
 
 def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str = "Error detection ROC") -> go.Figure:
@@ -106,18 +131,50 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: s
     return _layout(fig, title, height=380, legend=dict(x=0.98, y=0.02, xanchor="right", yanchor="bottom"))
 
 
-def confusion_delta_heatmap(delta: np.ndarray, classes: Sequence[str], title: str = "Confusion matrix change (treated − base, test)") -> go.Figure:
-    """Diverging heatmap of a count difference [K, K]: more on the diagonal (blue) is better."""
+def confusion_delta_heatmap(delta: np.ndarray, classes: Sequence[str], title: str = "Confusion matrix change (test)") -> go.Figure:
+    """Heatmap of a count difference [K, K] (rows true, columns predicted; after − before),
+    coloured by whether the change is good: more on the diagonal (correct) or fewer off it
+    (errors) is green, the opposite red. The cell text is the signed count change."""
     d = np.asarray(delta, dtype=float)
-    bound = max(1.0, float(np.abs(d).max()))
+    k = d.shape[0]
+    good = np.where(np.eye(k, dtype=bool), d, -d)  # > 0: better
+    bound = max(1.0, float(np.abs(good).max()))
     labels = [str(c) for c in classes]
-    fig = go.Figure(go.Heatmap(z=d, x=labels, y=labels, colorscale="RdBu", zmin=-bound, zmax=bound, zmid=0,
-                               hovertemplate="true %{y} → predicted %{x}<br>change %{z:+.0f}<extra></extra>", colorbar=dict(title="Δ count")))
+    text = np.where(d == 0, "", np.vectorize(lambda v: f"{v:+.0f}")(d))
+    fig = go.Figure(go.Heatmap(
+        z=good, x=labels, y=labels, colorscale=[[0, PALETTE["bad"]], [0.5, "#f7f7f7"], [1, PALETTE["good"]]], zmin=-bound, zmax=bound, zmid=0,
+        customdata=d, hovertemplate="true %{y} → predicted %{x}<br>change %{customdata:+.0f} images<extra></extra>",
+        colorbar=dict(title="", tickvals=[-bound, 0, bound], ticktext=["worse", "same", "better"]),
+    ))
     if len(labels) <= 20:
-        fig.update_traces(text=d.astype(int), texttemplate="%{text}")
+        fig.update_traces(text=text, texttemplate="%{text}")
     fig.update_yaxes(title="true class", autorange="reversed", type="category")
     fig.update_xaxes(title="predicted class", type="category")
     return _layout(fig, title, height=max(360, 22 * len(labels) + 120))
+
+
+def training_curves(rows: Sequence[dict], title: str = "Per-epoch curves") -> go.Figure:
+    """One panel per loss term (``loss``, ``ce``, ``mc``, ``non_mc``, when present) and validation
+    accuracy, against epoch; one line per run part. ``rows``: progress rows
+    ``{"part": str, "epoch": int, term: float, "val_acc": float, …}``."""
+    from plotly.subplots import make_subplots
+
+    terms = [t for t in ("loss", "ce", "mc", "non_mc", "val_acc") if any(r.get(t) is not None for r in rows)]
+    names = {"loss": "total loss", "ce": "cross-entropy", "mc": "Σ|f⊙G_y| (MC)", "non_mc": "Σ|(1−G_y)⊙f| (non-MC)", "val_acc": "validation accuracy"}
+    fig = make_subplots(rows=1, cols=max(len(terms), 1), subplot_titles=[names[t] for t in terms], horizontal_spacing=0.06)
+    parts = list(dict.fromkeys(r["part"] for r in rows))
+    colours = [PALETTE["base"], PALETTE["accent"], PALETTE["good"], PALETTE["bad"], PALETTE["muted"], "#B279A2", "#72B7B2"]
+    for j, part in enumerate(parts):
+        sel = sorted((r for r in rows if r["part"] == part), key=lambda r: r["epoch"])
+        dash = "dash" if part.startswith("control") else "solid"
+        for col, term in enumerate(terms, start=1):
+            pts = [(r["epoch"], r[term]) for r in sel if r.get(term) is not None]
+            if pts:
+                fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=part, legendgroup=part,
+                                showlegend=col == 1, line=dict(color=colours[j % len(colours)], dash=dash), row=1, col=col,
+                                hovertemplate="epoch %{x}<br>%{y:.4g}<extra>" + part + "</extra>")
+    fig.update_xaxes(title="epoch", dtick=1)
+    return _layout(fig, title, height=320, legend=dict(orientation="h", y=-0.25, x=0, xanchor="left", yanchor="top"))
 
 
 # ---- XCR (paper B): calibration and robustness --------------------------------------------
@@ -131,28 +188,46 @@ def _xcr_style(method: str) -> dict:
     return dict(color=_XCR_COLOURS.get(base, PALETTE["good"]), dash="dash" if method.endswith("+TS") else "solid", width=2)
 
 
-def reliability_diagram(bins_by_method: dict, title: str = "Reliability diagram") -> go.Figure:
-    """Accuracy against confidence per bin, one line per method, with the diagonal.
+def reliability_diagram(bins_by_method: dict, title: str = "Reliability diagram", min_share: float = 0.005) -> go.Figure:
+    """Accuracy against confidence per bin, one line per method, with the diagonal; below it the
+    number of images per bin.
 
     ``bins_by_method``: ``method → {"bin_lower", "bin_upper", "accuracy", "confidence", "count"}``
     (``cfdebug.metrics.reliability_bins``; empty bins hold NaN or None and are skipped). A point
-    below the diagonal is over-confident.
+    below the diagonal is over-confident. A bin holding less than ``min_share`` of the images
+    (and fewer than 10) is drawn as a hollow marker off the line, so one stray image does not
+    draw a drop to 0.
     """
-    fig = go.Figure()
-    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration", line=dict(color="#bbbbbb", dash="dot"))
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.74, 0.26], vertical_spacing=0.04)
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration", line=dict(color="#bbbbbb", dash="dot"), row=1, col=1)
     for method, bins in bins_by_method.items():
         acc = np.array([np.nan if v is None else v for v in bins["accuracy"]], dtype=float)
         conf = np.array([np.nan if v is None else v for v in bins["confidence"]], dtype=float)
         count = np.asarray(bins["count"], dtype=float)
+        lower, upper = np.asarray(bins["bin_lower"], float), np.asarray(bins["bin_upper"], float)
         keep = np.isfinite(acc) & np.isfinite(conf) & (count > 0)
+        sparse = keep & (count < max(min_share * max(count.sum(), 1), 1)) & (count < 10)
+        solid = keep & ~sparse
+        style = _xcr_style(method)
         fig.add_scatter(
-            x=conf[keep], y=acc[keep], mode="lines+markers", name=method, line=_xcr_style(method),
-            marker=dict(size=np.clip(4 + 14 * np.sqrt(count[keep] / max(count.sum(), 1)), 4, 18)),
-            customdata=count[keep], hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata:.0f} images<extra>" + method + "</extra>",
+            x=conf[solid], y=acc[solid], mode="lines+markers", name=method, line=style, legendgroup=method, row=1, col=1,
+            customdata=count[solid], hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata:.0f} images<extra>" + method + "</extra>",
         )
-    fig.update_xaxes(title="confidence (mean of the bin)", range=[0, 1])
-    fig.update_yaxes(title="accuracy", range=[0, 1.02])
-    return _layout(fig, title, height=380, legend=dict(x=0.02, y=0.98, xanchor="left", yanchor="top"))
+        if sparse.any():
+            fig.add_scatter(x=conf[sparse], y=acc[sparse], mode="markers", name=method, legendgroup=method, showlegend=False, row=1, col=1,
+                            marker=dict(symbol="circle-open", size=7, color=style["color"]), customdata=count[sparse],
+                            hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>only %{customdata:.0f} image(s)<extra>" + method + "</extra>")
+        fig.add_bar(x=(lower + upper) / 2, y=count, width=(upper - lower) * 0.9 / max(len(bins_by_method), 1), name=method, legendgroup=method,
+                    showlegend=False, marker_color=style["color"], opacity=0.7, row=2, col=1,
+                    hovertemplate="bin %{x:.2f}<br>%{y:.0f} images<extra>" + method + "</extra>")
+    fig.update_xaxes(range=[0, 1], row=1, col=1)
+    fig.update_xaxes(title="confidence", range=[0, 1], row=2, col=1)
+    fig.update_yaxes(title="accuracy", range=[0, 1.02], row=1, col=1)
+    fig.update_yaxes(title="images", type="log", row=2, col=1)
+    return _layout(fig, title, height=460, barmode="group", legend=dict(orientation="h", y=-0.18, x=0, xanchor="left", yanchor="top"),
+                   margin=dict(l=50, r=20, t=50, b=90))
 
 
 def severity_lines(rows: Sequence[dict], corruption: str, metric: str = "accuracy", title: str | None = None, clean: dict | None = None) -> go.Figure:

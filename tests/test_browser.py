@@ -15,6 +15,7 @@ PAGES = [
     ("", "Sample test predictions", ".js-plotly-plot .heatmaplayer"),
     ("class_filters", "Causal check", ".js-plotly-plot .heatmaplayer"),
     ("flagged", "One prediction", ".js-plotly-plot .scatterlayer"),
+    ("browser", "Sample browser", '[data-testid="stImage"]'),
     ("treatment", "Runs", '[data-testid="stForm"]'),
     ("calibration", "Calibration & robustness", '[data-testid="stForm"]'),
 ]
@@ -28,7 +29,7 @@ def dashboard_url(demo_workspace, workdir, tmp_path_factory):
         yield url
 
 
-@pytest.mark.parametrize("path,ready_text,plot", PAGES, ids=["overview", "class_filters", "flagged", "treatment", "calibration"])
+@pytest.mark.parametrize("path,ready_text,plot", PAGES, ids=["overview", "class_filters", "flagged", "browser", "treatment", "calibration"])
 def test_page_renders_without_errors(dashboard_url, path, ready_text, plot, tmp_path, request):
     with browser_page() as page:
         page.goto(f"{dashboard_url}/{path}", wait_until="domcontentloaded")
@@ -47,3 +48,26 @@ def test_page_renders_without_errors(dashboard_url, path, ready_text, plot, tmp_
     target = request.config.getoption("--screenshots", default=None)
     if target:
         shutil.copy(shot, f"{target}/{request.node.callspec.id}.png")
+
+
+def test_sample_browser_link_restores_a_selection(dashboard_url, demo_workspace, tmp_path):
+    """A shared link (errors of true class 3, lowest agreement first, one image open) reopens that view."""
+    test = demo_workspace.extractions.get("test")
+    errors = [i for i in range(len(test.labels)) if test.preds[i] != test.labels[i] and test.labels[i] == 3]
+    assert errors
+    query = f"outcome=error&true=3&sort=agreement+%E2%86%91&image={errors[0]}"
+    with browser_page() as page:
+        page.goto(f"{dashboard_url}/browser?{query}", wait_until="domcontentloaded")
+        page.get_by_text("test image", exact=False).first.wait_for(timeout=180_000)
+        page.locator(".js-plotly-plot .barlayer").first.wait_for(timeout=60_000)  # the open image's filter bars
+        page.wait_for_timeout(1500)
+        assert_no_error_elements(page)
+        body = page.locator("body").inner_text()
+        assert f"(index {errors[0]})" in body and "Grad-CAM toward" in body
+        assert f"**{len(errors)}**".strip("*") in body  # "N of 539 test predictions match"
+        captions = page.locator('[data-testid="stImageCaption"]').all_inner_texts()
+        tiles = [c for c in captions if c.startswith(("✓", "✗"))]
+        assert tiles and all(c.startswith("✗") and "true 3 ·" in c for c in tiles), tiles
+        for key in ("outcome=error", "true=3", f"image={errors[0]}"):
+            assert key in page.url, (key, page.url)
+        page.screenshot(path=str(tmp_path / "browser_link.png"), full_page=True)

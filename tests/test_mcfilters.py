@@ -90,3 +90,22 @@ def test_demo_global_filters(demo_workspace):
     assert (filters.histogram.max(1) <= filters.counts).all()
     assert filters.meta["empty_classes"] == [int(i) for i in np.nonzero(filters.counts == 0)[0]]
     assert global_mc_filters(demo_workspace).cache_hit
+
+
+def test_specificity_separates_generic_from_class_filters():
+    from cfdebug.mcfilters import filter_specificity, mc_frequency, rank_filters
+
+    # filter 0: kept in every image of every class (generic); filter 1: only class 0; filter 2: never.
+    hist = np.array([[10, 8, 0], [5, 0, 0], [0, 0, 0]])
+    counts = np.array([10, 5, 0])  # class 2 has no voting image
+    freq = mc_frequency(hist, counts)
+    assert np.allclose(freq, [[1, 0.8, 0], [1, 0, 0], [0, 0, 0]])
+    spec = filter_specificity(hist, counts)
+    assert np.allclose(spec[0], [0.0, 0.8, 0.0]) and np.allclose(spec[1], [0.0, -0.8, 0.0])
+    gf = GlobalFilters(histogram=hist, magnitude=np.array([[5.0, 1.0, 0], [2.0, 0, 0], [0, 0, 0]]), counts=counts)
+    assert rank_filters(gf, 0, "specificity")[0] == 1  # the class's own filter first, though the generic one is more frequent
+    assert rank_filters(gf, 0, "frequency")[0] == 0
+    assert list(rank_filters(gf, 0, "frequency")) == list(gf.top_filters(0, 3))
+    with pytest.raises(CfdebugError, match="Expected `by`"):
+        rank_filters(gf, 0, "size")
+    assert hist.tolist() == [[10, 8, 0], [5, 0, 0], [0, 0, 0]]  # inputs untouched

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -140,7 +141,7 @@ def test_treatment_page_launches_a_background_run(app, workdir):
     labels = [m.label for m in app.metric]
     assert any(label.startswith("Treated (best on val") for label in labels) and "Control (CE fine-tune)" in labels
     assert not app.error, [e.value for e in app.error]
-    assert any("Churn on the test split" in m.value for m in app.markdown)  # read from the stored result
+    assert any(m.value.startswith("**Treated vs control**") for m in app.markdown)  # read from the stored result (control predictions kept)
 
     # A run made before results stored the per-image predictions: a clear error, nothing re-predicted.
     registry = RunRegistry(workdir)
@@ -151,4 +152,93 @@ def test_treatment_page_launches_a_background_run(app, workdir):
     app.run()
     assert not app.exception, [e.value for e in app.exception]
     assert any("older version of cfdebug" in e.value for e in app.error)
-    assert not any("Churn on the test split" in m.value for m in app.markdown)
+    assert not any("test errors fixed" in m.value for m in app.markdown)
+
+
+def test_sample_browser_filters_sorts_and_restores_from_the_url(app, demo_workspace):
+    app.query_params["outcome"] = "error"
+    app.query_params["sort"] = "agreement ↑"
+    app.run()
+    app.switch_page("views/browser.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert not app.error, [e.value for e in app.error]
+    test = demo_workspace.extractions.get("test")
+    n_errors = int((test.preds != test.labels).sum())
+    assert any(m.value.startswith(f"**{n_errors}** of {len(test.labels)} test predictions") for m in app.markdown)
+    captions = [c for img in app.get("image") for c in img.captions]
+    assert captions and all(c.startswith("✗") for c in captions), captions
+    by_column = [float(c.rsplit("agr ", 1)[1]) for c in captions]  # AppTest walks the 8 grid columns one after another
+    rows, n = -(-len(by_column) // 8), len(by_column)
+    starts = np.cumsum([0] + [len(range(c, n, 8)) for c in range(8)])
+    agreements = [by_column[starts[j % 8] + j // 8] for j in range(n)]
+    assert rows >= 1 and agreements == sorted(agreements)  # lowest agreement first, row by row
+    # narrow to one true class: the URL follows
+    [m for m in app.multiselect if m.label == "True class"][0].set_value([3]).run()
+    assert app.query_params["true"] in ("3", ["3"])
+    assert all("true 3 ·" in c for img in app.get("image") for c in img.captions)
+    # open the first tile: the detail shows Grad-CAM and the image index goes in the URL
+    [b for b in app.button if b.label == "open"][0].click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert app.query_params["image"]
+    assert any(c.startswith("Grad-CAM toward") for img in app.get("image") for c in img.captions)
+    assert any("proposed class" in m.value for m in app.markdown)
+
+
+def test_sample_browser_train_split_and_confidence_range(app, demo_workspace):
+    app.query_params["split"] = "train"
+    app.query_params["conf_lo"] = "0.5"
+    app.query_params["conf_hi"] = "0.9"
+    app.run()
+    app.switch_page("views/browser.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    train = demo_workspace.extractions.get("train")
+    conf = train.probs.max(1)
+    expected = int(((conf >= 0.5) & (conf <= 0.9)).sum())
+    assert any(m.value.startswith(f"**{expected}** of {len(train.labels)} train predictions") for m in app.markdown)
+    for c in (c for img in app.get("image") for c in img.captions):
+        assert 0.5 <= float(c.rsplit("(", 1)[1].split(")")[0]) <= 0.9
+
+
+def test_class_filters_rank_by_specificity_and_in_the_url(app, demo_workspace):
+    from cfdebug.mcfilters import global_mc_filters, rank_filters
+
+    app.query_params["class"] = "3"
+    app.run()
+    app.switch_page("views/class_filters.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    top = rank_filters(global_mc_filters(demo_workspace), 3, "specificity")[:4]
+    shown = [m.value.split("**filter f")[1].split("**")[0] for m in app.markdown if m.value.startswith("**filter f")]
+    assert shown == [str(f) for f in top]
+    app.radio[0].set_value("magnitude").run()
+    assert app.query_params["rank"] in ("magnitude", ["magnitude"])
+    assert all(" · pred " in c for img in app.get("image") for c in img.captions)  # true/predicted captions
+
+
+def test_flagged_threshold_in_the_url_and_csv_matches_the_screen(app):
+    app.query_params["rule"] = "paper"
+    app.query_params["threshold"] = "-0.05"
+    app.run()
+    app.switch_page("views/flagged.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert app.slider[0].value == -0.05
+    flagged = int({m.label: m.value for m in app.metric}["Flagged"])
+    assert app.query_params["threshold"] in ("-0.05", ["-0.05"])
+    assert flagged > 0
+
+
+def test_flagged_csv_is_what_the_screen_shows():
+    import pandas as pd
+
+    from cfdebug.ui.browser import flagged_export
+
+    images = pd.DataFrame({"id": ["a", "b"], "true": [0, 1], "predicted": [0, 0], "proposed": [0, 1], "flagged": [True, False]})
+    out = flagged_export(images, [False, True], [True, True], "budget 10%", ["zero", "one"])
+    assert out["flagged"].tolist() == [False, True] and out["flagged_paper_rule"].tolist() == [True, False]
+    assert out["predicted"].tolist() == ["zero", "zero"] and (out["rule"] == "budget 10%").all()
+    assert images["flagged"].tolist() == [True, False]  # input untouched
+
+
+def test_overview_measures_the_corner_square(app):
+    app.run()
+    text = " ".join(m.value for m in app.markdown)
+    assert "Where the model looks" in text and "of the image" in text and "×" in text

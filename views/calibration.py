@@ -78,6 +78,8 @@ st.download_button("Download Table 2 (CSV)", table2.to_csv(index=False), "xcr_ta
 
 # ---- reliability
 st.subheader("Reliability diagrams")
+st.caption("Each point is a confidence bin: its accuracy against its mean confidence (below the diagonal: over-confident). The bars "
+           "underneath count the images per bin (log scale); a bin with only a few images is a hollow marker off the line.")
 with_ts = st.toggle("Include temperature-scaled models (+TS)", value=False)
 methods = [m for m in result["reliability"]["clean"] if with_ts or not m.endswith("+TS")]
 left, right = st.columns(2)
@@ -116,6 +118,11 @@ with st.expander("Explanation metrics (Table 1)", expanded=False):
 
 # ---- gallery
 st.subheader("Explanations: image · mask · T(x) · Grad-CAM")
+corner = xcr_ui.corner_patches_kept(ws, result["selector"]["config"])
+if corner:
+    st.markdown(f"**Does the selector keep the corner square?** Its top-{result['selector']['config']['k']} masks keep the square's patches "
+                f"in **{corner['kept']:.0%}** of cases on test images ({corner['kept_errors']:.0%} on the black box's errors, "
+                f"{corner['kept_correct']:.0%} on correct predictions), against {corner['chance']:.0%} for a random mask of the same size.")
 a, b = st.columns([1, 2])
 n_show = a.slider("Images", 4, 24, 8, 4)
 flagged_first = b.toggle("Flagged predictions first (runs the paper-A detector; cached after the first time)", value=False)

@@ -5,32 +5,44 @@ import pandas as pd
 import streamlit as st
 
 from cfdebug import ui, viz
+from cfdebug.mcfilters import RANKINGS, filter_specificity, mc_frequency, rank_filters
+from cfdebug.ui import browser as bui
 
 st.header("Class filters")
 ws = ui.workspace_page()
 classes = ui.class_names(ws)
 st.caption(
-    "A class's **global MC filters** are the target-layer filters that its CFE head keeps (the *minimum "
-    "correct* set) most often across confidently correct training images. Brighter = kept in more images."
+    "A class's **global MC filters** are the target-layer filters that its CFE head keeps (the *minimum correct* set) "
+    "across confidently correct training images. **MC frequency**: the share of the class's voting images in which a "
+    "filter is kept. Many filters are kept for every image of every class (generic filters); **specificity** (frequency in "
+    "this class minus the mean over the other classes) separates the filters this class relies on from those."
 )
 filters = ui.global_filters(ws)
 hist = filters.histogram.astype(float)
-norm = hist / np.maximum(hist.max(1, keepdims=True), 1)
+freq = mc_frequency(filters.histogram, filters.counts)
+specificity = filter_specificity(filters.histogram, filters.counts)
 
 wanted = st.query_params.get("class")
 default = classes.index(wanted) if wanted in classes else 0
-cls = st.selectbox("Class", range(len(classes)), index=default, format_func=lambda i: classes[i])
+a, b = st.columns([1, 2])
+cls = a.selectbox("Class", range(len(classes)), index=default, format_func=lambda i: classes[i])
 if st.query_params.get("class") != classes[cls]:
     st.query_params["class"] = classes[cls]
-
-sort = st.radio("Sort filters by", ["selected class", "all classes", "filter index"], horizontal=True)
-if sort == "selected class":
-    order = np.lexsort((-hist.sum(0), -norm[cls]))
-elif sort == "all classes":
-    order = np.argsort(-norm.sum(0), kind="stable")
-else:
-    order = np.arange(hist.shape[1])
-st.plotly_chart(viz.filter_heatmap(norm, classes, order), width="stretch")
+rankings = list(RANKINGS)
+wanted_rank = st.query_params.get("rank")
+by = b.radio("Rank filters by", rankings, horizontal=True, index=rankings.index(wanted_rank) if wanted_rank in rankings else 0,
+             help="specificity: MC frequency here minus the mean in the other classes; magnitude: mean activation when kept; "
+                  "frequency: share of voting images (the paper's histogram).")
+if st.query_params.get("rank", "specificity") != by:
+    st.query_params["rank"] = by
+order = rank_filters(filters, cls, by)
+value = {"specificity": specificity, "magnitude": filters.normalised_magnitude(), "frequency": freq}[by]
+shown = value / np.maximum(np.abs(value).max(1, keepdims=True), 1e-12) if by != "frequency" else freq
+st.plotly_chart(viz.filter_heatmap(shown, classes, order, title=f"Filters per class by {by}, columns ranked for class {classes[cls]}",
+                                   signed=by == "specificity"), width="stretch")
+st.caption(f"Columns: every filter, in class {classes[cls]}'s {by} order (the same order as the top filters below). "
+           + ("Colour: specificity scaled to each row's maximum; negative = kept more often by other classes." if by == "specificity"
+              else "Colour: scaled to each row's maximum."))
 table = pd.DataFrame(filters.histogram, index=classes, columns=[f"f{i}" for i in range(hist.shape[1])])
 table.insert(0, "voting images", filters.counts)
 st.download_button("Download histogram (CSV)", table.to_csv(index_label="class"), "global_mc_filters.csv", "text/csv")
@@ -43,20 +55,24 @@ if filters.counts[cls] == 0:
     )
     st.stop()
 n_top = st.slider("Filters to show", 1, 8, 4)
-top = filters.top_filters(cls, n_top)
-st.plotly_chart(viz.top_filters_bar(top, hist[cls, top] / filters.counts[cls], f"MC frequency of class {classes[cls]}'s top filters"), width="stretch")
-st.caption("For each filter, the training images of this class where it fires most; the overlay shows where (its activation map).")
+top = order[:n_top]
+others = np.delete(freq, cls, axis=0)[np.delete(filters.counts, cls) > 0]
+st.plotly_chart(viz.top_filters_bar(top, freq[cls, top], f"Class {classes[cls]}'s top filters by {by}: MC frequency here vs in other classes",
+                                    other=others[:, top].mean(0) if len(others) else None), width="stretch")
+st.caption("For each filter, the training images of this class where it fires most; the orange outline (and tint) marks where it "
+           "fires at half its peak or more. ✓/✗: the model's prediction on that training image.")
 for f in top:
-    indices, overlays = ui.top_activating(ws, cls, int(f), n=6)
+    indices, overlays, captions = bui.top_activating(ws, cls, int(f), n=6)
     cols = st.columns([1, 6])
-    cols[0].markdown(f"**filter f{f}**  \n{int(hist[cls, f])} of {filters.counts[cls]} images")
+    cols[0].markdown(f"**filter f{f}**  \nkept in {freq[cls, f]:.0%} of class {classes[cls]}'s {filters.counts[cls]} voting images, "
+                     f"specificity {specificity[cls, f]:+.2f}")
     grid = cols[1].columns(6)
     for j, image in enumerate(overlays):
-        grid[j].image(image, caption=str(ws.data.splits["train"].ids[indices[j]]).split("/")[-1], width="stretch")
+        grid[j].image(image, caption=captions[j], width="stretch")
 
 st.subheader("Causal check")
 st.caption(
-    "Zero this class's top global MC filters (every position of their feature maps) and measure its test recall, against zeroing "
+    "Zero this class's most frequent global MC filters (the paper's histogram order; every position of their feature maps) and measure its test recall, against zeroing "
     "as many random filters (mean over draws). If the filters matter, the first drop is much larger."
 )
 c1, c2 = st.columns(2)

@@ -7,6 +7,7 @@ import streamlit as st
 from cfdebug import metrics, ui, viz
 from cfdebug.claims import DEFAULT_BUDGET, budget_flags
 from cfdebug.detect import combined_score, flags_at_margin
+from cfdebug.ui import browser as bui
 from cfdebug.ui import verdicts as verdict_ui
 
 st.header("Flagged predictions")
@@ -61,6 +62,7 @@ if rule == "Review budget":
     budget = right.slider("Budget (% of test predictions)", 1, 50, int(wanted) if wanted and wanted.isdigit() and 1 <= int(wanted) <= 50 else round(100 * DEFAULT_BUDGET),
                           help="The same number of predictions is flagged by the agreement score and by MSP, so their precisions compare like for like.")
     st.query_params.update(rule="budget", budget=str(budget))
+    st.query_params.pop("threshold", None)
     flagged = budget_flags(margin, budget / 100)
     checked = np.ones_like(flagged)
     msp_flagged = budget_flags(scores["max softmax (MSP)"], budget / 100)
@@ -70,11 +72,15 @@ if rule == "Review budget":
                  help=f"MSP flags its {int(msp_flagged.sum())} least confident predictions: {msp_precision:.0%} of them are errors.")
 else:
     lo, hi = float(np.floor(margin.min() * 20) / 20), float(np.ceil(margin.max() * 20) / 20)
+    try:
+        start = min(max(round(float(st.query_params.get("threshold", 0.0)), 2), lo), hi)
+    except ValueError:
+        start = 0.0
     threshold = right.slider(
-        "Flag when agreement − class mean is below", lo, hi, 0.0, 0.01,
+        "Flag when agreement − class mean is below", lo, hi, start, 0.01,
         help="0 is the paper's rule (below the class's mean training agreement). Lower flags fewer, more certain errors.",
     )
-    st.query_params.update(rule="paper")
+    st.query_params.update(rule="paper", threshold=f"{threshold:g}")
     st.query_params.pop("budget", None)
     flags = flags_at_margin(result, threshold)
     checked, flagged = flags["checked"], flags["flagged"]
@@ -92,6 +98,9 @@ if 0 < is_error.sum() < len(is_error):
                         key="detection_verdicts")
 
 st.subheader("Gallery")
+st.caption("Flagged predictions, lowest agreement first, with Grad-CAM toward the predicted class. Caption: ✓/✗ whether the "
+           "prediction is right, true and predicted class, confidence, and **→ c**: the class proposed by re-ranking the "
+           f"top-{result['rerank_top_k']} classes by agreement (the paper's fix; equal to the prediction when no other class agrees better).")
 images["flagged_now"] = flagged
 shown = images[flagged].sort_values("agreement_margin", kind="stable")
 n_show = st.slider("Images", 4, 40, 16, 4)
@@ -122,12 +131,13 @@ else:
     a.image(ws.data.splits["test"].load_image(i), caption="image", width="stretch")
     b.image(ui.gradcam_overlays(ws, "test", [i], [pred])[0], caption=f"Grad-CAM toward {classes[pred]}", width="stretch")
     a.markdown(f"true **{classes[row['true']]}** · predicted **{classes[pred]}** ({row['confidence']:.2f}) · proposed **{classes[row['proposed']]}**")
-    b.markdown(f"recall {row['recall']:.2f} · precision {row['precision']:.2f} · F1 {row['f1']:.2f}")
-    c.plotly_chart(viz.agreement_bar(local, global_set, freq, f"Filters of {pick} vs class {classes[pred]}"), width="stretch")
+    fmt = lambda v: "n/a" if v is None or v != v else f"{v:.2f}"  # noqa: E731 (None/NaN: unscorable)
+    b.markdown(f"filter-set overlap: recall {fmt(row['recall'])} · precision {fmt(row['precision'])} · F1 {fmt(row['f1'])}",
+               help="Overlaps of two filter sets, not classification metrics: recall = share of the class's global MC filters that this "
+                    "image also keeps; precision = share of the image's MC filters that are in the class's global set; F1 combines them.")
+    c.plotly_chart(viz.agreement_bar(local, global_set, freq, f"Filters of {pick} vs class {classes[pred]}",
+                                     activation=ws.extractions.get("test").features[i]), width="stretch")
 
-export = images.drop(columns=["flagged_now"]).assign(
-    true=lambda d: d["true"].map(lambda k: classes[k]),
-    predicted=lambda d: d["predicted"].map(lambda k: classes[k]),
-    proposed=lambda d: d["proposed"].map(lambda k: classes[k]),
-)
+setting = f"budget {budget}%" if rule == "Review budget" else f"paper rule, threshold {threshold:g}"
+export = bui.flagged_export(images.drop(columns=["flagged_now"]), flagged, checked, setting, classes)
 st.download_button("Download per-image table (CSV)", export.to_csv(index=False), "flagged_predictions.csv", "text/csv")

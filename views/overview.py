@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from cfdebug import metrics, ui, viz
+from cfdebug.ui import browser as bui
 from cfdebug.ui import verdicts as verdict_ui
 
 st.header("Overview")
@@ -17,19 +18,34 @@ if ws.data.skipped:
 
 if ws.config.data.source == "biased-digits":
     st.info(
-        "**The demo: Biased Digits.** Handwritten digits (scikit-learn's bundled set) where, in training, a small square in "
-        "the top-left corner has the digit's own colour on 90% of images; at test time its colour is random. The demo CNN "
-        "learns the colour as a shortcut, so it fails on test images whose square points to another class. "
-        "Grad-CAM (Flagged predictions) and the XCR masks (Calibration & robustness) light up that corner square. "
-        "Next: **Class filters** shows which filters each class relies on; **Flagged predictions** lists the suspect test "
-        "predictions; **Treatment** retrains against a plain fine-tuning control. **Hard Digits** (sidebar) is a bed "
-        "without a shortcut, where models err for ordinary reasons."
+        "**The demo: Biased Digits, a planted shortcut.** Handwritten digits (scikit-learn's bundled set, 32 px) with a small "
+        "square in the top-left corner. In training, the square has the digit's own colour on 90% of images, so the colour "
+        "alone predicts the class; at test time its colour is random. The demo CNN learns the colour as well as the digit, "
+        "so on a test image whose square has another class's colour it is pulled toward that class: most of its test errors "
+        "are of that kind. cfdebug's job is to show you this without being told."
     )
-elif ws.config.data.source == "hard-digits":
-    st.info(
-        "**Hard Digits**: jittered, noisy handwritten digits with no shortcut: nothing but the digit is tied to the class, "
-        "so the model's errors are ordinary ones. Compare each method with its baseline here and on the biased demo."
-    )
+    share = bui.corner_share(ws)
+    if share:
+        on_errors = share["mean_errors"] / share["area"]
+        st.markdown(
+            f"**Where the model looks** (measured, not assumed). The corner square is **{share['area']:.1%}** of the image. Grad-CAM "
+            f"toward the predicted class puts **{share['mean_errors']:.1%}** of its mass there on the test errors "
+            f"(**{on_errors:.1f}×** the square's area share) and {share['mean_correct']:.1%} on correct predictions "
+            f"({share['mean']:.1%} over all {share['n']} test images). "
+            + ("So where the model fails, the corner square pulls its attention far beyond its size: the shortcut shows in the explanations."
+               if on_errors > 2 else "The corner square draws no more attention than its size on the errors: no sign of the shortcut in Grad-CAM.")
+        )
+    with st.expander("What to look at next", expanded=True):
+        st.markdown(
+            "1. **Class filters**: the filters each class relies on (ranked by how specific they are to it) and where they fire.\n"
+            "2. **Flagged predictions**: test predictions whose filters disagree with their class's (paper A), against ranking by "
+            "confidence (MSP), with a verdict.\n"
+            "3. **Sample browser**: every prediction, filtered and sorted; open one to see its Grad-CAM, filters and how the "
+            "control and treated models predict it.\n"
+            "4. **Treatment**: fine-tune with the MC-filter losses; compare with a plain fine-tuning control (same seeds).\n"
+            "5. **Calibration & robustness**: XCR retraining (paper B) against vanilla retraining, clean and corrupted.\n\n"
+            "**Hard Digits** (sidebar, Dataset) is a bed without a shortcut, where models err for ordinary reasons."
+        )
 verdicts = verdict_ui.remembered()
 with st.container(border=True):
     st.markdown("**Verdicts for this workspace** (each method against its baseline, 95% interval)")
@@ -69,6 +85,7 @@ with st.expander("Per-class table", expanded=False):
     st.download_button("Download CSV", table.to_csv(index=False), "per_class.csv", "text/csv")
 
 st.subheader("Sample test predictions")
+st.caption("24 random test predictions (✓ correct, ✗ error; the number is the confidence). The **Sample browser** shows all of them, with filters.")
 only_errors = st.toggle("Errors only", value=False)
 pool = np.flatnonzero(test.preds != test.labels) if only_errors else np.arange(len(test.labels))
 rng = np.random.default_rng(0)

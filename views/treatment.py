@@ -48,21 +48,25 @@ def live_runs():
         return
     rows = []
     for r in records:
-        p = r.progress or {}
         spec = r.config.get("treatment", {})
+        active = r.status in ("queued", "running")
+        epoch_rows = tui.run_rows(ws, r.run_id) if active else []
+        last = epoch_rows[-1] if epoch_rows else (r.progress or {}) if "epoch" in (r.progress or {}) else {}
         rows.append({
-            "run": r.run_id, "status": r.status, "λ1": spec.get("lambda1"), "λ2": spec.get("lambda2"), "seed": spec.get("seed"),
-            "epochs": spec.get("epochs"), "epoch": p.get("epoch"), "run part": p.get("tag"), "loss": p.get("loss"),
-            "ce": p.get("ce"), "mc": p.get("mc"), "non_mc": p.get("non_mc"), "val acc": p.get("val_acc"), "error": r.error,
+            "run": r.run_id, "status": r.status, "λ1": spec.get("lambda1"), "λ2": spec.get("lambda2"),
+            "seeds": ", ".join(map(str, r.config.get("seeds", []))), "epochs": spec.get("epochs"),
+            "now at": (f"{tui.part_label(last.get('tag'))}, epoch {last['epoch']}" if epoch_rows else "preparing") if active else "finished",
+            "loss": last.get("loss"), "val acc": last.get("val_acc"), "error": r.error,
         })
-    table = pd.DataFrame(rows)
-    st.dataframe(table, hide_index=True, width="stretch")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     running = [r for r in records if r.status in ("queued", "running")]
     for r in running:
-        p = r.progress or {}
-        total = 2 * len(r.config.get("seeds", [0])) * max(int(r.config.get("treatment", {}).get("epochs", 1)), 1)  # control + treated per seed
-        done = len(tui.registry(ws).progress(r.run_id))
-        st.progress(min(done / total, 1.0), text=f"{r.run_id}: {p.get('tag') or 'starting'} epoch {p.get('epoch', 0)}")
+        epoch_rows = tui.run_rows(ws, r.run_id)
+        status = tui.run_status(r, epoch_rows)
+        st.progress(min(status["fraction"], 1.0), text=f"`{r.run_id}`: {status['text']}")
+        if epoch_rows:
+            st.plotly_chart(viz.training_curves(epoch_rows, f"{r.run_id}: per-epoch loss terms and validation accuracy"), width="stretch",
+                            key=f"curves-{r.run_id}")
     if running:
         cols = st.columns([3, 1])
         victim = cols[0].selectbox("Running", [r.run_id for r in running], label_visibility="collapsed")
@@ -110,43 +114,72 @@ if len(res["control"]) < 2:
 st.dataframe(t2, hide_index=True, width="stretch")
 st.download_button("Download Table 2 (CSV)", t2.to_csv(index=False), f"{run_id}_table2.csv", "text/csv")
 
+st.caption("**Table 2** (means over seeds; std with ddof = 1). *fine-tuned* is the control. The verdict above compares treated "
+           "with control; below, every comparison puts **treated − control** first (what λ1/λ2 add) and **control − base** "
+           "beside it (what fine-tuning alone did), so fine-tuning is not credited to the losses.")
+
 base_recall = np.asarray(res["base"]["per_class_recall"], float)
 control_recall = np.mean([r["per_class_recall"] for r in res["control"]], axis=0)
 treated_recall = np.mean([r["per_class_recall"] for r in pair_runs(res)], axis=0)
-order = np.argsort(-(treated_recall - base_recall), kind="stable")
-sorted_classes = [classes[i] for i in order]
+recall = tui.recall_table(classes, base_recall, control_recall, treated_recall)
 st.plotly_chart(
-    viz.per_class_recall_bar(sorted_classes, {"base": base_recall[order], "control": control_recall[order], "treated": treated_recall[order]},
-                             "Per-class test recall, sorted by change (treated − base)"),
+    viz.per_class_recall_bar(list(recall["class"]), {"base": recall["base"], "control": recall["control"], "treated": recall["treated"]},
+                             "Per-class test recall, sorted by the treatment's effect (treated − control), means over seeds"),
     width="stretch",
 )
-left, right = st.columns(2)
-t3 = res["table3"]
-t3_rows = [dict(group=g, **r) for g in ("improved", "worsened") for r in t3[g]]
-left.markdown("**Table 3**: classes whose recall changed most")
-left.dataframe(pd.DataFrame(t3_rows).drop(columns=["class_index"], errors="ignore"), hide_index=True, width="stretch")
+with st.expander("Per-class recall: treated − control and control − base", expanded=True):
+    st.dataframe(recall, hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%+.3f" if "−" in c else "%.3f") for c in recall.columns if c != "class"})
+    st.download_button("Download per-class recall (CSV)", recall.to_csv(index=False), f"{run_id}_per_class.csv", "text/csv")
+    st.caption("Table 3 of the paper (treated − base, as the run stored it) is in the run's result JSON; it mixes the fine-tuning's "
+               "effect into the treatment's, so it is not shown here.")
 
 changes = tui.best_model_changes(record)
 if changes is not None:
-    base_preds, after, labels = (np.asarray(changes[k]) for k in ("base_test_predictions", "test_predictions", "labels"))
-    fixed, broken = np.asarray(changes["fixed"], int), np.asarray(changes["broken"], int)
-    right.plotly_chart(viz.confusion_delta_heatmap(np.asarray(changes["confusion_delta"]), classes), width="stretch")
-    st.markdown(f"**Churn on the test split**: {len(fixed)} errors fixed, {len(broken)} new errors.")
+    which = f"λ1={changes['lambda1']:g}, λ2={changes['lambda2']:g}, seed {changes['seed']}"
+    compare = tui.prediction_comparison(changes, len(classes))
+    if compare is None:
+        st.warning(f"Run {run_id} was made before runs kept the control's per-image predictions, so the per-image comparison below is "
+                   "against the **base** model, not the control. Launch the run again to compare with the control.")
+        left, right = st.columns(2)
+        left.plotly_chart(viz.confusion_delta_heatmap(np.asarray(changes["confusion_delta"]), classes, "Confusion change, treated − base (test)"), width="stretch")
+        pairs = [("treated vs base", {"fixed": np.asarray(changes["fixed"], int), "broken": np.asarray(changes["broken"], int)},
+                  np.asarray(changes["base_test_predictions"]), np.asarray(changes["test_predictions"]))]
+        labels = np.asarray(changes["labels"])
+    else:
+        left, right = st.columns(2)
+        left.plotly_chart(viz.confusion_delta_heatmap(compare["treated_vs_control"]["confusion_delta"], classes,
+                                                      f"Treated − control ({which})"), width="stretch")
+        right.plotly_chart(viz.confusion_delta_heatmap(compare["control_vs_base"]["confusion_delta"], classes,
+                                                       f"Control − base (fine-tuning alone, seed {changes['seed']})"), width="stretch")
+        st.caption("Green: more correct predictions on the diagonal or fewer errors off it; red: the opposite. Numbers are image counts; "
+                   "an empty matrix means no change. Image captions: true class: before→after.")
+        pairs = [("treated vs control", compare["treated_vs_control"], compare["control"], compare["treated"]),
+                 ("control vs base", compare["control_vs_base"], compare["base"], compare["control"])]
+        labels = compare["labels"]
+    for name, d, before, after in pairs:
+        st.markdown(f"**{name.capitalize()}** ({which}): {len(d['fixed'])} test errors fixed, {len(d['broken'])} new errors "
+                    f"(net {len(d['fixed']) - len(d['broken']):+d}).")
+        if not len(d["fixed"]) and not len(d["broken"]):
+            st.caption("Both models predict every test image alike.")
+        for label, idx in (("fixed", d["fixed"]), ("broke", d["broken"])):
+            if len(idx):
+                shown = idx[:10]
+                cols = st.columns(10)
+                for j, (i, image) in enumerate(zip(shown, ui.sample_images(ws, "test", shown))):
+                    cols[j].image(image, caption=f"{label} {classes[labels[i]]}: {classes[before[i]]}→{classes[after[i]]}", width="stretch")
     fc = res.get("flagged_churn")
     if fc:
         st.markdown(
-            f"**Flagged set** (detection recomputed on the treated model): {fc['flagged_errors_fixed']} of "
-            f"{fc['flagged_errors_before']} flagged errors fixed; of the {fc['new_errors']} new errors, "
+            f"**Flagged set, treated vs base** (detection recomputed on the treated model; the control has no detection run): "
+            f"{fc['flagged_errors_fixed']} of {fc['flagged_errors_before']} flagged errors fixed; of the {fc['new_errors']} new errors, "
             f"{fc['new_errors_flagged']} are flagged by the treated model's detection; flagged predictions "
             f"{fc['flagged_before']} → {fc['flagged_after']}."
         )
-    for label, idx in (("fixed", fixed), ("new error", broken)):
-        if len(idx):
-            shown = idx[:12]
-            cols = st.columns(12)
-            for j, (i, image) in enumerate(zip(shown, ui.sample_images(ws, "test", shown))):
-                was, now = classes[base_preds[i]], classes[after[i]]
-                cols[j].image(image, caption=f"{label}: {classes[labels[i]]} (was {was}, now {now})", width="stretch")
+    st.markdown("Open any of these images in the **Sample browser** to see how base, control and treated predict it.")
+
+with st.expander("Per-epoch curves of this run"):
+    st.plotly_chart(viz.training_curves(tui.history_rows(res), "Loss terms and validation accuracy per epoch"), width="stretch")
 weights = tui.treated_weights(record)
 if weights is not None:
     if st.button("Use the treated model as the workspace model", help="The other pages then recompute on the treated weights"):

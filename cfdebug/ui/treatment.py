@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import streamlit as st
 
 from ..config import config_dict
@@ -70,3 +71,104 @@ def best_model_changes(record) -> dict | None:
         icon=":material/error:",
     )
     return None
+
+
+def part_label(tag: dict | None) -> str:
+    """``"control · seed 0"`` or ``"treated λ1=0.001 λ2=2e-05 · seed 0"`` from a progress row's ``tag``."""
+    tag = tag or {}
+    seed = tag.get("seed", "?")
+    if not tag.get("lambda1") and not tag.get("lambda2"):
+        return f"control · seed {seed}"
+    return f"treated λ1={tag['lambda1']:g} λ2={tag['lambda2']:g} · seed {seed}"
+
+
+def run_rows(ws, run_id: str) -> list[dict]:
+    """The run's per-epoch progress rows, each with ``part`` (:func:`part_label`)."""
+    try:
+        return [{**r, "part": part_label(r.get("tag"))} for r in registry(ws).progress(run_id) if "epoch" in r]
+    except CfdebugError as exc:
+        show_user_error(exc)
+
+
+def history_rows(result: dict) -> list[dict]:
+    """A finished run's per-epoch rows (control and every treated run), each with ``part``."""
+    out = []
+    for run in list(result.get("control", [])) + list(result.get("runs", [])):
+        tag = {"lambda1": run["lambda1"], "lambda2": run["lambda2"], "seed": run["seed"]}
+        out += [{**h, "part": part_label(tag)} for h in run.get("history", [])]
+    return out
+
+
+def _log_tail(record) -> str:
+    try:
+        lines = [ln.strip() for ln in record.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:160] if lines else ""
+
+
+def run_status(record, rows: list[dict], now: float | None = None) -> dict:
+    """Where a running treatment run is: ``{"fraction", "text", "left_s"}``.
+
+    ``left_s`` is measured, not promised: the mean wall time of the epochs done so far (training
+    plus validation, from the rows' ``train_seconds``/``eval_seconds``) times the epochs left;
+    ``None`` before the first epoch (then ``text`` is the run log's last line: loading the
+    workspace, fitting the CFE heads for G_y, …).
+    """
+    import time
+
+    spec = record.config or {}
+    epochs = max(int(spec.get("treatment", {}).get("epochs", 1)), 1)
+    parts = len(spec.get("seeds", [0])) * (1 + len(spec.get("lambdas1", [0])) * len(spec.get("lambdas2", [0])))
+    total = parts * epochs
+    elapsed = (now or time.time()) - record.created
+    if not rows:
+        return {"fraction": 0.0, "left_s": None, "elapsed_s": elapsed,
+                "text": f"preparing ({elapsed:.0f} s): {_log_tail(record) or 'starting the process'}"}
+    last = rows[-1]
+    per_epoch = float(np.mean([float(r.get("train_seconds", 0)) + float(r.get("eval_seconds", 0)) for r in rows]))
+    left = per_epoch * max(total - len(rows), 0)
+    text = (f"{last['part']}, epoch {last['epoch']}/{epochs} (part {min(len(rows) // epochs + (len(rows) % epochs > 0), parts)} of {parts}); "
+            f"{len(rows)}/{total} epochs in {elapsed:.0f} s; about {format_seconds(left)} left at {per_epoch:.1f} s/epoch, "
+            "then detection on the treated model")
+    return {"fraction": len(rows) / total, "left_s": left, "elapsed_s": elapsed, "text": text}
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(float(seconds), 0.0)
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def prediction_comparison(changes: dict, num_classes: int) -> dict | None:
+    """Per-image comparison of the treated model with its control (same seed) and of the control
+    with the base model, from a run's ``best_test``: ``{"labels", "base", "control", "treated"}``
+    [N] int, ``"treated_vs_control"`` and ``"control_vs_base"`` (each ``{"confusion_delta" [K, K],
+    "fixed", "broken"}``: wrong → right and right → wrong indices). ``None`` for a run stored
+    before the control's predictions were kept."""
+    from ..metrics import confusion_matrix
+
+    if "control_test_predictions" not in changes:
+        return None
+    labels, base = np.asarray(changes["labels"]), np.asarray(changes["base_test_predictions"])
+    control, treated = np.asarray(changes["control_test_predictions"]), np.asarray(changes["test_predictions"])
+
+    def delta(before, after):
+        return {
+            "confusion_delta": confusion_matrix(after, labels, num_classes) - confusion_matrix(before, labels, num_classes),
+            "fixed": np.flatnonzero((before != labels) & (after == labels)),
+            "broken": np.flatnonzero((before == labels) & (after != labels)),
+        }
+
+    return {"labels": labels, "base": base, "control": control, "treated": treated,
+            "treated_vs_control": delta(control, treated), "control_vs_base": delta(base, control)}
+
+
+def recall_table(classes, base, control, treated):
+    """Per-class test recall of base, control and treated (means over seeds) with the two
+    differences, sorted by treated − control (the treatment's own effect), largest first."""
+    import pandas as pd
+
+    table = pd.DataFrame({"class": list(classes), "base": base, "control": control, "treated": treated})
+    table["control − base"] = table["control"] - table["base"]
+    table["treated − control"] = table["treated"] - table["control"]
+    return table.sort_values("treated − control", ascending=False, kind="stable").reset_index(drop=True)

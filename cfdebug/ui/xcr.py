@@ -153,3 +153,30 @@ def mask_gallery(ws, selector_config: dict, n: int = 12, flagged_first: bool = F
             "caption": f"{mark}{flag} true {classes[labels[i]]} · pred {classes[preds[i]]} ({conf[i]:.2f})",
         })
     return rows
+
+
+def corner_patches_kept(ws, selector_config: dict) -> dict | None:
+    """How often the selector's hard top-k mask keeps the demo's corner-square patches on test
+    images, against chance (a random k-hot mask keeps each patch with probability k/d).
+    ``{"kept", "chance", "kept_errors", "kept_correct"}`` in [0, 1]; ``None`` off the embedded
+    digits beds."""
+    from ..data.digits import SQUARE
+    from ..xcr.selector import SelectorConfig, selector_masks
+
+    if ws.config.data.source not in ("biased-digits", "hard-digits") or ws.data.input_size != 32:
+        return None
+    try:
+        cfg = replace(SelectorConfig(**selector_config), mode="Topk")
+        masks = np.asarray(selector_masks(ws, cfg, "test").masks, dtype=np.float32) > 0  # [N, d]
+    except (CfdebugError, TypeError):
+        return None
+    p, s = cfg.patch_size, ws.data.input_size
+    g = s // p
+    square = np.zeros((s, s), bool)
+    square[SQUARE] = True
+    patches = square.reshape(g, p, g, p).any(axis=(1, 3)).reshape(-1)  # [d]: patches overlapping the square
+    kept = masks[:, patches].mean(1)  # [N]
+    test = extraction(ws, "test")
+    wrong = test.preds != test.labels
+    return {"kept": float(kept.mean()), "chance": float(masks.sum(1).mean() / masks.shape[1]),
+            "kept_errors": float(kept[wrong].mean()) if wrong.any() else float("nan"), "kept_correct": float(kept[~wrong].mean())}

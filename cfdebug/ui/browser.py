@@ -1,0 +1,224 @@
+"""Cached helpers for the sample browser and the pages that show where a model looks.
+
+Pages place what these return: per-prediction tables, Grad-CAM maps and region overlays (the
+receptive region of a filter as an outline over the image), the share of Grad-CAM mass in the
+demo's corner square, and the latest treatment run's per-image predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from ..errors import CfdebugError
+from ..store import stable_hash
+from .workspace import extraction, memo, show_user_error
+
+SPLITS = ("test", "train")
+OUTCOMES = ("all", "correct", "error")
+FLAG_CHOICES = ("all", "flagged", "not flagged")
+SORTS = {
+    "confidence ↑": ("confidence", True),
+    "confidence ↓": ("confidence", False),
+    "agreement ↑": ("agreement", True),
+    "agreement ↓": ("agreement", False),
+    "index": ("index", True),
+}
+
+
+def _ws_key(ws) -> str:
+    return stable_hash(ws.key_parts)
+
+
+def predictions(ws, split: str, detection: dict | None = None, budget: float | None = None) -> pd.DataFrame:
+    """One row per image of ``split`` (index = position in the split): ``id``, ``true``,
+    ``predicted``, ``confidence`` [0, 1], ``correct``; for the test split with a ``detection``
+    report also ``agreement`` (agreement − class mean), ``flagged`` (the ``budget`` share of
+    lowest agreement, as the Flagged view's default) and ``proposed`` (the re-ranked class).
+    Train predictions have no agreement score (NaN) and are never flagged."""
+    from ..claims import budget_flags
+
+    ex = extraction(ws, split)
+    conf = ex.probs.max(1)
+    table = pd.DataFrame({
+        "id": [str(i).split("/")[-1] for i in ws.data.splits[split].ids], "true": ex.labels.astype(int),
+        "predicted": ex.preds.astype(int), "confidence": conf.astype(float), "correct": ex.preds == ex.labels,
+    })
+    if split == "test" and detection is not None:
+        margin = np.asarray([r["agreement_margin"] for r in detection["images"]], float)
+        table["agreement"] = margin
+        table["flagged"] = budget_flags(margin, budget) if budget else np.asarray([r["flagged"] for r in detection["images"]])
+        table["proposed"] = [int(r["proposed"]) for r in detection["images"]]
+    else:
+        table["agreement"], table["flagged"], table["proposed"] = np.nan, False, table["predicted"]
+    return table
+
+
+def flagged_export(images: pd.DataFrame, flagged, checked, rule: str, classes) -> pd.DataFrame:
+    """The Flagged view's per-image CSV as the screen shows it: ``flagged``/``checked`` [N] bool are
+    the current rule's (``rule`` names it and its setting, in every row); the report's own
+    paper-rule flags stay as ``flagged_paper_rule``; classes by name. ``images`` is not changed."""
+    name = lambda k: classes[int(k)]  # noqa: E731
+    out = images.rename(columns={"flagged": "flagged_paper_rule"}).assign(flagged=np.asarray(flagged, bool), checked=np.asarray(checked, bool), rule=rule)
+    return out.assign(true=out["true"].map(name), predicted=out["predicted"].map(name), proposed=out["proposed"].map(name))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the browser shows; every field round-trips through the URL (:meth:`to_query`)."""
+
+    split: str = "test"
+    true: tuple[int, ...] = ()
+    predicted: tuple[int, ...] = ()
+    outcome: str = "all"
+    flag: str = "all"
+    conf_lo: float = 0.0
+    conf_hi: float = 1.0
+    sort: str = "confidence ↑"
+
+    @classmethod
+    def from_query(cls, q, num_classes: int) -> "Selection":
+        def ints(key):
+            out = []
+            for part in (q.get(key) or "").split(","):
+                if part.strip().isdigit() and int(part) < num_classes:
+                    out.append(int(part))
+            return tuple(sorted(set(out)))
+
+        def fraction(key, default):
+            try:
+                return min(max(float(q.get(key, default)), 0.0), 1.0)
+            except ValueError:
+                return default
+
+        pick = lambda key, choices, default: q.get(key) if q.get(key) in choices else default  # noqa: E731
+        return cls(split=pick("split", SPLITS, "test"), true=ints("true"), predicted=ints("pred"), outcome=pick("outcome", OUTCOMES, "all"),
+                   flag=pick("flag", FLAG_CHOICES, "all"), conf_lo=fraction("conf_lo", 0.0), conf_hi=fraction("conf_hi", 1.0),
+                   sort=pick("sort", SORTS, "confidence ↑"))
+
+    def to_query(self) -> dict[str, str]:
+        """Only the fields that differ from the defaults (short links)."""
+        default, out = Selection(), {}
+        for key, name in (("split", "split"), ("outcome", "outcome"), ("flag", "flag"), ("sort", "sort")):
+            if getattr(self, key) != getattr(default, key):
+                out[name] = getattr(self, key)
+        for key, name in (("true", "true"), ("predicted", "pred")):
+            if getattr(self, key):
+                out[name] = ",".join(map(str, getattr(self, key)))
+        if (self.conf_lo, self.conf_hi) != (0.0, 1.0):
+            out["conf_lo"], out["conf_hi"] = f"{self.conf_lo:g}", f"{self.conf_hi:g}"
+        return out
+
+
+QUERY_KEYS = ("split", "true", "pred", "outcome", "flag", "conf_lo", "conf_hi", "sort")
+
+
+def select(table: pd.DataFrame, sel: Selection) -> pd.DataFrame:
+    """The rows of :func:`predictions`' table that ``sel`` keeps, in its sort order."""
+    keep = (table["confidence"] >= sel.conf_lo) & (table["confidence"] <= sel.conf_hi)
+    if sel.true:
+        keep &= table["true"].isin(sel.true)
+    if sel.predicted:
+        keep &= table["predicted"].isin(sel.predicted)
+    if sel.outcome != "all":
+        keep &= table["correct"] == (sel.outcome == "correct")
+    if sel.flag != "all":
+        keep &= table["flagged"] == (sel.flag == "flagged")
+    column, ascending = SORTS[sel.sort]
+    out = table[keep]
+    if column == "index":
+        return out
+    return out.sort_values(column, ascending=ascending, kind="stable", na_position="last")
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _gradcam_maps(key: str, split: str, indices: tuple, targets: tuple, _ws) -> np.ndarray:
+    from ..gradcam import gradcam
+    from .filters import _batch
+
+    return gradcam(_ws.model, _ws.target.name, _batch(_ws, split, indices), list(targets), _ws.device)
+
+
+def gradcam_maps(ws, split: str, indices, targets) -> np.ndarray:
+    """Grad-CAM maps ``[n, H, W]`` float32 in [0, 1] (input size) toward ``targets``, cached."""
+    try:
+        return _gradcam_maps(_ws_key(ws), split, tuple(int(i) for i in indices), tuple(int(t) for t in targets), ws)
+    except CfdebugError as exc:
+        show_user_error(exc)
+
+
+def corner_share(ws) -> dict | None:
+    """How much of the Grad-CAM mass (toward the predicted class, test split) lies in the demo's
+    corner square, against the square's share of the image area. ``None`` unless the data are an
+    embedded digits bed at 32 px. Returns ``{"area", "mean", "mean_errors", "mean_correct",
+    "n"}`` (shares in [0, 1])."""
+    from ..data.digits import SQUARE
+    from ..gradcam import region_share
+
+    if ws.config.data.source not in ("biased-digits", "hard-digits") or ws.data.input_size != 32:
+        return None
+
+    def compute():
+        test = extraction(ws, "test")
+        maps = gradcam_maps(ws, "test", np.arange(len(test.labels)), test.preds)
+        share = region_share(maps, *SQUARE)
+        area = (SQUARE[0].stop - SQUARE[0].start) * (SQUARE[1].stop - SQUARE[1].start) / float(maps.shape[1] * maps.shape[2])
+        wrong = test.preds != test.labels
+        return {"area": area, "mean": float(share.mean()), "mean_errors": float(share[wrong].mean()) if wrong.any() else float("nan"),
+                "mean_correct": float(share[~wrong].mean()), "n": int(len(share))}
+
+    return memo(("corner-share", _ws_key(ws)), compute)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _filter_regions(key: str, split: str, indices: tuple, filter_index: int, _ws) -> list:
+    from ..gradcam import filter_maps, region_overlay
+    from .filters import _batch
+
+    maps = filter_maps(_ws.model, _ws.target.name, _batch(_ws, split, indices), filter_index, _ws.device, _ws.target.activation)
+    return [region_overlay(_ws.data.splits[split].load_image(i), m) for i, m in zip(indices, maps)]
+
+
+def filter_regions(ws, split: str, indices, filter_index: int) -> list[np.ndarray]:
+    """Where ``filter_index`` fires (≥ half its peak) in images ``indices``, outlined over the image
+    (uint8 ``[4H, 4W, 3]``)."""
+    try:
+        return _filter_regions(_ws_key(ws), split, tuple(int(i) for i in indices), int(filter_index), ws)
+    except CfdebugError as exc:
+        show_user_error(exc)
+
+
+def gradcam_regions(ws, split: str, indices, targets) -> list[np.ndarray]:
+    """Grad-CAM toward ``targets`` as outlined regions (≥ half the peak) over the images."""
+    from ..gradcam import region_overlay
+
+    maps = gradcam_maps(ws, split, indices, targets)
+    return [region_overlay(ws.data.splits[split].load_image(int(i)), m) for i, m in zip(indices, maps)]
+
+
+def top_activating(ws, cls: int, filter_index: int, n: int = 6) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    """The ``n`` training images of class ``cls`` where the filter's pooled activation is largest,
+    their region overlays, and captions (``"true 3 · pred 3"``)."""
+    train = extraction(ws, "train")
+    candidates = np.flatnonzero(train.labels == cls)
+    order = candidates[np.argsort(-train.features[candidates, filter_index], kind="stable")[:n]]
+    classes = ws.data.classes
+    captions = [f"{'✓' if train.preds[i] == train.labels[i] else '✗'} true {classes[train.labels[i]]} · pred {classes[train.preds[i]]}" for i in order]
+    return order, filter_regions(ws, "train", order, filter_index), captions
+
+
+def treatment_predictions(ws) -> dict | None:
+    """The newest finished treatment run of this workspace that stored the control's test
+    predictions: ``{"run_id", "treated" [N], "control" [N], "base" [N], "lambda1", "lambda2",
+    "seed"}`` (int arrays), or ``None``."""
+    from .treatment import runs_for
+
+    for record in runs_for(ws):
+        best = (record.result or {}).get("best_test") or {}
+        if record.status == "done" and "control_test_predictions" in best:
+            return {"run_id": record.run_id, "treated": np.asarray(best["test_predictions"]), "control": np.asarray(best["control_test_predictions"]),
+                    "base": np.asarray(best["base_test_predictions"]), "lambda1": best["lambda1"], "lambda2": best["lambda2"], "seed": best["seed"]}
+    return None
