@@ -185,6 +185,20 @@ def test_read_only_notice_replaces_the_launch_button(monkeypatch):
     ]
 
 
+@pytest.mark.parametrize("page, launch", [("treatment.py", "Launch run"), ("calibration.py", "Train selector and run the report")])
+def test_read_only_pages_say_so_instead_of_launching(demo_workspace, workdir, monkeypatch, page, launch):
+    monkeypatch.setenv("CFDEBUG_HOME", str(workdir))
+    at = AppTest.from_file(str(ROOT / "views" / page), default_timeout=180).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert launch in [b.label for b in at.button]
+    monkeypatch.setenv("CFDEBUG_READ_ONLY", "1")
+    at = AppTest.from_file(str(ROOT / "views" / page), default_timeout=180).run()
+    assert not at.exception, [e.value for e in at.exception]
+    labels = [b.label for b in at.button]
+    assert launch not in labels and "Cancel run" not in labels
+    assert any("read-only" in i.value for i in at.info)
+
+
 # ---- binding and `serve`
 
 

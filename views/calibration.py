@@ -8,6 +8,7 @@ from cfdebug.claims import xcr_verdicts
 from cfdebug.ui import verdicts as verdict_ui
 from cfdebug.config import XCR_BETA_CHOICES
 from cfdebug.ui import xcr as xcr_ui
+from cfdebug.ui.access import read_only, read_only_notice
 
 st.header("Calibration & robustness")
 ws = ui.workspace_page()
@@ -19,25 +20,26 @@ st.caption(
 )
 
 defaults = xcr_ui.default_config(ws)
-with st.form("xcr-run"):
-    st.markdown("**New run** (runs in the background; you can leave the page)")
-    a, b, c, d = st.columns(4)
-    k = a.number_input("k (patches kept)", min_value=1, value=int(defaults.selector.k), step=1,
-                       help=f"Out of d = (image size / {defaults.selector.patch_size})² patches; 12.5% of 256 is 32.")
-    betas = list(XCR_BETA_CHOICES)
-    beta = b.selectbox("β (KL weight)", betas, index=betas.index(defaults.selector.beta) if defaults.selector.beta in betas else len(betas) - 1)
-    selector_epochs = c.number_input("Selector epochs", min_value=1, value=int(defaults.selector.epochs), step=1)
-    epochs = d.number_input("Retraining epochs", min_value=1, value=int(defaults.retrain.epochs), step=1)
-    a, b, c = st.columns(3)
-    seeds = a.number_input("Seeds", min_value=1, max_value=10, value=len(defaults.seeds), step=1, help="Tables show the mean over seeds.")
-    all_severities = b.checkbox("All 5 severities", value=tuple(defaults.severities) == (1, 2, 3, 4, 5),
-                                help=f"Default: severities {', '.join(map(str, defaults.severities))} of all {len(defaults.corruptions)} corruptions.")
-    random_baseline = c.checkbox("Also retrain with random k-hot masks", value=defaults.random_baseline)
-    submitted = st.form_submit_button("Train selector and run the report", type="primary")
-if submitted:
-    config = xcr_ui.build_config(ws, k=k, beta=beta, selector_epochs=selector_epochs, epochs=epochs, seeds=seeds,
-                                 all_severities=all_severities, random_baseline=random_baseline)
-    st.query_params["run"] = xcr_ui.start_run(ws, config)
+if not read_only_notice():
+    with st.form("xcr-run"):
+        st.markdown("**New run** (runs in the background; you can leave the page)")
+        a, b, c, d = st.columns(4)
+        k = a.number_input("k (patches kept)", min_value=1, value=int(defaults.selector.k), step=1,
+                           help=f"Out of d = (image size / {defaults.selector.patch_size})² patches; 12.5% of 256 is 32.")
+        betas = list(XCR_BETA_CHOICES)
+        beta = b.selectbox("β (KL weight)", betas, index=betas.index(defaults.selector.beta) if defaults.selector.beta in betas else len(betas) - 1)
+        selector_epochs = c.number_input("Selector epochs", min_value=1, value=int(defaults.selector.epochs), step=1)
+        epochs = d.number_input("Retraining epochs", min_value=1, value=int(defaults.retrain.epochs), step=1)
+        a, b, c = st.columns(3)
+        seeds = a.number_input("Seeds", min_value=1, max_value=10, value=len(defaults.seeds), step=1, help="Tables show the mean over seeds.")
+        all_severities = b.checkbox("All 5 severities", value=tuple(defaults.severities) == (1, 2, 3, 4, 5),
+                                    help=f"Default: severities {', '.join(map(str, defaults.severities))} of all {len(defaults.corruptions)} corruptions.")
+        random_baseline = c.checkbox("Also retrain with random k-hot masks", value=defaults.random_baseline)
+        submitted = st.form_submit_button("Train selector and run the report", type="primary")
+    if submitted:
+        config = xcr_ui.build_config(ws, k=k, beta=beta, selector_epochs=selector_epochs, epochs=epochs, seeds=seeds,
+                                     all_severities=all_severities, random_baseline=random_baseline)
+        st.query_params["run"] = xcr_ui.start_run(ws, config)
 
 runs = xcr_ui.workspace_runs(ws)
 active = [r for r in runs if r.status in xcr_ui.ACTIVE]
@@ -48,8 +50,11 @@ if finished and finished[0].status != "done":
     st.warning(f"The latest run `{finished[0].run_id}` {finished[0].status}: {finished[0].error or 'no message'}")
 done = [r for r in runs if r.status == "done" and r.result]
 if not done:
-    st.info("No finished XCR run for this workspace yet. Start one above (several minutes on 2 CPU cores; the monitor shows "
-            "progress), or run `python -m cfdebug xcr` in a terminal.")
+    if read_only():
+        st.info("No finished XCR run for this workspace yet, and this read-only dashboard cannot start one.")
+    else:
+        st.info("No finished XCR run for this workspace yet. Start one above (several minutes on 2 CPU cores; the monitor shows "
+                "progress), or run `python -m cfdebug xcr` in a terminal.")
     st.stop()
 
 ids = [r.run_id for r in done]

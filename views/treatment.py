@@ -12,6 +12,7 @@ from cfdebug import ui, viz
 from cfdebug.config import TREATMENT_LAMBDA1_GRID, TREATMENT_LAMBDA2_GRID, TREATMENT_LR_GRID, TreatmentConfig
 from cfdebug.runs import cancel
 from cfdebug.ui import treatment as tui
+from cfdebug.ui.access import read_only, read_only_notice
 
 st.header("Treatment")
 ws = ui.workspace_page()
@@ -23,28 +24,30 @@ st.caption(
 )
 
 DEFAULTS = TreatmentConfig()
-with st.form("launch"):
-    c1, c2 = st.columns(2)
-    lambda1 = c1.select_slider("λ1 (MC filters)", options=list(TREATMENT_LAMBDA1_GRID), value=DEFAULTS.lambda1, format_func=lambda v: f"{v:g}",
-                               help="Log-spaced; the paper's grid spans 1e-4 … 2e-3")
-    lambda2 = c2.select_slider("λ2 (non-MC filters)", options=list(TREATMENT_LAMBDA2_GRID), value=DEFAULTS.lambda2, format_func=lambda v: f"{v:g}",
-                               help="Log-spaced; the paper's grid spans 1e-5 … 1e-4")
-    c3, c4, c5, c6 = st.columns(4)
-    epochs = c3.number_input("Epochs", 1, 200, DEFAULTS.epochs)
-    lr = c4.select_slider("Learning rate (SGD)", options=list(TREATMENT_LR_GRID), value=DEFAULTS.lr, format_func=lambda v: f"{v:g}")
-    seed = c5.number_input("First seed", 0, 10_000, DEFAULTS.seed)
-    n_seeds = c6.number_input("Seeds", 1, 5, 3, help="Treated and control runs per seed; 3 or more give the verdict a 95% interval.")
-    if st.form_submit_button("Launch run", type="primary"):
-        run_id = tui.launch_treatment(ws, float(lambda1), float(lambda2), int(epochs), float(lr), int(seed), int(n_seeds))
-        st.session_state["treatment_selected"] = run_id
-        st.toast(f"Started {run_id}")
+if not read_only_notice():
+    with st.form("launch"):
+        c1, c2 = st.columns(2)
+        lambda1 = c1.select_slider("λ1 (MC filters)", options=list(TREATMENT_LAMBDA1_GRID), value=DEFAULTS.lambda1, format_func=lambda v: f"{v:g}",
+                                   help="Log-spaced; the paper's grid spans 1e-4 … 2e-3")
+        lambda2 = c2.select_slider("λ2 (non-MC filters)", options=list(TREATMENT_LAMBDA2_GRID), value=DEFAULTS.lambda2, format_func=lambda v: f"{v:g}",
+                                   help="Log-spaced; the paper's grid spans 1e-5 … 1e-4")
+        c3, c4, c5, c6 = st.columns(4)
+        epochs = c3.number_input("Epochs", 1, 200, DEFAULTS.epochs)
+        lr = c4.select_slider("Learning rate (SGD)", options=list(TREATMENT_LR_GRID), value=DEFAULTS.lr, format_func=lambda v: f"{v:g}")
+        seed = c5.number_input("First seed", 0, 10_000, DEFAULTS.seed)
+        n_seeds = c6.number_input("Seeds", 1, 5, 3, help="Treated and control runs per seed; 3 or more give the verdict a 95% interval.")
+        if st.form_submit_button("Launch run", type="primary"):
+            run_id = tui.launch_treatment(ws, float(lambda1), float(lambda2), int(epochs), float(lr), int(seed), int(n_seeds))
+            st.session_state["treatment_selected"] = run_id
+            st.toast(f"Started {run_id}")
 
 
 @st.fragment(run_every=2)
 def live_runs():
     records = tui.runs_for(ws)
     if not records:
-        st.info("No treatment run yet for this model and dataset. Launch one above, or run `python -m cfdebug treat`.")
+        st.info("No treatment run yet for this model and dataset."
+                + (" This read-only dashboard cannot start one." if read_only() else " Launch one above, or run `python -m cfdebug treat`."))
         return
     rows = []
     for r in records:
@@ -67,7 +70,7 @@ def live_runs():
         if epoch_rows:
             st.plotly_chart(viz.training_curves(epoch_rows, f"{r.run_id}: per-epoch loss terms and validation accuracy"), width="stretch",
                             key=f"curves-{r.run_id}")
-    if running:
+    if running and not read_only():
         cols = st.columns([3, 1])
         victim = cols[0].selectbox("Running", [r.run_id for r in running], label_visibility="collapsed")
         if cols[1].button("Cancel run"):
@@ -181,7 +184,7 @@ if changes is not None:
 with st.expander("Per-epoch curves of this run"):
     st.plotly_chart(viz.training_curves(tui.history_rows(res), "Loss terms and validation accuracy per epoch"), width="stretch")
 weights = tui.treated_weights(record)
-if weights is not None:
+if weights is not None and not read_only():
     if st.button("Use the treated model as the workspace model", help="The other pages then recompute on the treated weights"):
         cfg = ws.config
         st.session_state[ui.workspace.STATE_KEY] = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=str(weights)))

@@ -14,6 +14,7 @@ import streamlit as st
 
 from ..config import config_dict
 from ..errors import CfdebugError
+from .access import read_only
 from .workspace import extraction, show_user_error
 
 RUN_KIND = "xcr"
@@ -103,7 +104,7 @@ def run_monitor(ws, run_id: str, every: float = 2.0) -> None:
         message = row.get("message") or (f"epoch {row['epoch']}" if "epoch" in row else "starting (loading the workspace)…")
         st.progress(min(max(fraction, 0.0), 1.0), text=f"`{run_id}`: {message}")
         left, right = st.columns([1, 4])
-        if left.button("Cancel run", key=f"cancel-{run_id}"):
+        if not read_only() and left.button("Cancel run", key=f"cancel-{run_id}"):
             cancel_run(ws, run_id)
             st.rerun(scope="app")
         right.caption(f"Log: `{record.log_path}`. The run keeps going if you close the page.")
