@@ -1,0 +1,439 @@
+"""The bad-input corpus (DESIGN.md house style 10): every mistake a user can make, or damage a
+cache can suffer, ends in one clear ``error:`` line and exit 2 (or a counted ``warning:`` and a
+correct result), never a traceback, and leaves nothing half-written in the workdir.
+
+Each case builds its bad file in ``tmp_path`` (tiny ImageFolder trees of 8×8 PNGs, small
+checkpoints) and drives the CLI in-process (``cli.main``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cfdebug.cli import main
+from cfdebug.models import DemoCNN
+
+# ------------------------------------------------------------------------------------ builders
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230)]
+
+
+def tiny_tree(root: Path, classes=("a", "b"), n_train=3, n_test=2, size=8) -> Path:
+    """``root/{train,test}/<class>/<i>.png``: solid-colour 8×8 RGB images, one colour per class."""
+    for split, n in (("train", n_train), ("test", n_test)):
+        for k, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                colour = tuple(min(255, c + 5 * i) for c in COLOURS[k % len(COLOURS)])
+                Image.new("RGB", (size, size), colour).save(folder / f"{i}.png")
+    return root
+
+
+def demo_checkpoint(path: Path, num_classes=2, scale: float | None = None, fill: float | None = None) -> Path:
+    torch.manual_seed(0)
+    state = DemoCNN(num_classes).state_dict()
+    if scale is not None:
+        state = {k: v * scale if v.is_floating_point() else v for k, v in state.items()}
+    if fill is not None:
+        state["features.0.weight"][0, 0, 0, 0] = fill
+        state["classifier.bias"][1] = fill
+    torch.save(state, path)
+    return path
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/cfdebug-pwned",))
+
+
+def _cub(root: Path, classes_txt="1 a\n2 b\n", labels_txt=None) -> Path:
+    (root / "images" / "a").mkdir(parents=True)
+    (root / "images" / "b").mkdir(parents=True)
+    for i, cls in enumerate(["a", "a", "b", "b"], start=1):
+        Image.new("RGB", (8, 8), COLOURS[i % 2]).save(root / "images" / cls / f"{i}.png")
+    (root / "images.txt").write_text("".join(f"{i} {c}/{i}.png\n" for i, c in enumerate(["a", "a", "b", "b"], start=1)))
+    (root / "train_test_split.txt").write_text("1 1\n2 0\n3 1\n4 0\n")
+    (root / "image_class_labels.txt").write_text(labels_txt or "1 1\n2 1\n3 2\n4 2\n")
+    (root / "classes.txt").write_text(classes_txt)
+    return root
+
+
+# ------------------------------------------------------------------------------------ harness
+@pytest.fixture
+def cli(tmp_path, capsys):
+    """``cli(*argv) -> (rc, out, err)`` with a private workdir, CPU and no progress lines."""
+    home = tmp_path / "home"
+
+    def _run(*argv, workdir=True):
+        argv = list(argv)
+        if workdir:
+            argv[1:1] = ["--workdir", str(home), "--device", "cpu", "--quiet"]
+        capsys.readouterr()
+        rc = main(argv)
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    _run.home = home
+    return _run
+
+
+def assert_one_error(rc: int, err: str, *needles: str) -> str:
+    assert "Traceback" not in err, err
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and len(lines) == 1, err
+    for needle in needles:
+        assert needle.lower() in errors[0].lower(), (needle, errors[0])
+    return errors[0]
+
+
+def assert_warned(rc: int, err: str, *needles: str) -> str:
+    assert "Traceback" not in err, err
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings, err
+    assert not [line for line in err.splitlines() if line.startswith("error:")], err
+    line = next((w for w in warnings if all(n.lower() in w.lower() for n in needles)), None)
+    assert line is not None, (needles, err)
+    return line
+
+
+def assert_nothing_half_written(home: Path) -> None:
+    if not home.exists():
+        return
+    leftovers = [str(p) for p in home.rglob("*") if ".tmp" in p.name or p.name.startswith(".bad-")]
+    assert leftovers == [], leftovers
+    objects = home / "objects"
+    if objects.is_dir():
+        for kind in objects.iterdir():
+            if kind.is_dir():
+                for artifact in kind.iterdir():
+                    assert (artifact / "manifest.json").is_file(), f"incomplete artifact {artifact}"
+
+
+def registry_rows(home: Path) -> int:
+    db = home / "runs.db"
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+
+# -------------------------------------------------------------------- the error corpus (exit 2)
+def _tree(t):
+    return tiny_tree(t / "data")
+
+
+def _ckpt(t, **kw):
+    return demo_checkpoint(t / "w.pt", **kw)
+
+
+def _extract(t, data=None, weights=None, *extra):
+    data = data or _tree(t)
+    weights = weights or _ckpt(t)
+    return ["extract", "--data", str(data), "--weights", str(weights), "--input-size", "8", "--splits", "test", *extra]
+
+
+def _one_class(t):
+    return _extract(t, tiny_tree(t / "one", classes=("only",)))
+
+
+def _empty_class(t):
+    root = _tree(t)
+    (root / "train" / "c").mkdir()
+    return _extract(t, root)
+
+
+def _unknown_test_class(t):
+    root = _tree(t)
+    (root / "test" / "zz").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "test" / "zz" / "0.png")
+    return _extract(t, root)
+
+
+def _no_test(t):
+    root = _tree(t)
+    for p in (root / "test").rglob("*.png"):
+        p.unlink()
+    for p in sorted((root / "test").rglob("*"), reverse=True):
+        p.rmdir()
+    (root / "test").rmdir()
+    return _extract(t, root)
+
+
+def _truncated_png(t):
+    root = _tree(t)
+    path = root / "test" / "a" / "0.png"
+    path.write_bytes(path.read_bytes()[:30])
+    return _extract(t, root)
+
+
+def _garbage_png(t):
+    root = _tree(t)
+    (root / "test" / "a" / "0.png").write_bytes(os.urandom(200))
+    return _extract(t, root)
+
+
+def _bomb(t):
+    root = _tree(t)
+    # 16384² one-bit pixels (268 M > Pillow's 179 M bomb limit) compress to a few kilobytes
+    Image.new("1", (16384, 16384)).save(root / "test" / "a" / "0.png", optimize=False)
+    return _extract(t, root)
+
+
+def _empty_folder(t):
+    (t / "empty").mkdir()
+    return _extract(t, t / "empty")
+
+
+def _data_is_file(t):
+    (t / "file.txt").write_text("x")
+    return _extract(t, t / "file.txt")
+
+
+def _wrong_format(t):
+    return _extract(t, _tree(t), None, "--format", "cub")
+
+
+def _cub_bad_class_id(t):
+    return _extract(t, _cub(t / "cub", classes_txt="1 a\nbee b\n"))
+
+
+def _cub_bad_label(t):
+    return _extract(t, _cub(t / "cub", labels_txt="1 1\n2 one\n3 2\n4 2\n"))
+
+
+def _cub_missing_image(t):
+    root = _cub(t / "cub")
+    (root / "images" / "b" / "4.png").unlink()
+    return _extract(t, root)
+
+
+def _cifar_exploit(t):
+    (t / "cifar").mkdir()
+    (t / "cifar" / "data_batch_1").write_bytes(pickle.dumps(_Exploit()))
+    return _extract(t, t / "cifar")
+
+
+def _cifar_bad_shape(t):
+    (t / "cifar").mkdir()
+    batch = {b"data": np.zeros((4, 100), np.uint8), b"labels": [0, 1, 0, 1]}
+    for name in ("data_batch_1", "test_batch"):
+        (t / "cifar" / name).write_bytes(pickle.dumps(batch))
+    return _extract(t, t / "cifar")
+
+
+def _weights_missing(t):
+    return _extract(t, None, t / "nope.pt")
+
+
+def _weights_dir(t):
+    (t / "wdir").mkdir()
+    return _extract(t, None, t / "wdir")
+
+
+def _weights_random(t):
+    (t / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    return _extract(t, None, t / "random.pt")
+
+
+def _weights_text(t):
+    (t / "notes.pt").write_text("these are not weights\n" * 20)
+    return _extract(t, None, t / "notes.pt")
+
+
+def _weights_empty(t):
+    (t / "empty.pt").write_bytes(b"")
+    return _extract(t, None, t / "empty.pt")
+
+
+def _weights_truncated(t):
+    path = _ckpt(t)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return _extract(t, None, path)
+
+
+def _weights_exploit(t):
+    torch.save({"features.0.weight": _Exploit()}, t / "evil.pt")
+    return _extract(t, None, t / "evil.pt")
+
+
+def _weights_not_tensors(t):
+    torch.save({"features.0.weight": [1, 2, 3]}, t / "list.pt")
+    return _extract(t, None, t / "list.pt")
+
+
+def _weights_wrong_arch(t):
+    torch.save(torch.nn.Linear(4, 2).state_dict(), t / "linear.pt")
+    return _extract(t, None, t / "linear.pt")
+
+
+def _weights_wrong_classes(t):
+    return _extract(t, None, demo_checkpoint(t / "w3.pt", num_classes=3))
+
+
+def _weights_nan(t):
+    return _extract(t, None, _ckpt(t, fill=float("nan")))
+
+
+def _weights_inf(t):
+    return _extract(t, None, _ckpt(t, fill=float("inf")))
+
+
+def _weights_overflow(t):
+    # every weight finite, but 1e30 × 1e30 overflows: the logits are not finite
+    return _extract(t, None, _ckpt(t, scale=1e30))
+
+
+def _opt(*flags):
+    return lambda t: _extract(t, None, None, *flags)
+
+
+def _train_out_dir(t):
+    (t / "outdir").mkdir()
+    return ["train", "--data", str(_tree(t)), "--input-size", "8", "--epochs", "1", "--out", str(t / "outdir")]
+
+
+def _train_out_under_file(t):
+    (t / "afile").write_text("x")
+    return ["train", "--data", str(_tree(t)), "--input-size", "8", "--epochs", "1", "--out", str(t / "afile" / "w.pt")]
+
+
+def _json_dir(t):
+    (t / "jsondir").mkdir()
+    return _extract(t, None, None, "--json", str(t / "jsondir"))
+
+
+def _csv_dir(t):
+    (t / "csvdir").mkdir()
+    return ["detect", "--data", str(_tree(t)), "--weights", str(_ckpt(t)), "--input-size", "8", "--csv", str(t / "csvdir")]
+
+
+def _splits_bogus(t):
+    return _extract(t, None, None)[:-2] + ["--splits", "test,bogus"]
+
+
+def _treat_epochs_0(t):
+    return ["treat", "--data", str(_tree(t)), "--weights", str(_ckpt(t)), "--input-size", "8", "--treat-epochs", "0"]
+
+
+def _treat_train_epochs_0(t):
+    return ["treat", "--data", str(_tree(t)), "--input-size", "8", "--epochs", "0"]
+
+
+def _treat_lambda_out_of_range(t):
+    return ["treat", "--lambda1", "5"]
+
+
+def _treat_resume_unknown(t):
+    return ["treat", "--resume", "treat-nope"]
+
+
+def _treat_config_missing(t):
+    return ["treat", "--config", str(t / "run.json")]
+
+
+def _treat_config_not_json(t):
+    (t / "run.json").write_text("{not json")
+    return ["treat", "--config", str(t / "run.json")]
+
+
+def _runs_cancel_unknown(t):
+    return ["runs", "--cancel", "nope"]
+
+
+def _export_not_empty(t):
+    (t / "full").mkdir()
+    (t / "full" / "x.txt").write_text("keep me")
+    return ["export-demo", str(t / "full")]
+
+
+def _report_markdown_missing(t):
+    return ["report", "--markdown", str(t / "README-missing.md")]
+
+
+# (id, builder, needles in the error line, whether the builder's argv takes the workdir options)
+ERROR_CASES = [
+    ("data-missing", lambda t: _extract(t, t / "nowhere"), ["does not exist"]),
+    ("data-is-file", _data_is_file, ["folder"]),
+    ("data-empty-folder", _empty_folder, ["layout"]),
+    ("data-no-test", _no_test, ["test"]),
+    ("data-one-class", _one_class, ["one class", "at least 2"]),
+    ("data-empty-class-folder", _empty_class, ["no images"]),
+    ("data-unknown-test-class", _unknown_test_class, ["zz"]),
+    ("data-wrong-format", _wrong_format, ["images.txt"]),
+    ("image-truncated", _truncated_png, ["0.png"]),
+    ("image-garbage", _garbage_png, ["0.png"]),
+    ("image-bomb", _bomb, ["decompression bomb"]),
+    ("cub-class-id-not-integer", _cub_bad_class_id, ["classes.txt", "bee"]),
+    ("cub-label-not-integer", _cub_bad_label, ["image_class_labels.txt", "one"]),
+    ("cub-missing-image", _cub_missing_image, ["4.png"]),
+    ("cifar-malicious-pickle", _cifar_exploit, ["refusing", "system"]),
+    ("cifar-bad-shape", _cifar_bad_shape, ["3072"]),
+    ("weights-missing", _weights_missing, ["nope.pt", "does not exist"]),
+    ("weights-directory", _weights_dir, ["wdir"]),
+    ("weights-random-bytes", _weights_random, ["not a checkpoint"]),
+    ("weights-text", _weights_text, ["not a checkpoint"]),
+    ("weights-empty", _weights_empty, ["empty"]),
+    ("weights-truncated", _weights_truncated, ["w.pt"]),
+    ("weights-malicious-pickle", _weights_exploit, ["pickled python objects"]),
+    ("weights-not-tensors", _weights_not_tensors, ["not a state_dict"]),
+    ("weights-wrong-architecture", _weights_wrong_arch, ["missing keys"]),
+    ("weights-wrong-class-count", _weights_wrong_classes, ["classifier.weight", "(3, 64)"]),
+    ("weights-nan", _weights_nan, ["not finite", "features.0.weight", "classifier.bias"]),
+    ("weights-inf", _weights_inf, ["not finite", "features.0.weight"]),
+    ("weights-overflow", _weights_overflow, ["not finite", "logits"]),
+    ("device-bogus", _opt("--device", "bogus"), ["--device"]),
+    ("device-cpu-abc", _opt("--device", "cpu:abc"), ["--device", "cpu:abc"]),
+    ("device-cuda-abc", _opt("--device", "cuda:abc"), ["--device"]),
+    ("layer-empty", _opt("--layer", ""), ["--layer"]),
+    ("layer-blank", _opt("--layer", "  "), ["--layer"]),
+    ("layer-unknown", _opt("--layer", "features.99"), ["features.99"]),
+    ("input-size-tiny", _opt("--input-size", "2"), ["--input-size"]),
+    ("input-size-absurd", _opt("--input-size", "1000000"), ["--input-size", "4096"]),
+    ("batch-size-0", _opt("--batch-size", "0"), ["--batch-size"]),
+    ("bias-out-of-range", _opt("--bias", "2"), ["--bias"]),
+    ("val-fraction-1", _opt("--val-fraction", "1"), ["--val-fraction"]),
+    ("splits-bogus", _splits_bogus, ["bogus"]),
+    ("json-is-directory", _json_dir, ["--json", "directory"]),
+    ("csv-is-directory", _csv_dir, ["--csv", "directory"]),
+    ("train-out-is-directory", _train_out_dir, ["--out", "directory"]),
+    ("train-out-under-file", _train_out_under_file, ["--out", "afile"]),
+    ("treat-epochs-0", _treat_epochs_0, ["--treat-epochs"]),
+    ("treat-train-epochs-0", _treat_train_epochs_0, ["--epochs"]),
+    ("treat-lambda-out-of-range", _treat_lambda_out_of_range, ["--lambda1"]),
+    ("treat-resume-unknown", _treat_resume_unknown, ["treat-nope"]),
+    ("treat-config-missing", _treat_config_missing, ["run.json", "does not exist"]),
+    ("treat-config-not-json", _treat_config_not_json, ["run.json", "JSON"]),
+    ("runs-cancel-unknown", _runs_cancel_unknown, ["nope"]),
+    ("export-demo-not-empty", _export_not_empty, ["full"]),
+    ("report-markdown-missing", _report_markdown_missing, ["README-missing.md"]),
+]
+_NO_DEVICE_OPTS = {"runs-cancel-unknown", "export-demo-not-empty"}
+
+
+@pytest.mark.parametrize("build, needles", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
+def test_bad_input_is_one_error_line(cli, tmp_path, request, build, needles):
+    argv = build(tmp_path)
+    case = request.node.callspec.id
+    if case in _NO_DEVICE_OPTS:
+        argv = argv[:1] + (["--workdir", str(cli.home)] if case.startswith("runs") else []) + argv[1:]
+    rc, out, err = cli(*argv, workdir=case not in _NO_DEVICE_OPTS)
+    assert_one_error(rc, err, *needles)
+    assert_nothing_half_written(cli.home)
+    assert registry_rows(cli.home) == 0
+    assert not Path("/tmp/cfdebug-pwned").exists()
+    if case.startswith("train-out"):
+        assert not (cli.home / "objects" / "models").exists()  # checked before training
