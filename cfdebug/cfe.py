@@ -671,7 +671,7 @@ def _check_finite_heads(arrays: dict[str, np.ndarray], kind: str) -> None:
     bad = [name for name in ("weight", "bias", "shift", "scale") if not np.isfinite(arrays[name]).all()]
     if bad:
         raise CfdebugError(
-            f"Expected finite {kind.upper()} head parameters, but {', '.join(bad)} hold NaN or inf (the CFE fit "
+            f"Expected finite {kind.upper()} head parameters, but {', '.join(bad)} are not finite (NaN or inf; the CFE fit "
             "diverged). Nothing was cached; lower the CFE learning rate or check the extracted features."
         )
 

@@ -297,6 +297,8 @@ def cmd_treat(args) -> dict | None:
     run_id = None
     if args.resume:
         record = registry.get(args.resume)
+        if record.status == "unreadable":
+            raise CfdebugError(f"Cannot resume run {args.resume}: its {record.error}. Start a new run instead.")
         if record.kind != "treat":
             raise CfdebugError(f"Run {args.resume} is a {record.kind!r} run, not a treatment run; resume it with `python -m cfdebug {record.kind} --resume {args.resume}`.")
         run_id, spec = record.run_id, record.config

@@ -437,3 +437,236 @@ def test_bad_input_is_one_error_line(cli, tmp_path, request, build, needles):
     assert not Path("/tmp/cfdebug-pwned").exists()
     if case.startswith("train-out"):
         assert not (cli.home / "objects" / "models").exists()  # checked before training
+
+
+# -------------------------------------------- damaged caches: warn, discard, recompute (exit 0)
+def _extract_json(cli, tmp_path, argv, name):
+    out = tmp_path / f"{name}.json"
+    rc, _, err = cli(*argv, "--json", str(out))
+    return rc, err, json.loads(out.read_text()) if rc == 0 else None
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _same_size_garbage(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(1).bytes(path.stat().st_size))
+
+
+def _remove(path: Path) -> None:
+    path.unlink()
+
+
+CACHE_DAMAGE = [
+    ("features-npy-truncated", "features.npy", _truncate, ["features.npy", "truncated"]),
+    ("logits-npy-same-size-garbage", "logits.npy", _same_size_garbage, ["logits.npy", "SHA-256"]),
+    ("meta-json-garbage", "meta.json", _same_size_garbage, ["meta.json", "SHA-256"]),
+    ("labels-npy-missing", "labels.npy", _remove, ["labels.npy", "missing"]),
+    ("manifest-missing", "manifest.json", _remove, ["manifest.json"]),
+    ("manifest-garbage", "manifest.json", _same_size_garbage, ["manifest.json", "unreadable"]),
+]
+
+
+@pytest.mark.parametrize("name, damage, needles", [c[1:] for c in CACHE_DAMAGE], ids=[c[0] for c in CACHE_DAMAGE])
+def test_damaged_extraction_is_discarded_and_recomputed(cli, tmp_path, name, damage, needles):
+    argv = _extract(tmp_path)
+    rc, err, first = _extract_json(cli, tmp_path, argv, "first")
+    assert rc == 0 and "warning" not in err, err
+    artifact = Path(first["splits"]["test"]["artifact"])
+    features = np.load(artifact / "features.npy")
+    damage(artifact / name)
+    rc, err, second = _extract_json(cli, tmp_path, argv, "second")
+    assert_warned(rc, err, "discarding", *needles)
+    assert second["splits"]["test"]["cache_hit"] is False
+    assert second["splits"]["test"]["accuracy"] == first["splits"]["test"]["accuracy"]
+    np.testing.assert_array_equal(np.load(artifact / "features.npy"), features)
+    rc, err, third = _extract_json(cli, tmp_path, argv, "third")
+    assert rc == 0 and "warning" not in err and third["splits"]["test"]["cache_hit"] is True, err
+    assert_nothing_half_written(cli.home)
+
+
+def test_truncated_cached_model_is_retrained_to_the_same_weights(cli, tmp_path):
+    argv = ["train", "--data", str(_tree(tmp_path)), "--input-size", "8", "--epochs", "1"]
+    rc, out, err = cli(*argv, "--out", str(tmp_path / "first.pt"))
+    assert rc == 0 and "trained" in out, err
+    (cached,) = (cli.home / "objects" / "models").glob("*/model.pt")
+    _truncate(cached)
+    rc, out, err = cli(*argv, "--out", str(tmp_path / "second.pt"))
+    assert_warned(rc, err, "discarding", "model.pt", "truncated")
+    assert "model trained" in out
+    first, second = (torch.load(tmp_path / f, weights_only=True) for f in ("first.pt", "second.pt"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert_nothing_half_written(cli.home)
+
+
+# ---------------------------------------- a file where the cache expects a folder, read-only
+def test_file_where_the_cache_kind_folder_goes(cli, tmp_path):
+    (cli.home / "objects").mkdir(parents=True)
+    (cli.home / "objects" / "extract").write_text("in the way")
+    assert_one_error(*cli(*_extract(tmp_path))[::2], "objects/extract", "--workdir")
+    assert_nothing_half_written(cli.home)
+
+
+def test_file_where_an_artifact_folder_goes(cli, tmp_path):
+    argv = _extract(tmp_path)
+    rc, err, first = _extract_json(cli, tmp_path, argv, "first")
+    artifact = Path(first["splits"]["test"]["artifact"])
+    for p in artifact.iterdir():
+        p.unlink()
+    artifact.rmdir()
+    artifact.write_text("in the way")
+    assert_one_error(*cli(*argv)[::2], str(artifact), "a file is there")
+
+
+def test_workdir_is_a_file(cli, tmp_path):
+    cli.home.write_text("not a folder")
+    assert_one_error(*cli(*_extract(tmp_path))[::2], "work directory", str(cli.home))
+
+
+def test_read_only_workdir_on_a_cache_miss(cli, tmp_path, monkeypatch):
+    argv = _extract(tmp_path)
+    cli.home.mkdir()
+    (cli.home / "objects").mkdir()
+    real_mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):  # as a read-only filesystem answers (the tests may run as root)
+        if str(self).startswith(str(cli.home / "objects")):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert_one_error(*cli(*argv)[::2], "Permission denied", "--workdir")
+    monkeypatch.undo()
+    assert list((cli.home / "objects").iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_read_only_workdir_for_real(cli, tmp_path):
+    argv = _extract(tmp_path)
+    (cli.home / "objects").mkdir(parents=True)
+    os.chmod(cli.home / "objects", 0o555)
+    try:
+        assert_one_error(*cli(*argv)[::2], "--workdir")
+    finally:
+        os.chmod(cli.home / "objects", 0o755)
+
+
+# ------------------------------------------------- dataset walking: counted skips (exit 0)
+def _self_link(root):
+    os.symlink("self.png", root / "train" / "a" / "self.png")
+
+
+def _dangling_link(root):
+    os.symlink(root / "nowhere.png", root / "train" / "a" / "gone.png")
+
+
+def _folder_loop(root):
+    os.symlink("..", root / "train" / "a" / "loop")
+
+
+def _non_utf8_name(root):
+    name = os.fsdecode(b"bad\xff.png")
+    Image.new("RGB", (8, 8)).save(root / "train" / "b" / name, format="PNG")
+
+
+def _notes(root):
+    (root / "train" / "a" / "notes.txt").write_text("not an image")
+
+
+SKIPS = [
+    ("self-referencing-symlink", _self_link, ["1 file", "self.png", "symlink"]),
+    ("dangling-symlink", _dangling_link, ["1 file", "gone.png", "symlink"]),
+    ("non-utf8-name", _non_utf8_name, ["1 file", "bad\\xff.png", "UTF-8"]),
+    ("non-image-file", _notes, ["1 file", "notes.txt"]),
+]
+
+
+@pytest.mark.parametrize("make, needles", [c[1:] for c in SKIPS], ids=[c[0] for c in SKIPS])
+def test_unusable_dataset_files_are_counted_skips(cli, tmp_path, make, needles):
+    root = _tree(tmp_path)
+    make(root)
+    rc, err, report = _extract_json(cli, tmp_path, _extract(tmp_path, root), "r")
+    assert_warned(rc, err, "skipped", *needles)
+    assert len(report["skipped_files"]) == 1
+    assert report["splits"]["test"]["n"] == 4
+
+
+def test_a_folder_symlink_loop_is_not_followed(cli, tmp_path):
+    root = _tree(tmp_path)
+    _folder_loop(root)
+    rc, out, err = cli(*_extract(tmp_path, root))
+    assert rc == 0 and "Traceback" not in err, err
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits(cli, tmp_path):
+    from cfdebug.data import read_image
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)  # 0 … 65520
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I;16")
+    pixels = np.asarray(read_image(tmp_path / "grey16.png"))
+    assert pixels.shape == (8, 8, 3) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels[..., 1], np.rint(ramp * (255 / 65535)).astype(np.uint8))
+    assert (pixels == 255).mean() < 0.05  # Pillow's own convert("RGB") clips 98% of them to 255
+    root = _tree(tmp_path)
+    Image.fromarray(ramp).save(root / "test" / "a" / "0.png")
+    rc, out, err = cli(*_extract(tmp_path, root))
+    assert rc == 0 and not err.strip(), err
+
+
+# ------------------------------------------------------------------------------ NaN CFE heads
+def test_detect_never_caches_nan_heads(cli, tmp_path, monkeypatch):
+    import cfdebug.cfe as cfe
+
+    real_fit = cfe.fit_mc_heads
+
+    def diverged(*args, **kwargs):
+        heads, history = real_fit(*args, **kwargs)
+        with torch.no_grad():
+            heads.weight.fill_(float("nan"))
+        return heads, history
+
+    monkeypatch.setattr(cfe, "fit_mc_heads", diverged)
+    argv = ["detect", "--data", str(_tree(tmp_path)), "--weights", str(_ckpt(tmp_path)), "--input-size", "8", "--cfe-epochs", "1"]
+    assert_one_error(*cli(*argv)[::2], "not finite", "weight", "nothing was cached")
+    assert not (cli.home / "objects" / "cfe").exists() or not list((cli.home / "objects" / "cfe").iterdir())
+    assert not (cli.home / "objects" / "detect").exists()
+    assert_nothing_half_written(cli.home)
+
+
+# --------------------------------------------------------------------------------------- runs
+def _registered_treat_run(home: Path):
+    from cfdebug.config import DataConfig, ModelConfig, TreatmentConfig, WorkspaceConfig
+    from cfdebug.jobs import treat_spec
+    from cfdebug.runs import RunRegistry
+
+    registry = RunRegistry(home)
+    ws = WorkspaceConfig(model=ModelConfig(), data=DataConfig(), device="cpu", workdir=str(home))
+    return registry, registry.create("treat", treat_spec(ws, TreatmentConfig(epochs=1), [1e-3], [2e-5], [0])).run_id
+
+
+def test_resuming_a_run_that_is_still_running_is_refused(cli):
+    registry, run_id = _registered_treat_run(cli.home)
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        registry.set_status(run_id, "running", pid=owner.pid)
+        rc, out, err = cli("treat", "--resume", run_id)
+        assert_one_error(rc, err, run_id, "still running", f"pid {owner.pid}")
+        record = registry.get(run_id)
+        assert record.status == "running" and record.pid == owner.pid
+        assert not record.progress_path.exists() and registry.progress(run_id) == []
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_a_registry_row_whose_config_is_not_json_is_listed_as_unreadable(cli):
+    registry, run_id = _registered_treat_run(cli.home)
+    with sqlite3.connect(registry.db_path) as conn:
+        conn.execute("UPDATE runs SET config = ? WHERE run_id = ?", ("{truncated", run_id))
+    rc, out, err = cli("runs", "--workdir", str(cli.home), workdir=False)
+    assert rc == 0 and "Traceback" not in err, err
+    (line,) = [line for line in out.splitlines() if run_id in line]
+    assert "unreadable" in line and "config" in line
+    assert_one_error(*cli("treat", "--resume", run_id)[::2], run_id, "unreadable", "new run")
