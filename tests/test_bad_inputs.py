@@ -531,7 +531,7 @@ def test_read_only_workdir_on_a_cache_miss(cli, tmp_path, monkeypatch):
     real_mkdir = Path.mkdir
 
     def refuse(self, *args, **kwargs):  # as a read-only filesystem answers (the tests may run as root)
-        if str(self).startswith(str(cli.home / "objects")):
+        if str(self).startswith(str(cli.home / "objects") + os.sep):  # objects/ itself exists
             raise PermissionError(13, "Permission denied", str(self))
         return real_mkdir(self, *args, **kwargs)
 
@@ -575,10 +575,10 @@ def _notes(root):
 
 
 SKIPS = [
-    ("self-referencing-symlink", _self_link, ["1 file", "self.png", "symlink"]),
-    ("dangling-symlink", _dangling_link, ["1 file", "gone.png", "symlink"]),
-    ("non-utf8-name", _non_utf8_name, ["1 file", "bad\\xff.png", "UTF-8"]),
-    ("non-image-file", _notes, ["1 file", "notes.txt"]),
+    ("self-referencing-symlink", _self_link, ["skipped 1", "self.png", "symlink"]),
+    ("dangling-symlink", _dangling_link, ["skipped 1", "gone.png", "symlink"]),
+    ("non-utf8-name", _non_utf8_name, ["skipped 1", "bad\\xff.png", "UTF-8"]),
+    ("non-image-file", _notes, ["skipped 1", "notes.txt"]),
 ]
 
 
