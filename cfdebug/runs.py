@@ -838,14 +838,14 @@ def run_context(registry: RunRegistry, run_id: str, *, handle_sigterm: bool = Tr
 def _refuse_if_running_elsewhere(registry: RunRegistry, run_id: str, pid, pid_start, host) -> None:
     """Refuse to run ``run_id`` while another live process on this host owns it (a second
     ``--resume`` would train the same run folder twice). The owner is this process, or the
-    process group :func:`launch` started (``torchrun`` and its workers share it)."""
+    process :func:`launch` started or one of its children (``torchrun``'s workers)."""
     status = registry._execute(
         lambda conn: (conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone() or (None,))[0],
         write=False,
     )
     if status != "running" or pid is None or host != socket.gethostname() or not _pid_alive(pid, pid_start):
         return
-    if pid in (os.getpid(), os.getpgid(0)):
+    if _is_self_or_ancestor(pid):
         return
     raise CfdebugError(
         f"Expected a run that is not running, but run {run_id!r} is still running (pid {pid}). Wait for "
@@ -905,6 +905,28 @@ def _dumps(value: Any, *, what: str, indent: int | None = None) -> str:
 
 def _loads(text: str) -> Any:
     return json.loads(text)
+
+
+def _is_self_or_ancestor(pid: int) -> bool:
+    """Whether ``pid`` is this process or one of its parents (Linux ``/proc``; elsewhere the
+    direct parent only). ``torchrun`` puts its workers in their own sessions, so the process
+    group does not tell."""
+    current = os.getpid()
+    for _ in range(64):
+        if current == pid:
+            return True
+        if current == os.getpid():
+            current = os.getppid()
+            continue
+        try:
+            with open(f"/proc/{current}/stat") as handle:
+                text = handle.read()
+            current = int(text[text.rfind(")") + 2 :].split()[1])  # field 4: the parent's pid
+        except (OSError, ValueError, IndexError):
+            return False
+        if current <= 1:
+            return False
+    return False
 
 
 def _proc_stat(pid: int) -> tuple[str, str] | None:
