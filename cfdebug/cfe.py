@@ -666,8 +666,23 @@ def heads_key(workspace, kind: str, config: CFEConfig) -> str:
     return stable_hash(CACHE_KIND, kind, workspace.key_parts, config_dict(config), _CACHE_VERSION)
 
 
+def _check_finite_heads(arrays: dict[str, np.ndarray], kind: str) -> None:
+    """Refuse to store (or use) heads whose parameters are not finite: their masks would be garbage."""
+    bad = [name for name in ("weight", "bias", "shift", "scale") if not np.isfinite(arrays[name]).all()]
+    if bad:
+        raise CfdebugError(
+            f"Expected finite {kind.upper()} head parameters, but {', '.join(bad)} are not finite (NaN or inf; the CFE fit "
+            "diverged). Nothing was cached; lower the CFE learning rate or check the extracted features."
+        )
+
+
 def _load_heads(workspace, kind: str, key: str, cls, config: CFEConfig) -> FittedHeads:
     arrays, meta = workspace.store.load_arrays(CACHE_KIND, key)
+    try:
+        _check_finite_heads(arrays, kind)
+    except CfdebugError:  # stored before this check existed: drop it so the next run refits
+        workspace.store.discard(CACHE_KIND, key, "its head parameters are not finite")
+        raise
     w = torch.from_numpy(np.array(arrays.pop("weight")))
     heads = cls(w.shape[0], w.shape[1], config.mask_threshold) if cls is MCHeads else cls(w.shape[0], w.shape[1])
     with torch.no_grad():
@@ -718,6 +733,7 @@ def mc_heads(workspace, config: CFEConfig | None = None, progress: Progress | No
             "mean_mc_filters": stats["mean_mc_filters"],
             "n_correct": stats["n_correct"],
         }
+        _check_finite_heads(arrays, "mc")
         workspace.store.save_arrays(CACHE_KIND, key, arrays, meta)
         if progress:
             progress(1.0, "MC heads stored")
@@ -755,6 +771,7 @@ def mi_heads(workspace, config: CFEConfig | None = None, progress: Progress | No
             "shift": heads.shift.cpu().numpy(),
             "scale": heads.scale.cpu().numpy(),
         }
+        _check_finite_heads(arrays, "mi")
         workspace.store.save_arrays(CACHE_KIND, key, arrays, meta)
     result = _load_heads(workspace, "mi", key, MIHeads, config)
     result.cache_hit = hit

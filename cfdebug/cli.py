@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
 
-from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, TreatmentConfig, WorkspaceConfig, default_workdir, for_cli
+from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, TreatmentConfig, WorkspaceConfig, default_workdir, for_cli, rename_fields
 from .errors import CfdebugError
 from .runtime import DEVICE_CHOICES
 from .serve import DEFAULT_HOST, DEFAULT_PORT
@@ -109,8 +110,10 @@ def cmd_train(args) -> dict:
     if args.out:
         import shutil
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, args.out)
+        from .store import atomic_file
+
+        with atomic_file(args.out) as tmp:
+            shutil.copyfile(path, tmp)
         print(f"weights written to {args.out}")
     return {"model": ws.config.model.name, "data": ws.data.name, "checkpoint": str(path), "accuracy": acc, "cache_hit": bool(meta.get("cache_hit"))}
 
@@ -118,13 +121,15 @@ def cmd_train(args) -> dict:
 def cmd_extract(args) -> dict:
     ws = _open_workspace(args)
     report = {"model": ws.config.model.name, "layer": ws.target.name, "data": ws.data.name, "splits": {}}
-    if ws.data.skipped:
-        print(f"warning: skipped {len(ws.data.skipped)} non-image file(s), e.g. {ws.data.skipped[0]}", file=sys.stderr)
-        report["skipped_files"] = list(ws.data.skipped)
-    print(f"{ws.config.model.name} (target layer {ws.target.name}) on {ws.data.describe()}, device {ws.device}")
-    for split in args.splits.split(","):
+    splits = args.splits.split(",")
+    for split in splits:  # before any split is extracted
         if split not in ws.data.splits:
             raise CfdebugError(f"Expected `--splits` from train,val,test, but got {split!r}.")
+    if ws.data.skipped:
+        print(f"warning: skipped {len(ws.data.skipped)} file(s) that are not usable images, e.g. {ws.data.skipped[0]}", file=sys.stderr)
+        report["skipped_files"] = list(ws.data.skipped)
+    print(f"{ws.config.model.name} (target layer {ws.target.name}) on {ws.data.describe()}, device {ws.device}")
+    for split in splits:
         ex = ws.extractions.get(split, progress_printer(args, f"extract {split}: "))
         recall = ex.per_class_recall(ws.data.num_classes)
         n, c = ex.features.shape
@@ -239,11 +244,19 @@ def treat_run_config(args) -> dict:
             raise CfdebugError(f"Expected every `{name}` value to be in [0, 1], but got {bad[0]:g}.")
     if not (l1 and l2 and seeds):
         raise CfdebugError("Expected at least one value each for --lambda1, --lambda2 and --seeds.")
-    treatment = TreatmentConfig(
-        lambda1=l1[0], lambda2=l2[0], epochs=args.treat_epochs, lr=args.treat_lr, seed=seeds[0],
-        batch_size=args.treat_batch_size, trainable=args.trainable,
-    )
+    try:
+        treatment = TreatmentConfig(
+            lambda1=l1[0], lambda2=l2[0], epochs=args.treat_epochs, lr=args.treat_lr, seed=seeds[0],
+            batch_size=args.treat_batch_size, trainable=args.trainable,
+        )
+    except CfdebugError as exc:
+        raise CfdebugError(rename_fields(str(exc), TREAT_FLAGS)) from None
     return treat_spec(workspace_config(args), treatment, l1, l2, seeds)
+
+
+#: The treat flag of each :class:`TreatmentConfig` field (its messages name the fields).
+TREAT_FLAGS = {"epochs": "--treat-epochs", "lr": "--treat-lr", "batch_size": "--treat-batch-size", "trainable": "--trainable",
+               "lambda1": "--lambda1", "lambda2": "--lambda2", "seed": "--seeds"}
 
 
 def print_table2(result: dict, model: str) -> None:
@@ -285,6 +298,8 @@ def cmd_treat(args) -> dict | None:
     run_id = None
     if args.resume:
         record = registry.get(args.resume)
+        if record.status == "unreadable":
+            raise CfdebugError(f"Cannot resume run {args.resume}: its {record.error}. Start a new run instead.")
         if record.kind != "treat":
             raise CfdebugError(f"Run {args.resume} is a {record.kind!r} run, not a treatment run; resume it with `python -m cfdebug {record.kind} --resume {args.resume}`.")
         run_id, spec = record.run_id, record.config
@@ -625,10 +640,31 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=sys.stderr)
 
 
+#: Options naming a file the command writes: checked before any work starts.
+OUTPUT_OPTIONS = (("out", "--out"), ("json", "--json"), ("csv", "--csv"))
+
+
+def check_output_path(path: str, flag: str) -> None:
+    """Refuse an output path that cannot become a file: a directory, or under a file."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise CfdebugError(f"Expected `{flag}` to name a file, but {target} is a directory. Pass a file path, e.g. {target / 'out'}.")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CfdebugError(f"Expected `{flag}` to name a file in a folder, but {parent} is a file. Pass a path in a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CfdebugError(f"Expected `{flag}` in a writable folder, but {parent} is not writable. Pass another path.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        for attr, flag in OUTPUT_OPTIONS:
+            if getattr(args, attr, None):
+                check_output_path(getattr(args, attr), flag)
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning

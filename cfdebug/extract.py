@@ -103,6 +103,7 @@ def stream_features(
             logits = model(x.to(device, non_blocking=True)).float()
             out = cap.activations[layer]
             pooled = pool(out) if keep_maps else out
+            _check_finite_outputs(logits, pooled, index)
             if feats is None:
                 feats = open_memmap(out_dir / "features.npy", mode="w+", dtype=np.float32, shape=(n_items, pooled.shape[1]))
                 logits_mm = open_memmap(out_dir / "logits.npy", mode="w+", dtype=np.float32, shape=(n_items, logits.shape[1]))
@@ -128,6 +129,19 @@ def stream_features(
             "rows were never written (the dataset's length and its indices disagree). Nothing was cached."
         )
     return {"seconds": seconds, "images_per_s": done / seconds if seconds > 0 else float("nan"), "n": done}
+
+
+def _check_finite_outputs(logits: torch.Tensor, pooled: torch.Tensor, index: torch.Tensor) -> None:
+    """Refuse NaN/inf logits or features ([B, K], [B, C]): argmax would call every such image
+    class 0, and every later stage (CFE heads, flags) would be fitted to garbage."""
+    bad = ~(torch.isfinite(logits).all(1) & torch.isfinite(pooled).all(1))
+    if bool(bad.any()):
+        first = int(index[bad.nonzero()[0, 0].item()])
+        raise CfdebugError(
+            f"Expected finite logits and target-layer features, but the model's outputs are not finite "
+            f"(NaN or inf) for {int(bad.sum())} image(s) of a batch, e.g. image {first} of the split. The weights "
+            "overflow or the input normalisation is off; check `--weights`, `--mean` and `--std`. Nothing was cached."
+        )
 
 
 def _checked_map_shape(out_dir: Path, n_items: int, fmap: torch.Tensor) -> tuple[int, ...]:

@@ -96,6 +96,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CfdebugError(f"Checkpoint {path} does not exist. Pass `--weights` the path of a saved state_dict.")
+    _check_checkpoint_bytes(path)
     if _is_torchscript(path):
         try:
             scripted = torch.jit.load(str(path), map_location="cpu")
@@ -126,7 +127,38 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     # Checkpoints saved from DataParallel/DDP prefix every key with "module.".
     if payload and all(k.startswith("module.") for k in payload):
         payload = {k[len("module."):]: v for k, v in payload.items()}
+    _check_finite(payload, path)
     return payload
+
+
+def _check_checkpoint_bytes(path: Path) -> None:
+    """Refuse a file that cannot be a checkpoint before unpickling it: torch writes a zip archive
+    (or, before 1.6, a pickle: protocol 2+ starts with byte 0x80)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head:
+        raise CfdebugError(f"Checkpoint {path} is empty (0 bytes). Pass `--weights` a file written by `torch.save(model.state_dict(), PATH)`.")
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        raise CfdebugError(
+            f"Checkpoint {path} is a damaged zip archive (truncated or cut off while copying). "
+            "Copy or save the checkpoint again."
+        )
+    if not head.startswith((b"PK", b"\x80")):
+        raise CfdebugError(
+            f"{path} is not a checkpoint: expected a file written by `torch.save` (a zip archive or a "
+            f"pickle), but it starts with {head!r}. Pass `--weights` a saved state_dict or TorchScript file."
+        )
+
+
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse NaN/inf weights: a model holding them predicts the same class for every image."""
+    bad = [k for k, v in state.items() if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CfdebugError(
+            f"Expected finite weights in checkpoint {path}, but {len(bad)} of {len(state)} tensors hold values "
+            f"that are not finite (NaN or inf): {', '.join(bad[:8])}{', …' if len(bad) > 8 else ''}. "
+            "Training probably diverged; use an earlier checkpoint or retrain with a lower learning rate."
+        )
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:

@@ -325,17 +325,29 @@ class RunRegistry:
         return self.runs_dir / run_id
 
     def _record(self, row: tuple) -> RunRecord:
+        """A row as a record; a row whose JSON columns do not parse (edited or damaged by hand) is
+        kept, with status ``unreadable``, ``config`` ``None`` and an error naming the column."""
         run_id, kind, status, config, created, updated, pid, result, error, cancel_req, last = row
+        columns = {"config": config, "progress": last, "result": result}
+        decoded = {}
+        for name, text in columns.items():
+            try:
+                decoded[name] = _loads(text) if text is not None else None
+            except (TypeError, ValueError):
+                decoded[name] = None
+                status, error = "unreadable", f"unreadable registry row: its {name} is not valid JSON"
+        if not isinstance(decoded["config"], dict) and status != "unreadable":
+            status, error = "unreadable", "unreadable registry row: its config is not a JSON object"
         return RunRecord(
             run_id=run_id,
             kind=kind,
             status=status,
-            config=_loads(config),
+            config=decoded["config"],
             created=created,
             updated=updated,
             pid=pid,
-            progress=_loads(last) if last is not None else None,
-            result=_loads(result) if result is not None else None,
+            progress=decoded["progress"],
+            result=decoded["result"],
             error=error,
             run_dir=self.run_dir(run_id),
             cancel_requested=bool(cancel_req),
@@ -780,6 +792,7 @@ def run_context(registry: RunRegistry, run_id: str, *, handle_sigterm: bool = Tr
             reg.set_result(run_id, {"val_acc": acc})
     """
     pid, pid_start, host = registry._run_pid(run_id)
+    _refuse_if_running_elsewhere(registry, run_id, pid, pid_start, host)
     own_pid = None
     if pid is None or host != socket.gethostname() or not _pid_alive(pid, pid_start):
         own_pid = os.getpid()
@@ -820,6 +833,24 @@ def run_context(registry: RunRegistry, run_id: str, *, handle_sigterm: bool = Tr
     finally:
         if installed:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _refuse_if_running_elsewhere(registry: RunRegistry, run_id: str, pid, pid_start, host) -> None:
+    """Refuse to run ``run_id`` while another live process on this host owns it (a second
+    ``--resume`` would train the same run folder twice). The owner is this process, or the
+    process :func:`launch` started or one of its children (``torchrun``'s workers)."""
+    status = registry._execute(
+        lambda conn: (conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone() or (None,))[0],
+        write=False,
+    )
+    if status != "running" or pid is None or host != socket.gethostname() or not _pid_alive(pid, pid_start):
+        return
+    if _is_self_or_ancestor(pid):
+        return
+    raise CfdebugError(
+        f"Expected a run that is not running, but run {run_id!r} is still running (pid {pid}). Wait for "
+        f"it to finish, or cancel it first (`python -m cfdebug runs --cancel {run_id}`), then resume it."
+    )
 
 
 def _finish_if_running(registry: RunRegistry, run_id: str, status: str, error: str | None) -> None:
@@ -874,6 +905,28 @@ def _dumps(value: Any, *, what: str, indent: int | None = None) -> str:
 
 def _loads(text: str) -> Any:
     return json.loads(text)
+
+
+def _is_self_or_ancestor(pid: int) -> bool:
+    """Whether ``pid`` is this process or one of its parents (Linux ``/proc``; elsewhere the
+    direct parent only). ``torchrun`` puts its workers in their own sessions, so the process
+    group does not tell."""
+    current = os.getpid()
+    for _ in range(64):
+        if current == pid:
+            return True
+        if current == os.getpid():
+            current = os.getppid()
+            continue
+        try:
+            with open(f"/proc/{current}/stat") as handle:
+                text = handle.read()
+            current = int(text[text.rfind(")") + 2 :].split()[1])  # field 4: the parent's pid
+        except (OSError, ValueError, IndexError):
+            return False
+        if current <= 1:
+            return False
+    return False
 
 
 def _proc_stat(pid: int) -> tuple[str, str] | None:

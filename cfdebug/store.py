@@ -5,16 +5,27 @@ big ones can be memory-mapped and written in a stream), a checkpoint as ``model.
 ``meta.json`` with the configs it was made from. It is written in a temporary folder beside
 the final one and renamed into place, so a killed process or two concurrent writers never
 leave a half-written artifact: the first complete rename wins and the other copy is dropped.
+
+Integrity: the writer records every file's size and SHA-256 in ``manifest.json`` (written last,
+so its presence also marks a complete artifact). :meth:`Store.exists` checks them before a cache
+hit counts: a truncated or overwritten file, a missing manifest (an artifact from an older
+cfdebug) or an unreadable one makes it warn, discard the artifact and report a miss, so the caller
+recomputes it instead of loading garbage. A verified artifact is not hashed again in the same
+process while its files' sizes and modification times stay the same.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import shutil
+import threading
+import time
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -32,11 +43,90 @@ def stable_hash(*parts) -> str:
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     """SHA-256 of a file's bytes (used for user checkpoints)."""
+    return _sha256(path, chunk)[:20]
+
+
+def _sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
-    return digest.hexdigest()[:20]
+    return digest.hexdigest()
+
+
+MANIFEST = "manifest.json"
+# Writes that fail for these reasons are the user's to fix (a full disk, a read-only workdir).
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+# A file modified this close to its verification may change again within the same mtime tick:
+# it is hashed again until it is older than this ("racy git").
+_RACY_NS = 2_000_000_000
+# folder → (stat signature of its files, time verified); shared by every Store in the process.
+_verified: dict[str, tuple[tuple, int]] = {}
+_verified_lock = threading.Lock()
+
+
+def _signature(folder: Path, names) -> tuple:
+    """``(name, size, mtime_ns, inode)`` per file: changes when a file is replaced or rewritten."""
+    out = []
+    for name in sorted(names):
+        st = (folder / name).stat()
+        out.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file under ``folder`` as a relative POSIX path (the manifest's names)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _write_manifest(folder: Path) -> None:
+    """Record size and SHA-256 of every file in ``folder`` (read back right after writing, so
+    from the page cache) in ``folder/manifest.json``."""
+    names = [n for n in _files(folder) if n != MANIFEST]
+    entries = {n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)} for n in names}
+    _write_json(folder / MANIFEST, {"format": 1, "files": entries})
+
+
+def _damage(folder: Path) -> str | None:
+    """Why the artifact in ``folder`` cannot be trusted, or ``None`` when every file matches its manifest."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        entries = manifest["files"]
+        sizes = {n: int(e["bytes"]) for n, e in entries.items()}
+    except FileNotFoundError:
+        return "it has no manifest.json (an artifact of an older cfdebug, or an interrupted copy)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"its manifest.json is unreadable ({type(exc).__name__})"
+    if "meta.json" not in entries:
+        return "its manifest.json lists no meta.json"
+    try:
+        signature = _signature(folder, entries)
+    except OSError:
+        missing = next(n for n in sorted(entries) if not (folder / n).is_file())
+        return f"{missing} is missing"
+    for name, size, _, _ in signature:
+        if size != sizes[name]:
+            return f"{name} has {size} bytes, but {sizes[name]} were written (truncated or replaced)"
+    key = str(folder)
+    now = time.time_ns()
+    with _verified_lock:
+        known = _verified.get(key)
+    if known is not None and known[0] == signature and all(now - mtime > _RACY_NS for _, _, mtime, _ in signature):
+        return None
+    for name in sorted(entries):
+        if _sha256(folder / name) != entries[name]["sha256"]:
+            return f"{name} does not match its SHA-256 (the bytes changed after it was written)"
+    with _verified_lock:
+        _verified[key] = (signature, now)
+    return None
+
+
+def _cache_error(action: str, path: Path, exc: OSError) -> CfdebugError:
+    return CfdebugError(
+        f"Expected to {action} {path}, but the system refused: {exc.strerror or exc}. "
+        "Make the work directory writable (and remove any file standing where a cache folder goes), "
+        "or pass another folder with `--workdir` / CFDEBUG_HOME."
+    )
 
 
 class Store:
@@ -56,7 +146,35 @@ class Store:
         return self.root / "objects" / kind / key
 
     def exists(self, kind: str, key: str) -> bool:
-        return (self.path(kind, key) / "meta.json").is_file()
+        """Whether a complete, undamaged artifact is cached; a damaged one is discarded (with a
+        warning saying why) and reported missing, so the caller recomputes it."""
+        folder = self.path(kind, key)
+        if not os.path.lexists(folder):
+            return False
+        if not folder.is_dir():
+            raise CfdebugError(
+                f"Expected the cache folder {folder}, but a file is there. Remove it, or pass another "
+                "folder with `--workdir` / CFDEBUG_HOME."
+            )
+        problem = _damage(folder)
+        if problem is None:
+            return True
+        self.discard(kind, key, problem)
+        return False
+
+    def discard(self, kind: str, key: str, reason: str) -> None:
+        """Remove the artifact ``kind/key`` with a warning giving ``reason`` (a damaged cache entry)."""
+        folder = self.path(kind, key)
+        warnings.warn(f"discarding the cached {kind} artifact {folder}: {reason}; it is recomputed.", stacklevel=2)
+        with _verified_lock:
+            _verified.pop(str(folder), None)
+        # Renamed first, so a concurrent reader never sees a half-deleted folder under the key.
+        doomed = folder.parent / f".bad-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(folder, doomed)
+        except OSError:
+            return  # another process discarded it first, or the folder is read-only (the writer says so)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     @contextmanager
     def writer(self, kind: str, key: str, meta: dict) -> Iterator[Path]:
@@ -65,19 +183,28 @@ class Store:
         On an exception the temporary folder is removed and nothing is left behind.
         """
         final = self.path(kind, key)
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as exc:
+            raise _cache_error("create the cache folder", tmp.parent, exc) from None
         try:
             yield tmp
             _write_json(tmp / "meta.json", meta)
+            _write_manifest(tmp)  # last: a folder with a manifest is complete
             try:
                 os.rename(tmp, final)
             except OSError:
                 # Another process finished the same artifact first; both are identical by key.
                 if not self.exists(kind, key):
-                    raise
+                    os.rename(tmp, final)  # the damaged copy in the way was discarded; retry once
                 shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno in _USER_ERRNOS:
+                raise _cache_error("write the cache artifact", final, exc) from None
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -82,6 +82,11 @@ def load_data(config: DataConfig) -> DataBundle:
         fingerprint = stable_hash(fmt, tree_fingerprint(root, files), config.val_fraction, config.seed)
         name, skipped = root.name, tuple(skipped)
         defaults = SMALL_DEFAULTS if fmt == "cifar" else IMAGENET_DEFAULTS
+    if len(classes) < 2:
+        raise CfdebugError(
+            f"Expected at least 2 classes in {name}, but found one class ({', '.join(map(str, classes)) or 'none'}): "
+            "a classifier, its errors and counterfactual filters need two or more. Add a class folder."
+        )
     size = defaults[0] if config.input_size is None else config.input_size
     if size < 8:
         raise CfdebugError(f"Expected `--input-size` to be at least 8 pixels, but got {size}.")

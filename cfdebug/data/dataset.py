@@ -80,7 +80,7 @@ def read_image(path: str | Path) -> Image.Image:
     """Open an image file as RGB, or raise :class:`CfdebugError` naming the file."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return _to_rgb(image)
     except FileNotFoundError as exc:
         raise CfdebugError(f"Image file {path} no longer exists. Re-run on the current dataset.") from exc
     except Image.DecompressionBombError as exc:
@@ -93,6 +93,17 @@ def read_image(path: str | Path) -> Image.Image:
             f"Cannot read image {path}: {exc}. The file is not a readable image (truncated or "
             "another format). Remove or replace it, then run again."
         ) from exc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB at 8 bits per channel. 16-bit grey (``I;16*``, or ``I`` holding values above 255) is
+    scaled by 255/65535; Pillow's own conversion clips it, turning almost every pixel white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image)
+        if image.mode.startswith("I;16") or array.max(initial=0) > 255:
+            array = np.rint(np.clip(array, 0, 65535) * (255.0 / 65535.0))
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("RGB")  # 2-D uint8: mode L
+    return image.convert("RGB")
 
 
 class TorchSplit(torch.utils.data.Dataset):

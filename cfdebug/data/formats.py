@@ -40,9 +40,33 @@ def tree_fingerprint(root: Path, files) -> str:
     """Hash of relative paths, sizes and modification times: changes when any file changes."""
     digest = hashlib.sha256()
     for path in files:
-        stat = Path(path).stat()
-        digest.update(f"{Path(path).relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        try:
+            stat = Path(path).stat()
+        except OSError as exc:
+            raise CfdebugError(
+                f"Expected to read the dataset file {display_path(path)}, but {exc.strerror or exc}. "
+                "Was the dataset changed while loading? Fix or remove the file, then run again."
+            ) from None
+        # surrogateescape: a path is hashed as its bytes on disk, whatever its encoding
+        digest.update(f"{Path(path).relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:20]
+
+
+def display_path(path) -> str:
+    """``path`` as printable text: bytes that are not UTF-8 shown as ``\\xNN`` escapes."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _skip_reason(path: Path) -> str | None:
+    """Why an image-named file cannot be used (a dangling or looping link, a name that is not
+    UTF-8, so ids, JSON and CSV outputs could not hold it), or ``None``."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "name is not valid UTF-8; rename it"
+    if not path.is_file():  # follows links: False for a dangling link or a link loop
+        return "dangling or self-referencing symlink" if path.is_symlink() else "not a regular file"
+    return None
 
 
 def _scan_class_folder(folder: Path, skipped: list[str]) -> list[Path]:
@@ -51,7 +75,10 @@ def _scan_class_folder(folder: Path, skipped: list[str]) -> list[Path]:
         hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)  # .ipynb_checkpoints/…
         if path.is_dir() or path.name in IGNORED_NAMES or hidden:
             continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
+        reason = _skip_reason(path)
+        if reason is not None:
+            skipped.append(f"{display_path(path)} ({reason})")
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
             images.append(path)
         else:
             skipped.append(str(path))
@@ -119,13 +146,20 @@ def _read_table(path: Path, columns: int) -> list[list[str]]:
     return rows
 
 
+def _table_int(text: str, path: Path, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise CfdebugError(f"{path}: expected the {what} to be an integer, but got {text.strip()!r}. Fix that line of the file.") from None
+
+
 def read_cub(root: Path) -> tuple[tuple[str, ...], dict[str, Split], list[Path], list[str]]:
     """The CUB-200-2011 archive layout: train/test from ``train_test_split.txt`` (1 = train)."""
     images = dict(_read_table(root / "images.txt", 2))
     split_of = dict(_read_table(root / "train_test_split.txt", 2))
     label_of = dict(_read_table(root / "image_class_labels.txt", 2))
     class_rows = _read_table(root / "classes.txt", 2)
-    class_ids = [int(i) for i, _ in class_rows]
+    class_ids = [_table_int(i, root / "classes.txt", "class id") for i, _ in class_rows]
     classes = tuple(name for _, name in class_rows)
     index_of = {cid: k for k, cid in enumerate(class_ids)}
     parts = {"train": ([], [], []), "test": ([], [], [])}
@@ -133,7 +167,7 @@ def read_cub(root: Path) -> tuple[tuple[str, ...], dict[str, Split], list[Path],
     for image_id, rel in images.items():
         if image_id not in split_of or image_id not in label_of:
             raise CfdebugError(f"Image id {image_id} ({rel}) is missing from train_test_split.txt or image_class_labels.txt in {root}.")
-        cls = int(label_of[image_id])
+        cls = _table_int(label_of[image_id], root / "image_class_labels.txt", f"class id of image {image_id}")
         if cls not in index_of:
             raise CfdebugError(f"Image {rel} has class id {cls}, which classes.txt does not list.")
         path = root / "images" / rel
