@@ -14,7 +14,7 @@ classes = ui.class_names(ws)
 K = len(classes)
 st.caption(f"Model **{ws.config.model.name}** (filters at `{ws.target.name}`, {ws.target.channels} channels) on **{ws.data.describe()}**, device `{ws.device}`.")
 if ws.data.skipped:
-    st.warning(f"{len(ws.data.skipped)} non-image file(s) in the dataset were skipped, e.g. `{ws.data.skipped[0]}`.")
+    st.warning(f"{len(ws.data.skipped)} file(s) in the dataset could not be used and were skipped (non-image files, broken links, names that are not UTF-8), e.g. `{ws.data.skipped[0]}`.")
 
 if ws.config.data.source == "biased-digits":
     st.info(
