@@ -29,7 +29,12 @@ frozen ``map_head`` on ``m ⊙ A`` with ``A`` the cached feature maps ``[N, C, h
 (:meth:`~cfdebug.extract.ExtractionCache.maps`, memory-mapped, read one batch at a time), and
 the heads are trained a block of classes at a time so the masked block ``[B, J, C, h, w]``
 stays within :data:`MAP_BLOCK_ELEMENTS` (the loss is a sum over heads, so the accumulated
-gradient is the same as one pass over all ``K``).
+gradient is the same as one pass over all ``K``). VGG's map head is itself linear in a mask
+``m ≥ 0`` up to its first FC layer (max pool, average pool, flatten, linear), so
+:class:`ChannelLinearHead` folds the pooling into that layer's weights and applies the masks to
+the pooled channel values: at 32 px the 25,088-wide first layer becomes a 512-wide one, the
+same logits to float rounding, ~6× less work per step (the FC layers after it still run per
+image and head).
 """
 
 from __future__ import annotations
@@ -174,6 +179,84 @@ class MIHeads(_StackedDense):
 # --------------------------------------------------------------------------------------------
 
 
+# Modules that commute with a non-negative per-channel scale: f(m ⊙ A) = m ⊙ f(A) for m ≥ 0
+# (max and ReLU are monotone, and so is float rounding of a product, so this holds bit for bit).
+_SCALE_COMMUTING = (nn.MaxPool2d, nn.ReLU, nn.Identity, nn.Dropout)
+_LINEAR_POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+
+
+def _leaves(module: nn.Module) -> list[nn.Module]:
+    """The modules of nested ``nn.Sequential`` containers in forward order."""
+    if type(module) is nn.Sequential:
+        return [leaf for child in module for leaf in _leaves(child)]
+    return [module]
+
+
+class ChannelLinearHead:
+    """A feature-map head ``pre → (avg pool) → Flatten → Linear → rest`` rewritten for channel masks.
+
+    ``pre`` commutes with a non-negative per-channel scale (max pool, ReLU), the pooling is
+    linear and the same for every channel, so for masks ``m ≥ 0`` the first linear layer's output
+    is ``W₁·flatten(pool(pre(m ⊙ A))) = W_eff·flatten(m ⊙ pre(A))`` with ``W_eff [O, C, q]``
+    = ``W₁`` folded with the pooling (``q`` = positions of ``pre(A)``). Torchvision's VGG at
+    32 px has ``pre(A)`` of 1×1, so the 25,088-wide first layer becomes a 512-wide one, and the
+    max pool runs once per image instead of once per image and head. ``rest`` (the FC layers
+    after the first) still runs per mask. The result equals the module on ``m ⊙ A`` up to float
+    summation order (tests: within 1e-5).
+    """
+
+    def __init__(self, pre: list[nn.Module], pool: nn.Module | None, linear: nn.Linear, rest: list[nn.Module]):
+        self.pre = nn.Sequential(*pre)
+        self.pool, self.linear, self.rest = pool, linear, nn.Sequential(*rest)
+        self._weights: dict[tuple, torch.Tensor | None] = {}
+
+    @classmethod
+    def split(cls, module: nn.Module) -> "ChannelLinearHead | None":
+        """The rewrite of ``module`` when it has that form (torchvision VGG's map head), else ``None``."""
+        leaves = _leaves(module)
+        i = 0
+        while i < len(leaves) and isinstance(leaves[i], _SCALE_COMMUTING):
+            i += 1
+        pre, pool = leaves[:i], None
+        if i < len(leaves) and isinstance(leaves[i], _LINEAR_POOLS):
+            pool, i = leaves[i], i + 1
+        if i >= len(leaves) or not isinstance(leaves[i], nn.Flatten) or (leaves[i].start_dim, leaves[i].end_dim) != (1, -1):
+            return None
+        if i + 1 >= len(leaves) or not isinstance(leaves[i + 1], nn.Linear):
+            return None
+        return cls(pre, pool, leaves[i + 1], leaves[i + 2 :])
+
+    def _weight(self, channels: int, size: tuple[int, int], device) -> torch.Tensor | None:
+        """``W_eff`` as ``[O, C·q]`` for ``pre(A)`` of spatial ``size`` (cached), or ``None`` when
+        the first layer does not read ``C`` channels of that pooled size."""
+        key = (channels, tuple(size), str(device))
+        if key not in self._weights:
+            q = size[0] * size[1]
+            with torch.no_grad():
+                basis = torch.eye(q, device=device, dtype=self.linear.weight.dtype).view(q, 1, *size)
+                pooled = (basis if self.pool is None else self.pool(basis)).reshape(q, -1)  # [q, S]: the pool as a matrix
+                s = pooled.shape[1]
+                w = None
+                if self.linear.in_features == channels * s:
+                    w1 = self.linear.weight.view(-1, channels, s)  # [O, C, S]
+                    identity = q == s and torch.equal(pooled, torch.eye(q, device=device, dtype=pooled.dtype))
+                    w = self.linear.weight if identity else torch.einsum("ocs,qs->ocq", w1, pooled).reshape(w1.shape[0], -1).contiguous()
+            self._weights[key] = w
+        return self._weights[key]
+
+    def logits(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor | None:
+        """Logits for ``m ⊙ x`` (``x`` [B, C, h, w]; ``m`` [B, C] or [B, J, C], ``m ≥ 0`` when
+        ``pre`` is not empty) as the module gives them, or ``None`` when the shapes do not fit."""
+        r = self.pre(x)  # [B, C, h', w'], once per image for all J masks
+        w = self._weight(r.shape[1], tuple(r.shape[-2:]), r.device)
+        if w is None:
+            return None
+        r = r.flatten(2)  # [B, C, q]
+        v = (m[..., None] * (r[:, None] if m.ndim == 3 else r)).flatten(-2)  # [B(, J), C·q]
+        z = self.rest(F.linear(v, w, self.linear.bias))
+        return z.flatten(0, 1) if m.ndim == 3 else z
+
+
 @dataclass(frozen=True)
 class MaskedHead:
     """The frozen classifier after the target layer, run on masked target-layer outputs.
@@ -187,10 +270,14 @@ class MaskedHead:
 
     module: nn.Module
     kind: str = "pooled"
+    #: The map head rewritten for channel masks (:class:`ChannelLinearHead`), when it has that form.
+    channel_linear: ChannelLinearHead | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.kind not in ("pooled", "map"):
             raise CfdebugError(f"Expected `kind` to be 'pooled' or 'map', but got {self.kind!r}")
+        if self.kind == "map":
+            object.__setattr__(self, "channel_linear", ChannelLinearHead.split(self.module))
 
     @property
     def device(self) -> torch.device:
@@ -205,6 +292,12 @@ class MaskedHead:
             m: ``[B, C]`` → logits ``[B, K]``; or ``[B, J, C]`` (``J`` masks per image) →
                 logits ``[B·J, K]``, row ``b·J + j`` = mask ``j`` on image ``b``.
         """
+        fast = self.channel_linear
+        # The rewrite needs an eval-mode head (dropout) and, through a max pool, masks m ≥ 0.
+        if fast is not None and not additive and not self.module.training and (not len(fast.pre) or bool((m >= 0).all())):
+            z = fast.logits(x, m)
+            if z is not None:
+                return z
         stacked = m.ndim == 3
         if stacked:
             x = x.unsqueeze(1)
@@ -782,6 +875,7 @@ __all__ = [
     "CFEConfig",
     "MAP_BLOCK_ELEMENTS",
     "MaskedHead",
+    "ChannelLinearHead",
     "as_masked_head",
     "class_spans",
     "split_head_inputs",

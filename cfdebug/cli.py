@@ -468,6 +468,15 @@ def cmd_bench(args) -> dict | None:
         print(json.dumps(bench.peak_rss_child(ws_config, args.rss_child)))
         return None
     n = bench.DEFAULT_N[args.what] if args.n is None else args.n
+    if args.threads is None:
+        return _run_bench(bench, args, ws_config, n)
+    from .runtime import fixed_threads
+
+    with fixed_threads(args.threads, deterministic=False):  # both sides of each ratio on the same threads
+        return _run_bench(bench, args, ws_config, n)
+
+
+def _run_bench(bench, args, ws_config, n: int) -> dict:
     if args.what == "extract":
         return bench.bench_extract(ws_config, n=n, repeats=args.repeats)
     if args.what == "cfe":
@@ -606,6 +615,7 @@ def _add_bench(sub, ws, common) -> None:
     p.add_argument("--epochs-per-repeat", type=int, default=2, help="bench treat: epochs per timed run (default 2)")
     p.add_argument("--n", type=int, default=None, help="images: for extract the timing and the smaller RSS run (default 2000); for cfe the Grad-CAM images (default 128); for xcr (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats; the fastest of each is compared (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the whole bench (default: torch's own count); a fixed count on a shared machine")
     p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
 

@@ -28,6 +28,18 @@ def _without_inplace(model: nn.Module) -> list[nn.Module]:
     return changed
 
 
+def _frozen_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Stop ``model``'s parameters from requiring grad; return those changed (to restore).
+
+    Grad-CAM needs the gradient at the target layer only: with frozen parameters autograd records
+    nothing before that layer (captum makes the layer's output require grad itself), so the body's
+    forward runs at inference cost."""
+    changed = [p for p in model.parameters() if p.requires_grad]
+    for p in changed:
+        p.requires_grad_(False)
+    return changed
+
+
 def gradcam(
     model: nn.Module,
     layer: str,
@@ -50,11 +62,14 @@ def gradcam(
         raise CfdebugError(f"Expected images [B, 3, H, W] and B targets, but got {tuple(images.shape)} and {len(targets)} targets.")
     model.eval()
     changed = _without_inplace(model)
+    frozen = _frozen_parameters(model)
     try:
         explainer = LayerGradCam(model, modules[layer])
         maps = []
         for start in range(0, len(images), batch_size):
-            x = images[start : start + batch_size].to(device)
+            # Channels-last input: CPU convolutions on a batch run ~1.5-2x faster (oneDNN's NHWC
+            # kernels), one image hardly changes; the maps agree with NCHW to float rounding.
+            x = images[start : start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
             t = targets[start : start + batch_size].to(device)
             attr = explainer.attribute(x, target=t, relu_attributions=True)  # [b, 1, h, w]
             attr = LayerAttribution.interpolate(attr, tuple(x.shape[-2:]), interpolate_mode="bilinear")
@@ -64,6 +79,8 @@ def gradcam(
     finally:
         for module in changed:
             module.inplace = True
+        for p in frozen:
+            p.requires_grad_(True)
     return torch.cat(maps).numpy()
 
 

@@ -340,3 +340,70 @@ def test_demo_mc_heads_keep_rate_and_cache(demo_workspace):
     train = demo_workspace.extractions.get("train")
     direct = keep_rate(again.heads, frozen_head(demo_workspace.target.pooled_head, "cpu"), train.features, train.labels, train.preds, k)
     assert direct["overall"] == pytest.approx(fitted.meta["keep_rate_overall"])
+
+
+# ---------------------------------------------------------------- the channel-linear rewrite (VGG's map head)
+
+
+class _Opaque(nn.Module):
+    """The same head behind a module the rewrite does not recognise: the reference map path."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def _vgg_style_head(seed: int = 0) -> nn.Module:
+    """torchvision VGG's map head in small: max pool, adaptive 3×3 avg pool, FC-ReLU-Dropout-FC."""
+    torch.manual_seed(seed)
+    classifier = nn.Sequential(nn.Linear(C * 9, 16), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(16, K))
+    return frozen_head(nn.Sequential(nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(3), nn.Flatten(1), classifier), "cpu")
+
+
+@pytest.mark.parametrize("side", [2, 4, 6])  # 1×1 after the max pool (VGG at 32 px), 2×2, 3×3 (no pooling matrix)
+def test_channel_linear_head_equals_the_module_on_masked_maps(side):
+    head = _vgg_style_head()
+    fast = MaskedHead(head, "map")
+    assert fast.channel_linear is not None and MaskedHead(_Opaque(head), "map").channel_linear is None
+    gen = torch.Generator().manual_seed(side)
+    x = torch.rand(5, C, side, side, generator=gen) * 2.0
+    m = torch.rand(5, 4, C, generator=gen) * (torch.rand(5, 4, C, generator=gen) > 0.4)  # [B, J, C], some zeros
+    expect = head((x[:, None] * m[..., None, None]).flatten(0, 1))
+    torch.testing.assert_close(fast(x, m), expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast(x, m[:, 0]), head(x * m[:, 0, :, None, None]), atol=1e-5, rtol=1e-5)
+    # Where the rewrite does not hold, the module itself runs: negative masks (through the max
+    # pool), the additive MI edit, a head in training mode (dropout).
+    neg = m - 0.5
+    assert torch.equal(fast(x, neg), head((x[:, None] * neg[..., None, None]).flatten(0, 1)))
+    assert torch.equal(fast(x, m, additive=True), head((x[:, None] + m[..., None, None]).flatten(0, 1)))
+    fast.train()
+    torch.manual_seed(0)
+    dropped = fast(x, m)
+    torch.manual_seed(0)
+    assert torch.equal(dropped, head((x[:, None] * m[..., None, None]).flatten(0, 1)))
+    fast.eval()
+
+
+def test_channel_linear_fit_equals_the_reference_map_path():
+    """The MC heads trained through the rewrite against the module on m ⊙ A: same weights to
+    float rounding, the same binary masks and keep rate."""
+    gen = torch.Generator().manual_seed(7)
+    maps = (torch.rand(N, C, 2, 2, generator=gen) * 2.0).numpy()
+    g = maps.mean(axis=(2, 3))
+    head = _vgg_style_head(7)
+    config = CFEConfig(epochs=4, batch_size=16, seed=3)
+    fast, h_fast = fit_mc_heads(g, MaskedHead(head, "map"), K, config, head_inputs=maps)
+    ref, h_ref = fit_mc_heads(g, MaskedHead(_Opaque(head), "map"), K, config, head_inputs=maps)
+    torch.testing.assert_close(fast.weight, ref.weight, atol=1e-5, rtol=1e-4)
+    assert [round(e["loss"], 4) for e in h_fast] == [round(e["loss"], 4) for e in h_ref]
+    np.testing.assert_array_equal(predict_masks(fast, g), predict_masks(ref, g))
+    preds = head(torch.as_tensor(maps)).argmax(1).numpy()
+    labels = preds.copy()
+    labels[:10] = (labels[:10] + 1) % K
+    kf = keep_rate(fast, MaskedHead(head, "map"), g, labels, preds, K, head_inputs=maps)
+    kr = keep_rate(ref, MaskedHead(_Opaque(head), "map"), g, labels, preds, K, head_inputs=maps)
+    np.testing.assert_array_equal(kf["keep_rate"], kr["keep_rate"])
+    assert kf["overall_mean_mc_filters"] == kr["overall_mean_mc_filters"]

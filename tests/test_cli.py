@@ -184,3 +184,17 @@ def test_marked_sections_are_replaced_in_place():
 
     text = "a\n<!-- s:start -->\nold\n<!-- s:end -->\nb\n"
     assert replace_marked_section(text, "s", "new\nrows") == "a\n<!-- s:start -->\nnew\nrows\n<!-- s:end -->\nb\n"
+
+
+@pytest.mark.slow
+def test_bench_cfe_runs_on_fixed_threads_and_restores_them(run, tmp_path):
+    """`bench cfe` prints both same-run ratios; `--threads` holds for the run and is undone after."""
+    before = torch.get_num_threads()
+    out_json = tmp_path / "bench.json"
+    rc, out, err = run("bench", "cfe", "--repeats", "1", "--n", "8", "--threads", "1", "--json", str(out_json))
+    assert rc == 0, err
+    assert "1 threads" in out and "(CFE fit + predict) / extraction pass" in out and "target <= 1:" in out
+    assert "Grad-CAM on 8 images" in out
+    result = json.loads(out_json.read_text())
+    assert result["head"] == "pooled" and result["cfe_target"] == 1.0 and result["gradcam_speedup"] > 0
+    assert torch.get_num_threads() == before

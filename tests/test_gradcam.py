@@ -35,6 +35,7 @@ def test_batched_equals_single_and_is_normalised():
     assert batched.min() >= 0 and batched.max() <= 1 + 1e-6
     assert count_hooks(model) == 0
     assert model.relu.inplace is True  # restored
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen again
 
 
 def test_matches_hand_computed_gradcam():

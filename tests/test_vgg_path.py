@@ -62,6 +62,20 @@ def test_vgg_target_has_a_map_head_only(vgg_workspace):
     assert maps.shape == (len(ws.data.splits["train"]), 512, 2, 2)  # features.19 at 32 px
 
 
+def test_vgg_map_head_is_rewritten_for_channel_masks(vgg_workspace):
+    """torchvision VGG's head (max pool → 7×7 avg pool → FC layers) takes the channel-linear
+    rewrite, and on the cached maps it gives the module's logits on the masked maps."""
+    ws = vgg_workspace
+    head = masked_head(ws.target, ws.device)
+    assert head.channel_linear is not None
+    x = torch.as_tensor(np.array(ws.extractions.maps("train")[:4]))
+    gen = torch.Generator().manual_seed(0)
+    m = torch.rand(4, 3, x.shape[1], generator=gen) * (torch.rand(4, 3, x.shape[1], generator=gen) > 0.5)
+    with torch.no_grad():
+        expect = head.module((x[:, None] * m[..., None, None]).flatten(0, 1))
+        torch.testing.assert_close(head(x, m), expect, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_map_head_predictions_equal_the_masked_full_model(vgg_workspace):
     """The map head on MC-masked cached maps gives exactly what the whole VGG gives when a
