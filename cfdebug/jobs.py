@@ -318,13 +318,14 @@ def _parse_prepare_spec(spec: dict) -> tuple[WorkspaceConfig, bool, str]:
     return workspace_config_from_dict(spec["workspace"]), bool(spec.get("train", False)), through
 
 
-def _stage_progress(log: Callable[[dict], None] | None, index: int, stages: Sequence[str]) -> Progress | None:
+def _stage_progress(log: Callable[[dict], None] | None, index: int, stages: Sequence[str], label: str | None = None) -> Progress | None:
     """A progress callback for stage ``stages[index]`` that logs ``{"fraction", "stage", "step",
     "steps", "stage_fraction", "message"}`` rows (``fraction`` over the whole run, stages equal
     shares) at most every :data:`PROGRESS_EVERY_S`, and always a stage's first and last row."""
     if log is None:
         return None
     n, name, last = len(stages), stages[index], {"time": 0.0}
+    label = label or _STAGE_LABELS[name]
 
     def report(fraction: float, message: str) -> None:
         fraction = min(max(float(fraction), 0.0), 1.0)
@@ -332,7 +333,7 @@ def _stage_progress(log: Callable[[dict], None] | None, index: int, stages: Sequ
         if 0.0 < fraction < 1.0 and now - last["time"] < PROGRESS_EVERY_S:
             return
         last["time"] = now
-        text = f"{_STAGE_LABELS[name]}: {message}" if message else _STAGE_LABELS[name]
+        text = f"{label}: {message}" if message else label
         log({"fraction": (index + fraction) / n, "stage": name, "step": index + 1, "steps": n, "stage_fraction": fraction, "message": text})
 
     report(0.0, "")
@@ -341,6 +342,7 @@ def _stage_progress(log: Callable[[dict], None] | None, index: int, stages: Sequ
 
 def _prepare(ws_config: WorkspaceConfig, train: bool, through: str, log: Callable[[dict], None] | None) -> dict:
     """The stages of a prepare run, each reporting through :func:`_stage_progress`; returns the result."""
+    from .cfe import mc_heads
     from .detect import run_detection
     from .mcfilters import global_mc_filters
     from .runtime import scaled_progress
@@ -348,7 +350,8 @@ def _prepare(ws_config: WorkspaceConfig, train: bool, through: str, log: Callabl
 
     start = time.perf_counter()
     stages = PREPARE_STAGES[: PREPARE_STAGES.index(through) + 1]
-    ws = Workspace(ws_config, scaled_progress(_stage_progress(log, 0, stages), 0.0, 1.0, "training "), train=train)
+    label = f"Training {ws_config.model.name}" if train else None
+    ws = Workspace(ws_config, scaled_progress(_stage_progress(log, 0, stages, label), 0.0, 1.0, "" if train else "training "), train=train)
     if "extract" in stages:
         progress = _stage_progress(log, 1, stages)
         for i, split in enumerate(("train", "val", "test")):
@@ -356,7 +359,11 @@ def _prepare(ws_config: WorkspaceConfig, train: bool, through: str, log: Callabl
         if progress:
             progress(1.0, "done")
     if "filters" in stages:
-        global_mc_filters(ws, None, _stage_progress(log, 2, stages))
+        # The heads' fit first, on nearly the whole bar: the filters after it take a moment, and
+        # the time left is measured as if the bar moved at one speed.
+        progress = _stage_progress(log, 2, stages)
+        mc_heads(ws, None, scaled_progress(progress, 0.0, 0.95))
+        global_mc_filters(ws, None, scaled_progress(progress, 0.95, 1.0))
     if "detect" in stages:
         run_detection(ws, None, _stage_progress(log, 3, stages))
     meta = ws.model_meta
