@@ -369,6 +369,21 @@ def cmd_xcr(args) -> dict:
     return result
 
 
+def cmd_prepare(args) -> dict:
+    """A prepare run (:func:`cfdebug.jobs.run_prepare_job`): what the dashboard starts for a page
+    whose artifacts are not cached yet; by hand it fills the cache before the dashboard opens."""
+    from .jobs import prepare_spec, read_run_spec, run_prepare_job
+
+    if args.config:
+        spec, stored_id = read_run_spec(args.config)
+        run_id = args.run_id or stored_id
+    else:
+        spec, run_id = prepare_spec(workspace_config(args), args.through, train=args.train), None
+    result = run_prepare_job(spec, run_id=run_id, progress=progress_printer(args))
+    print(f"{result['model']} on {result['data']}: ready through {result['through']} in {result['seconds']:.1f} s" + (f"; trained weights: {result['weights']}" if result.get("weights") else ""))
+    return result
+
+
 @contextlib.contextmanager
 def _locked(path):
     """An exclusive advisory lock on ``path``.lock for a read-modify-write of ``path``."""
@@ -567,6 +582,17 @@ def _add_xcr(sub, ws, common) -> None:
     p.set_defaults(func=cmd_xcr)
 
 
+def _add_prepare(sub, ws, common) -> None:
+    from .jobs import PREPARE_STAGES
+
+    p = sub.add_parser("prepare", parents=[ws, common], help="open a workspace and cache what the dashboard's pages read (model, features, CFE heads, detection)", epilog=EPILOG)
+    p.add_argument("--through", default="detect", choices=PREPARE_STAGES, help="last stage to make: load (the model, trained if needed), extract, filters or detect (default detect)")
+    p.add_argument("--train", action="store_true", help="train the model on the data (a torchvision model without --weights) and stop; prints the weights' path")
+    p.add_argument("--config", default=None, metavar="RUN_JSON", help="start from a run.json (what the dashboard launches)")
+    p.add_argument("--run-id", default=None, help="the registry id of the run started with --config")
+    p.set_defaults(func=cmd_prepare)
+
+
 def _add_report(sub, ws, common) -> None:
     p = sub.add_parser("report", parents=[ws, common], help="verdicts: each method vs its baseline (detection vs MSP, treatment vs CE control, XCR vs vanilla) with 95%% intervals over seeds or images", epilog=EPILOG)
     p.add_argument("--claims", default="detection,treatment,xcr", help="comma-separated claims to judge, or `all` (default detection,treatment,xcr)")
@@ -635,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detect(sub, ws, common)
     _add_treat(sub, ws, common)
     _add_xcr(sub, ws, common)
+    _add_prepare(sub, ws, common)
     _add_report(sub, ws, common)
     _add_runs(sub, ws, common)
     _add_export_demo(sub, ws, common)

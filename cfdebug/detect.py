@@ -479,6 +479,15 @@ def ablation(
 # --------------------------------------------------------------------------------------------
 
 
+def report_key(workspace, config: DetectConfig | None = None) -> str:
+    """Store key of the workspace's detection report for ``config`` (kind ``"detect"``)."""
+    from .cfe import heads_key
+    from .config import config_dict
+
+    config = config or DetectConfig()
+    return stable_hash(CACHE_KIND, workspace.key_parts, config_dict(config), heads_key(workspace, "mc", config.filters.cfe), _CACHE_VERSION)
+
+
 def run_detection(workspace, config: DetectConfig | None = None, progress: Progress | None = None) -> dict:
     """Everything paper A's section 4.2 reports, for one workspace, JSON-ready.
 
@@ -504,7 +513,7 @@ def run_detection(workspace, config: DetectConfig | None = None, progress: Progr
     fitted = mc_heads(workspace, config.filters.cfe, scaled_progress(progress, 0.0, 0.6))
     # The report is an artifact too: a second run (or a fresh dashboard process) reads it back
     # instead of recomputing the ablation, which on a feature-map head costs many passes.
-    key = stable_hash(CACHE_KIND, workspace.key_parts, config_dict(config), fitted.key, _CACHE_VERSION)
+    key = report_key(workspace, config)
     if workspace.store.exists(CACHE_KIND, key):
         if progress:
             progress(1.0, "detection report loaded from the cache")
@@ -577,6 +586,7 @@ __all__ = [
     "flag_predictions",
     "flags_at_margin",
     "images_frame",
+    "report_key",
     "run_detection",
     "table1_row",
 ]

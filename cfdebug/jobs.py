@@ -4,11 +4,14 @@ A run's *spec* is the JSON its ``run.json`` holds under ``config`` (:meth:`RunRe
 
 * ``treat``: ``{"workspace": config_dict(WorkspaceConfig), "treatment": config_dict(TreatmentConfig),
   "lambdas1": [float], "lambdas2": [float], "seeds": [int]}`` (:func:`treat_spec`);
-* ``xcr``: ``{"workspace": config_dict(WorkspaceConfig), "xcr": config_dict(XCRConfig)}`` (:func:`xcr_spec`).
+* ``xcr``: ``{"workspace": config_dict(WorkspaceConfig), "xcr": config_dict(XCRConfig)}`` (:func:`xcr_spec`);
+* ``prepare``: ``{"workspace": config_dict(WorkspaceConfig), "train": bool, "through": stage, "key": str}``
+  (:func:`prepare_spec`): open the workspace (training its model when needed, or when ``train``),
+  then make the cached artifacts the dashboard's pages read, up to ``through``.
 
-:func:`run_treat_job` and :func:`run_xcr_job` take a spec, run it as a registry run (status,
-progress, cancel, resume from checkpoints) and return the result dict; they print nothing.
-:func:`start_background_run` (in :mod:`cfdebug.runs`) starts either kind as
+:func:`run_treat_job`, :func:`run_xcr_job` and :func:`run_prepare_job` take a spec, run it as a
+registry run (status, progress, cancel, resume from checkpoints) and return the result dict; they
+print nothing. :func:`start_background_run` (in :mod:`cfdebug.runs`) starts any kind as
 ``python -m cfdebug <kind> --config run.json --run-id ID``, which ends in these functions.
 """
 
@@ -18,13 +21,15 @@ import contextlib
 import dataclasses
 import json
 import signal
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from .config import TreatmentConfig, WorkspaceConfig, config_dict, workspace_config_from_dict, xcr_config_from_dict
+from .config import TreatmentConfig, WorkspaceConfig, check_choice, config_dict, workspace_config_from_dict, xcr_config_from_dict
 from .errors import CfdebugError
+from .store import stable_hash
 
 if TYPE_CHECKING:  # runtime imports torch; this module stays cheap to import (the dashboard builds specs with it)
     from .runtime import Progress
@@ -34,12 +39,17 @@ __all__ = [
     "read_run_spec",
     "treat_spec",
     "xcr_spec",
+    "PREPARE_STAGES",
+    "prepare_key",
+    "prepare_spec",
+    "prepared",
     "run_treat_job",
     "run_xcr_job",
+    "run_prepare_job",
     "prediction_changes",
 ]
 
-RUN_KINDS = ("treat", "xcr")
+RUN_KINDS = ("treat", "xcr", "prepare")
 
 
 def treat_spec(workspace: WorkspaceConfig, treatment: TreatmentConfig, lambdas1: Sequence[float], lambdas2: Sequence[float], seeds: Sequence[int]) -> dict:
@@ -260,5 +270,153 @@ def run_xcr_job(
     with run_context(registry, run_id):
         ws = Workspace(ws_config, progress)
         result = run_xcr_report(ws, config, progress, registry, run_id)
+        registry.set_result(run_id, result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------------
+
+#: What a prepare run makes, in order; a spec's ``through`` names the last one it runs.
+#: ``load``: the workspace (its model trained and cached when it has to be); ``extract``: pooled
+#: features and logits of train, val and test; ``filters``: MC heads and global MC filters;
+#: ``detect``: the detection report (all with the default configs the dashboard uses).
+PREPARE_STAGES = ("load", "extract", "filters", "detect")
+_STAGE_LABELS = {"load": "Loading the model and data", "extract": "Extracting features", "filters": "Fitting CFE heads", "detect": "Scoring the test predictions"}
+#: A progress row is logged at most this often (seconds), besides each stage's first and last.
+PROGRESS_EVERY_S = 0.5
+
+
+def prepare_key(workspace: WorkspaceConfig, train: bool = False) -> str:
+    """The key two prepare runs share when they make the same artifacts: the workspace and ``train``.
+
+    :func:`~cfdebug.runs.start_background_run` joins a queued or running prepare run with this key
+    instead of starting another, whatever its ``through``."""
+    return stable_hash("prepare", config_dict(workspace), bool(train))
+
+
+def prepare_spec(workspace: WorkspaceConfig, through: str = "extract", *, train: bool = False) -> dict:
+    """The spec of a prepare run: open ``workspace`` and make its artifacts up to ``through``
+    (one of :data:`PREPARE_STAGES`). ``train=True`` trains the model on the workspace data (a
+    torchvision builder with random weights, the dashboard's *Train* action) and stops there."""
+    check_choice(through, "through", PREPARE_STAGES)
+    if train and through != "load":
+        raise CfdebugError(f"Expected `through` to be 'load' for a training run, but got {through!r}; open the trained weights in a second run.")
+    return {"workspace": config_dict(workspace), "train": bool(train), "through": through, "key": prepare_key(workspace, train)}
+
+
+def prepared(ws, through: str) -> bool:
+    """Whether every artifact a prepare run up to ``through`` makes is cached for the open workspace ``ws``."""
+    from .detect import CACHE_KIND as DETECT_KIND, report_key
+    from .mcfilters import CACHE_KIND as FILTERS_KIND, filters_key
+
+    stage = PREPARE_STAGES.index(check_choice(through, "through", PREPARE_STAGES))
+    if stage >= 1 and not all(ws.store.exists(ws.extractions.KIND, ws.extractions.key(s)) for s in ("train", "val", "test")):
+        return False
+    if stage >= 2 and not ws.store.exists(FILTERS_KIND, filters_key(ws)):
+        return False
+    return stage < 3 or ws.store.exists(DETECT_KIND, report_key(ws))
+
+
+def _parse_prepare_spec(spec: dict) -> tuple[WorkspaceConfig, bool, str]:
+    if not isinstance(spec, dict) or "workspace" not in spec:
+        held = ", ".join(spec) if isinstance(spec, dict) else type(spec).__name__
+        raise CfdebugError(f"Expected the run config to hold `workspace` (a prepare run's spec), but it holds {held or 'nothing'}; start a new run instead.")
+    through = check_choice(spec.get("through", "extract"), "through", PREPARE_STAGES)
+    return workspace_config_from_dict(spec["workspace"]), bool(spec.get("train", False)), through
+
+
+def _stage_progress(log: Callable[[dict], None] | None, index: int, stages: Sequence[str], label: str | None = None) -> Progress | None:
+    """A progress callback for stage ``stages[index]`` that logs ``{"fraction", "stage", "step",
+    "steps", "stage_fraction", "message"}`` rows (``fraction`` over the whole run, stages equal
+    shares) at most every :data:`PROGRESS_EVERY_S`, and always a stage's first and last row."""
+    if log is None:
+        return None
+    n, name, last = len(stages), stages[index], {"time": 0.0}
+    label = label or _STAGE_LABELS[name]
+
+    def report(fraction: float, message: str) -> None:
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        now = time.monotonic()
+        if 0.0 < fraction < 1.0 and now - last["time"] < PROGRESS_EVERY_S:
+            return
+        last["time"] = now
+        text = f"{label}: {message}" if message else label
+        log({"fraction": (index + fraction) / n, "stage": name, "step": index + 1, "steps": n, "stage_fraction": fraction, "message": text})
+
+    report(0.0, "")
+    return report
+
+
+def _prepare(ws_config: WorkspaceConfig, train: bool, through: str, log: Callable[[dict], None] | None) -> dict:
+    """The stages of a prepare run, each reporting through :func:`_stage_progress`; returns the result."""
+    from .cfe import mc_heads
+    from .detect import run_detection
+    from .mcfilters import global_mc_filters
+    from .runtime import scaled_progress
+    from .workspace import Workspace
+
+    start = time.perf_counter()
+    stages = PREPARE_STAGES[: PREPARE_STAGES.index(through) + 1]
+    label = f"Training {ws_config.model.name}" if train else None
+    ws = Workspace(ws_config, scaled_progress(_stage_progress(log, 0, stages, label), 0.0, 1.0, "" if train else "training "), train=train)
+    if "extract" in stages:
+        progress = _stage_progress(log, 1, stages)
+        for i, split in enumerate(("train", "val", "test")):
+            ws.extractions.get(split, scaled_progress(progress, i / 3, (i + 1) / 3, f"{split} split, "))
+        if progress:
+            progress(1.0, "done")
+    if "filters" in stages:
+        # The heads' fit first, on nearly the whole bar: the filters after it take a moment, and
+        # the time left is measured as if the bar moved at one speed.
+        progress = _stage_progress(log, 2, stages)
+        mc_heads(ws, None, scaled_progress(progress, 0.0, 0.95))
+        global_mc_filters(ws, None, scaled_progress(progress, 0.95, 1.0))
+    if "detect" in stages:
+        run_detection(ws, None, _stage_progress(log, 3, stages))
+    meta = ws.model_meta
+    result = {
+        "model": ws.config.model.name, "data": ws.data.name, "through": through, "model_digest": ws.model_digest,
+        "random_weights": ws.random_weights, "accuracy": meta.get("accuracy"), "seconds": time.perf_counter() - start,
+    }
+    if train:
+        result["weights"] = str(ws.store.path("models", ws.model_digest) / "model.pt")
+    return result
+
+
+def run_prepare_job(spec: dict, *, registry=None, run_id: str | None = None, progress: Progress | None = None) -> dict:
+    """Run a prepare spec (:func:`prepare_spec`); return ``{"model", "data", "through",
+    "model_digest", "random_weights", "accuracy", "seconds"}`` (and ``"weights"``, the trained
+    state_dict's path, for a training run).
+
+    With ``run_id`` (registered by :func:`~cfdebug.runs.start_background_run`) it runs inside
+    :func:`~cfdebug.runs.run_context` (status, cancel by ``SIGTERM``), logs the progress rows of
+    :func:`_stage_progress` to the registry and stores the result; a user mistake
+    (:class:`CfdebugError`) fails the run with its own message. ``registry`` defaults to the one
+    of the spec's workdir. ``progress(fraction, message)`` gets the same rows as text.
+    """
+    from .runs import RunRegistry, run_context
+
+    ws_config, train, through = _parse_prepare_spec(spec)
+
+    def echo(row: dict) -> None:
+        if progress is not None:
+            progress(row["fraction"], row["message"])
+
+    if run_id is None:
+        return _prepare(ws_config, train, through, echo)
+    registry = registry if registry is not None else RunRegistry(ws_config.workdir)
+
+    def log(row: dict) -> None:
+        registry.log_progress(run_id, row)
+        echo(row)
+
+    with run_context(registry, run_id):
+        try:
+            result = _prepare(ws_config, train, through, log)
+        except CfdebugError as exc:
+            registry.set_status(run_id, "failed", error=str(exc))  # the user's mistake, said once, no resume hint
+            raise
         registry.set_result(run_id, result)
     return result

@@ -167,6 +167,16 @@ CACHE_KIND = "mcfilters"
 _CACHE_VERSION = "v1"
 
 
+def filters_key(workspace, config: MCFilterConfig | None = None) -> str:
+    """Store key of the workspace's global MC filters for ``config`` (they depend on its MC heads)."""
+    from .cfe import heads_key
+    from .config import config_dict
+    from .store import stable_hash
+
+    config = config or MCFilterConfig()
+    return stable_hash(CACHE_KIND, workspace.key_parts, config_dict(config), heads_key(workspace, "mc", config.cfe), _CACHE_VERSION)
+
+
 def global_mc_filters(workspace, config: MCFilterConfig | None = None, progress: Progress | None = None) -> GlobalFilters:
     """The workspace's global MC filters from its training split, cached (kind ``"mcfilters"``).
 
@@ -174,11 +184,10 @@ def global_mc_filters(workspace, config: MCFilterConfig | None = None, progress:
     image are listed in ``meta["empty_classes"]``.
     """
     from .config import config_dict
-    from .store import stable_hash
 
     config = config or MCFilterConfig()
     fitted = mc_heads(workspace, config.cfe, scaled_progress(progress, 0.0, 0.8))
-    key = stable_hash(CACHE_KIND, workspace.key_parts, config_dict(config), fitted.key, _CACHE_VERSION)
+    key = filters_key(workspace, config)
     hit = workspace.store.exists(CACHE_KIND, key)
     if not hit:
         start = time.perf_counter()
@@ -209,6 +218,7 @@ __all__ = [
     "MCFilterConfig",
     "accumulate_global_filters",
     "check_fraction",
+    "filters_key",
     "global_mc_filters",
     "global_sets",
     "filter_specificity",

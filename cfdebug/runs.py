@@ -90,6 +90,8 @@ __all__ = [
     "cancel",
     "run_context",
     "check_cancel",
+    "seconds_left",
+    "describe_seconds_left",
 ]
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
@@ -99,7 +101,7 @@ FINISHED_STATUSES = ("done", "failed", "cancelled")
 LIST_RUNS_HINT = "list them with `python -m cfdebug runs` (or `RunRegistry(workdir).list()`)"
 
 #: The run kinds :func:`start_background_run` starts (each a ``python -m cfdebug <kind>`` command).
-BACKGROUND_KINDS = ("treat", "xcr")
+BACKGROUND_KINDS = ("treat", "xcr", "prepare")
 #: The folder holding the ``cfdebug`` package; put first on a child's PYTHONPATH so it imports this copy.
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -381,6 +383,12 @@ class RunRegistry:
             run_id: optional id (letters, digits, ``._-``, up to 128 characters); default
                 ``<kind>-<YYYYmmdd-HHMMSS>-<6 hex>``.
         """
+        insert, run_id = self._inserter(kind, config, run_id)
+        self._execute(insert, write=True)
+        return self.get(run_id)
+
+    def _inserter(self, kind: str, config: dict, run_id: str | None) -> tuple[Callable[[sqlite3.Connection], None], str]:
+        """``(insert(conn), run_id)``: the checked write of :meth:`create`, to run inside a write transaction."""
         _check_name("kind", kind)
         if not isinstance(config, dict):
             raise CfdebugError(
@@ -409,8 +417,51 @@ class RunRegistry:
                 (run_id, kind, config_text, now, now),
             )
 
-        self._execute(insert, write=True)
-        return self.get(run_id)
+        return insert, run_id
+
+    def _active_id(self, conn: sqlite3.Connection, kind: str, key: str) -> str | None:
+        """The newest queued or running run of ``kind`` whose config's ``key`` is ``key``.
+
+        A queued run older than ``_STALE_LAUNCH_S`` lost its launcher and is not joined."""
+        rows = conn.execute(
+            "SELECT run_id, status, updated, config FROM runs WHERE kind = ? AND status IN ('queued', 'running') "
+            "ORDER BY created DESC, rowid DESC",
+            (kind,),
+        ).fetchall()
+        for run_id, status, updated, config in rows:
+            if status == "queued" and time.time() - updated > _STALE_LAUNCH_S:
+                continue
+            if (_loads(config) or {}).get("key") == key:
+                return run_id
+        return None
+
+    def find_active(self, kind: str, key: str) -> RunRecord | None:
+        """The queued or running run of ``kind`` whose config holds ``"key": key``, or ``None``."""
+        self.reconcile()
+        run_id = self._execute(lambda conn: self._active_id(conn, kind, key), write=False)
+        return None if run_id is None else self.get(run_id)
+
+    def create_or_join(self, kind: str, config: dict) -> tuple[RunRecord, bool]:
+        """``(run, created)``: the active run of ``kind`` with ``config["key"]`` (see
+        :meth:`find_active`), or a new queued one (:meth:`create`) when there is none.
+
+        The lookup and the insert share one write transaction, so two callers racing for the same
+        key (two browser sessions asking for the same artifact) get one run between them.
+        """
+        key = config.get("key") if isinstance(config, dict) else None
+        if not isinstance(key, str) or not key:
+            raise CfdebugError(f"Expected the run config to hold a non-empty string `key`, but got {key!r}.")
+        insert, new_id = self._inserter(kind, config, None)
+        self.reconcile()  # a run whose process died is not joined
+
+        def join_or_insert(conn: sqlite3.Connection) -> str | None:
+            found = self._active_id(conn, kind, key)
+            if found is None:
+                insert(conn)
+            return found
+
+        found = self._execute(join_or_insert, write=True)
+        return self.get(found or new_id), found is None
 
     def get(self, run_id: str) -> RunRecord:
         """The run ``run_id``; an unknown id raises :class:`CfdebugError` naming close matches."""
@@ -495,6 +546,16 @@ class RunRegistry:
             self._require(conn, run_id)
             rows = conn.execute("SELECT row FROM progress WHERE run_id = ? ORDER BY id", (run_id,))
             return [_loads(r[0]) for r in rows]
+
+        return self._execute(read, write=False)
+
+    def timed_progress(self, run_id: str) -> list[tuple[float, dict]]:
+        """All progress rows of a run with the time each was logged (epoch seconds), oldest first."""
+
+        def read(conn: sqlite3.Connection) -> list[tuple[float, dict]]:
+            self._require(conn, run_id)
+            rows = conn.execute("SELECT logged, row FROM progress WHERE run_id = ? ORDER BY id", (run_id,))
+            return [(float(t), _loads(r)) for t, r in rows]
 
         return self._execute(read, write=False)
 
@@ -701,11 +762,16 @@ def launch(
 
 
 def start_background_run(workdir: str | Path, kind: str, spec: dict) -> str:
-    """Register a run of ``kind`` (``"treat"`` or ``"xcr"``) for ``spec`` and start it; return its id.
+    """Register a run of ``kind`` (:data:`BACKGROUND_KINDS`) for ``spec`` and start it; return its id.
+
+    A spec holding a ``key`` (a prepare spec, :func:`cfdebug.jobs.prepare_spec`) is deduplicated: while
+    a queued or running run of ``kind`` has the same key, its id is returned and nothing new starts
+    (:meth:`RunRegistry.create_or_join`).
 
     The child runs the command a user would type, the same way for every kind:
     ``python -m cfdebug <kind> --config RUN_DIR/run.json --run-id ID --workdir WORKDIR --quiet``
-    (ending in :func:`cfdebug.jobs.run_treat_job` / :func:`~cfdebug.jobs.run_xcr_job`), with this
+    (ending in :func:`cfdebug.jobs.run_treat_job`, :func:`~cfdebug.jobs.run_xcr_job` or
+    :func:`~cfdebug.jobs.run_prepare_job`), with this
     interpreter, this process's working directory (relative paths in ``spec`` mean the same) and
     :data:`PACKAGE_ROOT` first on ``PYTHONPATH``, so it imports this copy of cfdebug even when it
     is not installed. ``spec`` is the kind's spec (:func:`cfdebug.jobs.treat_spec`,
@@ -714,7 +780,12 @@ def start_background_run(workdir: str | Path, kind: str, spec: dict) -> str:
     if kind not in BACKGROUND_KINDS:
         raise CfdebugError(f"Expected `kind` to be one of {', '.join(BACKGROUND_KINDS)}, but got {kind!r}.")
     registry = RunRegistry(workdir)
-    record = registry.create(kind, spec)
+    if isinstance(spec, dict) and "key" in spec:
+        record, created = registry.create_or_join(kind, spec)
+        if not created:
+            return record.run_id  # the same artifact is being made already: wait for that run
+    else:
+        record = registry.create(kind, spec)
     argv = [sys.executable, "-m", "cfdebug", kind, "--config", str(record.config_path), "--run-id", record.run_id,
             "--workdir", str(registry.workdir), "--quiet"]
     path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -761,6 +832,46 @@ def cancel(registry: RunRegistry, run_id: str) -> RunRecord:
                 "flag is set, so it stops by itself at its next step."
             ) from exc
     return registry.get(run_id)
+
+
+# ---------------------------------------------------------------------- time left
+def seconds_left(points, now: float | None = None) -> float | None:
+    """Seconds until a job's fraction reaches 1, from the throughput it measured so far.
+
+    ``points`` are ``(time, fraction)`` pairs, oldest first (epoch seconds, fraction in [0, 1]),
+    e.g. a stage's rows of :meth:`RunRegistry.timed_progress`. Only the points after the last
+    drop of the fraction count (a drop starts a new stage). The rate is the fraction gained
+    between the first and the last of them over the time it took; the estimate is what remains
+    at that rate, less the time since the last point (``now``, default ``time.time()``), and
+    never below 0. ``None`` while nothing has been measured (fewer than two points, no time
+    passed or no progress).
+    """
+    pts = [(float(t), min(max(float(f), 0.0), 1.0)) for t, f in points]
+    for i in range(len(pts) - 1, 0, -1):
+        if pts[i][1] < pts[i - 1][1]:
+            pts = pts[i:]
+            break
+    if len(pts) < 2:
+        return None
+    (t0, f0), (t1, f1) = pts[0], pts[-1]
+    if t1 <= t0 or f1 <= f0:
+        return None
+    now = time.time() if now is None else float(now)
+    left = (1.0 - f1) * (t1 - t0) / (f1 - f0) - max(now - t1, 0.0)
+    return max(left, 0.0)
+
+
+def describe_seconds_left(seconds: float | None) -> str:
+    """``"about 40 s left"``-style text for :func:`seconds_left` (``""`` when unknown)."""
+    if seconds is None:
+        return ""
+    if seconds < 10:
+        return "a few seconds left"
+    if seconds < 90:
+        return f"about {int(5 * round(seconds / 5))} s left"
+    if seconds < 90 * 60:
+        return f"about {int(round(seconds / 60))} min left"
+    return f"about {seconds / 3600:.1f} h left"
 
 
 # ---------------------------------------------------------------------- inside a run process

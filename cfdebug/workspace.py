@@ -35,14 +35,21 @@ DEMO_THREADS = 1
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "models"
 
 
+class ModelNotTrained(Exception):
+    """Raised by a ``Workspace(..., cached_only=True)`` whose model would have to be trained first
+    (not a user mistake: the dashboard trains it in a background run, then opens the workspace)."""
+
+
 class Workspace:
     """Loads data and model once; hands out cached artifacts (extractions, …)."""
 
-    def __init__(self, config: WorkspaceConfig | None = None, progress: Progress | None = None, *, train: bool = False):
+    def __init__(self, config: WorkspaceConfig | None = None, progress: Progress | None = None, *, train: bool = False, cached_only: bool = False):
         """``train=True`` trains the model (from ``--weights`` when given) unless a trained copy
-        with the same inputs is cached; the demo CNN without weights is always trained."""
+        with the same inputs is cached; the demo CNN without weights is always trained.
+        ``cached_only=True`` raises :class:`ModelNotTrained` instead of training."""
         self.config = config or WorkspaceConfig()
         self.train_requested = train
+        self.cached_only = cached_only
         self.store = Store(self.config.workdir)
         self.device = resolve_device(self.config.device)
         self.data: DataBundle = load_data(self.config.data)
@@ -60,6 +67,15 @@ class Workspace:
             "data": d.fingerprint,
             "transform": [d.input_size, list(d.mean), list(d.std)],
         }
+
+    @property
+    def random_weights(self) -> bool:
+        """True when the model is a torchvision builder's random initialisation (no weights given)."""
+        return self.model_meta.get("source") == "random init"
+
+    def trained_weights_path(self) -> Path:
+        """Where :meth:`trained_model_key`'s trained state_dict is (or will be) stored."""
+        return self.store.path("models", self.trained_model_key()) / "model.pt"
 
     def _load_model(self, progress):
         cfg, data = self.config.model, self.data
@@ -113,6 +129,8 @@ class Workspace:
 
     def _cached_trained_model(self, cfg: ModelConfig, progress):
         key = self.trained_model_key()
+        if self.cached_only and not self.store.exists("models", key):
+            raise ModelNotTrained(f"{cfg.name} is not trained on {self.data.name} yet (models/{key})")
         seed_everything(self.config.train.seed)  # the initial weights depend on the seed, as the key says
         model = load_model(cfg, self.data.num_classes) if cfg.weights else build_model(cfg.name, self.data.num_classes)
         if not self.store.exists("models", key):
@@ -238,4 +256,4 @@ def write_demo_assets(directory: str | Path | None = None, beds=DEMO_DATASETS) -
     return records
 
 
-__all__ = ["Workspace", "train_and_cache", "is_demo", "training_threads", "demo_asset_paths", "pixels_sha256", "write_demo_asset", "write_demo_assets", "CfdebugError"]
+__all__ = ["Workspace", "ModelNotTrained", "train_and_cache", "is_demo", "training_threads", "demo_asset_paths", "pixels_sha256", "write_demo_asset", "write_demo_assets", "CfdebugError"]

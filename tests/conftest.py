@@ -28,6 +28,13 @@ def _restore_rng_state():
     torch.set_rng_state(torch_state)
 
 
+@pytest.fixture(autouse=True)
+def _dashboard_computes_inline(monkeypatch):
+    """AppTest has no fragment timers to poll a background run with, so pages under test compute
+    missing artifacts in-process (tests/test_dashboard_loading.py unsets it to test the runs)."""
+    monkeypatch.setenv("CFDEBUG_DASHBOARD_INLINE", "1")
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     """One artifact cache for the whole session, so the demo model trains once."""

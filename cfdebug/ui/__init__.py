@@ -6,6 +6,7 @@ Pages call these and place what they return; they never import torch.
 from . import treatment, workspace
 from .filters import causal_check, detection, global_filters, gradcam_overlays, local_masks, top_activating
 from .workspace import (
+    await_prepare,
     class_names,
     current_config,
     extraction,
@@ -13,6 +14,7 @@ from .workspace import (
     progress_callback,
     sample_images,
     show_user_error,
+    widget_terms,
     workspace_page,
     workspace_sidebar,
 )
@@ -24,6 +26,7 @@ __all__ = [
     "gradcam_overlays",
     "local_masks",
     "top_activating",
+    "await_prepare",
     "class_names",
     "current_config",
     "extraction",
@@ -31,6 +34,7 @@ __all__ = [
     "progress_callback",
     "sample_images",
     "show_user_error",
+    "widget_terms",
     "workspace_page",
     "workspace_sidebar",
 ]

@@ -8,11 +8,22 @@ import streamlit as st
 from ..config import config_dict
 from ..errors import CfdebugError
 from ..store import stable_hash
-from .workspace import memo, progress_callback, show_user_error
+from .workspace import await_prepare, inline, memo, progress_callback, show_user_error
 
 
 def _ws_key(ws) -> str:
     return stable_hash(ws.key_parts)
+
+
+def _prepared(ws, through: str, what: str) -> None:
+    """Make sure the prepare artifacts up to ``through`` are cached: on a miss (outside inline
+    mode) a background prepare run makes them while the page shows its progress and stops."""
+    from ..jobs import prepared
+
+    if inline() or prepared(ws, through):
+        return
+    failure = await_prepare(ws.config, through, lambda record: prepared(ws, through), what)
+    show_user_error(CfdebugError(failure))
 
 
 def _detection(ws, config, progress=None) -> dict:
@@ -23,12 +34,15 @@ def _detection(ws, config, progress=None) -> dict:
 
 
 def detection(ws, config=None) -> dict:
-    """``run_detection`` for the workspace (CFE heads, global filters, flags), with progress."""
+    """``run_detection`` for the workspace (CFE heads, global filters, flags). With the default
+    config a miss is computed by a background prepare run; another config is computed here."""
     from ..detect import DetectConfig
 
-    config = config or DetectConfig()
     try:
-        bar = st.progress(0.0, text="Fitting CFE heads and scoring agreement (cached after the first run)…")
+        if config is None or config == DetectConfig():
+            _prepared(ws, "detect", f"Fitting the CFE heads of {ws.config.model.name} and scoring its test predictions")
+        config = config or DetectConfig()
+        bar = st.empty()
         result = _detection(ws, config, progress_callback(bar))
         bar.empty()
         return result
@@ -45,6 +59,7 @@ def _filters(ws):
 def global_filters(ws):
     """The workspace's cached global MC filters (histogram, magnitude, counts)."""
     try:
+        _prepared(ws, "filters", f"Fitting the CFE heads of {ws.config.model.name}")
         return _filters(ws)
     except CfdebugError as exc:
         show_user_error(exc)
@@ -54,9 +69,13 @@ def local_masks(ws, split: str, indices, classes) -> np.ndarray:
     """MC_x ``[n, C]`` bool for images ``indices`` of ``split`` from the heads of ``classes``."""
     from ..cfe import mc_heads, predict_masks
 
-    fitted = mc_heads(ws)
-    features = ws.extractions.get(split).features[np.asarray(indices)]
-    return predict_masks(fitted.heads, features, np.asarray(classes))
+    try:
+        _prepared(ws, "filters", f"Fitting the CFE heads of {ws.config.model.name}")
+        fitted = mc_heads(ws)
+        features = ws.extractions.get(split).features[np.asarray(indices)]
+        return predict_masks(fitted.heads, features, np.asarray(classes))
+    except CfdebugError as exc:
+        show_user_error(exc)
 
 
 def _batch(ws, split: str, indices):

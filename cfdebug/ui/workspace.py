@@ -1,26 +1,88 @@
 """Sidebar workspace selection and the cached workspace/extraction for pages.
 
-The chosen model, weights, dataset and device live in ``st.session_state`` and are mirrored
-in ``st.query_params`` so that a link reopens the same workspace.
+The chosen model, weights, dataset, input size, mean/std, target layer and device live in
+``st.session_state`` and are mirrored in ``st.query_params`` so that a link reopens the same
+workspace.
+
+Work that is not cached yet (training the model, extracting features, fitting the CFE heads)
+runs as a background *prepare* run (:func:`cfdebug.jobs.run_prepare_job`, started by
+:func:`cfdebug.runs.start_background_run`, which joins a run already making the same thing):
+the page shows its progress in a polled fragment and stops there; the sidebar and the other
+pages stay usable, closing the tab does not stop the run, and the page (or the next visitor)
+picks the result up from the cache. Cache hits are read in-process at once.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import threading
+import time
 from collections import OrderedDict
-from contextlib import contextmanager
+from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 import streamlit as st
 
 from ..access import check_workspace
-from ..config import DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, default_workdir
+from ..config import CLI_FLAGS, DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, default_workdir, rename_fields
 from ..errors import CfdebugError
 from .access import admitted
 
 STATE_KEY = "cfdebug_workspace"
+LAST_GOOD_KEY = "cfdebug_workspace_loaded"
+FAILURES_KEY = "cfdebug_job_failures"
+TRAINING_KEY = "cfdebug_training"
 DEVICES = ("auto", "cpu", "cuda")
 FOLDER_CHOICE = "a folder…"
+#: ``CFDEBUG_DASHBOARD_INLINE=1``: compute missing artifacts in the page's own thread instead of a
+#: background run (AppTest has no fragment timers to poll a run with; the tests set it).
+INLINE_ENV = "CFDEBUG_DASHBOARD_INLINE"
+#: Seconds between two polls of a running prepare run.
+POLL_S = 1.0
+
+#: Sidebar label of each workspace config field, for messages (:func:`widget_terms`).
+WIDGET_LABELS: dict[str, str] = {
+    "model.name": "Model",
+    "model.weights": "Weights (optional)",
+    "model.layer": "Target layer",
+    "data.source": "Dataset folder",
+    "data.format": "Dataset",
+    "data.input_size": "Input size",
+    "data.mean": "Mean",
+    "data.std": "Std",
+    "device": "Device",
+    "workdir": "CFDEBUG_HOME (the artifact cache)",
+}
+_FLAG_LABELS = {flag: WIDGET_LABELS[name] for name, flag in CLI_FLAGS.items() if name in WIDGET_LABELS}
+
+
+def widget_terms(message: str) -> str:
+    """``message`` with config field names and CLI flags (`` `--data` ``) named by their sidebar widgets."""
+    message = rename_fields(message, WIDGET_LABELS)
+    return re.sub(r"`(--[a-z][a-z0-9-]*)`", lambda m: f"`{_FLAG_LABELS.get(m.group(1), m.group(1))}`", message)
+
+
+def _rgb_text(values) -> str:
+    return ",".join(f"{v:g}" for v in values) if values else ""
+
+
+def _data_fields(size: str, mean: str, std: str) -> dict:
+    """``DataConfig`` fields from the sidebar's (or the URL's) text; a blank one keeps the
+    dataset's default. The config itself checks the ranges."""
+    fields = {}
+    if size.strip():
+        if not size.strip().isdigit():
+            raise CfdebugError(f"Expected `data.input_size` to be a whole number of pixels (e.g. 32), but got {size!r}; leave it blank for the dataset's default.")
+        fields["input_size"] = int(size)
+    for name, text in (("mean", mean), ("std", std)):
+        if text.strip():
+            try:
+                fields[name] = tuple(float(v) for v in text.split(","))
+            except ValueError:
+                raise CfdebugError(f"Expected `data.{name}` as three comma-separated numbers (R,G,B), but got {text!r}; leave it blank for the dataset's default.") from None
+    return fields
 
 
 def _from_query() -> WorkspaceConfig:
@@ -28,7 +90,7 @@ def _from_query() -> WorkspaceConfig:
     weights = q.get("weights") or None
     cfg = WorkspaceConfig(
         model=ModelConfig(name=q.get("model", "demo-cnn"), weights=weights, layer=q.get("layer") or None),
-        data=DataConfig(source=q.get("data", "biased-digits")),
+        data=DataConfig(source=q.get("data", "biased-digits"), **_data_fields(q.get("size", ""), q.get("mean", ""), q.get("std", ""))),
         device=q.get("device", "auto") if q.get("device", "auto") in DEVICES else "auto",
         workdir=default_workdir(),
     )
@@ -40,22 +102,29 @@ def _from_query() -> WorkspaceConfig:
 
 
 def current_config() -> WorkspaceConfig:
-    """The applied workspace config (from the sidebar, or the URL on first load)."""
+    """The applied workspace config (from the sidebar, or the URL on first load; a link whose
+    parameters are not valid shows the error and opens the default workspace)."""
     if STATE_KEY not in st.session_state:
-        st.session_state[STATE_KEY] = _from_query()
+        try:
+            st.session_state[STATE_KEY] = _from_query()
+        except CfdebugError as exc:
+            st.error(widget_terms(f"The link's workspace could not be opened: {exc}"), icon=":material/error:")
+            st.session_state[STATE_KEY] = WorkspaceConfig(workdir=default_workdir())
+            _sync_query(st.session_state[STATE_KEY])
     return st.session_state[STATE_KEY]
 
 
 def _sync_query(cfg: WorkspaceConfig) -> None:
+    optional = {
+        "weights": cfg.model.weights, "layer": cfg.model.layer, "size": str(cfg.data.input_size or ""),
+        "mean": _rgb_text(cfg.data.mean), "std": _rgb_text(cfg.data.std),
+    }
     wanted = {"model": cfg.model.name, "data": cfg.data.source, "device": cfg.device}
-    if cfg.model.weights:
-        wanted["weights"] = cfg.model.weights
-    if cfg.model.layer:
-        wanted["layer"] = cfg.model.layer
+    wanted.update({key: value for key, value in optional.items() if value})
     for key, value in wanted.items():
         if st.query_params.get(key) != value:
             st.query_params[key] = value
-    for key in ("weights", "layer"):
+    for key in optional:
         if key not in wanted and key in st.query_params:
             del st.query_params[key]
 
@@ -71,28 +140,47 @@ def workspace_sidebar() -> WorkspaceConfig:
         is_demo = cfg.data.source in DEMO_DATASETS
         choice = st.selectbox("Dataset", options, index=options.index(cfg.data.source) if is_demo else len(options) - 1)
         folder = st.text_input("Dataset folder", "" if is_demo else cfg.data.source, help="ImageFolder (train/ test/ [val/]), CUB-200-2011 or CIFAR batches; used when Dataset is 'a folder…'")
+        size, mean, std, layer = _preprocessing_inputs(cfg)
         device = st.selectbox("Device", DEVICES, index=DEVICES.index(cfg.device) if cfg.device in DEVICES else 0)
         if st.form_submit_button("Load", type="primary", width="stretch"):
             source = folder.strip() if choice == FOLDER_CHOICE else choice
             if not source:
                 st.error("Enter the dataset folder, or pick one of the demo datasets.")
             else:
-                wanted = WorkspaceConfig(
-                    model=ModelConfig(name=model.strip() or "demo-cnn", weights=weights.strip() or None, layer=cfg.model.layer),
-                    data=DataConfig(source=source),
-                    device=device,
-                    workdir=cfg.workdir,
-                )
-                if admitted(wanted):  # otherwise the message shows and the current workspace stays
-                    cfg = st.session_state[STATE_KEY] = wanted
+                try:
+                    wanted = WorkspaceConfig(
+                        model=ModelConfig(name=model.strip() or "demo-cnn", weights=weights.strip() or None, layer=layer.strip() or None),
+                        data=DataConfig(source=source, **_data_fields(size, mean, std)),
+                        device=device,
+                        workdir=cfg.workdir,
+                    )
+                    if admitted(wanted):  # otherwise the message shows and the current workspace stays
+                        cfg = st.session_state[STATE_KEY] = wanted
+                except CfdebugError as exc:
+                    st.error(widget_terms(str(exc)), icon=":material/error:")
     _sync_query(cfg)
     st.sidebar.caption(f"Artifacts cached in `{cfg.workdir}`")
     return cfg
 
 
+def _preprocessing_inputs(cfg: WorkspaceConfig) -> tuple[str, str, str, str]:
+    """The form's input size, mean, std and target layer fields (blank: the defaults they name)."""
+    d = cfg.data
+    size = st.text_input("Input size", str(d.input_size or ""), placeholder="default: 32 digits/CIFAR · 224 folders/CUB",
+                         help="Image side in pixels after resizing. Blank: 32 for the digits and CIFAR, 224 for image folders and CUB. "
+                              "A small model trains much faster at 32 or 64 px than at 224 on a CPU.")
+    mean = st.text_input("Mean", _rgb_text(d.mean), placeholder="default: 0.5,0.5,0.5 digits/CIFAR · ImageNet's",
+                         help="Normalisation mean, R,G,B. Blank: 0.5,0.5,0.5 for the digits and CIFAR, ImageNet's 0.485,0.456,0.406 otherwise.")
+    std = st.text_input("Std", _rgb_text(d.std), placeholder="default: 0.25,0.25,0.25 digits/CIFAR · ImageNet's",
+                        help="Normalisation std, R,G,B. Blank: 0.25,0.25,0.25 for the digits and CIFAR, ImageNet's 0.229,0.224,0.225 otherwise.")
+    layer = st.text_input("Target layer", cfg.model.layer or "", placeholder="default: the last conv block",
+                          help="Module name whose filters are analysed (e.g. layer4 for a ResNet). Blank: the last convolutional block, found automatically.")
+    return size, mean, std, layer
+
+
 def show_user_error(exc: CfdebugError) -> None:
-    """Show a user mistake as ``st.error`` with the same message the CLI prints; stop the page."""
-    st.error(str(exc), icon=":material/error:")
+    """Show a user mistake as ``st.error`` (in the sidebar's terms, not the CLI's flags); stop the page."""
+    st.error(widget_terms(str(exc)), icon=":material/error:")
     st.stop()
 
 
@@ -128,38 +216,146 @@ def memo(key, compute, max_entries: int = 16):
     return value
 
 
+def inline() -> bool:
+    """Whether missing artifacts are computed in the page's thread (:data:`INLINE_ENV`)."""
+    return os.environ.get(INLINE_ENV) == "1"
+
+
 def _workspace(cfg: WorkspaceConfig, progress=None):
     from ..workspace import Workspace
 
-    return memo(("workspace", cfg), lambda: Workspace(cfg, progress), max_entries=4)
+    # Outside inline mode a model that must be trained raises ModelNotTrained: a prepare run trains it.
+    return memo(("workspace", cfg), lambda: Workspace(cfg, progress, cached_only=not inline()), max_entries=4)
 
 
-@contextmanager
-def _status(label: str):
-    with st.status(label, expanded=False) as status:
-        bar = st.progress(0.0)
-        yield status, progress_callback(bar)
-        status.update(state="complete", expanded=False)
+def describe_progress(rows: list[tuple[float, dict]], now: float | None = None) -> tuple[float, str]:
+    """``(fraction, text)`` for a prepare run's bar from its timed progress rows (oldest first):
+    "Step 3 of 4 · Fitting CFE heads: MC heads epoch 3/20 … · about 40 s left in this step", the time left
+    measured on the current stage's own rows (:func:`cfdebug.runs.seconds_left`)."""
+    from ..runs import describe_seconds_left, seconds_left
+
+    if not rows:
+        return 0.0, "Starting (loading the model and data)…"
+    row = rows[-1][1]
+    stage = row.get("stage")
+    points = [(t, r.get("stage_fraction", r.get("fraction", 0.0))) for t, r in rows if r.get("stage") == stage]
+    left = describe_seconds_left(seconds_left(points, now))
+    parts = [f"Step {row['step']} of {row['steps']}" if "step" in row else "", str(row.get("message", "")),
+             f"{left} in this step" if left else "estimating the time left…"]
+    fraction = row.get("fraction", 0.0)
+    return min(max(float(fraction), 0.0), 1.0), " · ".join(p for p in parts if p)
 
 
-def load_workspace(cfg: WorkspaceConfig | None = None):
-    """The cached :class:`cfdebug.workspace.Workspace`; training the demo model shows progress."""
+def _stages_reached(record, through: str) -> bool:
+    """Whether ``record`` (a prepare run) was asked to make everything up to ``through``."""
+    from ..jobs import PREPARE_STAGES
+
+    asked = (record.config or {}).get("through", "load")
+    return PREPARE_STAGES.index(asked) >= PREPARE_STAGES.index(through)
+
+
+def run_monitor(workdir, run_id: str, ready: Callable[[object], bool], through: str, key: str, what: str) -> None:
+    """The live progress of prepare run ``run_id`` (polled every :data:`POLL_S` s in a fragment),
+    with a Cancel button. When ``ready(record)`` turns true or the run ends, the whole page reruns;
+    a failed or cancelled run (or a done one that did not make what ``through`` names) leaves its
+    message in the session for :func:`await_prepare` to show."""
+    from ..runs import RunRegistry, cancel
+
+    registry = RunRegistry(workdir)
+
+    @st.fragment(run_every=POLL_S)
+    def monitor():
+        record = registry.get(run_id)
+        if record.finished or ready(record):
+            failures = st.session_state.setdefault(FAILURES_KEY, {})
+            if record.status in ("failed", "cancelled"):
+                failures[key] = f"{what}: the background run {run_id} {record.status}: {record.error or 'no message'}"
+            elif record.status == "done" and not ready(record) and _stages_reached(record, through):
+                failures[key] = f"{what}: run {run_id} finished, but its results are not in the cache; see {record.log_path}."
+            st.rerun(scope="app")
+        fraction, text = describe_progress(registry.timed_progress(run_id))
+        st.progress(fraction, text=text)
+        left, right = st.columns([1, 4])
+        if left.button("Cancel", key=f"cancel-{run_id}"):
+            cancel(registry, run_id)
+            st.rerun(scope="app")
+        running = time.time() - record.created
+        right.caption(f"{what} runs in the background (run `{run_id}`, {running:.0f} s so far; log `{record.log_path}`). "
+                      "The sidebar and the other pages stay usable; closing the tab does not stop it, and whoever opens this "
+                      "workspace next picks up the result.")
+
+    monitor()
+
+
+def await_prepare(cfg: WorkspaceConfig, through: str, ready: Callable[[object], bool], what: str, *, train: bool = False, stop: bool = True) -> str | None:
+    """Start (or join) the prepare run of ``cfg`` up to ``through`` and show its progress.
+
+    Returns the message of the session's last run for the same key when it failed or was
+    cancelled (and forgets it, so the next call tries again); otherwise shows
+    :func:`run_monitor` and stops the page (``stop=False``: returns ``None`` and the page goes on).
+    """
+    from ..jobs import prepare_spec
+    from ..runs import start_background_run
+
+    try:
+        spec = prepare_spec(cfg, through, train=train)
+        failure = st.session_state.setdefault(FAILURES_KEY, {}).pop(spec["key"], None)
+        if failure is not None:
+            return failure
+        run_id = start_background_run(cfg.workdir, "prepare", spec)
+    except CfdebugError as exc:
+        return str(exc)
+    run_monitor(cfg.workdir, run_id, ready, through, spec["key"], what)
+    if stop:
+        st.stop()
+    return None
+
+
+def _fall_back(cfg: WorkspaceConfig, message: str, may_fall_back: bool):
+    """A failed load: say why (in widget terms), then open the last workspace that loaded (or the
+    default) and put it back in the URL, so no stale status line or parameter stays behind."""
+    st.error(widget_terms(message), icon=":material/error:")
+    previous = st.session_state.get(LAST_GOOD_KEY) or WorkspaceConfig(workdir=cfg.workdir)
+    if not may_fall_back or previous == cfg:
+        st.stop()
+    st.session_state[STATE_KEY] = previous
+    _sync_query(previous)
+    st.caption(f"Showing the previous workspace, {previous.model.name} on {previous.data.source}, instead.")
+    return load_workspace(previous, may_fall_back=False)
+
+
+def load_workspace(cfg: WorkspaceConfig | None = None, *, may_fall_back: bool = True):
+    """The cached :class:`cfdebug.workspace.Workspace`. A model that must be trained first is
+    trained by a background prepare run (with progress; the page stops until it is ready); a
+    failed load shows its error and falls back to the previous workspace."""
+    from ..workspace import ModelNotTrained
+
     cfg = cfg or current_config()
+    bar = st.empty()
     try:
         check_workspace(cfg)  # every way into session state (URL, Load, a page's button) meets the same check
-        with _status("Loading model and data (the demo model trains on first use, ~20 s)…") as (status, progress):
-            ws = _workspace(cfg, progress)
-            status.update(label=f"{ws.config.model.name} on {ws.data.name}")
-        return ws
+        ws = _workspace(cfg, progress_callback(bar) if inline() else None)
+    except ModelNotTrained:
+        what = f"Training {cfg.model.name} on {cfg.data.source}"
+        failure = await_prepare(cfg, "extract", lambda record: (record.progress or {}).get("stage") not in (None, "load"), what)
+        return _fall_back(cfg, failure, may_fall_back)
     except CfdebugError as exc:
-        show_user_error(exc)
+        bar.empty()
+        return _fall_back(cfg, str(exc), may_fall_back)
+    bar.empty()
+    st.session_state[LAST_GOOD_KEY] = cfg
+    return ws
 
 
 def extraction(ws, split: str):
-    """The cached extraction of ``split`` (computed with a progress bar on a miss)."""
+    """The cached extraction of ``split``; on a miss a background prepare run extracts every split."""
     try:
-        if ws.store.exists(ws.extractions.KIND, ws.extractions.key(split)):
+        cached = ws.store.exists(ws.extractions.KIND, ws.extractions.key(split))
+        if cached:
             return ws.extractions.get(split)
+        if not inline():
+            ready = lambda record: ws.store.exists(ws.extractions.KIND, ws.extractions.key(split))  # noqa: E731
+            show_user_error(CfdebugError(await_prepare(ws.config, "extract", ready, f"Extracting the features of {ws.data.name}")))
         bar = st.progress(0.0, text=f"Extracting features of the {split} split…")
         ex = ws.extractions.get(split, progress_callback(bar))
         bar.empty()
@@ -168,15 +364,60 @@ def extraction(ws, split: str):
         show_user_error(exc)
 
 
+def _random_weights_banner(ws) -> None:
+    """The warning every page shows for a model with random weights, with the Train action."""
+    from ..jobs import prepare_key
+    from ..runs import RunRegistry
+
+    cfg = ws.config
+    trained = ws.trained_weights_path()
+    st.warning(
+        f"**{cfg.model.name} has random weights.** No weights were given, so it predicts at chance level (about "
+        f"{100 / ws.data.num_classes:.0f}% accuracy on {ws.data.num_classes} classes) and nothing these pages show says anything "
+        "about a real model. Give a checkpoint in the sidebar's **Weights**, or train it on this dataset.",
+        icon=":material/warning:",
+    )
+    if trained.is_file():
+        if st.session_state.get(TRAINING_KEY) == cfg or st.button("Use the weights trained on this data", type="primary"):
+            st.session_state.pop(TRAINING_KEY, None)
+            _use_weights(cfg, trained)
+        return
+    active = RunRegistry(cfg.workdir).find_active("prepare", prepare_key(cfg, train=True))
+    if active is None and not st.button("Train on this data", type="primary"):
+        slow = " On a CPU at 224 px this is slow: a smaller **Input size** (sidebar) trains much faster." if ws.data.input_size >= 128 else ""
+        st.caption(f"Trains {cfg.model.name} from its random start for {cfg.train.epochs} epochs on the training split "
+                   f"({len(ws.data.splits['train'])} images at {ws.data.input_size} px; the best epoch on validation is kept) "
+                   f"as a background run, then opens the trained weights.{slow}")
+        return
+    st.session_state[TRAINING_KEY] = cfg
+    failure = await_prepare(cfg, "load", lambda record: trained.is_file(), f"Training {cfg.model.name} on {ws.data.name}", train=True, stop=False)
+    if failure is not None:
+        st.session_state.pop(TRAINING_KEY, None)
+        st.error(widget_terms(failure), icon=":material/error:")
+
+
+def _use_weights(cfg: WorkspaceConfig, path) -> None:
+    new = replace(cfg, model=replace(cfg.model, weights=str(path)))
+    st.session_state[STATE_KEY] = new
+    _sync_query(new)
+    st.rerun()
+
+
 def workspace_page():
-    """What every page starts with: the workspace sidebar, then the loaded workspace.
+    """What every page starts with: the workspace sidebar, then the loaded workspace (with a
+    warning and the Train action when its model has random weights).
 
     The sidebar is drawn by the page (not by ``app.py``) so that a page rerun, in the
     browser or under ``AppTest``, always draws it with the page.
     """
     st.sidebar.title("cfdebug")
     st.sidebar.caption("Why does my classifier fail, and how do I fix it?")
-    return load_workspace(workspace_sidebar())
+    ws = load_workspace(workspace_sidebar())
+    d = ws.data
+    st.sidebar.caption(f"Images at {d.input_size} px, mean {_rgb_text(d.mean)}, std {_rgb_text(d.std)}; filters at `{ws.target.name}`.")
+    if ws.random_weights:
+        _random_weights_banner(ws)
+    return ws
 
 
 def class_names(ws) -> list[str]:
