@@ -37,6 +37,13 @@ def _wait_for_runs(registry: RunRegistry) -> None:
     assert not failed, failed
 
 
+@pytest.fixture(autouse=True)
+def _tmp_is_an_allowed_root(tmp_path, monkeypatch):
+    """The folders these tests open live under tmp_path: let the dashboard read them (allowed roots)."""
+    monkeypatch.setenv("CFDEBUG_ROOTS", str(tmp_path))
+    monkeypatch.delenv("CFDEBUG_READ_ONLY", raising=False)
+
+
 @pytest.fixture
 def background(tmp_path, monkeypatch):
     """A fresh CFDEBUG_HOME with pages that start background runs (not inline); returns its registry."""

@@ -4,7 +4,6 @@ same artifacts (RunRegistry.create_or_join) and the time-left estimate (runs.sec
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
