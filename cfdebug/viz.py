@@ -116,7 +116,9 @@ def agreement_bar(local: np.ndarray, global_: np.ndarray, frequency: np.ndarray,
     fig.add_hline(y=0, line_color="#555555", line_width=1)
     fig.update_xaxes(type="category", categoryorder="array", categoryarray=names, title="filter", showticklabels=len(names) <= 60)
     fig.update_yaxes(title="↑ class frequency · ↓ this image", range=[-1.05, 1.05])
-    return _layout(fig, title, height=340, barmode="overlay", legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+    # Legend under the axis: in a narrow column a legend beside the title runs over it.
+    return _layout(fig, title, height=380, barmode="overlay", margin=dict(l=40, r=20, t=50, b=100),
+                   legend=dict(orientation="h", y=-0.32, x=0, xanchor="left", yanchor="top"))
 
 
 def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str = "Error detection ROC") -> go.Figure:

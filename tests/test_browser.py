@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from urllib.parse import quote
 
 import pytest
 
@@ -71,3 +72,21 @@ def test_sample_browser_link_restores_a_selection(dashboard_url, demo_workspace,
         for key in ("outcome=error", "true=3", f"image={errors[0]}"):
             assert key in page.url, (key, page.url)
         page.screenshot(path=str(tmp_path / "browser_link.png"), full_page=True)
+
+
+def test_own_folder_with_a_random_torchvision_model_warns_on_the_page(tmp_path, monkeypatch):
+    """A user's ImageFolder tree with resnet18 and no weights: the random-weights warning and the
+    Train action are on the page (not only in the server log), with no error elements."""
+    from test_prepare_job import tiny_tree
+
+    data = tiny_tree(tmp_path / "my data")
+    monkeypatch.setenv("CFDEBUG_ROOTS", str(tmp_path))
+    monkeypatch.delenv("CFDEBUG_READ_ONLY", raising=False)
+    query = f"model=resnet18&data={quote(str(data))}&size=32"
+    with running_dashboard(tmp_path / "home", tmp_path / "streamlit.log") as url, browser_page() as page:
+        page.goto(f"{url}/?{query}", wait_until="domcontentloaded")
+        page.get_by_text("resnet18 has random weights.", exact=False).first.wait_for(timeout=180_000)
+        page.get_by_role("button", name="Train on this data").wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
+        assert_no_error_elements(page)
+        page.screenshot(path=str(tmp_path / "random_weights.png"), full_page=True)
