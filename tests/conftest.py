@@ -50,5 +50,16 @@ def demo_workspace(workdir):
     return Workspace(WorkspaceConfig(workdir=str(workdir), device="cpu"))
 
 
+@pytest.fixture
+def app(demo_workspace, workdir, monkeypatch):
+    """The whole dashboard (app.py) under AppTest, on the session's demo workdir."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CFDEBUG_HOME", str(workdir))
+    return AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=180)
+
+
 def pytest_addoption(parser):
     parser.addoption("--screenshots", default=None, help="also copy the browser tests' screenshots into this folder")

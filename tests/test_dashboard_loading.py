@@ -80,12 +80,6 @@ def test_describe_progress_gives_the_step_and_the_time_left_of_its_stage():
 
 
 # ------------------------------------------------------------------------------ sidebar (inline)
-@pytest.fixture
-def app(demo_workspace, workdir, monkeypatch):
-    monkeypatch.setenv("CFDEBUG_HOME", str(workdir))
-    return AppTest.from_file(APP, default_timeout=180)
-
-
 def test_preprocessing_fields_are_in_the_sidebar_and_the_url(app, demo_workspace):
     app.run()
     _ok(app)

@@ -7,16 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-
-
-@pytest.fixture
-def app(demo_workspace, workdir, monkeypatch):
-    monkeypatch.setenv("CFDEBUG_HOME", str(workdir))
-    return AppTest.from_file(APP, default_timeout=180)
 
 
 def test_overview_is_the_default_page(app, demo_workspace):
