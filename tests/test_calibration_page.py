@@ -91,3 +91,19 @@ def test_page_monitors_an_active_run(page, demo_workspace, workdir, finished_run
         assert any(b.label == "Cancel run" for b in page.button)
     finally:
         cancel(registry, record.run_id)
+
+
+def test_xcr_monitor_time_left_is_measured_from_the_runs_rows(tmp_path):
+    """No estimate before two rows are measured; then one from the run's own pace (not a fixed string)."""
+    import time
+
+    from cfdebug.ui.xcr import _time_left
+
+    reg = RunRegistry(tmp_path)
+    run_id = reg.create("xcr", {"spec": 1}).run_id
+    assert _time_left(reg, run_id) == ""
+    reg.log_progress(run_id, {"fraction": 0.1, "message": "selector epoch 1"})
+    assert _time_left(reg, run_id) == ""
+    time.sleep(0.05)
+    reg.log_progress(run_id, {"fraction": 0.2, "message": "selector epoch 2"})
+    assert _time_left(reg, run_id).endswith("left (at the pace so far)")

@@ -87,6 +87,16 @@ def cancel_run(ws, run_id: str) -> None:
         show_user_error(exc)
 
 
+def _time_left(reg, run_id: str) -> str:
+    """"about 6 min left (at the pace so far)" from the run's own progress rows (overall fraction
+    against the time each was logged); "" until two rows have been measured."""
+    from ..runs import describe_seconds_left, seconds_left
+
+    points = [(t, row["fraction"]) for t, row in reg.timed_progress(run_id) if isinstance(row.get("fraction"), (int, float))]
+    text = describe_seconds_left(seconds_left(points))
+    return f"{text} (at the pace so far)" if text else ""
+
+
 def run_monitor(ws, run_id: str, every: float = 2.0) -> None:
     """Live progress of a running XCR run, polled every ``every`` seconds in a fragment.
 
@@ -102,7 +112,8 @@ def run_monitor(ws, run_id: str, every: float = 2.0) -> None:
         row = record.progress or {}
         fraction = float(row.get("fraction", 0.0)) if isinstance(row.get("fraction"), (int, float)) else 0.0
         message = row.get("message") or (f"epoch {row['epoch']}" if "epoch" in row else "starting (loading the workspace)…")
-        st.progress(min(max(fraction, 0.0), 1.0), text=f"`{run_id}`: {message}")
+        left_text = _time_left(reg, run_id)
+        st.progress(min(max(fraction, 0.0), 1.0), text=f"`{run_id}`: {message}" + (f" · {left_text}" if left_text else ""))
         left, right = st.columns([1, 4])
         if not read_only() and left.button("Cancel run", key=f"cancel-{run_id}"):
             cancel_run(ws, run_id)
