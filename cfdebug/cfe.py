@@ -34,7 +34,10 @@ gradient is the same as one pass over all ``K``). VGG's map head is itself linea
 :class:`ChannelLinearHead` folds the pooling into that layer's weights and applies the masks to
 the pooled channel values: at 32 px the 25,088-wide first layer becomes a 512-wide one, the
 same logits to float rounding, ~6× less work per step (the FC layers after it still run per
-image and head).
+image and head). At 224 px the pooled map has ``q = 49`` positions per channel, so the rewrite
+alone saves nothing; there the ``J`` masks of an image share the per-channel products
+``P_b[c] = W_eff[:, c] · pre(A_b)[c]`` (``[C, O]`` per image, formed once), and each mask costs
+only ``Σ_c m_c·P_b[c]`` (``C·O`` instead of ``C·q·O`` multiply-adds).
 """
 
 from __future__ import annotations
@@ -278,9 +281,10 @@ class ChannelLinearHead:
     def _shared_first_layer(self, r: torch.Tensor, m: torch.Tensor, wp: torch.Tensor) -> torch.Tensor:
         """The first layer's pre-activations ``[B, J, O]`` for ``J`` masks per image through
         ``P_b[c] = W_eff[:, c·q:(c+1)·q] · r_b[c]`` (``r`` [B, C, q], ``m`` [B, J, C]):
-        ``h_bj = Σ_c m_bjc·P_b[c] + b₁`` (``wp``: :meth:`_products_weight`). ``P`` is formed once per image for all its masks, in
-        blocks of rows within :data:`PRODUCT_BLOCK_ELEMENTS` (autograd keeps each block for the
-        gradient w.r.t. ``m``; callers that need bounded memory send that many rows at a time)."""
+        ``h_bj = Σ_c m_bjc·P_b[c] + b₁`` (``wp`` [C, q, O]: :meth:`_products_weight`). ``P`` is
+        formed once per image for all its masks, in blocks of rows within
+        :data:`PRODUCT_BLOCK_ELEMENTS`; autograd keeps each block for the gradient w.r.t. ``m``,
+        so a fit sends that many rows at a time (:func:`_fit_blocks`)."""
         b, c, _ = r.shape
         rows = max(1, PRODUCT_BLOCK_ELEMENTS // (c * wp.shape[2]))
         out = []
