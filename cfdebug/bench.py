@@ -117,18 +117,23 @@ def bench_extract(ws_config: WorkspaceConfig, n: int = 2000, repeats: int = 3) -
 CFE_TARGET = {"pooled": 1.0, "map": 10.0}
 
 
-def bench_cfe(ws_config: WorkspaceConfig, n: int = 128, repeats: int = 3) -> dict:
+def bench_cfe(ws_config: WorkspaceConfig, n: int = 128, repeats: int = 3, limit: int | None = None) -> dict:
     """CFE fit + mask prediction for all classes vs one extraction pass over the same training
     split (target ≤ 1×; fastest of ``repeats``), and Grad-CAM images/s on ``n`` training images
-    batched vs one image at a time."""
+    batched vs one image at a time. ``limit``: only the first ``limit`` training images (both
+    sides of the ratio), e.g. VGG16 at 224 px on a small set."""
     from .cfe import CFEConfig, fit_mc_heads, masked_head, predict_masks
     from .extract import stream_features
     from .gradcam import gradcam
     from .workspace import Workspace
 
+    if limit is not None and limit <= 0:
+        raise CfdebugError(f"Expected a positive `--limit`, but got {limit}; leave it out to use every training image.")
     batch_size = ws_config.extract.batch_size
     ws = Workspace(ws_config)
     train = ws.data.torch_split("train")
+    if limit is not None and limit < len(train):
+        train = torch.utils.data.Subset(train, range(limit))  # items keep their indices 0..limit-1
     batches = list(torch.utils.data.DataLoader(train, batch_size=batch_size))
     extract_s = min(_time_extraction(ws.model, ws.target.name, ws.target.activation, batches, len(train), ws.device) for _ in range(repeats))
     head = masked_head(ws.target, ws.device)

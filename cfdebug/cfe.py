@@ -34,7 +34,10 @@ gradient is the same as one pass over all ``K``). VGG's map head is itself linea
 :class:`ChannelLinearHead` folds the pooling into that layer's weights and applies the masks to
 the pooled channel values: at 32 px the 25,088-wide first layer becomes a 512-wide one, the
 same logits to float rounding, ~6× less work per step (the FC layers after it still run per
-image and head).
+image and head). At 224 px the pooled map has ``q = 49`` positions per channel, so the rewrite
+alone saves nothing; there the ``J`` masks of an image share the per-channel products
+``P_b[c] = W_eff[:, c] · pre(A_b)[c]`` (``[C, O]`` per image, formed once), and each mask costs
+only ``Σ_c m_c·P_b[c]`` (``C·O`` instead of ``C·q·O`` multiply-adds).
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ from .runtime import Progress, scaled_progress
 # Upper bound (elements) of one masked block [rows, C(, h, w)] fed to the frozen head, so the
 # feature-map path trains and predicts in bounded memory (64 MiB of float32 per block).
 MAP_BLOCK_ELEMENTS = 1 << 24
+
+# Upper bound (elements) of the per-channel products ``P [rows, C, O]`` that
+# :class:`ChannelLinearHead`'s shared route holds at once (512 MiB of float32; VGG at 224 px:
+# 8 MiB per image, so 64 images).
+PRODUCT_BLOCK_ELEMENTS = 1 << 27
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,13 +252,59 @@ class ChannelLinearHead:
             self._weights[key] = w
         return self._weights[key]
 
+    @staticmethod
+    def shares_products(q: int, masks: int) -> bool:
+        """Whether ``masks`` masks per image cost less through the per-channel products ``P``
+        (``O·C·q + J·O·C`` multiply-adds per image) than through ``W_eff`` per mask (``J·O·C·q``):
+        never at ``q = 1`` or for one mask per image."""
+        return q + masks < q * masks
+
+    def layout(self, map_shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """``(q, O)`` for feature maps of shape ``[·, C, h, w]`` (``q`` positions of ``pre(A)``,
+        ``O`` outputs of the first linear layer), or ``None`` when the rewrite does not fit them."""
+        with torch.no_grad():
+            r = self.pre(torch.zeros(1, *map_shape[1:], dtype=self.linear.weight.dtype, device=self.linear.weight.device))
+        if self._weight(r.shape[1], tuple(r.shape[-2:]), r.device) is None:
+            return None
+        return r.shape[-2] * r.shape[-1], self.linear.out_features
+
+    def _products_weight(self, channels: int, size: tuple[int, int], device) -> torch.Tensor:
+        """``W_eff`` laid out as ``[C, q, O]`` (cached): one batched matmul over the channels then
+        forms ``P``; with ``W_eff``'s own layout each call would copy it (0.4 GB for VGG16)."""
+        key = ("products", channels, tuple(size), str(device))
+        if key not in self._weights:
+            w = self._weight(channels, size, device)
+            with torch.no_grad():
+                self._weights[key] = w.view(w.shape[0], channels, -1).permute(1, 2, 0).contiguous()
+        return self._weights[key]
+
+    def _shared_first_layer(self, r: torch.Tensor, m: torch.Tensor, wp: torch.Tensor) -> torch.Tensor:
+        """The first layer's pre-activations ``[B, J, O]`` for ``J`` masks per image through
+        ``P_b[c] = W_eff[:, c·q:(c+1)·q] · r_b[c]`` (``r`` [B, C, q], ``m`` [B, J, C]):
+        ``h_bj = Σ_c m_bjc·P_b[c] + b₁`` (``wp`` [C, q, O]: :meth:`_products_weight`). ``P`` is
+        formed once per image for all its masks, in blocks of rows within
+        :data:`PRODUCT_BLOCK_ELEMENTS`; autograd keeps each block for the gradient w.r.t. ``m``,
+        so a fit sends that many rows at a time (:func:`_fit_blocks`)."""
+        b, c, _ = r.shape
+        rows = max(1, PRODUCT_BLOCK_ELEMENTS // (c * wp.shape[2]))
+        out = []
+        for s in range(0, b, rows):
+            p = torch.bmm(r[s : s + rows].transpose(0, 1), wp)  # [C, b', O]
+            out.append(torch.matmul(m[s : s + rows], p.transpose(0, 1)))  # [b', J, C] @ [b', C, O]
+        return torch.cat(out) + self.linear.bias
+
     def logits(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor | None:
         """Logits for ``m ⊙ x`` (``x`` [B, C, h, w]; ``m`` [B, C] or [B, J, C], ``m ≥ 0`` when
-        ``pre`` is not empty) as the module gives them, or ``None`` when the shapes do not fit."""
+        ``pre`` is not empty) as the module gives them, or ``None`` when the shapes do not fit.
+        ``J`` masks per image share the per-channel products when that costs less
+        (:meth:`shares_products`: VGG at 224 px, ``q = 49``)."""
         r = self.pre(x)  # [B, C, h', w'], once per image for all J masks
         w = self._weight(r.shape[1], tuple(r.shape[-2:]), r.device)
         if w is None:
             return None
+        if m.ndim == 3 and self.shares_products(r.shape[-2] * r.shape[-1], m.shape[1]):
+            wp = self._products_weight(r.shape[1], tuple(r.shape[-2:]), r.device)  # [C, q, O]
+            return self.rest(self._shared_first_layer(r.flatten(2), m, wp)).flatten(0, 1)
         r = r.flatten(2)  # [B, C, q]
         v = (m[..., None] * (r[:, None] if m.ndim == 3 else r)).flatten(-2)  # [B(, J), C·q]
         z = self.rest(F.linear(v, w, self.linear.bias))
@@ -482,15 +536,37 @@ def class_spans(num_classes: int, rows: int, row_elements: int, budget: int | No
     return [(lo, min(num_classes, lo + per)) for lo in range(0, num_classes, per)]
 
 
-def _fit_loop(heads, loss_fn, g: torch.Tensor, inputs: Any, config: CFEConfig, progress: Progress | None, label: str) -> list[dict]:
+def _fit_blocks(head: MaskedHead, num_classes: int, rows: int, g: torch.Tensor, inputs: Any, additive: bool) -> tuple[int, list[tuple[int, int]]]:
+    """How a training batch of ``rows`` images is cut for the loss: ``(row_step, spans)``, rows
+    ``row_step`` at a time, each with the head blocks ``spans`` of :func:`class_spans`.
+
+    By default all rows in one go and the masked block ``[rows, J, C(·h·w)]`` bounds the spans.
+    When :class:`ChannelLinearHead` shares the per-channel products (VGG at 224 px, ``q > 1``),
+    the rows are cut so their products ``[rows, C, O]`` stay within
+    :data:`PRODUCT_BLOCK_ELEMENTS` and the spans are bounded by ``[rows, J, O]``: usually one
+    span, so ``P`` is formed once per image and batch. The loss is a sum over rows and heads,
+    so the accumulated gradient is the same either way (to float rounding).
+    """
+    fast = head.channel_linear
+    layout = None if fast is None or additive or inputs is None else fast.layout(tuple(inputs.shape))
+    if layout is not None:
+        (q, out), c = layout, g.shape[1]
+        row_step = min(rows, max(1, PRODUCT_BLOCK_ELEMENTS // (c * out)))
+        spans = class_spans(num_classes, row_step, out)
+        if fast.shares_products(q, spans[0][1] - spans[0][0]):
+            return row_step, spans
+    return rows, class_spans(num_classes, rows, _row_elements(g if inputs is None else inputs))
+
+
+def _fit_loop(heads, loss_fn, g: torch.Tensor, inputs: Any, config: CFEConfig, progress: Progress | None, label: str, blocks: tuple[int, list[tuple[int, int]]]) -> list[dict]:
     """SGD over seeded batches; ``loss_fn(idx, g_batch, inputs_batch, span)`` is summed over the
-    head blocks of :func:`class_spans` (one block for pooled heads of ordinary size)."""
+    row and head blocks of ``blocks`` (:func:`_fit_blocks`; one block for pooled heads of
+    ordinary size)."""
     opt = torch.optim.SGD(heads.parameters(), lr=config.lr, momentum=config.momentum)
     n = g.shape[0]
     batches = batch_order(n, config.batch_size, config.epochs, config.seed)
     per_epoch = math.ceil(n / config.batch_size)
-    row_elements = _row_elements(g if inputs is None else inputs)
-    spans = class_spans(heads.num_classes, min(n, config.batch_size), row_elements)
+    row_step, spans = blocks
     history: list[dict] = []
     sums: dict[str, float] = {}
     for step, idx in enumerate(batches):
@@ -498,11 +574,13 @@ def _fit_loop(heads, loss_fn, g: torch.Tensor, inputs: Any, config: CFEConfig, p
         g_b = g[idx_t]
         x_b = None if inputs is None else _take(inputs, idx, g.device)
         opt.zero_grad(set_to_none=True)
-        for span in spans:
-            terms = loss_fn(idx_t, g_b, x_b, span)
-            terms["loss"].backward()
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
+        for lo in range(0, len(idx), row_step):
+            rows = slice(lo, lo + row_step)
+            for span in spans:
+                terms = loss_fn(idx_t[rows], g_b[rows], None if x_b is None else x_b[rows], span)
+                terms["loss"].backward()
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
         opt.step()
         if (step + 1) % per_epoch == 0:
             epoch = (step + 1) // per_epoch
@@ -564,7 +642,8 @@ def fit_mc_heads(
     config = config or CFEConfig()
     g, frozen = _fit_inputs(features, head, head_inputs, num_classes, device)
     heads = _init_heads(MCHeads(num_classes, g.shape[1], config.mask_threshold).to(device), g, config, config.seed)
-    history = _fit_loop(heads, lambda idx, gb, xb, span: mc_loss(heads, frozen, gb, config, xb, span), g, head_inputs, config, progress, "MC heads")
+    blocks = _fit_blocks(frozen, num_classes, min(g.shape[0], config.batch_size), g, head_inputs, additive=False)
+    history = _fit_loop(heads, lambda idx, gb, xb, span: mc_loss(heads, frozen, gb, config, xb, span), g, head_inputs, config, progress, "MC heads", blocks)
     return heads.eval(), history
 
 
@@ -584,7 +663,8 @@ def fit_mi_heads(
     g, frozen = _fit_inputs(features, head, head_inputs, num_classes, device)
     preds = torch.as_tensor(masked_predictions(frozen, g if head_inputs is None else head_inputs, np.ones(tuple(g.shape), dtype=np.float32)), device=device)
     heads = _init_heads(MIHeads(num_classes, g.shape[1]).to(device), g, config, config.seed + 1)
-    history = _fit_loop(heads, lambda idx, gb, xb, span: mi_loss(heads, frozen, gb, preds[idx], config, xb, span), g, head_inputs, config, progress, "MI heads")
+    blocks = _fit_blocks(frozen, num_classes, min(g.shape[0], config.batch_size), g, head_inputs, additive=True)
+    history = _fit_loop(heads, lambda idx, gb, xb, span: mi_loss(heads, frozen, gb, preds[idx], config, xb, span), g, head_inputs, config, progress, "MI heads", blocks)
     return heads.eval(), history
 
 

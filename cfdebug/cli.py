@@ -495,7 +495,7 @@ def _run_bench(bench, args, ws_config, n: int) -> dict:
     if args.what == "extract":
         return bench.bench_extract(ws_config, n=n, repeats=args.repeats)
     if args.what == "cfe":
-        return bench.bench_cfe(ws_config, n=n, repeats=args.repeats)
+        return bench.bench_cfe(ws_config, n=n, repeats=args.repeats, limit=args.limit)
     if args.what == "treat":
         return bench.bench_treat(ws_config, epochs_per_repeat=args.epochs_per_repeat, repeats=args.repeats)
     return bench.bench_xcr_selector(ws_config, n=n)
@@ -640,6 +640,7 @@ def _add_bench(sub, ws, common) -> None:
     p.add_argument("what", choices=["extract", "cfe", "treat", "xcr"], help="extract: extraction vs plain inference time, and peak RSS at N vs 10×N images; cfe: CFE fit + mask prediction vs one extraction pass, and Grad-CAM batched vs one image at a time; treat: a treatment epoch vs a CE-only epoch; xcr: selector masks/s vs captum Occlusion, and both Avg Drops")
     p.add_argument("--epochs-per-repeat", type=int, default=2, help="bench treat: epochs per timed run (default 2)")
     p.add_argument("--n", type=int, default=None, help="images: for extract the timing and the smaller RSS run (default 2000); for cfe the Grad-CAM images (default 128); for xcr (default 64)")
+    p.add_argument("--limit", type=int, default=None, help="bench cfe: only the first N training images for both sides of the ratio (default: all), e.g. vgg16 at --input-size 224")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats; the fastest of each is compared (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the whole bench (default: torch's own count); a fixed count on a shared machine")
     p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)

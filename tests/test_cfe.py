@@ -387,14 +387,64 @@ def test_channel_linear_head_equals_the_module_on_masked_maps(side):
     fast.eval()
 
 
-def test_channel_linear_fit_equals_the_reference_map_path():
+@pytest.mark.parametrize("rows_per_block", [None, 2])  # 2: the products in blocks of two rows
+def test_shared_products_equal_the_module_and_the_per_mask_route(monkeypatch, rows_per_block):
+    """With q > 1 (a 6×6 map: 3×3 after the max pool, q = 9) the J masks of an image share the
+    per-channel products; that equals the module on m ⊙ A and the route that runs W_eff per mask
+    (one mask per image), within 1e-5."""
+    from cfdebug import cfe
+
+    if rows_per_block is not None:
+        monkeypatch.setattr(cfe, "PRODUCT_BLOCK_ELEMENTS", rows_per_block * C * 16)  # 16: the head's first-layer width
+    head = _vgg_style_head(3)
+    fast = MaskedHead(head, "map")
+    calls = []
+    shared = cfe.ChannelLinearHead._shared_first_layer
+    monkeypatch.setattr(cfe.ChannelLinearHead, "_shared_first_layer", lambda self, *a: calls.append(1) or shared(self, *a))
+    gen = torch.Generator().manual_seed(11)
+    x = torch.rand(5, C, 6, 6, generator=gen) * 2.0
+    m = torch.rand(5, K, C, generator=gen) * (torch.rand(5, K, C, generator=gen) > 0.4)
+    z = fast(x, m)
+    assert calls, "the shared route was not taken"
+    torch.testing.assert_close(z, head((x[:, None] * m[..., None, None]).flatten(0, 1)), atol=1e-5, rtol=1e-5)
+    per_mask = torch.stack([fast(x, m[:, j]) for j in range(K)], 1).flatten(0, 1)  # J = 1: W_eff per mask
+    assert len(calls) == 1
+    torch.testing.assert_close(z, per_mask, atol=1e-5, rtol=1e-5)
+    # The gradient w.r.t. the masks (what trains the MC heads) agrees too. Where m = 0 the max
+    # pool of the all-zero window breaks ties on its first position and the module's gradient
+    # is a different subgradient (no matter for the heads: the thresholded ReLU passes no
+    # gradient there), so this compares positive masks.
+    mg, mr = (m + 0.1).requires_grad_(True), (m + 0.1).requires_grad_(True)
+    fast(x, mg).square().sum().backward()
+    head((x[:, None] * mr[..., None, None]).flatten(0, 1)).square().sum().backward()
+    torch.testing.assert_close(mg.grad, mr.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_products_route_is_chosen_by_cost():
+    from cfdebug.cfe import ChannelLinearHead
+
+    assert not ChannelLinearHead.shares_products(1, 200)  # VGG at 32 px: W_eff is already C wide
+    assert not ChannelLinearHead.shares_products(49, 1)  # one mask per image: nothing to share
+    assert not ChannelLinearHead.shares_products(2, 2)  # a tie
+    assert ChannelLinearHead.shares_products(49, 2) and ChannelLinearHead.shares_products(4, 3)
+
+
+@pytest.mark.parametrize("side, rows_per_block", [(2, None), (6, None), (6, 5)])
+def test_channel_linear_fit_equals_the_reference_map_path(monkeypatch, side, rows_per_block):
     """The MC heads trained through the rewrite against the module on m ⊙ A: same weights to
-    float rounding, the same binary masks and keep rate."""
+    float rounding, the same binary masks and keep rate. Side 2: q = 1 (VGG at 32 px); side 6:
+    q = 9, the shared products, in one block of rows or in blocks of 5 rows (gradients summed)."""
+    from cfdebug import cfe
+
+    if rows_per_block is not None:
+        monkeypatch.setattr(cfe, "PRODUCT_BLOCK_ELEMENTS", rows_per_block * C * 16)
     gen = torch.Generator().manual_seed(7)
-    maps = (torch.rand(N, C, 2, 2, generator=gen) * 2.0).numpy()
+    maps = (torch.rand(N, C, side, side, generator=gen) * 2.0).numpy()
     g = maps.mean(axis=(2, 3))
     head = _vgg_style_head(7)
     config = CFEConfig(epochs=4, batch_size=16, seed=3)
+    row_step, spans = cfe._fit_blocks(MaskedHead(head, "map"), K, 16, torch.as_tensor(g), maps, additive=False)
+    assert (row_step, spans) == ((16 if rows_per_block is None else rows_per_block, [(0, K)]) if side == 6 else (16, [(0, K)]))
     fast, h_fast = fit_mc_heads(g, MaskedHead(head, "map"), K, config, head_inputs=maps)
     ref, h_ref = fit_mc_heads(g, MaskedHead(_Opaque(head), "map"), K, config, head_inputs=maps)
     torch.testing.assert_close(fast.weight, ref.weight, atol=1e-5, rtol=1e-4)

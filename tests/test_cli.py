@@ -186,13 +186,18 @@ def test_marked_sections_are_replaced_in_place():
     assert replace_marked_section(text, "s", "new\nrows") == "a\n<!-- s:start -->\nnew\nrows\n<!-- s:end -->\nb\n"
 
 
+def test_bench_cfe_refuses_a_limit_below_one(run):
+    _one_line_error(*run("bench", "cfe", "--limit", "0")[::2], "Expected a positive `--limit`, but got 0")
+
+
 @pytest.mark.slow
 def test_bench_cfe_runs_on_fixed_threads_and_restores_them(run, tmp_path):
     """`bench cfe` prints both same-run ratios; `--threads` holds for the run and is undone after."""
     before = torch.get_num_threads()
     out_json = tmp_path / "bench.json"
-    rc, out, err = run("bench", "cfe", "--repeats", "1", "--n", "8", "--threads", "1", "--json", str(out_json))
+    rc, out, err = run("bench", "cfe", "--repeats", "1", "--n", "8", "--threads", "1", "--limit", "64", "--json", str(out_json))
     assert rc == 0, err
+    assert ": 64 training images" in out  # --limit: the first 64, for both sides of the ratio
     assert "1 threads" in out and "(CFE fit + predict) / extraction pass" in out and "target <= 1:" in out
     assert "Grad-CAM on 8 images" in out
     result = json.loads(out_json.read_text())
