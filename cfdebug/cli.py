@@ -343,7 +343,8 @@ def _csv_list(text, name, convert, everything):
 
 def cmd_xcr(args) -> dict:
     from .data.corruptions import CORRUPTIONS
-    from .jobs import read_run_spec, run_xcr_job
+    from .jobs import read_run_spec, run_xcr_job, xcr_spec
+    from .runs import RunRegistry
     from .xcr import default_xcr_config, override_xcr_config, print_table1, print_table2, run_xcr_report
 
     progress = progress_printer(args, "xcr: ")
@@ -361,7 +362,13 @@ def cmd_xcr(args) -> dict:
             cifar10c_dir=args.cifar10c, random_baseline=args.random_baseline or None, init=args.init,
             max_corrupt_images=args.max_corrupt_images,
         )
-        result = run_xcr_report(ws, cfg, progress, use_cache=not args.no_cache)
+        if args.no_cache:
+            result = run_xcr_report(ws, cfg, progress, use_cache=False)
+        else:  # a registry run like `treat`, so the Calibration page lists what a terminal ran
+            registry = RunRegistry(args.workdir)
+            run_id = registry.create("xcr", xcr_spec(ws.config, cfg)).run_id
+            print(f"run {run_id} (registry {registry.db_path})", file=sys.stderr)
+            result = run_xcr_job(registry.get(run_id).config, registry=registry, run_id=run_id, progress=progress)
     if result is None:
         return None
     print_table1(result)

@@ -196,8 +196,8 @@ def reliability_diagram(bins_by_method: dict, title: str = "Reliability diagram"
 
     ``bins_by_method``: ``method → {"bin_lower", "bin_upper", "accuracy", "confidence", "count"}``
     (``cfdebug.metrics.reliability_bins``; empty bins hold NaN or None and are skipped). A point
-    below the diagonal is over-confident. A bin holding less than ``min_share`` of the images
-    (and fewer than 10) is drawn as a hollow marker off the line, so one stray image does not
+    below the diagonal is over-confident. A bin holding fewer than 10 images, or less than
+    ``min_share`` of them, is drawn as a hollow marker off the line, so a few stray images do not
     draw a drop to 0.
     """
     from plotly.subplots import make_subplots
@@ -210,7 +210,7 @@ def reliability_diagram(bins_by_method: dict, title: str = "Reliability diagram"
         count = np.asarray(bins["count"], dtype=float)
         lower, upper = np.asarray(bins["bin_lower"], float), np.asarray(bins["bin_upper"], float)
         keep = np.isfinite(acc) & np.isfinite(conf) & (count > 0)
-        sparse = keep & (count < max(min_share * max(count.sum(), 1), 1)) & (count < 10)
+        sparse = keep & (count < max(min_share * count.sum(), 10))
         solid = keep & ~sparse
         style = _xcr_style(method)
         fig.add_scatter(
@@ -227,7 +227,7 @@ def reliability_diagram(bins_by_method: dict, title: str = "Reliability diagram"
     fig.update_xaxes(range=[0, 1], row=1, col=1)
     fig.update_xaxes(title="confidence", range=[0, 1], row=2, col=1)
     fig.update_yaxes(title="accuracy", range=[0, 1.02], row=1, col=1)
-    fig.update_yaxes(title="images", type="log", row=2, col=1)
+    fig.update_yaxes(title="images", type="log", dtick=1, row=2, col=1)  # ticks at 1, 10, 100, … only
     return _layout(fig, title, height=460, barmode="group", legend=dict(orientation="h", y=-0.18, x=0, xanchor="left", yanchor="top"),
                    margin=dict(l=50, r=20, t=50, b=90))
 

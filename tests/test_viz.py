@@ -36,6 +36,9 @@ def test_reliability_diagram_keeps_sparse_bins_off_the_line_and_counts_bins():
     assert list(line.x) == [0.9]  # one stray image in the low bin draws no drop to 0
     bars = [t for t in fig.data if isinstance(t, go.Bar)]
     assert list(bars[0].y) == [1, 999]
+    few = dict(bins, count=[3, 536])  # three of 539 images: still too few to draw the curve through
+    line = [t for t in viz.reliability_diagram({"xcr": few}).data if isinstance(t, go.Scatter) and t.name == "xcr" and t.mode == "lines+markers"][0]
+    assert list(line.x) == [0.9]
     assert fig.layout.legend.y < 0  # the legend sits below the plot, off the curves
 
 

@@ -11,7 +11,7 @@ from ..store import stable_hash
 from ..verdicts import format_value
 from .workspace import memo, show_user_error
 
-_ICONS = {"better": "✅", "worse": "⚠️", "no detectable difference": "➖"}
+_ICONS = {"better": "✅", "worse": "⚠️", "no detectable difference": "≈"}
 _PAIRING_HELP = (
     "The interval is a 95% interval of the paired difference: over seeds (Student t) for retraining runs, "
     "over test images (paired bootstrap) for detection scores. **better**/**worse**: the interval excludes 0 "
