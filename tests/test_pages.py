@@ -235,3 +235,22 @@ def test_overview_measures_the_corner_square(app):
     app.run()
     text = " ".join(m.value for m in app.markdown)
     assert "Where the model looks" in text and "of the image" in text and "×" in text
+
+
+def test_treatment_run_status_says_which_part_and_measures_the_time_left(tmp_path):
+    """The live line: preparing (with the log's last line) before any epoch, then the part, the
+    epoch and a time left measured from the epochs' own seconds, never a fixed promise."""
+    from types import SimpleNamespace
+
+    from cfdebug.ui.treatment import run_status
+
+    log = tmp_path / "log.txt"
+    log.write_text("treat: fitting CFE heads for G_y\n")
+    record = SimpleNamespace(config={"treatment": {"epochs": 2}, "seeds": [0], "lambdas1": [1e-3], "lambdas2": [2e-5]},
+                             created=100.0, log_path=log)
+    status = run_status(record, [], now=130.0)
+    assert status["left_s"] is None and status["text"] == "preparing (30 s): treat: fitting CFE heads for G_y"
+    rows = [{"part": "control · seed 0", "epoch": 1, "train_seconds": 8.0, "eval_seconds": 2.0}]
+    status = run_status(record, rows, now=140.0)  # 4 epochs in all (control + treated, 2 each), 1 done at 10 s/epoch
+    assert status["fraction"] == 0.25 and status["left_s"] == 30.0
+    assert status["text"].startswith("control · seed 0, epoch 1/2 (part 1 of 2); 1/4 epochs in 40 s; about 30 s left at 10.0 s/epoch")

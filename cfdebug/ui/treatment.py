@@ -117,6 +117,8 @@ def run_status(record, rows: list[dict], now: float | None = None) -> dict:
     """
     import time
 
+    from ..runs import describe_seconds_left
+
     spec = record.config or {}
     epochs = max(int(spec.get("treatment", {}).get("epochs", 1)), 1)
     parts = len(spec.get("seeds", [0])) * (1 + len(spec.get("lambdas1", [0])) * len(spec.get("lambdas2", [0])))
@@ -129,14 +131,9 @@ def run_status(record, rows: list[dict], now: float | None = None) -> dict:
     per_epoch = float(np.mean([float(r.get("train_seconds", 0)) + float(r.get("eval_seconds", 0)) for r in rows]))
     left = per_epoch * max(total - len(rows), 0)
     text = (f"{last['part']}, epoch {last['epoch']}/{epochs} (part {min(len(rows) // epochs + (len(rows) % epochs > 0), parts)} of {parts}); "
-            f"{len(rows)}/{total} epochs in {elapsed:.0f} s; about {format_seconds(left)} left at {per_epoch:.1f} s/epoch, "
+            f"{len(rows)}/{total} epochs in {elapsed:.0f} s; {describe_seconds_left(left)} at {per_epoch:.1f} s/epoch, "
             "then detection on the treated model")
     return {"fraction": len(rows) / total, "left_s": left, "elapsed_s": elapsed, "text": text}
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = max(float(seconds), 0.0)
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def prediction_comparison(changes: dict, num_classes: int) -> dict | None:
