@@ -385,7 +385,8 @@ def cmd_prepare(args) -> dict:
         spec, stored_id = read_run_spec(args.config)
         run_id = args.run_id or stored_id
     else:
-        spec, run_id = prepare_spec(workspace_config(args), args.through, train=args.train), None
+        through = args.through or ("load" if args.train else "detect")
+        spec, run_id = prepare_spec(workspace_config(args), through, train=args.train), None
     result = run_prepare_job(spec, run_id=run_id, progress=progress_printer(args))
     print(f"{result['model']} on {result['data']}: ready through {result['through']} in {result['seconds']:.1f} s" + (f"; trained weights: {result['weights']}" if result.get("weights") else ""))
     return result
@@ -593,7 +594,7 @@ def _add_prepare(sub, ws, common) -> None:
     from .jobs import PREPARE_STAGES
 
     p = sub.add_parser("prepare", parents=[ws, common], help="open a workspace and cache what the dashboard's pages read (model, features, CFE heads, detection)", epilog=EPILOG)
-    p.add_argument("--through", default="detect", choices=PREPARE_STAGES, help="last stage to make: load (the model, trained if needed), extract, filters or detect (default detect)")
+    p.add_argument("--through", default=None, choices=PREPARE_STAGES, help="last stage to make: load (the model, trained if needed), extract, filters or detect (default detect; load with --train)")
     p.add_argument("--train", action="store_true", help="train the model on the data (a torchvision model without --weights) and stop; prints the weights' path")
     p.add_argument("--config", default=None, metavar="RUN_JSON", help="start from a run.json (what the dashboard launches)")
     p.add_argument("--run-id", default=None, help="the registry id of the run started with --config")

@@ -255,6 +255,7 @@ class _Run:
     registry: Any
     run_id: str | None
     should_stop: Callable[[], bool] | None
+    progress: Progress | None = None
     history: list[dict] = field(default_factory=list)
 
     def stop_requested(self) -> bool:
@@ -310,7 +311,7 @@ def run_epochs(
     is_main = not ddp or get_rank() == 0
     if not is_main:
         registry, progress = None, None  # rank 0 alone reports; it also decides on cancels
-    run = _Run(stage, epochs, ddp, Path(run_dir) if run_dir is not None else None, registry, run_id, should_stop)
+    run = _Run(stage, epochs, ddp, Path(run_dir) if run_dir is not None else None, registry, run_id, should_stop, progress)
     state = _resume_state(run, identity or {}, resume, is_main)
     best_epoch, best_state, start = 0, None, 0
     if state is not None:
@@ -364,8 +365,10 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[dict[str, float], float | None]
     (stage.train_mode or stage.model.train)()
     sums: dict[str, float] = {}
     batches = weight = correct = seen = 0
+    batch_iter = stage.batches(epoch)
+    reporter = _BatchReporter(run, epoch, len(batch_iter) if hasattr(batch_iter, "__len__") else None)
     with stage.epoch_scope():
-        for index, batch in enumerate(stage.batches(epoch)):
+        for index, batch in enumerate(batch_iter):
             cancel = run.stop_requested()
             if cancel and not run.ddp:
                 raise run.cancelled(epoch)
@@ -380,6 +383,7 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[dict[str, float], float | None]
             batches, weight = batches + 1, weight + w
             if out.correct is not None:
                 correct, seen = correct + out.correct, seen + out.size
+            reporter(index)
     if run.ddp and sums:  # the mean over processes of each term's epoch sum
         keys = sorted(sums)
         reduced = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)) / get_world_size()
@@ -388,6 +392,32 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[dict[str, float], float | None]
             correct, seen = (int(v) for v in all_reduce_sum(torch.tensor([correct, seen], dtype=torch.float64)).tolist())
     denominator = weight if stage.term_mean == "sample" else max(batches, 1)
     return {k: v / denominator for k, v in sums.items()}, (correct / seen if seen else None)
+
+
+#: Seconds between two within-epoch progress reports (an epoch shorter than this reports only at
+#: its end, as before; a long one, e.g. a torchvision model on CPU, shows its batches moving so a
+#: time left can be measured before the first epoch ends).
+BATCH_REPORT_S = 5.0
+
+
+class _BatchReporter:
+    """Calls ``run.progress`` with the fraction of the run done after batch ``index`` of ``epoch``,
+    at most every :data:`BATCH_REPORT_S` seconds. Progress only: nothing goes to the registry or
+    the history (their rows stay one per epoch)."""
+
+    def __init__(self, run: _Run, epoch: int, n_batches: int | None):
+        self.run, self.epoch, self.n = run, epoch, n_batches
+        self.last = time.perf_counter()
+
+    def __call__(self, index: int) -> None:
+        if self.run.progress is None or not self.n:
+            return
+        now = time.perf_counter()
+        if now - self.last < BATCH_REPORT_S:
+            return
+        self.last = now
+        done = (self.epoch - 1 + (index + 1) / self.n) / self.run.epochs
+        self.run.progress(done, f"epoch {self.epoch}/{self.run.epochs}: batch {index + 1}/{self.n}")
 
 
 def _check_terms(run: _Run, terms: dict, cancel: bool, epoch: int, step: int) -> None:

@@ -165,7 +165,7 @@ def test_training_run_of_a_random_torchvision_model_through_the_cli(tmp_path, ca
     cfg = tiny_config(tmp_path, model="resnet18", epochs=1)
     random_ws = Workspace(cfg)
     assert random_ws.random_weights and not random_ws.trained_weights_path().is_file()
-    argv = ["prepare", "--train", "--through", "load", "--model", "resnet18", "--data", cfg.data.source, "--input-size", "32",
+    argv = ["prepare", "--train", "--model", "resnet18", "--data", cfg.data.source, "--input-size", "32",
             "--val-fraction", "0.25", "--epochs", "1", "--device", "cpu", "--workdir", cfg.workdir, "--quiet"]
     assert main(argv) == 0
     assert "trained weights:" in capsys.readouterr().out

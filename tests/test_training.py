@@ -167,3 +167,19 @@ def test_history_schema_is_the_same_for_all_three_stages(tiny_ws):
         assert all(isinstance(row[k], (int, float)) and math.isfinite(row[k]) for k in HISTORY_KEYS), (stage, row)
         assert row["epoch"] == row["best_epoch"] == 1 and row["best_val_acc"] == row["val_acc"]
     assert trained.history[0]["loss"] == trained.history[0]["ce"]
+
+
+def test_long_epochs_report_their_batches_to_progress_only(monkeypatch):
+    """Within an epoch the engine reports batches (so a time left can be measured before the first
+    epoch ends); the history and the result are those of a run without it."""
+    import cfdebug.training as training
+
+    quiet = run_epochs(toy_stage(), 2)
+    calls = []
+    monkeypatch.setattr(training, "BATCH_REPORT_S", 0.0)
+    loud = run_epochs(toy_stage(), 2, progress=lambda f, m: calls.append((f, m)))
+    assert _timing_free(loud.history) == _timing_free(quiet.history)
+    batch_calls = [c for c in calls if "batch" in c[1]]
+    assert [m for _, m in batch_calls] == [f"epoch {e}/2: batch {b}/5" for e in (1, 2) for b in range(1, 6)]
+    fractions = [f for f, _ in calls]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and batch_calls[0][0] == 0.1
