@@ -4,7 +4,7 @@ Pages call these and place what they return; they never import torch.
 """
 
 from . import treatment, workspace
-from .filters import causal_check, detection, global_filters, gradcam_overlays, local_masks, top_activating
+from .filters import causal_check, detection, global_filters, gradcam_overlays, local_masks
 from .workspace import (
     await_prepare,
     class_names,
@@ -25,7 +25,6 @@ __all__ = [
     "global_filters",
     "gradcam_overlays",
     "local_masks",
-    "top_activating",
     "await_prepare",
     "class_names",
     "current_config",

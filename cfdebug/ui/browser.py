@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from ..errors import CfdebugError
-from ..store import stable_hash
+from .filters import _batch, gradcam_maps, ws_key
 from .workspace import extraction, memo, show_user_error
 
 SPLITS = ("test", "train")
@@ -27,10 +27,6 @@ SORTS = {
     "agreement ↓": ("agreement", False),
     "index": ("index", True),
 }
-
-
-def _ws_key(ws) -> str:
-    return stable_hash(ws.key_parts)
 
 
 def predictions(ws, split: str, detection: dict | None = None, budget: float | None = None) -> pd.DataFrame:
@@ -134,22 +130,6 @@ def select(table: pd.DataFrame, sel: Selection) -> pd.DataFrame:
     return out.sort_values(column, ascending=ascending, kind="stable", na_position="last")
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def _gradcam_maps(key: str, split: str, indices: tuple, targets: tuple, _ws) -> np.ndarray:
-    from ..gradcam import gradcam
-    from .filters import _batch
-
-    return gradcam(_ws.model, _ws.target.name, _batch(_ws, split, indices), list(targets), _ws.device)
-
-
-def gradcam_maps(ws, split: str, indices, targets) -> np.ndarray:
-    """Grad-CAM maps ``[n, H, W]`` float32 in [0, 1] (input size) toward ``targets``, cached."""
-    try:
-        return _gradcam_maps(_ws_key(ws), split, tuple(int(i) for i in indices), tuple(int(t) for t in targets), ws)
-    except CfdebugError as exc:
-        show_user_error(exc)
-
-
 def corner_share(ws) -> dict | None:
     """How much of the Grad-CAM mass (toward the predicted class, test split) lies in the demo's
     corner square, against the square's share of the image area. ``None`` unless the data are an
@@ -170,13 +150,12 @@ def corner_share(ws) -> dict | None:
         return {"area": area, "mean": float(share.mean()), "mean_errors": float(share[wrong].mean()) if wrong.any() else float("nan"),
                 "mean_correct": float(share[~wrong].mean()), "n": int(len(share))}
 
-    return memo(("corner-share", _ws_key(ws)), compute)
+    return memo(("corner-share", ws_key(ws)), compute)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _filter_regions(key: str, split: str, indices: tuple, filter_index: int, _ws) -> list:
     from ..gradcam import filter_maps, region_overlay
-    from .filters import _batch
 
     maps = filter_maps(_ws.model, _ws.target.name, _batch(_ws, split, indices), filter_index, _ws.device, _ws.target.activation)
     return [region_overlay(_ws.data.splits[split].load_image(i), m) for i, m in zip(indices, maps)]
@@ -186,7 +165,7 @@ def filter_regions(ws, split: str, indices, filter_index: int) -> list[np.ndarra
     """Where ``filter_index`` fires (≥ half its peak) in images ``indices``, outlined over the image
     (uint8 ``[4H, 4W, 3]``)."""
     try:
-        return _filter_regions(_ws_key(ws), split, tuple(int(i) for i in indices), int(filter_index), ws)
+        return _filter_regions(ws_key(ws), split, tuple(int(i) for i in indices), int(filter_index), ws)
     except CfdebugError as exc:
         show_user_error(exc)
 

@@ -11,7 +11,8 @@ from ..store import stable_hash
 from .workspace import await_prepare, inline, memo, progress_callback, show_user_error
 
 
-def _ws_key(ws) -> str:
+def ws_key(ws) -> str:
+    """The key of an open workspace in the page caches (its artifacts' key parts)."""
     return stable_hash(ws.key_parts)
 
 
@@ -29,7 +30,7 @@ def _prepared(ws, through: str, what: str) -> None:
 def _detection(ws, config, progress=None) -> dict:
     from ..detect import run_detection
 
-    key = ("detection", _ws_key(ws), stable_hash(config_dict(config)))
+    key = ("detection", ws_key(ws), stable_hash(config_dict(config)))
     return memo(key, lambda: run_detection(ws, config, progress))
 
 
@@ -53,7 +54,7 @@ def detection(ws, config=None) -> dict:
 def _filters(ws):
     from ..mcfilters import global_mc_filters
 
-    return memo(("filters", _ws_key(ws)), lambda: global_mc_filters(ws))
+    return memo(("filters", ws_key(ws)), lambda: global_mc_filters(ws))
 
 
 def global_filters(ws):
@@ -86,41 +87,29 @@ def _batch(ws, split: str, indices):
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def _gradcam(key: str, split: str, indices: tuple, targets: tuple, _ws) -> list:
-    from ..gradcam import gradcam, overlay
+def _gradcam_maps(key: str, split: str, indices: tuple, targets: tuple, _ws) -> np.ndarray:
+    from ..gradcam import gradcam
 
-    maps = gradcam(_ws.model, _ws.target.name, _batch(_ws, split, indices), list(targets), _ws.device)
-    return [overlay(_ws.data.splits[split].load_image(i), m) for i, m in zip(indices, maps)]
+    return gradcam(_ws.model, _ws.target.name, _batch(_ws, split, indices), list(targets), _ws.device)
+
+
+def gradcam_maps(ws, split: str, indices, targets) -> np.ndarray:
+    """Grad-CAM maps ``[n, H, W]`` float32 in [0, 1] (input size) toward ``targets``, in one batch,
+    cached: the one Grad-CAM computation every page's overlays are drawn from."""
+    try:
+        return _gradcam_maps(ws_key(ws), split, tuple(int(i) for i in indices), tuple(int(t) for t in targets), ws)
+    except CfdebugError as exc:
+        show_user_error(exc)
 
 
 def gradcam_overlays(ws, split: str, indices, targets) -> list[np.ndarray]:
-    """Grad-CAM overlays (uint8 [H, W, 3]) for ``indices`` toward ``targets``, in one batch."""
+    """Grad-CAM overlays (uint8 [H, W, 3]) for ``indices`` toward ``targets`` (:func:`gradcam_maps`)."""
+    from ..gradcam import overlay
+
     if len(indices) == 0:
         return []
-    try:
-        return _gradcam(_ws_key(ws), split, tuple(int(i) for i in indices), tuple(int(t) for t in targets), ws)
-    except CfdebugError as exc:
-        show_user_error(exc)
-
-
-@st.cache_data(show_spinner=False, max_entries=32)
-def _filter_overlays(key: str, split: str, indices: tuple, filter_index: int, _ws) -> list:
-    from ..gradcam import filter_maps, overlay
-
-    maps = filter_maps(_ws.model, _ws.target.name, _batch(_ws, split, indices), filter_index, _ws.device, _ws.target.activation)
-    return [overlay(_ws.data.splits[split].load_image(i), m) for i, m in zip(indices, maps)]
-
-
-def top_activating(ws, cls: int, filter_index: int, n: int = 4) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The ``n`` training images of class ``cls`` where ``filter_index`` has the largest pooled
-    activation, and overlays of where that filter fires in them."""
-    train = ws.extractions.get("train")
-    candidates = np.flatnonzero(train.labels == cls)
-    order = candidates[np.argsort(-train.features[candidates, filter_index], kind="stable")[:n]]
-    try:
-        return order, _filter_overlays(_ws_key(ws), "train", tuple(int(i) for i in order), int(filter_index), ws)
-    except CfdebugError as exc:
-        show_user_error(exc)
+    maps = gradcam_maps(ws, split, indices, targets)
+    return [overlay(ws.data.splits[split].load_image(int(i)), m) for i, m in zip(indices, maps)]
 
 
 def causal_check(ws, cls: int, top_n: int, draws: int) -> dict:
