@@ -28,7 +28,6 @@ import streamlit as st
 from ..access import check_workspace
 from ..config import CLI_FLAGS, DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, default_workdir, rename_fields
 from ..errors import CfdebugError
-from .access import admitted
 
 STATE_KEY = "cfdebug_workspace"
 LAST_GOOD_KEY = "cfdebug_workspace_loaded"
@@ -108,7 +107,7 @@ def current_config() -> WorkspaceConfig:
         try:
             st.session_state[STATE_KEY] = _from_query()
         except CfdebugError as exc:
-            st.error(widget_terms(f"The link's workspace could not be opened: {exc}"), icon=":material/error:")
+            show_error(f"The link's workspace could not be opened: {exc}")
             st.session_state[STATE_KEY] = WorkspaceConfig(workdir=default_workdir())
             _sync_query(st.session_state[STATE_KEY])
     return st.session_state[STATE_KEY]
@@ -145,7 +144,7 @@ def workspace_sidebar() -> WorkspaceConfig:
         if st.form_submit_button("Load", type="primary", width="stretch"):
             source = folder.strip() if choice == FOLDER_CHOICE else choice
             if not source:
-                st.error("Enter the dataset folder, or pick one of the demo datasets.")
+                show_error("Enter the dataset folder, or pick one of the demo datasets.")
             else:
                 try:
                     wanted = WorkspaceConfig(
@@ -157,7 +156,7 @@ def workspace_sidebar() -> WorkspaceConfig:
                     if admitted(wanted):  # otherwise the message shows and the current workspace stays
                         cfg = st.session_state[STATE_KEY] = wanted
                 except CfdebugError as exc:
-                    st.error(widget_terms(str(exc)), icon=":material/error:")
+                    show_error(str(exc))
     _sync_query(cfg)
     st.sidebar.caption(f"Artifacts cached in `{cfg.workdir}`")
     return cfg
@@ -178,10 +177,27 @@ def _preprocessing_inputs(cfg: WorkspaceConfig) -> tuple[str, str, str, str]:
     return size, mean, std, layer
 
 
+def show_error(message: str) -> None:
+    """A user-facing error box, in the sidebar's terms rather than the CLI's flags (:func:`widget_terms`)."""
+    st.error(widget_terms(message), icon=":material/error:")
+
+
 def show_user_error(exc: CfdebugError) -> None:
-    """Show a user mistake as ``st.error`` (in the sidebar's terms, not the CLI's flags); stop the page."""
-    st.error(widget_terms(str(exc)), icon=":material/error:")
+    """Show a user mistake (:func:`show_error`) and stop the page."""
+    show_error(str(exc))
     st.stop()
+
+
+def admitted(cfg: WorkspaceConfig) -> bool:
+    """Whether a visitor may open ``cfg`` (:func:`cfdebug.access.check_workspace`: allowed roots,
+    read-only presets); when not, the reason is shown and the caller keeps or falls back to a
+    workspace it may open."""
+    try:
+        check_workspace(cfg)
+        return True
+    except CfdebugError as exc:
+        show_error(str(exc))
+        return False
 
 
 def progress_callback(bar):
@@ -314,7 +330,7 @@ def await_prepare(cfg: WorkspaceConfig, through: str, ready: Callable[[object], 
 def _fall_back(cfg: WorkspaceConfig, message: str, may_fall_back: bool):
     """A failed load: say why (in widget terms), then open the last workspace that loaded (or the
     default) and put it back in the URL, so no stale status line or parameter stays behind."""
-    st.error(widget_terms(message), icon=":material/error:")
+    show_error(message)
     previous = st.session_state.get(LAST_GOOD_KEY) or WorkspaceConfig(workdir=cfg.workdir)
     if not may_fall_back or previous == cfg:
         st.stop()
@@ -393,7 +409,7 @@ def _random_weights_banner(ws) -> None:
     failure = await_prepare(cfg, "load", lambda record: trained.is_file(), f"Training {cfg.model.name} on {ws.data.name}", train=True, stop=False)
     if failure is not None:
         st.session_state.pop(TRAINING_KEY, None)
-        st.error(widget_terms(failure), icon=":material/error:")
+        show_error(failure)
 
 
 def _use_weights(cfg: WorkspaceConfig, path) -> None:
