@@ -381,7 +381,7 @@ def _prepare(ws_config: WorkspaceConfig, train: bool, through: str, log: Callabl
         "random_weights": ws.random_weights, "accuracy": meta.get("accuracy"), "seconds": time.perf_counter() - start,
     }
     if train:
-        result["weights"] = str(ws.store.path("models", ws.model_digest) / "model.pt")
+        result["weights"] = str(ws.trained_weights_path())
     return result
 
 

@@ -74,7 +74,7 @@ import uuid
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from .errors import CfdebugError
 from .store import write_text_atomic
@@ -1029,19 +1029,23 @@ def _is_self_or_ancestor(pid: int) -> bool:
         if current == os.getpid():
             current = os.getppid()
             continue
-        try:
-            with open(f"/proc/{current}/stat") as handle:
-                text = handle.read()
-            current = int(text[text.rfind(")") + 2 :].split()[1])  # field 4: the parent's pid
-        except (OSError, ValueError, IndexError):
+        stat = _proc_stat(current)
+        if stat is None:
             return False
+        current = stat.ppid
         if current <= 1:
             return False
     return False
 
 
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    """``(state, start_time)`` from ``/proc/<pid>/stat`` on Linux; ``None`` where unavailable."""
+class _ProcStat(NamedTuple):
+    state: str  # field 3
+    ppid: int  # field 4
+    start: str  # field 22, starttime in clock ticks
+
+
+def _proc_stat(pid: int) -> _ProcStat | None:
+    """State, parent pid and start time from ``/proc/<pid>/stat`` on Linux; ``None`` where unavailable."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
             text = handle.read()
@@ -1049,9 +1053,9 @@ def _proc_stat(pid: int) -> tuple[str, str] | None:
         return None
     # The command name (field 2) may contain spaces and parentheses; fields resume after the last ')'.
     fields = text[text.rfind(")") + 2 :].split()
-    if len(fields) < 20:
+    if len(fields) < 20 or not fields[1].lstrip("-").isdigit():
         return None
-    return fields[0], fields[19]  # field 3 (state) and field 22 (starttime, clock ticks)
+    return _ProcStat(fields[0], int(fields[1]), fields[19])
 
 
 def _pid_alive(pid: int | None, pid_start: str | None = None) -> bool:
@@ -1066,7 +1070,7 @@ def _pid_alive(pid: int | None, pid_start: str | None = None) -> bool:
         pass  # exists, owned by another user
     stat = _proc_stat(pid)
     if stat is not None:
-        state, start = stat
+        state, _, start = stat
         if state in ("Z", "X"):
             return False
         if pid_start is not None and start != pid_start:
@@ -1078,5 +1082,5 @@ def _store_pid(conn: sqlite3.Connection, run_id: str, pid: int) -> None:
     stat = _proc_stat(pid)
     conn.execute(
         "UPDATE runs SET pid = ?, pid_start = ?, host = ?, updated = ? WHERE run_id = ?",
-        (pid, stat[1] if stat else None, socket.gethostname(), time.time(), run_id),
+        (pid, stat.start if stat else None, socket.gethostname(), time.time(), run_id),
     )
