@@ -26,7 +26,7 @@ from .config import CFEConfig, DetectConfig, MCFilterConfig, TreatmentConfig, co
 from .errors import CfdebugError
 from .runtime import Progress, scaled_progress
 from .store import jsonable
-from .verdicts import Comparison, detection_comparisons, format_value, seed_comparison
+from .verdicts import Comparison, accuracy_comparisons, detection_comparisons, format_value, verdict_text
 
 CLAIMS = ("detection", "treatment", "xcr")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -123,8 +123,9 @@ def pair_runs(sweep: dict, lambda1: float | None = None, lambda2: float | None =
     return sorted((r for r in sweep["runs"] if (r["lambda1"], r["lambda2"]) == (l1, l2)), key=lambda r: r["seed"])
 
 
-def treatment_verdicts(sweep: dict, classes: Sequence[str], lambda1: float | None = None, lambda2: float | None = None) -> list[Comparison]:
-    """Treated vs its CE control from a :func:`~cfdebug.treatment.treatment_sweep` result, paired by seed.
+def treatment_verdicts(sweep: dict, classes: Sequence[str], labels, lambda1: float | None = None, lambda2: float | None = None) -> list[Comparison]:
+    """Treated vs its CE control from a :func:`~cfdebug.treatment.treatment_sweep` result, paired
+    over seeds and test images (``labels`` [N], the test split's) by a bootstrap.
 
     The (λ1, λ2) pair is the sweep's ``best`` (chosen on validation) unless given. Test accuracy,
     then the recall of every class with test images.
@@ -138,15 +139,10 @@ def treatment_verdicts(sweep: dict, classes: Sequence[str], lambda1: float | Non
     l2 = best.get("lambda2") if lambda2 is None else lambda2
     if not seeds:
         raise CfdebugError(f"Expected treated and control runs with the same seeds for λ1={l1}, λ2={l2}, but found none.")
-    name = f"treated (λ1={l1:g}, λ2={l2:g})"
-    out = [seed_comparison("treatment", "test_acc", [treated[s]["test_acc"] for s in seeds], [control[s]["test_acc"] for s in seeds],
-                           method=name, baseline="CE control")]
-    recall_t = np.array([treated[s]["per_class_recall"] for s in seeds], float)  # [S, K]
-    recall_c = np.array([control[s]["per_class_recall"] for s in seeds], float)
-    for k, cls in enumerate(classes):
-        if np.isfinite(recall_t[:, k]).all() and np.isfinite(recall_c[:, k]).all():
-            out.append(seed_comparison("treatment", f"recall[{cls}]", recall_t[:, k], recall_c[:, k], method=name, baseline="CE control"))
-    return out
+    return accuracy_comparisons(
+        "treatment", [treated[s]["test_predictions"] for s in seeds], [control[s]["test_predictions"] for s in seeds], labels,
+        classes, method=f"treated (λ1={l1:g}, λ2={l2:g})", baseline="CE control",
+    )
 
 
 def treatment_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, config: TreatmentConfig | None = None, *,
@@ -167,36 +163,48 @@ def treatment_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, config: TreatmentC
     best = sweep["best"]
     control = sorted(sweep["control"], key=lambda r: r["seed"])
     treated = pair_runs(sweep)
-    return {"comparisons": treatment_verdicts(sweep, ws.data.classes), "base": {"test_acc": sweep["base"]["test_acc"]},
+    return {"comparisons": treatment_verdicts(sweep, ws.data.classes, ws.data.splits["test"].labels), "base": {"test_acc": sweep["base"]["test_acc"]},
             "table2": sweep["table2"], "config": config_dict(config), "best": best, "grid": {"lambda1": l1s, "lambda2": l2s},
             "per_seed": [{"seed": c["seed"], "control_test_acc": c["test_acc"], "treated_test_acc": t["test_acc"]}
                          for c, t in zip(control, treated)]}
 
 
-def xcr_verdicts(result: dict, method: str = "xcr", baseline: str = "vanilla") -> list[Comparison]:
-    """XCR vs vanilla retraining from an XCR report's ``per_seed`` rows, paired by seed, clean and corrupted."""
-    rows = {(r["method"], r["seed"]): r for r in result["per_seed"]}
-    seeds = sorted({s for (m, s) in rows if m == method} & {s for (m, s) in rows if m == baseline})
+def xcr_verdicts(result: dict, arrays: dict, method: str = "xcr", baseline: str = "vanilla") -> list[Comparison]:
+    """XCR vs vanilla retraining, paired over seeds and test images (clean, and the same images
+    under every corruption), from an XCR report and its per-image terms
+    (:func:`~cfdebug.xcr.report.per_image_scores`)."""
+    from .verdicts import image_comparison
+
+    variants = result["per_image"]["variants"]
+    mi, bi = variants.index(method), variants.index(baseline)
+    name = method.upper() if method == "xcr" else method
     out = []
     for split in ("clean", "corrupt"):
+        if arrays[f"{split}_correct"].shape[-1] == 0 or (split == "corrupt" and arrays["corrupt_correct"].shape[2] == 0):
+            continue
         for metric, higher in XCR_METRICS:
             key = f"{split}_{metric}"
-            xcr = [rows[(method, s)][key] for s in seeds]
-            vanilla = [rows[(baseline, s)][key] for s in seeds]
-            if not seeds or any(v is None for v in xcr + vanilla):
-                continue
-            out.append(seed_comparison("xcr", key, xcr, vanilla, method=method.upper() if method == "xcr" else method,
-                                       baseline=baseline, higher_is_better=higher))
+            field = {"acc": "correct", "ece": "correct", "nll": "nll", "brier": "brier"}[metric]
+            extra = {}
+            if metric == "ece":
+                extra = {"statistic": "ece", "method_confidences": arrays[f"{split}_confidence"][mi],
+                         "baseline_confidences": arrays[f"{split}_confidence"][bi]}
+            elif metric == "acc" and split == "clean":
+                extra = {"method_predictions": arrays["clean_prediction"][mi], "baseline_predictions": arrays["clean_prediction"][bi]}
+            out.append(image_comparison("xcr", key, arrays[f"{split}_{field}"][mi], arrays[f"{split}_{field}"][bi], method=name,
+                                        baseline=baseline, higher_is_better=higher, **extra))
     return out
 
 
 def xcr_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, config=None, *, progress: Progress | None = None) -> dict:
-    """XCR retraining vs vanilla retraining, paired by seed, clean and corrupted."""
+    """XCR retraining vs vanilla retraining, paired over seeds and test images, clean and corrupted."""
     from .xcr import default_xcr_config, run_xcr_report
+    from .xcr.report import per_image_scores
 
     config = replace(config or default_xcr_config(ws.config), seeds=tuple(int(s) for s in seeds))
     result = run_xcr_report(ws, config, progress)
-    return {"comparisons": xcr_verdicts(result), "table1": result["table1"], "table2": result["table2"],
+    comparisons = xcr_verdicts(result, per_image_scores(ws, config, result))
+    return {"comparisons": comparisons, "table1": result["table1"], "table2": result["table2"],
             "per_seed": result["per_seed"], "settings": result.get("settings")}
 
 
@@ -253,7 +261,8 @@ def verdicts_markdown(verdicts: Sequence[dict], headline_only: bool = False) -> 
             continue
         ci = f"{format_value(r['difference'], signed=True)} [{format_value(r['ci_low'], signed=True)}, {format_value(r['ci_high'], signed=True)}]"
         paired = f"{r['n_seeds']} seed{'s' if r['n_seeds'] != 1 else ''}" + (f" × {r['n_images']} images" if r.get("n_images") else "")
-        verdict = f"**{r['verdict']}**" + (" (indicative: one run)" if r.get("indicative") else "")
+        text = verdict_text(r)
+        verdict = f"**{r['verdict']}**{text[len(r['verdict']):]}"
         lines.append(f"| {r['claim']} | {r['metric']} | {r['method']} | {r['baseline']} | {format_value(r['method_value'])} | "
                      f"{format_value(r['baseline_value'])} | {ci} | {paired} | {verdict} |")
     return "\n".join(lines)

@@ -365,9 +365,10 @@ class CalibrationAccumulator:
         acc.compute()["ece"]
     """
 
-    def __init__(self, n_bins: int = 15, eps: float = 1e-12):
+    def __init__(self, n_bins: int = 15, eps: float = 1e-12, *, keep_images: bool = False):
         self.n_bins = _check_positive_int(n_bins, "n_bins")
         self.eps = _check_eps(eps)
+        self.keep_images = bool(keep_images)
         self.reset()
 
     def reset(self) -> None:
@@ -379,6 +380,7 @@ class CalibrationAccumulator:
         self.count = np.zeros(self.n_bins, dtype=np.int64)
         self.conf_sum = np.zeros(self.n_bins, dtype=np.float64)
         self.acc_sum = np.zeros(self.n_bins, dtype=np.float64)
+        self._images: list[dict[str, np.ndarray]] = []
 
     def update(self, probs: Any, labels: Any) -> None:
         """Add ``probs`` ``[B, K]`` (rows sum to 1) with true classes ``labels`` ``[B]`` in ``0..K-1``."""
@@ -392,6 +394,21 @@ class CalibrationAccumulator:
         self.count += count
         self.conf_sum += conf_sum
         self.acc_sum += acc_sum
+        if self.keep_images:
+            pred = p.argmax(axis=1)
+            self._images.append({"prediction": pred, "correct": (pred == y).astype(np.float64), "confidence": p.max(axis=1).astype(np.float64),
+                                 "nll": _nll_terms(p, y, self.eps).astype(np.float64), "brier": _brier_terms(p, y).astype(np.float64)})
+
+    def images(self) -> dict[str, np.ndarray]:
+        """Per-sample terms in update order (``keep_images=True``): ``prediction`` [N] int,
+        ``correct`` [N] 0/1, ``confidence`` [N] (top-label), ``nll`` [N], ``brier`` [N] float64.
+        Their means are :meth:`compute`'s accuracy, NLL and Brier (paired verdicts resample them)."""
+        if not self.keep_images:
+            raise CfdebugError("Expected a CalibrationAccumulator made with keep_images=True, but it keeps no per-sample terms")
+        keys = ("prediction", "correct", "confidence", "nll", "brier")
+        if not self._images:
+            return {k: np.zeros(0) for k in keys}
+        return {k: np.concatenate([chunk[k] for chunk in self._images]) for k in keys}
 
     def merge(self, other: "CalibrationAccumulator") -> "CalibrationAccumulator":
         """Add ``other``'s samples (same ``n_bins``) to this accumulator; return ``self``."""

@@ -328,7 +328,8 @@ def treatment_sweep(
         ``{"base": {"train_acc","val_acc","test_acc","per_class_recall"}, "control": [per seed
         run], "runs": [per (λ1, λ2, seed) run], "table2": rows, "table3": …, "best": {"lambda1",
         "lambda2"}}``. A run is ``{"lambda1","lambda2","seed","train_acc","val_acc","test_acc",
-        "best_epoch","per_class_recall","history"}``. ``table2`` rows are ``{"model": "base" |
+        "best_epoch","per_class_recall","test_predictions","history"}`` (``test_predictions``: [N]
+        int, the selected epoch's, so verdicts pair the runs over test images). ``table2`` rows are ``{"model": "base" |
         "fine-tuned" | "treatment", "lambda1", "lambda2", "n_seeds", "<split>_acc_mean",
         "<split>_acc_std"}`` (sample std, ddof = 1; 0 for one seed). ``table3`` compares the base
         per-class test recall with the *mean over seeds* of the best pair's (best = highest mean
@@ -358,6 +359,7 @@ def treatment_sweep(
             "test_acc": out["accuracy"]["test"],
             "best_epoch": out["best_epoch"],
             "per_class_recall": out["per_class_recall_after"],
+            "test_predictions": out["test_predictions"],
             "history": out["history"],
         }
         (control if kind == "fine-tuned" else runs).append(record)

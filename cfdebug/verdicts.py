@@ -1,21 +1,29 @@
 """Paired comparisons of a method against its baseline: a difference, its 95% interval, a verdict.
 
 A debugging tool's product is a judgement ("these flags beat the confidence baseline", "this
-treatment helped"), so no comparison here is a bare number. Two kinds of pairing:
+fix removed the shortcut"), so no comparison here is a bare number. Everything is paired over the
+**test images** (the same images scored by both arms), by a bootstrap:
 
-* **over seeds** (:func:`seed_comparison`): the method and its baseline were run with the same
-  seeds (treatment vs its CE control, XCR vs vanilla retraining); the per-seed differences get
-  a Student-t interval. With one seed there is no interval (``±inf``): the result is
-  *indicative* and the verdict cannot be "better" or "worse".
-* **over images** (:func:`detection_comparisons`): two error-detection scores on the same test
-  predictions; a paired bootstrap resamples the images once for both scores, so the interval is
-  that of the *difference*. Scores from several CFE seeds are averaged per resample (the
-  interval of the seed-averaged difference); their spread over seeds is reported beside it.
+* **accuracy-like comparisons** (:func:`image_comparison`): a retrained method and its baseline
+  (treatment vs its CE control, a revise method vs the same control, XCR vs vanilla retraining)
+  scored per test image and per seed (``[S, N]``: correct or not, a per-image NLL, a confidence
+  for ECE). Each bootstrap replicate resamples the seeds and the images (the same image draw for
+  every seed and both arms) and recomputes the seed-averaged difference. An interval of zero width
+  can then only come from per-image values that agree everywhere, and the row says so in words
+  (``note``: "identical predictions: the method changed nothing"); a difference of one image per
+  seed stays "no detectable difference", as it should.
+* **detection scores** (:func:`detection_comparisons`): two error-detection scores on the same
+  test predictions; the images are resampled once for both scores, so the interval is that of the
+  *difference*. Scores from several CFE seeds are averaged per resample; their spread over seeds is
+  reported beside it.
 
 A verdict (:func:`verdict`) is **better** / **worse** when the interval excludes 0 on the side
 the metric calls good, and **no detectable difference** otherwise (an interval touching 0
-included). Everything here is a pure function of arrays (NumPy / SciPy), validated like
-:mod:`cfdebug.metrics`.
+included). Every comparison also carries ``detectable``: the smallest difference its bed could
+have detected (the interval's half-width, and for a mean of right/wrong over ``N`` images never
+below ``ceil(z²)/N``: a method that fixes ``k`` images and breaks none is detected only from
+``k ≥ 4``), so a "no detectable difference" says what it ruled out. Everything here is a pure
+function of arrays (NumPy / SciPy), validated like :mod:`cfdebug.metrics`.
 """
 
 from __future__ import annotations
@@ -45,23 +53,32 @@ __all__ = [
     "VERDICTS",
     "Comparison",
     "verdict",
-    "t_interval",
-    "seed_comparison",
+    "image_comparison",
+    "accuracy_comparisons",
+    "consistent_floor",
     "detection_metrics",
     "detection_comparisons",
     "format_value",
+    "format_detectable",
+    "verdict_text",
     "format_verdicts",
 ]
+
+#: Metrics whose values are fractions a reader thinks of in percentage points.
+_POINT_METRICS = ("acc", "recall", "accuracy")
 
 
 @dataclass(frozen=True)
 class Comparison:
     """One claim, method vs baseline on one metric, with the paired difference and its interval.
 
-    ``difference = method_value − baseline_value``; ``ci_low``/``ci_high`` bound it at 95%
-    (``±inf`` when one seed cannot give an interval); ``n_seeds`` seeds paired (``n_images``
-    images resampled for a bootstrap, else 0); ``spread`` the min/max of the difference over
-    seeds where several were run; ``verdict`` one of :data:`VERDICTS`.
+    ``difference = method_value − baseline_value`` (seed means over all images); ``ci_low``/
+    ``ci_high`` bound it at 95% (``±inf`` when nothing can be resampled: one image); ``n_seeds``
+    seeds and ``n_images`` images paired; ``spread`` the min/max of the difference over seeds where
+    several were run; ``verdict`` one of :data:`VERDICTS`; ``detectable`` the smallest difference
+    this comparison could have detected (see the module docstring); ``note`` words for what the
+    numbers alone would hide (identical predictions); ``changed`` the mean number of images per
+    seed whose prediction differs between the arms (``None`` where predictions were not given).
     """
 
     claim: str
@@ -77,12 +94,15 @@ class Comparison:
     higher_is_better: bool
     verdict: str
     n_images: int = 0
-    pairing: str = "seeds"
+    pairing: str = "seeds × images (bootstrap)"
     spread: tuple[float, float] | None = None
+    detectable: float | None = None
+    note: str | None = None
+    changed: float | None = None
 
     @property
     def indicative(self) -> bool:
-        """True when the interval is undefined (a single run): read the numbers as a hint only."""
+        """True when the interval is undefined: read the numbers as a hint only."""
         return not (math.isfinite(self.ci_low) and math.isfinite(self.ci_high))
 
     def as_dict(self) -> dict:
@@ -115,53 +135,205 @@ def _check_confidence(confidence: float) -> float:
     return float(confidence)
 
 
-def t_interval(differences: Any, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
-    """Mean of paired ``differences`` ``[n]`` and its two-sided Student-t interval.
+def _check_n_boot(n_boot: int) -> int:
+    if not (isinstance(n_boot, int) and not isinstance(n_boot, bool) and n_boot >= 100):
+        raise CfdebugError(f"Expected `n_boot` to be an integer >= 100, but got {n_boot!r}.")
+    return n_boot
 
-    ``n = 1`` gives ``(d, -inf, inf)`` (no interval from one run); equal differences give a
-    zero-width interval at their value (the runs agree exactly).
+
+def consistent_floor(n_images: int, confidence: float = CONFIDENCE) -> float:
+    """The smallest accuracy difference ``N`` paired images can show: ``ceil(z²)/N``.
+
+    A method that turns ``k`` wrong predictions right and breaks none has per-image differences
+    of ``k`` ones among ``N``; the normal interval of their mean excludes 0 only when
+    ``k/N > z·√k/N``, i.e. ``k > z²`` (3.84 at 95%). Noisier comparisons need more.
     """
     from scipy import stats
 
-    conf = _check_confidence(confidence)
-    d = np.asarray(differences, dtype=np.float64).reshape(-1)
-    if d.size == 0:
-        raise CfdebugError("Expected at least one paired difference, but got none.")
-    if not np.isfinite(d).all():
-        raise CfdebugError(f"Expected finite paired differences, but got {d.tolist()}.")
-    mean = float(d.mean())
-    if d.size == 1:
-        return mean, -math.inf, math.inf
-    sem = float(d.std(ddof=1)) / math.sqrt(d.size)
-    half = float(stats.t.ppf(0.5 + conf / 2, d.size - 1)) * sem
-    return mean, mean - half, mean + half
+    z = float(stats.norm.ppf(0.5 + _check_confidence(confidence) / 2))
+    return math.ceil(z * z) / max(int(n_images), 1)
 
 
-def seed_comparison(
+def _as_rows(values: Any, name: str, groups: bool = False) -> np.ndarray:
+    """``[S, N]`` (or ``[S, G, N]`` with ``groups``: per seed, several image sets of the same N images)."""
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[None] if arr.ndim == (2 if groups else 1) else arr
+    if arr.ndim != (3 if groups else 2) or arr.shape[-1] == 0:
+        shape = "[G, N] or [S, G, N]" if groups else "[N] or [S, N]"
+        raise CfdebugError(f"Expected `{name}` of shape {shape} (seeds × images), but got {tuple(np.shape(values))}.")
+    if not np.isfinite(arr).all():
+        raise CfdebugError(f"Expected finite values in `{name}`, but some are NaN or infinite.")
+    return arr
+
+
+def _ece_rows(confidence: np.ndarray, correct: np.ndarray, weights: np.ndarray, n_bins: int) -> np.ndarray:
+    """ECE (``n_bins`` equal-width bins) of one model's ``confidence``/``correct`` [N] under each
+    resample's image counts ``weights`` [B, N]: ``[B]`` (the weights are a multiset of images)."""
+    from .metrics import _bin_index
+
+    bins = _bin_index(confidence, n_bins)  # [N] the (lo, hi] bins of metrics.expected_calibration_error
+    onehot = np.zeros((confidence.size, n_bins))
+    onehot[np.arange(confidence.size), bins] = 1.0  # [N, M]
+    counts = weights @ onehot  # [B, M]
+    gap = weights @ (onehot * (correct - confidence)[:, None])  # [B, M]: Σ w·(acc − conf) per bin
+    return np.abs(gap).sum(1) / np.maximum(counts.sum(1), 1e-12)
+
+
+def _statistic(values: np.ndarray, weights: np.ndarray, statistic: str, confidences: np.ndarray | None, n_bins: int) -> np.ndarray:
+    """The statistic of every seed's row under every resample: ``[S, B]`` (ECE: the mean over a
+    seed's image sets ``[S, G, N]`` of each set's ECE)."""
+    if statistic == "mean":
+        return values @ weights.T / weights.sum(1)  # [S, B]
+    return np.stack([
+        np.mean([_ece_rows(confidences[i, g], values[i, g], weights, n_bins) for g in range(values.shape[1])], axis=0)
+        for i in range(len(values))
+    ])
+
+
+def image_comparison(
     claim: str,
     metric: str,
-    method_values: Sequence[float],
-    baseline_values: Sequence[float],
+    method_values: Any,
+    baseline_values: Any,
     *,
     method: str,
     baseline: str,
     higher_is_better: bool = True,
+    statistic: str = "mean",
+    method_confidences: Any = None,
+    baseline_confidences: Any = None,
+    method_predictions: Any = None,
+    baseline_predictions: Any = None,
+    n_bins: int = 15,
+    n_boot: int = N_BOOTSTRAP,
+    seed: int = 0,
     confidence: float = CONFIDENCE,
 ) -> Comparison:
-    """Method vs baseline paired by seed: ``method_values[i]`` and ``baseline_values[i]`` share seed ``i``."""
-    m = np.asarray(method_values, dtype=np.float64).reshape(-1)
-    b = np.asarray(baseline_values, dtype=np.float64).reshape(-1)
-    if m.shape != b.shape:
+    """Method vs baseline, paired over seeds and test images by a bootstrap (module docstring).
+
+    Args:
+        method_values / baseline_values: ``[S, N]`` (or ``[N]`` for one seed) per-image values of
+            the same ``N`` test images, row ``s`` of both from seed ``s``: 1/0 for right/wrong
+            (accuracy, a class's recall on that class's images), a per-image NLL or Brier score.
+            A baseline with one row (a base model with no seed) is paired with every method row.
+            ``[S, G, N]``: ``G`` sets of the same images per seed (corrupted copies), the statistic
+            being the mean over the sets.
+        statistic: ``"mean"`` (accuracy, recall, NLL, Brier) or ``"ece"`` (the values are then 1/0
+            right/wrong and ``*_confidences`` the top-label confidences, the same shape).
+        method_predictions / baseline_predictions: ``[S, N]`` predicted classes; with them the row
+            counts the changed predictions and says "identical predictions" when nothing changed.
+        n_boot, seed: bootstrap replicates; the draws are seeded, so the interval is reproducible.
+
+    Returns:
+        A :class:`Comparison`; the point values are the seed means on all images, the interval the
+        percentile interval of the replicated differences.
+    """
+    conf = _check_confidence(confidence)
+    n_boot = _check_n_boot(n_boot)
+    if statistic not in ("mean", "ece"):
+        raise CfdebugError(f"Expected `statistic` to be 'mean' or 'ece', but got {statistic!r}.")
+    groups = np.ndim(method_values) == 3
+    m, b = _as_rows(method_values, "method_values", groups), _as_rows(baseline_values, "baseline_values", groups)
+    if statistic == "mean" and groups:  # a mean over sets of the same images is the mean of each image's mean
+        m, b = m.mean(1), b.mean(1)
+        groups = False
+    elif statistic == "ece" and not groups:
+        m, b = m[:, None], b[:, None]
+    if b.shape[1:] != m.shape[1:] or (len(b) not in (1, len(m))):
         raise CfdebugError(
-            f"Expected one baseline value per method value (paired by seed), but got {m.size} and {b.size}."
+            f"Expected the baseline's values of shape [{len(m)} or 1, {m.shape[1]}] like the method's (paired by seed "
+            f"and image), but got {list(b.shape)} and {list(m.shape)}."
         )
-    diff, lo, hi = t_interval(m - b, confidence)
-    spread = (float((m - b).min()), float((m - b).max())) if m.size > 1 else None
+    b = np.broadcast_to(b, m.shape)
+    mc = bc = None
+    if statistic == "ece":
+        if method_confidences is None or baseline_confidences is None:
+            raise CfdebugError("Expected `method_confidences` and `baseline_confidences` for the ECE statistic, but got none.")
+        mc = _as_rows(method_confidences, "method_confidences", groups).reshape(m.shape)
+        bc = np.broadcast_to(_as_rows(baseline_confidences, "baseline_confidences", groups).reshape((-1, *m.shape[1:])), b.shape)
+    s_count, n = m.shape[0], m.shape[-1]
+    full = np.ones((1, n))
+    m_full = _statistic(m, full, statistic, mc, n_bins)[:, 0]  # [S]
+    b_full = _statistic(b, full, statistic, bc, n_bins)[:, 0]
+    per_seed = m_full - b_full
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, n, size=(n_boot, n))  # [B, N] the same draw for every seed and both arms
+    weights = np.zeros((n_boot, n))
+    np.add.at(weights, (np.arange(n_boot)[:, None], images), 1.0)
+    diffs = _statistic(m, weights, statistic, mc, n_bins) - _statistic(b, weights, statistic, bc, n_bins)  # [S, B]
+    seeds = rng.integers(0, s_count, size=(n_boot, s_count))  # [B, S] seeds drawn with replacement
+    replicated = diffs[seeds, np.arange(n_boot)[:, None]].mean(1)  # [B]
+    if n > 1:
+        lo, hi = (float(v) for v in np.quantile(replicated, [(1 - conf) / 2, (1 + conf) / 2]))
+    else:
+        lo, hi = -math.inf, math.inf
+    lo, hi = min(lo, float(per_seed.mean())), max(hi, float(per_seed.mean()))  # the point estimate lies inside
+    same_values = bool(np.array_equal(m, b) and (statistic == "mean" or np.array_equal(mc, bc)))
+    if same_values:
+        lo = hi = 0.0
+    half = (hi - lo) / 2 if math.isfinite(lo) and math.isfinite(hi) else math.inf
+    binary = statistic == "mean" and bool(np.isin(m, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all())  # right/wrong
+    detectable = max(half, consistent_floor(n, conf)) if binary else half
+    changed, note = _changes(method_predictions, baseline_predictions, (s_count, n), same_values)
     return Comparison(
-        claim=claim, metric=metric, method=method, baseline=baseline, baseline_value=float(b.mean()),
-        method_value=float(m.mean()), difference=diff, ci_low=lo, ci_high=hi, n_seeds=int(m.size),
-        higher_is_better=higher_is_better, verdict=verdict(lo, hi, higher_is_better), spread=spread,
+        claim=claim, metric=metric, method=method, baseline=baseline, baseline_value=float(b_full.mean()),
+        method_value=float(m_full.mean()), difference=float(per_seed.mean()), ci_low=lo, ci_high=hi, n_seeds=s_count,
+        higher_is_better=higher_is_better, verdict=verdict(lo, hi, higher_is_better), n_images=n,
+        spread=(float(per_seed.min()), float(per_seed.max())) if s_count > 1 else None,
+        detectable=float(detectable), note=note, changed=changed,
     )
+
+
+def accuracy_comparisons(
+    claim: str,
+    method_predictions: Any,
+    baseline_predictions: Any,
+    labels: Any,
+    classes: Sequence[str],
+    *,
+    method: str,
+    baseline: str,
+    metric: str = "test_acc",
+    n_boot: int = N_BOOTSTRAP,
+) -> list[Comparison]:
+    """Accuracy and every class's recall of a method vs its baseline from their predictions.
+
+    ``method_predictions`` ``[S, N]`` (seed × test image), ``baseline_predictions`` ``[S, N]`` or
+    ``[N]`` (one baseline model), ``labels`` ``[N]``. One :func:`image_comparison` for ``metric``
+    over all images, then ``recall[<class>]`` over each class's images (classes with no test image
+    are skipped).
+    """
+    y = np.asarray(labels).reshape(-1)
+    mp = np.asarray(method_predictions)
+    mp = mp[None] if mp.ndim == 1 else mp
+    bp = np.asarray(baseline_predictions)
+    bp = bp[None] if bp.ndim == 1 else bp
+    if mp.shape[-1] != y.size or bp.shape[-1] != y.size:
+        raise CfdebugError(f"Expected predictions of {y.size} test images like the labels, but got {list(mp.shape)} and {list(bp.shape)}.")
+    rows = [(metric, np.ones(y.size, bool))] + [(f"recall[{c}]", y == k) for k, c in enumerate(classes)]
+    out = []
+    for name, keep in rows:
+        if not keep.any():
+            continue
+        out.append(image_comparison(
+            claim, name, (mp[:, keep] == y[keep]).astype(float), (bp[:, keep] == y[keep]).astype(float), method=method,
+            baseline=baseline, method_predictions=mp[:, keep], baseline_predictions=bp[:, keep], n_boot=n_boot,
+        ))
+    return out
+
+
+def _changes(method_predictions, baseline_predictions, shape, same_values: bool) -> tuple[float | None, str | None]:
+    """``(mean changed predictions per seed, note)`` for :func:`image_comparison`."""
+    if method_predictions is None or baseline_predictions is None:
+        return None, ("identical per-image values: the method changed nothing measurable here" if same_values else None)
+    mp = np.asarray(method_predictions).reshape(shape)
+    bp = np.broadcast_to(np.asarray(baseline_predictions).reshape((-1, shape[1])), shape)
+    changed = float((mp != bp).sum(1).mean())
+    if changed == 0:
+        return 0.0, "identical predictions: the method changed nothing"
+    if same_values:
+        return changed, f"the same images right and wrong: {changed:g} predictions per seed moved between wrong classes"
+    return changed, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,8 +462,7 @@ def detection_comparisons(
         seed-averaged difference over resamples, ``spread`` its min/max over seeds.
     """
     conf = _check_confidence(confidence)
-    if not (isinstance(n_boot, int) and n_boot >= 100):
-        raise CfdebugError(f"Expected `n_boot` to be an integer >= 100, but got {n_boot!r}.")
+    n_boot = _check_n_boot(n_boot)
     b_s, err, b_f = _check_detection(baseline_scores, is_error, baseline_flags)
     n = err.size
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))  # [B, N] shared resamples
@@ -317,6 +488,7 @@ def detection_comparisons(
                 method_value=float(m_seeds.mean()), difference=float(m_seeds.mean() - b_val),
                 ci_low=float(lo), ci_high=float(hi), n_seeds=len(s), higher_is_better=higher,
                 verdict=verdict(lo, hi, higher), n_images=n, pairing="images (bootstrap)", spread=spread,
+                detectable=float((hi - lo) / 2) if diffs.size else None,
             ))
     return out
 
@@ -328,19 +500,43 @@ def format_value(x: float | None, digits: int = 3, signed: bool = False) -> str:
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
+def _in_points(metric: str) -> bool:
+    return any(part in metric for part in _POINT_METRICS)
+
+
+def format_detectable(row: dict) -> str:
+    """``"could detect ±0.8 pts"`` (accuracy-like metrics in percentage points), ``""`` when unknown."""
+    d = row.get("detectable")
+    if d is None or not math.isfinite(d):
+        return ""
+    return f"could detect ±{100 * d:.1f} pts" if _in_points(row["metric"]) else f"could detect ±{d:.3f}"
+
+
+def verdict_text(row: dict) -> str:
+    """The verdict with what a reader needs beside it: the note (identical predictions), the
+    smallest detectable difference of a "no detectable difference", or "indicative"."""
+    parts = [row["verdict"]]
+    if row.get("note"):
+        parts.append(row["note"])
+    elif row["verdict"] == SAME and format_detectable(row):
+        parts.append(format_detectable(row))
+    if row.get("indicative"):
+        parts.append("indicative: one run")
+    return parts[0] + (f" ({'; '.join(parts[1:])})" if len(parts) > 1 else "")
+
+
 def format_verdicts(comparisons: Sequence[Comparison | dict]) -> str:
     """A plain-text verdict table: claim, metric, method vs baseline, difference [95% CI], verdict."""
     rows = [c.as_dict() if isinstance(c, Comparison) else dict(c) for c in comparisons]
     header = ("claim", "metric", "method", "baseline (value)", "method value", "difference [95% CI]", "paired by", "verdict")
     lines = []
     for r in rows:
-        ci = f"{r['difference']:+.3f} [{format_value(r['ci_low'])}, {format_value(r['ci_high'])}]"
+        ci = f"{r['difference']:+.3f} [{format_value(r['ci_low'], signed=True)}, {format_value(r['ci_high'], signed=True)}]"
         paired = f"{r['n_seeds']} seed{'s' if r['n_seeds'] != 1 else ''}"
         if r.get("n_images"):
-            paired += f", {r['n_images']} images"
-        verdict_text = r["verdict"] + (" (indicative: one run)" if r.get("indicative") else "")
+            paired += f" × {r['n_images']} images"
         lines.append((r["claim"], r["metric"], r["method"], f"{r['baseline']} {r['baseline_value']:.3f}",
-                      f"{r['method_value']:.3f}", ci, paired, verdict_text))
+                      f"{r['method_value']:.3f}", ci, paired, verdict_text(r)))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in lines])

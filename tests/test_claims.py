@@ -58,36 +58,52 @@ def test_detection_and_treatment_claims_on_the_demo(demo_workspace):
     assert len(out["detection"]["per_seed"]) == 2
 
 
-def _run(seed, acc, recall, l1=0.0, l2=0.0):
-    return {"seed": seed, "test_acc": acc, "per_class_recall": recall, "lambda1": l1, "lambda2": l2}
+def _run(seed, predictions, l1=0.0, l2=0.0):
+    return {"seed": seed, "test_predictions": list(predictions), "lambda1": l1, "lambda2": l2}
 
 
-def test_treatment_verdicts_pair_treated_with_control_by_seed():
+def test_treatment_verdicts_pair_treated_with_control_over_seeds_and_images():
     from cfdebug.claims import treatment_verdicts
 
+    rng = np.random.default_rng(0)
+    labels = np.zeros(300, int)  # class b has no test image
+    control = {s: np.where(rng.random(300) < 0.8, 0, 1) for s in range(3)}
+    # The treated runs fix 30 of the control's errors on every seed and break none.
+    treated = {s: np.where(np.isin(np.arange(300), np.flatnonzero(p == 1)[:30]), 0, p) for s, p in control.items()}
     sweep = {
         "best": {"lambda1": 1e-3, "lambda2": 2e-5},
-        "control": [_run(1, 0.80, [0.7, float("nan")]), _run(0, 0.90, [0.9, float("nan")]), _run(2, 0.70, [0.6, float("nan")])],
-        "runs": [_run(s, a + 0.02, [r + 0.05, float("nan")], 1e-3, 2e-5) for s, a, r in ((0, 0.9, 0.9), (1, 0.8, 0.7), (2, 0.7, 0.6))]
-        + [_run(0, 0.1, [0.0, 0.0], 1e-2, 2e-5)],  # another pair: not the best, ignored
+        "control": [_run(s, control[s]) for s in (1, 0, 2)],
+        "runs": [_run(s, treated[s], 1e-3, 2e-5) for s in range(3)] + [_run(0, np.ones(300, int), 1e-2, 2e-5)],  # not the best pair
     }
-    rows = treatment_verdicts(sweep, ["a", "b"])
-    assert [r.metric for r in rows] == ["test_acc", "recall[a]"]  # class b has no test images (NaN)
-    assert rows[0].difference == pytest.approx(0.02) and rows[0].verdict == "better" and rows[0].n_seeds == 3
+    rows = treatment_verdicts(sweep, ["a", "b"], labels)
+    assert [r.metric for r in rows] == ["test_acc", "recall[a]"]  # class b has no test images
+    assert rows[0].difference == pytest.approx(30 / 300) and rows[0].verdict == "better" and rows[0].n_seeds == 3
+    assert rows[0].n_images == 300 and rows[0].changed == 30
     assert rows[0].baseline == "CE control" and "λ1=0.001" in rows[0].method
+    same = treatment_verdicts({**sweep, "runs": [_run(s, control[s], 1e-3, 2e-5) for s in range(3)]}, ["a", "b"], labels)
+    assert same[0].ci_low == same[0].ci_high == 0 and same[0].note == "identical predictions: the method changed nothing"
     with pytest.raises(CfdebugError, match="same seeds"):
-        treatment_verdicts(sweep, ["a", "b"], lambda1=0.5, lambda2=0.5)
+        treatment_verdicts(sweep, ["a", "b"], labels, lambda1=0.5, lambda2=0.5)
 
 
-def test_xcr_verdicts_lower_is_better_for_calibration():
+def test_xcr_verdicts_pair_images_and_lower_is_better_for_calibration():
     from cfdebug.claims import xcr_verdicts
 
-    rows = []
-    for s, shift in ((0, 0.01), (1, 0.02), (2, 0.015)):
-        base = {"clean_acc": 0.9, "corrupt_acc": 0.7, "clean_ece": 0.10, "corrupt_ece": 0.20, "clean_nll": 0.4,
-                "corrupt_nll": 1.0, "clean_brier": 0.2, "corrupt_brier": 0.4}
-        rows.append({"method": "vanilla", "seed": s, **base})
-        rows.append({"method": "xcr", "seed": s, **{k: v + shift for k, v in base.items()}})
-    out = {r.metric: r for r in xcr_verdicts({"per_seed": rows})}
-    assert out["clean_acc"].verdict == "better" and out["corrupt_ece"].verdict == "worse"
-    assert len(out) == 8 and all(r.n_seeds == 3 for r in out.values())
+    rng = np.random.default_rng(1)
+    v, seeds, g, n = 4, 3, 2, 400  # variants vanilla, vanilla+TS, xcr, xcr+TS
+    correct = (rng.random((v, seeds, n)) < 0.85).astype(float)
+    correct[2] = np.maximum(correct[0], (rng.random((seeds, n)) < 0.3))  # xcr: right wherever vanilla is, and more
+    conf = np.clip(correct * 0.5 + 0.4 + 0.05 * rng.random((v, seeds, n)), 0, 1)
+    conf[2] = np.clip(conf[0] + 0.3, 0, 1)  # xcr: over-confident
+    nll = np.where(correct > 0, 0.2, 2.0)
+    arrays = {"clean_correct": correct, "clean_confidence": conf, "clean_nll": nll, "clean_brier": nll / 2,
+              "clean_prediction": np.where(correct > 0, 0, 1),
+              "corrupt_correct": np.repeat(correct[:, :, None], g, 2), "corrupt_confidence": np.repeat(conf[:, :, None], g, 2),
+              "corrupt_nll": np.repeat(nll[:, :, None], g, 2), "corrupt_brier": np.repeat(nll[:, :, None], g, 2) / 2}
+    result = {"per_image": {"variants": ["vanilla", "vanilla+TS", "xcr", "xcr+TS"], "sets": [["fog", 3], ["snow", 3]]}}
+    out = {r.metric: r for r in xcr_verdicts(result, arrays)}
+    assert len(out) == 8 and all(r.n_seeds == 3 and r.n_images == n for r in out.values())
+    assert out["clean_acc"].verdict == "better" and out["corrupt_acc"].verdict == "better"
+    assert out["clean_nll"].verdict == "better" and out["clean_nll"].difference < 0  # lower NLL is better
+    assert out["clean_acc"].difference == pytest.approx((correct[2] - correct[0]).mean())
+    assert out["corrupt_ece"].method_value == pytest.approx(out["clean_ece"].method_value)

@@ -14,11 +14,13 @@ from cfdebug.verdicts import (
     WORSE,
     detection_comparisons,
     detection_metrics,
+    consistent_floor,
     format_verdicts,
-    seed_comparison,
-    t_interval,
+    image_comparison,
     verdict,
+    verdict_text,
 )
+from cfdebug.metrics import expected_calibration_error
 
 
 @pytest.mark.parametrize(
@@ -46,50 +48,105 @@ def test_verdict_refuses_reversed_interval():
         verdict(0.2, 0.1)
 
 
-def test_t_interval_matches_scipy_reference():
-    d = np.array([0.3, 1.1, 0.4, 0.9, 0.2])
-    mean, lo, hi = t_interval(d)
-    ref = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
-    assert mean == pytest.approx(d.mean())
-    assert (lo, hi) == pytest.approx((ref.low, ref.high), rel=1e-12)
+def _correct(rng, seeds: int, n: int, acc: float) -> np.ndarray:
+    return (rng.random((seeds, n)) < acc).astype(float)  # [S, N] right/wrong per seed and image
 
 
-def test_t_interval_one_run_and_identical_runs():
-    assert t_interval([0.4]) == (0.4, -math.inf, math.inf)
-    mean, lo, hi = t_interval([0.0, 0.0, 0.0])
-    assert (mean, lo, hi) == (0.0, 0.0, 0.0)
-    with pytest.raises(CfdebugError, match="at least one"):
-        t_interval([])
-    with pytest.raises(CfdebugError, match="finite"):
-        t_interval([1.0, float("nan")])
-
-
-def test_t_interval_covers_a_known_difference_about_95_percent():
+def test_identical_predictions_give_zero_width_and_say_so():
     rng = np.random.default_rng(0)
-    true_diff, hits, trials = 0.5, 0, 2000
-    for _ in range(trials):
-        base = rng.normal(0, 1, 5)
-        method = base + true_diff + rng.normal(0, 0.3, 5)
-        _, lo, hi = t_interval(method - base)
-        hits += lo <= true_diff <= hi
-    assert 0.93 <= hits / trials <= 0.97
+    base = _correct(rng, 3, 539, 0.9)
+    preds = rng.integers(0, 10, (3, 539))
+    c = image_comparison("treatment", "test_acc", base, base, method="treated", baseline="control",
+                         method_predictions=preds, baseline_predictions=preds)
+    assert (c.difference, c.ci_low, c.ci_high) == (0.0, 0.0, 0.0)
+    assert c.verdict == SAME and c.changed == 0 and c.note == "identical predictions: the method changed nothing"
+    assert "identical predictions" in verdict_text(c.as_dict())
 
 
-def test_seed_comparison_pairs_by_seed():
-    # Large seed-to-seed variation shared by both arms: only pairing reveals the +1 point.
-    base = np.array([0.80, 0.90, 0.70])
-    c = seed_comparison("treatment", "test_acc", base + 0.01, base, method="treated", baseline="control")
-    assert c.difference == pytest.approx(0.01)
-    assert c.ci_low == pytest.approx(0.01) and c.ci_high == pytest.approx(0.01)
-    assert c.verdict == BETTER and c.n_seeds == 3 and not c.indicative
-    same = seed_comparison("treatment", "test_acc", base, base, method="treated", baseline="control")
-    assert same.verdict == SAME
-    worse_ece = seed_comparison("xcr", "ece", [0.3, 0.31, 0.29], [0.2, 0.2, 0.21], method="xcr", baseline="vanilla", higher_is_better=False)
-    assert worse_ece.verdict == WORSE
-    one = seed_comparison("xcr", "acc", [0.9], [0.5], method="xcr", baseline="vanilla")
-    assert one.indicative and one.verdict == SAME
+def test_zero_width_only_from_identical_values():
+    rng = np.random.default_rng(1)
+    base = _correct(rng, 3, 400, 0.9)
+    method = base.copy()
+    method[0, np.flatnonzero(base[0] == 0)[0]] = 1.0  # one image fixed on one seed
+    c = image_comparison("treatment", "test_acc", method, base, method="treated", baseline="control")
+    assert c.ci_high > c.ci_low and c.note is None
+
+
+def test_one_image_per_seed_is_not_a_detectable_difference():
+    # The seed t-interval called a constant +1 image per seed "better" with a zero-width interval.
+    rng = np.random.default_rng(2)
+    base = _correct(rng, 3, 539, 0.9)
+    method = base.copy()
+    for s in range(3):
+        method[s, np.flatnonzero(base[s] == 0)[0]] = 1.0
+    c = image_comparison("treatment", "test_acc", method, base, method="treated", baseline="control")
+    assert c.difference == pytest.approx(1 / 539)
+    assert c.verdict == SAME and c.ci_low <= 0 < c.ci_high
+    assert c.detectable >= consistent_floor(539) == pytest.approx(4 / 539)
+    assert "could detect ±0.7 pts" in verdict_text(c.as_dict())
+
+
+def test_a_consistent_fix_is_better_and_a_consistent_break_is_worse():
+    rng = np.random.default_rng(3)
+    base = _correct(rng, 3, 539, 0.9)
+    method = base.copy()
+    for s in range(3):
+        method[s, np.flatnonzero(base[s] == 0)[:25]] = 1.0  # 25 errors fixed on every seed, none broken
+    better = image_comparison("revise", "test_acc", method, base, method="fix", baseline="control")
+    assert better.verdict == BETTER and better.ci_low > 0 and better.difference == pytest.approx(25 / 539)
+    worse = image_comparison("revise", "test_acc", base, method, method="fix", baseline="control")
+    assert worse.verdict == WORSE and worse.ci_high < 0
+    nll_down = image_comparison("xcr", "clean_nll", 1 - method, 1 - base, method="xcr", baseline="vanilla", higher_is_better=False)
+    assert nll_down.difference < 0 and nll_down.verdict == BETTER  # lower is better for an NLL
+
+
+def test_interval_covers_a_known_difference():
+    # Method and baseline share per-image difficulty; the method is right more often by a known margin.
+    rng = np.random.default_rng(4)
+    hits, trials, n = 0, 150, 500
+    true_diff = 0.04
+    for t in range(trials):
+        difficulty = rng.random(n)
+        base = (rng.random((2, n)) > difficulty * 0.2 + 0.05).astype(float)
+        method = np.maximum(base, (rng.random((2, n)) < true_diff / 0.15).astype(float) * (base == 0))
+        expected = (method - base).mean()  # the realised effect of this sample's images
+        c = image_comparison("x", "acc", method, base, method="m", baseline="b", n_boot=400, seed=t)
+        hits += c.ci_low <= expected <= c.ci_high
+        true_mean = c.difference
+    assert hits / trials >= 0.9 and true_mean > 0
+
+
+def test_baseline_with_one_row_pairs_with_every_seed():
+    rng = np.random.default_rng(5)
+    base = _correct(rng, 1, 200, 0.8)
+    method = np.repeat(base, 3, axis=0)
+    c = image_comparison("revise", "test_acc", method, base[0], method="m", baseline="base model")
+    assert c.n_seeds == 3 and c.difference == 0 and c.ci_low == c.ci_high == 0
+
+
+def test_ece_statistic_equals_metrics_ece_on_all_images():
+    rng = np.random.default_rng(6)
+    n, k = 300, 4
+    probs = rng.dirichlet(np.ones(k) * 0.5, size=(2, n))  # [S, N, K]
+    labels = rng.integers(0, k, n)
+    conf, pred = probs.max(-1), probs.argmax(-1)
+    correct = (pred == labels).astype(float)
+    c = image_comparison("xcr", "clean_ece", correct, correct[::-1], method="a", baseline="b", statistic="ece",
+                         method_confidences=conf, baseline_confidences=conf[::-1], higher_is_better=False, n_boot=200)
+    expected = np.mean([expected_calibration_error(probs[s], labels) for s in range(2)])
+    assert c.method_value == pytest.approx(expected, abs=1e-12)
+    assert c.difference == pytest.approx(0.0, abs=1e-12)
+
+
+def test_image_comparison_bad_input():
     with pytest.raises(CfdebugError, match="paired by seed"):
-        seed_comparison("x", "m", [1, 2], [1], method="a", baseline="b")
+        image_comparison("x", "acc", np.ones((3, 5)), np.ones((2, 5)), method="a", baseline="b")
+    with pytest.raises(CfdebugError, match="finite"):
+        image_comparison("x", "acc", [1.0, float("nan")], [1.0, 0.0], method="a", baseline="b")
+    with pytest.raises(CfdebugError, match="n_boot"):
+        image_comparison("x", "acc", [1.0, 0.0], [1.0, 0.0], method="a", baseline="b", n_boot=5)
+    with pytest.raises(CfdebugError, match="confidences"):
+        image_comparison("x", "ece", [1.0, 0.0], [1.0, 0.0], method="a", baseline="b", statistic="ece")
 
 
 def test_detection_metrics_equal_sklearn_with_ties():
@@ -157,5 +214,5 @@ def test_inputs_not_mutated_and_table_text():
     before = s.copy()
     rows = detection_comparisons({"mc": s}, s[::-1].copy(), err, n_boot=100)
     assert np.array_equal(s, before)
-    text = format_verdicts(rows + [seed_comparison("t", "acc", [0.9], [0.8], method="a", baseline="b")])
+    text = format_verdicts(rows + [image_comparison("t", "acc", [1.0], [0.0], method="a", baseline="b")])
     assert "difference [95% CI]" in text and "indicative" in text and "auroc" in text

@@ -57,6 +57,7 @@ def score_models(
     data,
     device,
     n_bins: int = 15,
+    keep_images: bool = False,
 ) -> dict[tuple[str, int], CalibrationAccumulator]:
     """Every model without and with its temperature on one image set, chunk by chunk.
 
@@ -66,12 +67,13 @@ def score_models(
         chunks: ``(images [n, H, W, 3] uint8, labels [n] int)`` pairs; read once.
         data, device: as in :func:`evaluate_calibration`.
         n_bins: ECE / reliability bins.
+        keep_images: the accumulators also keep each image's terms (paired verdicts need them).
 
     Returns:
         ``{(variant, seed index): CalibrationAccumulator}``, ``variant`` being ``method`` and
         ``method + "+TS"`` (softmax at the fitted temperature; same predictions).
     """
-    out = {(m + ts, s): CalibrationAccumulator(n_bins) for m in models for ts in ("", "+TS") for s in range(len(models[m]))}
+    out = {(m + ts, s): CalibrationAccumulator(n_bins, keep_images=keep_images) for m in models for ts in ("", "+TS") for s in range(len(models[m]))}
     for images, labels in chunks:
         for m, seeds in models.items():
             for s, model in enumerate(seeds):

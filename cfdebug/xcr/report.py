@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..config import config_dict
@@ -27,13 +28,15 @@ from ..runtime import Progress, scaled_progress
 from ..store import jsonable, stable_hash
 from .explanations import TABLE1_MODES, explanation_table
 from .retrain import XCRConfig, counterfactual_retrain, fit_val_temperature, training_masks, vanilla_retrain, xcr_config_from_dict
-from .robustness import check_cifar10c, evaluate_models, table2_results
+from .robustness import check_cifar10c, evaluate_models, per_image_arrays, table2_results
 from .selector import approximator_accuracy, selector_masks, trained_selector
 
-__all__ = ["REPORT_KIND", "report_key", "describe_settings", "run_xcr_report"]
+__all__ = ["REPORT_KIND", "PER_IMAGE_FILE", "report_key", "describe_settings", "run_xcr_report", "per_image_scores"]
 
 REPORT_KIND = "xcr-report"
-REPORT_FORMAT = "xcr-report-v1"
+REPORT_FORMAT = "xcr-report-v2"
+#: Beside ``result.json``: every variant's per-image terms (:func:`per_image_scores`).
+PER_IMAGE_FILE = "per_image.npz"
 
 # Stage boundaries of the progress fraction: Table 1, retraining, evaluation.
 _STAGES = {"table1": (0.0, 0.35), "retrain": (0.35, 0.85), "evaluate": (0.85, 1.0)}
@@ -226,6 +229,8 @@ def run_xcr_report(
 
     stages.enter("evaluate")
     scores = evaluate_models(ws, config, models, temperatures, stages.report, stages.check)
+    variants = [m + ts for m in methods for ts in ("", "+TS")]
+    arrays, sets = per_image_arrays(scores, variants, len(config.seeds))
     result = {
         "table1": table1,
         **table2_results(config, methods, scores, temperatures),
@@ -236,6 +241,7 @@ def run_xcr_report(
         "workspace": {"model": ws.config.model.name, "data": ws.data.name, "n_test": scores["n_test"],
                       "n_corrupt": scores["n_corrupt"], "input_size": ws.data.input_size},
         "settings": describe_settings(config),
+        "per_image": {"file": PER_IMAGE_FILE, "variants": variants, "seeds": list(config.seeds), "sets": sets},
         "seconds": time.perf_counter() - started,
         "cache_hit": False,
     }
@@ -243,5 +249,18 @@ def run_xcr_report(
     with ws.store.writer(REPORT_KIND, key, {"config": config_dict(config), "key_parts": ws.key_parts, "format": REPORT_FORMAT}) as tmp:
         with open(tmp / "result.json", "w") as handle:
             json.dump(result, handle)
+        np.savez_compressed(tmp / PER_IMAGE_FILE, **arrays)
     stages.report(1.0, f"XCR report done in {result['seconds']:.0f} s")
     return result
+
+
+def per_image_scores(ws, config: XCRConfig, result: dict) -> dict[str, np.ndarray]:
+    """The per-image terms of a report made by :func:`run_xcr_report` (cached in the store beside
+    ``result.json``): ``clean_<field>`` ``[V, S, N]`` and ``corrupt_<field>`` ``[V, S, G, Nc]``
+    (fields :data:`~cfdebug.xcr.robustness.IMAGE_FIELDS`, variants and sets as in
+    ``result["per_image"]``)."""
+    path = ws.store.path(REPORT_KIND, report_key(ws, config)) / PER_IMAGE_FILE
+    if "per_image" not in result or not path.is_file():
+        raise CfdebugError(f"Expected the XCR report's per-image scores in {path}, but they are missing; run the report again with use_cache=False.")
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}

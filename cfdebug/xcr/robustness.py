@@ -23,7 +23,10 @@ from ..runtime import Progress
 from .calibration import score_models
 from .images import CHUNK, test_images
 
-__all__ = ["TABLE2_COLUMNS", "check_cifar10c", "corrupted_sets", "evaluate_models", "table2_results"]
+__all__ = ["TABLE2_COLUMNS", "IMAGE_FIELDS", "check_cifar10c", "corrupted_sets", "evaluate_models", "table2_results", "per_image_arrays"]
+
+#: The per-image terms kept for paired verdicts (:func:`per_image_arrays`).
+IMAGE_FIELDS = ("prediction", "correct", "confidence", "nll", "brier")
 
 TABLE2_COLUMNS = ("method", "clean_acc", "corrupt_acc", "clean_ece", "corrupt_ece", "clean_nll", "corrupt_nll", "clean_brier", "corrupt_brier")
 METRICS = ("accuracy", "ece", "nll", "brier")
@@ -108,11 +111,12 @@ def evaluate_models(
 
     Returns:
         ``{"clean": {(variant, s): CalibrationAccumulator}, "corrupted": {(name, severity):
-        {(variant, s): CalibrationAccumulator}}, "n_test", "n_corrupt"}``.
+        {(variant, s): CalibrationAccumulator}}, "n_test", "n_corrupt"}``; the accumulators keep
+        each image's terms (:func:`per_image_arrays`).
     """
     clean_images, clean_labels, _ = test_images(ws)
     chunks = [(clean_images[s : s + CHUNK], clean_labels[s : s + CHUNK]) for s in range(0, len(clean_images), CHUNK)]
-    clean = score_models(models, temperatures, chunks, ws.data, ws.device, config.n_bins)
+    clean = score_models(models, temperatures, chunks, ws.data, ws.device, config.n_bins, keep_images=True)
     del clean_images, chunks
     c_images, c_labels, c_index = test_images(ws, config.max_corrupt_images, config.corruption_seed)
     n_sets = len(config.corruptions) * len(config.severities)
@@ -120,7 +124,7 @@ def evaluate_models(
     for j, (name, severity, chunks) in enumerate(corrupted_sets(ws, config, c_images, c_labels, c_index)):
         if check is not None:
             check()
-        corrupted[(name, severity)] = score_models(models, temperatures, chunks, ws.data, ws.device, config.n_bins)
+        corrupted[(name, severity)] = score_models(models, temperatures, chunks, ws.data, ws.device, config.n_bins, keep_images=True)
         if progress is not None:
             progress((j + 1) / max(n_sets, 1), f"evaluated {name} severity {severity} ({j + 1}/{n_sets})")
     return {"clean": clean, "corrupted": corrupted, "n_test": int(len(clean_labels)), "n_corrupt": int(len(c_labels)) if n_sets else 0}
@@ -180,3 +184,21 @@ def table2_results(config: XCRConfig, methods: Sequence[str], scores: dict, temp
                 row[metric] = float(np.mean([by_key[(method, s)][metric] for s in range(n_seeds)]))
             per_corruption.append(row)
     return {"table2": table2, "per_corruption": per_corruption, "per_seed": per_seed, "reliability": reliability}
+
+
+def per_image_arrays(scores: dict, variants: Sequence[str], n_seeds: int) -> tuple[dict[str, np.ndarray], list[list]]:
+    """Every variant's per-image terms from :func:`evaluate_models`' ``scores``, for paired verdicts.
+
+    Returns ``(arrays, sets)``: ``arrays["clean_<field>"]`` ``[V, S, N]`` and
+    ``arrays["corrupt_<field>"]`` ``[V, S, G, Nc]`` (variant × seed × corrupted set × image;
+    ``G = 0`` without corruptions) for each of :data:`IMAGE_FIELDS`, and ``sets`` the ``[name,
+    severity]`` of each ``G`` index. Variant ``v`` is ``variants[v]``.
+    """
+    sets = [list(key) for key in scores["corrupted"]]
+    arrays = {}
+    for field in IMAGE_FIELDS:
+        arrays[f"clean_{field}"] = np.stack([[scores["clean"][(v, s)].images()[field] for s in range(n_seeds)] for v in variants])
+        per_set = [[[accs[(v, s)].images()[field] for accs in scores["corrupted"].values()] for s in range(n_seeds)] for v in variants]
+        n_c = int(scores.get("n_corrupt") or 0)
+        arrays[f"corrupt_{field}"] = np.asarray(per_set, dtype=np.float64).reshape(len(variants), n_seeds, len(sets), n_c)
+    return arrays, sets
