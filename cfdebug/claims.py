@@ -28,7 +28,9 @@ from .runtime import Progress, scaled_progress
 from .store import jsonable
 from .verdicts import Comparison, accuracy_comparisons, detection_comparisons, format_value, verdict_text
 
-CLAIMS = ("detection", "treatment", "xcr")
+CLAIMS = ("detection", "treatment", "xcr", "revise")
+#: What `report` runs without --claims (revise needs a declaration: a region or filters).
+DEFAULT_CLAIMS = ("detection", "treatment", "xcr")
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_BUDGET = 0.10
 # Agreement scores compared with MSP (higher = more likely correct, like MSP).
@@ -208,21 +210,91 @@ def xcr_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, config=None, *, progress
             "per_seed": result["per_seed"], "settings": result.get("settings")}
 
 
-def run_claims(ws, claims: Sequence[str] = CLAIMS, seeds: Sequence[int] = DEFAULT_SEEDS, *, budget: float = DEFAULT_BUDGET,
+def revise_verdicts(result: dict, labels, classes: Sequence[str], flagged=None) -> list[Comparison]:
+    """A revise method vs its CE control (:func:`~cfdebug.revise.revise_sweep`'s result), paired
+    over seeds and test images (``labels`` [N]): test accuracy and per-class recall; with a region
+    the Grad-CAM share inside it (lower is better) and the accuracy on the wrong-class copy; with the
+    base model's ``flagged`` [N] bool (its review-budget flags) the share of those still wrong."""
+    from .verdicts import image_comparison
+
+    y = np.asarray(labels)
+    method, control = result["method"], result["control"]
+    decl = result["declaration"]
+    name = decl["method"] + (f" (fill {result['fill']})" if result.get("fill") else "")
+    mp = np.array([r["test_predictions"] for r in method])  # [S or 1, N]
+    cp = np.array([r["test_predictions"] for r in control])  # [S, N]
+    out = accuracy_comparisons("revise", mp, cp, y, classes, method=name, baseline="CE control")
+    common = {"method": name, "baseline": "CE control"}
+    if decl.get("region") is not None:
+        out.append(image_comparison("revise", "cam_in_region", [r["cam_share"] for r in method], [r["cam_share"] for r in control],
+                                    higher_is_better=False, **common))
+        wm = np.array([r["wrong_region_predictions"] for r in method])
+        wc = np.array([r["wrong_region_predictions"] for r in control])
+        out.append(image_comparison("revise", "wrong_region_acc", (wm == y).astype(float), (wc == y).astype(float),
+                                    method_predictions=wm, baseline_predictions=wc, **common))
+    if flagged is not None and np.any(flagged):
+        f = np.asarray(flagged, bool)
+        out.append(image_comparison("revise", "flagged_still_wrong", (mp[:, f] != y[f]).astype(float), (cp[:, f] != y[f]).astype(float),
+                                    higher_is_better=False, method_predictions=mp[:, f], baseline_predictions=cp[:, f], **common))
+    return out
+
+
+def revise_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, *, method: str, region=None, filters: Sequence[int] | None = None,
+                 config=None, budget: float = DEFAULT_BUDGET, progress: Progress | None = None, controls: dict | None = None) -> dict:
+    """A revise method vs the same CE control on ``ws``; see :func:`revise_verdicts` (``controls``:
+    control runs shared between methods, :func:`~cfdebug.revise.revise_sweep`)."""
+    from .detect import run_detection
+    from .revise import declare, revise_sweep
+
+    decl = declare(ws, method, region, filters)
+    report = run_detection(ws, progress=scaled_progress(progress, 0.0, 0.05, "detection on the base model: "))
+    scores, _, _ = detection_scores(report)
+    flagged = budget_flags(scores["mc_agreement"], budget)
+    result = revise_sweep(ws, decl, seeds, config, progress=scaled_progress(progress, 0.05, 1.0), controls=controls)
+    comparisons = revise_verdicts(result, ws.data.splits["test"].labels, ws.data.classes, flagged)
+    return {"comparisons": comparisons, **{k: result[k] for k in ("declaration", "config", "fill", "fill_scores")},
+            "summary": revise_summary(result, ws.data.input_size), "flagged": int(flagged.sum()), "budget": budget}
+
+
+def revise_summary(result: dict, input_size: int) -> list[dict]:
+    """One row per model (base, control and method per seed): what chose it and what it does."""
+    from .revise import parse_region
+
+    region = parse_region(result["declaration"].get("region"))
+    share = region.area_share(input_size) if region is not None else None
+    rows = []
+    for part, records in (("base", [result["base"]]), ("control", result["control"]), ("method", result["method"])):
+        for r in records:
+            row = {"model": part, "seed": r.get("seed"), "fill": r.get("fill"), "best_epoch": r.get("best_epoch"),
+                   "cf_val_acc": r.get("val_acc"), "plain_val_acc": r.get("plain_val_acc"), "test_acc": r["test_acc"]}
+            if region is not None:
+                row.update(cam_share=r["cam_share_mean"], cam_over_area=r["cam_share_mean"] / share, wrong_region_acc=r["wrong_region_acc"],
+                           wrong_minus_test=r["wrong_region_acc"] - r["test_acc"])
+            rows.append(row)
+    return rows
+
+
+def run_claims(ws, claims: Sequence[str] = DEFAULT_CLAIMS, seeds: Sequence[int] = DEFAULT_SEEDS, *, budget: float = DEFAULT_BUDGET,
                treatment: TreatmentConfig | None = None, lambdas1: Sequence[float] | None = None,
                lambdas2: Sequence[float] | None = None, xcr=None, n_boot: int = 2000,
-               progress: Progress | None = None) -> dict:
-    """Run ``claims`` on ``ws`` and return ``{"verdicts": [Comparison dicts], <claim>: tables, "seconds"}``."""
+               revise: Sequence[dict] | None = None, progress: Progress | None = None) -> dict:
+    """Run ``claims`` on ``ws`` and return ``{"verdicts": [Comparison dicts], <claim>: tables, "seconds"}``.
+
+    ``revise``: the declarations judged by the ``revise`` claim, each ``{"method", "region",
+    "filters"[, "config"]}`` (:func:`revise_claim`'s arguments)."""
     unknown = [c for c in claims if c not in CLAIMS]
     if unknown or not claims:
         raise CfdebugError(f"Expected `claims` from {', '.join(CLAIMS)}, but got {', '.join(map(str, unknown)) or 'none'}.")
     if not seeds:
         raise CfdebugError("Expected at least one seed, but got none.")
+    if "revise" in claims and not revise:
+        raise CfdebugError("Expected at least one revise method to judge (a method with its --region or --filters), but got none.")
     start, out, verdicts = time.perf_counter(), {}, []
     runners = {
         "detection": lambda p: detection_claim(ws, seeds, budget, n_boot=n_boot, progress=p),
         "treatment": lambda p: treatment_claim(ws, seeds, treatment, lambdas1=lambdas1, lambdas2=lambdas2, progress=p),
         "xcr": lambda p: xcr_claim(ws, seeds, xcr, progress=p),
+        "revise": lambda p: _revise_claims(ws, seeds, revise, budget, p),
     }
     for i, claim in enumerate(claims):
         result = runners[claim](scaled_progress(progress, i / len(claims), (i + 1) / len(claims), f"{claim}: "))
@@ -232,6 +304,18 @@ def run_claims(ws, claims: Sequence[str] = CLAIMS, seeds: Sequence[int] = DEFAUL
     model = {"accuracy": (ws.model_meta or {}).get("accuracy"), "source": (ws.model_meta or {}).get("source")}
     return jsonable({"verdicts": verdicts, **out, "seeds": [int(s) for s in seeds], "claims": list(claims), "model": model,
                      "workspace": config_dict(ws.config), "seconds": time.perf_counter() - start})
+
+
+def _revise_claims(ws, seeds, declarations: Sequence[dict], budget: float, progress) -> dict:
+    """Every declared revise method against the same control (one :func:`revise_claim` each)."""
+    runs, comparisons, controls = [], [], {}
+    for i, d in enumerate(declarations):
+        part = scaled_progress(progress, i / len(declarations), (i + 1) / len(declarations), f"{d['method']}: ")
+        one = revise_claim(ws, seeds, method=d["method"], region=d.get("region"), filters=d.get("filters"), config=d.get("config"),
+                           budget=budget, progress=part, controls=controls)
+        comparisons += one.pop("comparisons")
+        runs.append(one)
+    return {"comparisons": comparisons, "runs": runs}
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ A run's *spec* is the JSON its ``run.json`` holds under ``config`` (:meth:`RunRe
 * ``treat``: ``{"workspace": config_dict(WorkspaceConfig), "treatment": config_dict(TreatmentConfig),
   "lambdas1": [float], "lambdas2": [float], "seeds": [int]}`` (:func:`treat_spec`);
 * ``xcr``: ``{"workspace": config_dict(WorkspaceConfig), "xcr": config_dict(XCRConfig)}`` (:func:`xcr_spec`);
+* ``revise``: ``{"workspace": config_dict(WorkspaceConfig), "revise": config_dict(ReviseConfig),
+  "declaration": {"method", "region", "filters"}, "seeds": [int], "budget": float}`` (:func:`revise_spec`);
 * ``prepare``: ``{"workspace": config_dict(WorkspaceConfig), "train": bool, "through": stage, "key": str}``
   (:func:`prepare_spec`): open the workspace (training its model when needed, or when ``train``),
   then make the cached artifacts the dashboard's pages read, up to ``through``.
@@ -46,10 +48,12 @@ __all__ = [
     "run_treat_job",
     "run_xcr_job",
     "run_prepare_job",
+    "revise_spec",
+    "run_revise_job",
     "prediction_changes",
 ]
 
-RUN_KINDS = ("treat", "xcr", "prepare")
+RUN_KINDS = ("treat", "xcr", "revise", "prepare")
 
 
 def treat_spec(workspace: WorkspaceConfig, treatment: TreatmentConfig, lambdas1: Sequence[float], lambdas2: Sequence[float], seeds: Sequence[int]) -> dict:
@@ -271,6 +275,78 @@ def run_xcr_job(
         ws = Workspace(ws_config, progress)
         result = run_xcr_report(ws, config, progress, registry, run_id)
         registry.set_result(run_id, result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# revise
+# --------------------------------------------------------------------------------------------
+
+
+def revise_spec(workspace: WorkspaceConfig, config, declaration: dict, seeds: Sequence[int], budget: float = 0.1) -> dict:
+    """The spec of a revise run: ``declaration`` (``{"method", "region", "filters"}``, what is not
+    evidence) fine-tuned with ``config`` (:class:`~cfdebug.config.ReviseConfig`) against the CE
+    control, for every seed; ``budget`` the review budget whose flags are counted."""
+    seeds = [int(v) for v in seeds]
+    if not seeds:
+        raise CfdebugError("Expected at least one seed, but got none.")
+    known = {"method", "region", "filters"}
+    if not isinstance(declaration, dict) or "method" not in declaration or set(declaration) - known:
+        raise CfdebugError(f"Expected the declaration as {{'method', 'region', 'filters'}}, but got {declaration!r}.")
+    return {"workspace": config_dict(workspace), "revise": config_dict(config), "declaration": dict(declaration),
+            "seeds": seeds, "budget": float(budget)}
+
+
+def _parse_revise_spec(spec: dict):
+    from .config import ReviseConfig
+
+    try:
+        return (workspace_config_from_dict(spec["workspace"]), ReviseConfig(**spec["revise"]), dict(spec["declaration"]),
+                [int(s) for s in spec["seeds"]], float(spec.get("budget", 0.1)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CfdebugError(f"The run config is not a revise config ({exc}). Start a new run instead.") from None
+
+
+def run_revise_job(spec: dict, *, registry=None, run_id: str | None = None, progress: Progress | None = None,
+                   on_start: Callable[[str, object], None] | None = None) -> dict | None:
+    """Run a revise spec (:func:`revise_spec`) as a registry run: the CE control and the method
+    for every seed (:func:`~cfdebug.revise.revise_sweep`, checkpoints in the run folder, so a
+    relaunch resumes), then the verdicts (:func:`~cfdebug.claims.revise_verdicts`).
+
+    Returns the sweep's result plus ``run_id``, ``classes``, ``labels`` (test), ``flagged`` (the
+    base model's review-budget flags, test indices), ``verdicts`` and ``summary``; stored in the
+    registry. ``None`` when the run was cancelled (the registry records it).
+    """
+    from .claims import budget_flags, detection_scores, revise_summary, revise_verdicts
+    from .detect import run_detection
+    from .revise import declare, revise_sweep
+    from .runs import RunCancelled, RunRegistry, run_context
+    from .runtime import scaled_progress
+    from .workspace import Workspace
+
+    ws_config, config, declaration, seeds, budget = _parse_revise_spec(spec)
+    registry = registry if registry is not None else RunRegistry(ws_config.workdir)
+    if run_id is None:
+        run_id = registry.create("revise", spec).run_id
+    result = None  # stays None when the run is cancelled (run_context records it and returns)
+    try:
+        with run_context(registry, run_id):
+            ws = Workspace(ws_config, scaled_progress(progress, 0.0, 1.0, "training: "))
+            decl = declare(ws, declaration["method"], declaration.get("region"), declaration.get("filters"))
+            if on_start is not None:
+                on_start(run_id, ws)
+            report = run_detection(ws, progress=scaled_progress(progress, 0.0, 0.05, "detection on the base model: "))
+            flagged = budget_flags(detection_scores(report)[0]["mc_agreement"], budget)
+            result = revise_sweep(ws, decl, seeds, config, run_dir=registry.run_dir(run_id), registry=registry, run_id=run_id,
+                                  progress=scaled_progress(progress, 0.05, 1.0, "revise: "))
+            labels = ws.data.splits["test"].labels
+            verdicts = [c.as_dict() for c in revise_verdicts(result, labels, ws.data.classes, flagged)]
+            result = {"run_id": run_id, "classes": list(ws.data.classes), "labels": [int(v) for v in labels],
+                      "flagged": np.flatnonzero(flagged).tolist(), "budget": budget, "verdicts": verdicts,
+                      "summary": revise_summary(result, ws.data.input_size), **result}
+            registry.set_result(run_id, result)
+    except RunCancelled:
+        return None
     return result
 
 

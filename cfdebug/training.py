@@ -888,7 +888,7 @@ def _finetune_batches(bundle, config, ddp: bool) -> Callable[[int], Iterable]:
     return batches
 
 
-def _finetune_stage(workspace, config, model: nn.Module, names: list[str], params: list, loss_fn, batch_transform) -> Stage:
+def _finetune_stage(workspace, config, model: nn.Module, names: list[str], params: list, loss_fn, batch_transform, evaluate=None) -> Stage:
     """The fine-tuning stage: forward with the target map captured, ``g(x)``, dropout, pooled head,
     ``loss_fn``; under DDP the global-batch BatchNorm, dropout mask and the DDP wrapper."""
     device, bundle, target = torch.device(workspace.device), workspace.data, workspace.target
@@ -946,7 +946,7 @@ def _finetune_stage(workspace, config, model: nn.Module, names: list[str], param
 
     return Stage(
         name="fine-tuning", model=model, optimizer=optimizer, batches=_finetune_batches(bundle, config, ddp), step=step,
-        evaluate=lambda: evaluate_splits(model, bundle, device),
+        evaluate=(lambda: evaluate(model)) if evaluate is not None else (lambda: evaluate_splits(model, bundle, device)),
         # Best validation accuracy; a tie (common on a small validation split) goes to the lower
         # validation loss, then to the earlier epoch. The test split never enters this choice.
         score=lambda row: (row["val_acc"], -row["val_loss"]),
@@ -961,6 +961,7 @@ def finetune(
     *,
     loss_fn: Callable[[FinetuneBatch], dict[str, torch.Tensor]] | None = None,
     batch_transform: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
     fingerprint: dict | None = None,
@@ -989,6 +990,11 @@ def finetune(
     The history rows (:func:`run_epochs`) hold the mean of each term over the epoch's batches,
     eval-mode accuracies on the whole splits and ``tag``.
 
+    ``evaluate(model)`` replaces the epoch's evaluation (default :func:`evaluate_splits`): it returns
+    ``train_acc``, ``val_acc``, ``val_loss`` and ``test_acc`` (the test split logged, never chosen on)
+    and any extras; the revise methods score ``val_acc`` on the validation split with the user's
+    intervention applied (counterfactual validation).
+
     Checkpoints, resume, divergence, cancel: as in :func:`run_epochs`; resuming is refused if the
     stored config, base model, target, data or ``fingerprint`` differ. The data order of epoch
     ``e`` comes from a hash of ``(config.seed, e)``.
@@ -1005,7 +1011,7 @@ def finetune(
     params = _prepare(model, names)
     if not params:
         raise CfdebugError(f"The modules {names} have no parameters to fine-tune; choose another `trainable`.")
-    stage = _finetune_stage(workspace, config, model, names, params, loss_fn or cross_entropy_loss, batch_transform)
+    stage = _finetune_stage(workspace, config, model, names, params, loss_fn or cross_entropy_loss, batch_transform, evaluate)
     identity = {
         "kind": type(config).__name__,
         "config": config_dict(config),

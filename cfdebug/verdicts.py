@@ -215,7 +215,8 @@ def image_comparison(
         method_values / baseline_values: ``[S, N]`` (or ``[N]`` for one seed) per-image values of
             the same ``N`` test images, row ``s`` of both from seed ``s``: 1/0 for right/wrong
             (accuracy, a class's recall on that class's images), a per-image NLL or Brier score.
-            A baseline with one row (a base model with no seed) is paired with every method row.
+            An arm with one row (a base model, an edit with no training) is paired with every
+            row of the other.
             ``[S, G, N]``: ``G`` sets of the same images per seed (corrupted copies), the statistic
             being the mean over the sets.
         statistic: ``"mean"`` (accuracy, recall, NLL, Brier) or ``"ece"`` (the values are then 1/0
@@ -239,18 +240,19 @@ def image_comparison(
         groups = False
     elif statistic == "ece" and not groups:
         m, b = m[:, None], b[:, None]
-    if b.shape[1:] != m.shape[1:] or (len(b) not in (1, len(m))):
+    if b.shape[1:] != m.shape[1:] or (len(b) != len(m) and 1 not in (len(b), len(m))):
         raise CfdebugError(
             f"Expected the baseline's values of shape [{len(m)} or 1, {m.shape[1]}] like the method's (paired by seed "
             f"and image), but got {list(b.shape)} and {list(m.shape)}."
         )
-    b = np.broadcast_to(b, m.shape)
+    shape = (max(len(m), len(b)), *m.shape[1:])  # one arm without seeds (a base model, an edit) pairs with every seed
+    m, b = np.broadcast_to(m, shape), np.broadcast_to(b, shape)
     mc = bc = None
     if statistic == "ece":
         if method_confidences is None or baseline_confidences is None:
             raise CfdebugError("Expected `method_confidences` and `baseline_confidences` for the ECE statistic, but got none.")
-        mc = _as_rows(method_confidences, "method_confidences", groups).reshape(m.shape)
-        bc = np.broadcast_to(_as_rows(baseline_confidences, "baseline_confidences", groups).reshape((-1, *m.shape[1:])), b.shape)
+        mc = np.broadcast_to(_as_rows(method_confidences, "method_confidences", groups).reshape((-1, *m.shape[1:])), shape)
+        bc = np.broadcast_to(_as_rows(baseline_confidences, "baseline_confidences", groups).reshape((-1, *m.shape[1:])), shape)
     s_count, n = m.shape[0], m.shape[-1]
     full = np.ones((1, n))
     m_full = _statistic(m, full, statistic, mc, n_bins)[:, 0]  # [S]
@@ -326,7 +328,7 @@ def _changes(method_predictions, baseline_predictions, shape, same_values: bool)
     """``(mean changed predictions per seed, note)`` for :func:`image_comparison`."""
     if method_predictions is None or baseline_predictions is None:
         return None, ("identical per-image values: the method changed nothing measurable here" if same_values else None)
-    mp = np.asarray(method_predictions).reshape(shape)
+    mp = np.broadcast_to(np.asarray(method_predictions).reshape((-1, shape[1])), shape)
     bp = np.broadcast_to(np.asarray(baseline_predictions).reshape((-1, shape[1])), shape)
     changed = float((mp != bp).sum(1).mean())
     if changed == 0:
