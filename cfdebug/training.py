@@ -938,7 +938,8 @@ def _finetune_stage(workspace, config, model: nn.Module, names: list[str], param
         else:
             logits = pooled_head(dropout(pooled))
         terms = loss_fn(FinetuneBatch(images, labels, indices, logits, pooled, epoch, index, rank=rank, world_size=world))
-        return StepOutput(terms, len(labels))
+        # The running training accuracy (train mode): the row's train_acc when `evaluate` reports none.
+        return StepOutput(terms, len(labels), int((logits.detach().argmax(1) == labels).sum()))
 
     def train_mode() -> None:
         _set_train_mode(model, names)
@@ -991,9 +992,10 @@ def finetune(
     eval-mode accuracies on the whole splits and ``tag``.
 
     ``evaluate(model)`` replaces the epoch's evaluation (default :func:`evaluate_splits`): it returns
-    ``train_acc``, ``val_acc``, ``val_loss`` and ``test_acc`` (the test split logged, never chosen on)
-    and any extras; the revise methods score ``val_acc`` on the validation split with the user's
-    intervention applied (counterfactual validation).
+    ``val_acc``, ``val_loss`` and ``test_acc`` (the test split logged, never chosen on), optionally
+    ``train_acc`` (else the running accuracy over the epoch's batches is logged) and any extras;
+    the revise methods score ``val_acc`` on the validation split with the user's intervention
+    applied (counterfactual validation).
 
     Checkpoints, resume, divergence, cancel: as in :func:`run_epochs`; resuming is refused if the
     stored config, base model, target, data or ``fingerprint`` differ. The data order of epoch

@@ -29,7 +29,7 @@ from ..errors import CfdebugError
 #: The fills a region counterfactual can use; ``auto`` chooses among them on counterfactual validation.
 FILLS = ("colour", "noise", "other-class")
 
-__all__ = ["FILLS", "Region", "parse_region", "fill_region", "wrong_class_region"]
+__all__ = ["FILLS", "Region", "parse_region", "fill_region", "wrong_class_region", "hot_spot"]
 
 
 @dataclass(frozen=True)
@@ -158,3 +158,23 @@ def wrong_class_region(images: torch.Tensor, labels: torch.Tensor, donors: torch
             donors[pick.to(donors.device)][:, :, region.rows, region.cols].to(images.device, images.dtype)
         )
     return out
+
+
+def hot_spot(error_maps: np.ndarray, correct_maps: np.ndarray, side: int | None = None) -> Region:
+    """The square the model looks at on its errors more than on its correct predictions: the
+    ``side``×``side`` window (default a fifth of the image) with the largest summed difference of
+    the mean Grad-CAM maps, errors ``[E, H, W]`` minus correct ``[M, H, W]`` (both in [0, 1]).
+
+    A shortcut draws attention on the errors it causes; looking where the errors look *more*
+    (not where they look most, which on a digit is the digit) proposes its place.
+    """
+    e, c = np.asarray(error_maps, np.float64), np.asarray(correct_maps, np.float64)
+    if e.ndim != 3 or c.ndim != 3 or e.shape[1:] != c.shape[1:] or not len(e) or not len(c):
+        raise CfdebugError(f"Expected error and correct maps of shape [n, H, W] with n >= 1, but got {e.shape} and {c.shape}.")
+    h, w = e.shape[1:]
+    side = max(1, min(h, w, int(round(min(h, w) / 5)) if side is None else int(side)))
+    diff = e.mean(0) - c.mean(0)  # [H, W]
+    total = np.pad(diff.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # summed-area table
+    sums = total[side:, side:] - total[:-side, side:] - total[side:, :-side] + total[:-side, :-side]  # [H-side+1, W-side+1]
+    y, x = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return Region(int(x), int(y), int(x) + side, int(y) + side)
