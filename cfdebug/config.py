@@ -555,14 +555,14 @@ class ReviseConfig(FinetuneConfig):
     ``jitter/2``, random greyscale with probability ``jitter/2``).
     """
 
-    epochs: int = 5
+    epochs: int = 10
     lr: float = 1e-3
     optimizer: str = "adam"
     trainable: str = "all"
     fill: str = "auto"
-    rrr_lambda: float = 10.0
-    filter_lambda: float = 1e-2
-    lambda1: float = 1e-3
+    rrr_lambda: float = 1.0
+    filter_lambda: float = 1e-3
+    lambda1: float = 0.0
     jitter: float = 1.0
 
     def __post_init__(self):
