@@ -617,7 +617,7 @@ def test_sixteen_bit_images_are_scaled_to_eight_bits(cli, tmp_path):
 
 # ------------------------------------------------------------------------------ NaN CFE heads
 def test_detect_never_caches_nan_heads(cli, tmp_path, monkeypatch):
-    import cfdebug.cfe as cfe
+    import cfdebug.cfe.cache as cfe  # where mc_heads looks the fit up
 
     real_fit = cfe.fit_mc_heads
 
