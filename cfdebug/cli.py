@@ -10,17 +10,58 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 
-from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, TreatmentConfig, WorkspaceConfig, default_workdir, for_cli, rename_fields
+from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig, default_workdir
 from .errors import CfdebugError
-from .runtime import DEVICE_CHOICES
 from .serve import DEFAULT_HOST, DEFAULT_PORT
 from .store import write_text_atomic
 
 EPILOG = "Defaults to the embedded demo (demo-cnn on biased-digits). Docs: README.md."
+
+#: The flag of each workspace config field (as library messages name it), for :func:`for_cli`.
+#: Fields without a flag (``train.batch_size``, ``extract.num_workers``, …) are left as named.
+CLI_FLAGS: dict[str, str] = {
+    "model.name": "--model",
+    "model.weights": "--weights",
+    "model.layer": "--layer",
+    "data.source": "--data",
+    "data.format": "--format",
+    "data.input_size": "--input-size",
+    "data.mean": "--mean",
+    "data.std": "--std",
+    "data.bias": "--bias",
+    "data.val_fraction": "--val-fraction",
+    "data.seed": "--data-seed",
+    "train.epochs": "--epochs",
+    "train.lr": "--lr",
+    "train.seed": "--seed",
+    "extract.batch_size": "--batch-size",
+    "device": "--device",
+    "workdir": "--workdir",
+}
+
+
+def flag_for(field_name: str) -> str | None:
+    """The CLI flag that sets config field ``field_name`` (``"data.input_size"`` → ``"--input-size"``), or None."""
+    return CLI_FLAGS.get(field_name)
+
+
+def rename_fields(message: str, names: dict[str, str]) -> str:
+    """``message`` with every backquoted field name in ``names`` replaced by its entry.
+
+    Library messages name config fields (``Expected `data.val_fraction` to be in [0, 1), …``);
+    the CLI shows its flags instead (:func:`for_cli`), the dashboard its widget labels.
+    """
+    return re.sub(r"`([A-Za-z_][\w.]*)`", lambda m: f"`{names.get(m.group(1), m.group(1))}`", message)
+
+
+def for_cli(message: str) -> str:
+    """``message`` with config field names replaced by the CLI flags that set them (:data:`CLI_FLAGS`)."""
+    return rename_fields(message, CLI_FLAGS)
 
 
 def _floats3(text: str) -> tuple[float, float, float]:
@@ -34,6 +75,8 @@ def _floats3(text: str) -> tuple[float, float, float]:
 
 
 def _workspace_parent() -> argparse.ArgumentParser:
+    from .runtime import DEVICE_CHOICES  # imports torch: not at module level (the dashboard imports CLI_FLAGS)
+
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("workspace (model, data, device)")
     g.add_argument("--model", default="demo-cnn", help="demo-cnn or a torchvision builder name (resnet18, vgg16, …); default: demo-cnn")

@@ -9,7 +9,8 @@ import streamlit as st
 from cfdebug.claims import pair_runs, treatment_verdicts
 from cfdebug.ui import verdicts as verdict_ui
 from cfdebug import ui, viz
-from cfdebug.config import TREATMENT_LAMBDA1_GRID, TREATMENT_LAMBDA2_GRID, TREATMENT_LR_GRID, TreatmentConfig
+from cfdebug.config import TreatmentConfig
+from cfdebug.ui.choices import TREATMENT_LAMBDA1_GRID, TREATMENT_LAMBDA2_GRID, TREATMENT_LR_GRID
 from cfdebug.runs import cancel
 from cfdebug.ui import treatment as tui
 from cfdebug.ui.access import read_only, read_only_notice
