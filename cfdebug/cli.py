@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, WorkspaceConfig, default_workdir
+from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, TreatmentConfig, WorkspaceConfig, default_workdir
 from .errors import CfdebugError
 from .serve import DEFAULT_HOST, DEFAULT_PORT
 from .store import write_text_atomic
@@ -277,29 +277,22 @@ def _ints(text: str, name: str) -> list[int]:
 
 def treat_run_config(args) -> dict:
     """The spec a treatment run is started from (also what the dashboard writes to run.json)."""
+    from .config import TreatmentSchedule
     from .jobs import treat_spec
-    from .treatment import TreatmentConfig
 
     l1, l2, seeds = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2"), _ints(args.seeds, "--seeds")
-    for name, values in (("--lambda1", l1), ("--lambda2", l2)):
-        bad = [v for v in values if not 0.0 <= v <= 1.0]
-        if bad:
-            raise CfdebugError(f"Expected every `{name}` value to be in [0, 1], but got {bad[0]:g}.")
-    if not (l1 and l2 and seeds):
-        raise CfdebugError("Expected at least one value each for --lambda1, --lambda2 and --seeds.")
+    workspace = workspace_config(args)
     try:
-        treatment = TreatmentConfig(
-            lambda1=l1[0], lambda2=l2[0], epochs=args.treat_epochs, lr=args.treat_lr, seed=seeds[0],
-            batch_size=args.treat_batch_size, trainable=args.trainable,
-        )
+        schedule = TreatmentSchedule(epochs=args.treat_epochs, lr=args.treat_lr, seed=seeds[0] if seeds else 0,
+                                     batch_size=args.treat_batch_size, trainable=args.trainable)
+        return treat_spec(workspace, schedule, l1, l2, seeds)
     except CfdebugError as exc:
         raise CfdebugError(rename_fields(str(exc), TREAT_FLAGS)) from None
-    return treat_spec(workspace_config(args), treatment, l1, l2, seeds)
 
 
-#: The treat flag of each :class:`TreatmentConfig` field (its messages name the fields).
+#: The treat flag of each :class:`TreatmentSchedule` field and treat-spec grid (their messages name them).
 TREAT_FLAGS = {"epochs": "--treat-epochs", "lr": "--treat-lr", "batch_size": "--treat-batch-size", "trainable": "--trainable",
-               "lambda1": "--lambda1", "lambda2": "--lambda2", "seed": "--seeds"}
+               "seed": "--seeds", "lambdas1": "--lambda1", "lambdas2": "--lambda2", "seeds": "--seeds"}
 
 
 def print_table2(result: dict, model: str) -> None:
@@ -452,7 +445,7 @@ def _locked(path):
 def cmd_report(args) -> dict:
     """Every chosen claim on one workspace, each method vs its baseline with a 95% interval and a verdict."""
     from .claims import CLAIMS, model_line, replace_marked_section, report_markdown, run_claims, verdicts_markdown
-    from .config import TreatmentConfig
+    from .config import TreatmentSchedule
     from .data.corruptions import CORRUPTIONS
     from .runtime import fixed_threads
     from .verdicts import format_verdicts
@@ -468,7 +461,7 @@ def cmd_report(args) -> dict:
     with fixed_threads(args.threads, deterministic=False):
         ws = _open_workspace(args)
         lambdas1, lambdas2 = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2")
-        treatment = TreatmentConfig(lambda1=lambdas1[0], lambda2=lambdas2[0], epochs=args.treat_epochs)
+        treatment = TreatmentSchedule(epochs=args.treat_epochs)
         xcr = override_xcr_config(
             default_xcr_config(ws.config), selector_epochs=args.selector_epochs, epochs=args.xcr_epochs,
             corruptions=_csv_list(args.corruptions, "--corruptions", str, CORRUPTIONS),

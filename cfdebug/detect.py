@@ -61,7 +61,7 @@ from .config import DETECT_ROWS as ROWS
 from .config import DetectConfig, MCFilterConfig, check_fraction, check_int  # noqa: F401
 from .errors import CfdebugError
 from .runtime import Progress, scaled_progress
-from .mcfilters import GlobalFilters, global_mc_filters, global_sets
+from .mcfilters import GlobalFilters, detection_sets, global_mc_filters
 from .store import jsonable, stable_hash
 
 ROW_LABELS = {"avg_recall": "Avg. Recall", "avg_f1": "Avg. F1 score", "recall_cut": "Recall <{cut:g}"}
@@ -243,8 +243,8 @@ def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: 
     tr_local = predict_masks(heads, tr.features, tr_pred)  # [N_train, C]
     te_local = predict_masks(heads, te.features, te_pred)  # [N_test, C]
 
-    sets_main = global_sets(filters.histogram, config.freq_threshold)
-    sets_cut = global_sets(filters.histogram, config.recall_cut_freq_threshold)
+    sets_main = detection_sets(filters.histogram, config.freq_threshold)
+    sets_cut = detection_sets(filters.histogram, config.recall_cut_freq_threshold)
     tr_main, te_main = agreement(tr_local, tr_pred, sets_main), agreement(te_local, te_pred, sets_main)
     te_cut = agreement(te_local, te_pred, sets_cut)
 

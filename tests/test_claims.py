@@ -42,10 +42,10 @@ def test_run_claims_refuses_unknown_claims_and_no_seeds():
 
 @pytest.mark.slow
 def test_detection_and_treatment_claims_on_the_demo(demo_workspace):
-    from cfdebug.config import TreatmentConfig
+    from cfdebug.config import TreatmentSchedule
 
     out = run_claims(demo_workspace, ["detection", "treatment"], [0, 1], n_boot=200,
-                     treatment=TreatmentConfig(epochs=1))
+                     treatment=TreatmentSchedule(epochs=1))
     rows = out["verdicts"]
     keys = {"claim", "metric", "baseline", "baseline_value", "method_value", "difference", "ci_low", "ci_high", "n_seeds", "verdict"}
     assert rows and all(keys <= set(r) for r in rows)

@@ -15,7 +15,7 @@ This package must not import torch: the dashboard imports it.
 
 from .checks import check_choice, check_fraction, check_int, check_real, check_section, check_sequence, check_text, config_dict
 from .detection import DETECT_METRICS, DETECT_ROWS, CFEConfig, DetectConfig, MCFilterConfig
-from .treatment import OPTIMIZER_CHOICES, TRAINABLE_CHOICES, FinetuneConfig, TreatmentConfig, TreatmentSchedule, check_schedule
+from .treatment import OPTIMIZER_CHOICES, TRAINABLE_CHOICES, FinetuneConfig, TreatmentConfig, TreatmentSchedule, check_schedule, check_sweep_schedule
 from .workspace import (
     BED_TRAIN_EPOCHS,
     DATA_FORMATS,
@@ -49,7 +49,7 @@ from .xcr import (
 __all__ = [
     # validators and the JSON form
     "check_choice", "check_fraction", "check_int", "check_real", "check_schedule", "check_section", "check_sequence",
-    "check_text", "config_dict",
+    "check_sweep_schedule", "check_text", "config_dict",
     # workspace
     "BED_TRAIN_EPOCHS", "DATA_FORMATS", "DEFAULT_TRAIN_EPOCHS", "DEMO_DATASETS", "MAX_INPUT_SIZE", "DataConfig", "ExtractConfig",
     "ModelConfig", "TrainConfig", "WorkspaceConfig", "default_workdir", "workspace_config_from_dict",

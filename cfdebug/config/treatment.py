@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ..errors import CfdebugError
 from .checks import check_choice, check_int, check_real
 
 # Fine-tuning (cfdebug.treatment, cfdebug.xcr.retrain): which parameters train, and how.
@@ -100,3 +101,14 @@ class TreatmentConfig(TreatmentSchedule):
     def schedule(self) -> TreatmentSchedule:
         """This run's schedule, without the loss weights."""
         return TreatmentSchedule(**{f.name: getattr(self, f.name) for f in fields(TreatmentSchedule)})
+
+
+def check_sweep_schedule(schedule) -> TreatmentSchedule:
+    """``schedule`` if it is a :class:`TreatmentSchedule` without loss weights; a sweep's weights
+    live in its grids only, so a :class:`TreatmentConfig` (which holds one pair) is refused."""
+    if isinstance(schedule, TreatmentConfig) or not isinstance(schedule, TreatmentSchedule):
+        raise CfdebugError(
+            f"Expected the sweep's schedule as a TreatmentSchedule (its runs' λ1 and λ2 come from `lambdas1` and "
+            f"`lambdas2`), but got a {type(schedule).__name__}; pass `config.schedule` for a TreatmentConfig."
+        )
+    return schedule
