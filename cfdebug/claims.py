@@ -246,7 +246,7 @@ HEADLINE_ROWS = {
 }
 
 
-def is_headline(row: dict) -> bool:
+def _is_headline(row: dict) -> bool:
     """True for the few rows that summarise each claim (:data:`HEADLINE_ROWS`)."""
     return (row["claim"], row["method"], row["metric"]) in HEADLINE_ROWS or (row["claim"], None, row["metric"]) in HEADLINE_ROWS
 
@@ -256,7 +256,7 @@ def verdicts_markdown(verdicts: Sequence[dict], headline_only: bool = False) -> 
     lines = ["| claim | metric | method | baseline | method value | baseline value | difference [95% CI] | paired by | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in verdicts:
-        if headline_only and not is_headline(r):
+        if headline_only and not _is_headline(r):
             continue
         ci = f"{format_value(r['difference'], signed=True)} [{format_value(r['ci_low'], signed=True)}, {format_value(r['ci_high'], signed=True)}]"
         paired = f"{r['n_seeds']} seed{'s' if r['n_seeds'] != 1 else ''}" + (f" × {r['n_images']} images" if r.get("n_images") else "")

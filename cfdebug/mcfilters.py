@@ -243,7 +243,6 @@ __all__ = [
     "GlobalFilters",
     "MCFilterConfig",
     "accumulate_global_filters",
-    "check_fraction",
     "filters_key",
     "global_mc_filters",
     "detection_sets",
