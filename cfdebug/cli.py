@@ -10,17 +10,58 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 
-from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, TreatmentConfig, WorkspaceConfig, default_workdir, for_cli, rename_fields
+from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, TreatmentConfig, WorkspaceConfig, default_workdir
 from .errors import CfdebugError
-from .runtime import DEVICE_CHOICES
 from .serve import DEFAULT_HOST, DEFAULT_PORT
 from .store import write_text_atomic
 
 EPILOG = "Defaults to the embedded demo (demo-cnn on biased-digits). Docs: README.md."
+
+#: The flag of each workspace config field (as library messages name it), for :func:`for_cli`.
+#: Fields without a flag (``train.batch_size``, ``extract.num_workers``, …) are left as named.
+CLI_FLAGS: dict[str, str] = {
+    "model.name": "--model",
+    "model.weights": "--weights",
+    "model.layer": "--layer",
+    "data.source": "--data",
+    "data.format": "--format",
+    "data.input_size": "--input-size",
+    "data.mean": "--mean",
+    "data.std": "--std",
+    "data.bias": "--bias",
+    "data.val_fraction": "--val-fraction",
+    "data.seed": "--data-seed",
+    "train.epochs": "--epochs",
+    "train.lr": "--lr",
+    "train.seed": "--seed",
+    "extract.batch_size": "--batch-size",
+    "device": "--device",
+    "workdir": "--workdir",
+}
+
+
+def flag_for(field_name: str) -> str | None:
+    """The CLI flag that sets config field ``field_name`` (``"data.input_size"`` → ``"--input-size"``), or None."""
+    return CLI_FLAGS.get(field_name)
+
+
+def rename_fields(message: str, names: dict[str, str]) -> str:
+    """``message`` with every backquoted field name in ``names`` replaced by its entry.
+
+    Library messages name config fields (``Expected `data.val_fraction` to be in [0, 1), …``);
+    the CLI shows its flags instead (:func:`for_cli`), the dashboard its widget labels.
+    """
+    return re.sub(r"`([A-Za-z_][\w.]*)`", lambda m: f"`{names.get(m.group(1), m.group(1))}`", message)
+
+
+def for_cli(message: str) -> str:
+    """``message`` with config field names replaced by the CLI flags that set them (:data:`CLI_FLAGS`)."""
+    return rename_fields(message, CLI_FLAGS)
 
 
 def _floats3(text: str) -> tuple[float, float, float]:
@@ -34,6 +75,8 @@ def _floats3(text: str) -> tuple[float, float, float]:
 
 
 def _workspace_parent() -> argparse.ArgumentParser:
+    from .runtime import DEVICE_CHOICES  # imports torch: not at module level (the dashboard imports CLI_FLAGS)
+
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("workspace (model, data, device)")
     g.add_argument("--model", default="demo-cnn", help="demo-cnn or a torchvision builder name (resnet18, vgg16, …); default: demo-cnn")
@@ -234,29 +277,22 @@ def _ints(text: str, name: str) -> list[int]:
 
 def treat_run_config(args) -> dict:
     """The spec a treatment run is started from (also what the dashboard writes to run.json)."""
+    from .config import TreatmentSchedule
     from .jobs import treat_spec
-    from .treatment import TreatmentConfig
 
     l1, l2, seeds = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2"), _ints(args.seeds, "--seeds")
-    for name, values in (("--lambda1", l1), ("--lambda2", l2)):
-        bad = [v for v in values if not 0.0 <= v <= 1.0]
-        if bad:
-            raise CfdebugError(f"Expected every `{name}` value to be in [0, 1], but got {bad[0]:g}.")
-    if not (l1 and l2 and seeds):
-        raise CfdebugError("Expected at least one value each for --lambda1, --lambda2 and --seeds.")
+    workspace = workspace_config(args)
     try:
-        treatment = TreatmentConfig(
-            lambda1=l1[0], lambda2=l2[0], epochs=args.treat_epochs, lr=args.treat_lr, seed=seeds[0],
-            batch_size=args.treat_batch_size, trainable=args.trainable,
-        )
+        schedule = TreatmentSchedule(epochs=args.treat_epochs, lr=args.treat_lr, seed=seeds[0] if seeds else 0,
+                                     batch_size=args.treat_batch_size, trainable=args.trainable)
+        return treat_spec(workspace, schedule, l1, l2, seeds)
     except CfdebugError as exc:
         raise CfdebugError(rename_fields(str(exc), TREAT_FLAGS)) from None
-    return treat_spec(workspace_config(args), treatment, l1, l2, seeds)
 
 
-#: The treat flag of each :class:`TreatmentConfig` field (its messages name the fields).
+#: The treat flag of each :class:`TreatmentSchedule` field and treat-spec grid (their messages name them).
 TREAT_FLAGS = {"epochs": "--treat-epochs", "lr": "--treat-lr", "batch_size": "--treat-batch-size", "trainable": "--trainable",
-               "lambda1": "--lambda1", "lambda2": "--lambda2", "seed": "--seeds"}
+               "seed": "--seeds", "lambdas1": "--lambda1", "lambdas2": "--lambda2", "seeds": "--seeds"}
 
 
 def print_table2(result: dict, model: str) -> None:
@@ -409,7 +445,7 @@ def _locked(path):
 def cmd_report(args) -> dict:
     """Every chosen claim on one workspace, each method vs its baseline with a 95% interval and a verdict."""
     from .claims import CLAIMS, model_line, replace_marked_section, report_markdown, run_claims, verdicts_markdown
-    from .config import TreatmentConfig
+    from .config import TreatmentSchedule
     from .data.corruptions import CORRUPTIONS
     from .runtime import fixed_threads
     from .verdicts import format_verdicts
@@ -425,7 +461,7 @@ def cmd_report(args) -> dict:
     with fixed_threads(args.threads, deterministic=False):
         ws = _open_workspace(args)
         lambdas1, lambdas2 = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2")
-        treatment = TreatmentConfig(lambda1=lambdas1[0], lambda2=lambdas2[0], epochs=args.treat_epochs)
+        treatment = TreatmentSchedule(epochs=args.treat_epochs)
         xcr = override_xcr_config(
             default_xcr_config(ws.config), selector_epochs=args.selector_epochs, epochs=args.xcr_epochs,
             corruptions=_csv_list(args.corruptions, "--corruptions", str, CORRUPTIONS),

@@ -2,8 +2,9 @@
 
 A run's *spec* is the JSON its ``run.json`` holds under ``config`` (:meth:`RunRegistry.create`):
 
-* ``treat``: ``{"workspace": config_dict(WorkspaceConfig), "treatment": config_dict(TreatmentConfig),
-  "lambdas1": [float], "lambdas2": [float], "seeds": [int]}`` (:func:`treat_spec`);
+* ``treat``: ``{"workspace": config_dict(WorkspaceConfig), "treatment": config_dict(TreatmentSchedule),
+  "lambdas1": [float], "lambdas2": [float], "seeds": [int]}`` (:func:`treat_spec`): the loss weights
+  live in the grids only;
 * ``xcr``: ``{"workspace": config_dict(WorkspaceConfig), "xcr": config_dict(XCRConfig)}`` (:func:`xcr_spec`);
 * ``prepare``: ``{"workspace": config_dict(WorkspaceConfig), "train": bool, "through": stage, "key": str}``
   (:func:`prepare_spec`): open the workspace (training its model when needed, or when ``train``),
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from .config import TreatmentConfig, WorkspaceConfig, check_choice, config_dict, workspace_config_from_dict, xcr_config_from_dict
+from .config import TreatmentSchedule, WorkspaceConfig, check_choice, check_real, check_sweep_schedule, config_dict, workspace_config_from_dict, xcr_config_from_dict
 from .errors import CfdebugError
 from .store import stable_hash
 
@@ -52,15 +53,20 @@ __all__ = [
 RUN_KINDS = ("treat", "xcr", "prepare")
 
 
-def treat_spec(workspace: WorkspaceConfig, treatment: TreatmentConfig, lambdas1: Sequence[float], lambdas2: Sequence[float], seeds: Sequence[int]) -> dict:
+def treat_spec(workspace: WorkspaceConfig, schedule: TreatmentSchedule, lambdas1: Sequence[float], lambdas2: Sequence[float], seeds: Sequence[int]) -> dict:
     """The spec of a treatment sweep: every (λ1, λ2) in ``lambdas1 × lambdas2`` and the control, per seed.
 
-    ``treatment`` gives the schedule (its own ``lambda1``/``lambda2``/``seed`` are the first of each list).
+    ``schedule`` is what the runs share (a :class:`TreatmentSchedule`: no loss weights, so the
+    grids are their one source; its ``seed`` is replaced by each of ``seeds``). Each λ is
+    checked to be in ``[0, 1]`` now, before a run is registered.
     """
-    lambdas1, lambdas2, seeds = [float(v) for v in lambdas1], [float(v) for v in lambdas2], [int(v) for v in seeds]
+    check_sweep_schedule(schedule)
+    lambdas1 = [check_real(v, "lambdas1", 0.0, 1.0) for v in lambdas1]
+    lambdas2 = [check_real(v, "lambdas2", 0.0, 1.0) for v in lambdas2]
+    seeds = [int(v) for v in seeds]
     if not (lambdas1 and lambdas2 and seeds):
         raise CfdebugError("Expected at least one value each for `lambdas1`, `lambdas2` and `seeds`, but one of them is empty.")
-    return {"workspace": config_dict(workspace), "treatment": config_dict(treatment), "lambdas1": lambdas1, "lambdas2": lambdas2, "seeds": seeds}
+    return {"workspace": config_dict(workspace), "treatment": config_dict(schedule), "lambdas1": lambdas1, "lambdas2": lambdas2, "seeds": seeds}
 
 
 def xcr_spec(workspace: WorkspaceConfig, xcr) -> dict:
@@ -87,11 +93,17 @@ def read_run_spec(path: str | Path) -> tuple[dict, str | None]:
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_treat_spec(spec: dict) -> tuple[WorkspaceConfig, TreatmentConfig, list, list, list]:
+#: Keys a treat spec's ``treatment`` held before it was a :class:`TreatmentSchedule` (the first
+#: pair of the grids, a copy of ``lambdas1[0]``/``lambdas2[0]``); dropped when such a run resumes.
+_OLD_SPEC_WEIGHTS = ("lambda1", "lambda2")
+
+
+def _parse_treat_spec(spec: dict) -> tuple[WorkspaceConfig, TreatmentSchedule, list, list, list]:
     try:
+        schedule = {k: v for k, v in spec["treatment"].items() if k not in _OLD_SPEC_WEIGHTS}
         return (
             workspace_config_from_dict(spec["workspace"]),
-            TreatmentConfig(**spec["treatment"]),
+            TreatmentSchedule(**schedule),
             list(spec["lambdas1"]), list(spec["lambdas2"]), list(spec["seeds"]),
         )
     except (KeyError, TypeError) as exc:
@@ -137,7 +149,7 @@ def run_treat_job(
     from .workspace import Workspace
 
     try:
-        ws_config, treatment, lambdas1, lambdas2, seeds = _parse_treat_spec(spec)
+        ws_config, schedule, lambdas1, lambdas2, seeds = _parse_treat_spec(spec)
     except CfdebugError as exc:
         if registry is not None and run_id is not None:
             registry.set_status(run_id, "failed", error=str(exc))
@@ -164,8 +176,8 @@ def run_treat_job(
             if ctx.is_main and on_start is not None:
                 on_start(run_id, ws)
             result = treatment_sweep(
-                ws, lambdas1, lambdas2, seeds, treatment.epochs, sets,
-                progress=scaled_progress(main_progress, 0.0, 1.0, "treat: "), config=treatment,
+                ws, lambdas1, lambdas2, seeds, sets,
+                progress=scaled_progress(main_progress, 0.0, 1.0, "treat: "), schedule=schedule,
                 run_dir=registry.run_dir(run_id), registry=registry, run_id=run_id,
             )
             result = {"run_id": run_id, "classes": list(ws.data.classes), "world_size": ctx.world_size, **result}
@@ -217,21 +229,19 @@ def prediction_changes(before: dict, after: dict, num_classes: int) -> dict:
     ``labels`` [N] int, ``confusion_delta`` [K, K] int (after − before; rows true class, columns
     predicted), ``fixed`` (indices wrong before, right after) and ``broken`` (right before, wrong after).
     """
-    from .metrics import confusion_matrix
+    from .metrics import prediction_churn
 
     if [r["id"] for r in before["images"]] != [r["id"] for r in after["images"]]:
         raise CfdebugError("Expected two detection results on the same images, but their image ids differ.")
     labels = np.asarray([r["true"] for r in before["images"]], dtype=np.int64)  # [N]
     base = np.asarray([r["predicted"] for r in before["images"]], dtype=np.int64)  # [N]
     treated = np.asarray([r["predicted"] for r in after["images"]], dtype=np.int64)  # [N]
-    delta = confusion_matrix(treated, labels, num_classes) - confusion_matrix(base, labels, num_classes)  # [K, K]
+    churn = prediction_churn(base, treated, labels, num_classes)
     return {
         "base_test_predictions": base.tolist(),
         "test_predictions": treated.tolist(),
         "labels": labels.tolist(),
-        "confusion_delta": np.asarray(delta).tolist(),
-        "fixed": np.flatnonzero((base != labels) & (treated == labels)).tolist(),
-        "broken": np.flatnonzero((base == labels) & (treated != labels)).tolist(),
+        **{name: churn[name].tolist() for name in ("confusion_delta", "fixed", "broken")},
     }
 
 

@@ -637,13 +637,13 @@ def test_detect_never_caches_nan_heads(cli, tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------------------- runs
 def _registered_treat_run(home: Path):
-    from cfdebug.config import DataConfig, ModelConfig, TreatmentConfig, WorkspaceConfig
+    from cfdebug.config import DataConfig, ModelConfig, TreatmentSchedule, WorkspaceConfig
     from cfdebug.jobs import treat_spec
     from cfdebug.runs import RunRegistry
 
     registry = RunRegistry(home)
     ws = WorkspaceConfig(model=ModelConfig(), data=DataConfig(), device="cpu", workdir=str(home))
-    return registry, registry.create("treat", treat_spec(ws, TreatmentConfig(epochs=1), [1e-3], [2e-5], [0])).run_id
+    return registry, registry.create("treat", treat_spec(ws, TreatmentSchedule(epochs=1), [1e-3], [2e-5], [0])).run_id
 
 
 def test_resuming_a_run_that_is_still_running_is_refused(cli):

@@ -6,7 +6,7 @@ import streamlit as st
 from cfdebug import ui, viz
 from cfdebug.claims import xcr_verdicts
 from cfdebug.ui import verdicts as verdict_ui
-from cfdebug.config import XCR_BETA_CHOICES
+from cfdebug.ui.choices import XCR_BETA_CHOICES
 from cfdebug.ui import xcr as xcr_ui
 from cfdebug.ui.access import read_only, read_only_notice
 

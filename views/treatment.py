@@ -9,7 +9,8 @@ import streamlit as st
 from cfdebug.claims import pair_runs, treatment_verdicts
 from cfdebug.ui import verdicts as verdict_ui
 from cfdebug import ui, viz
-from cfdebug.config import TREATMENT_LAMBDA1_GRID, TREATMENT_LAMBDA2_GRID, TREATMENT_LR_GRID, TreatmentConfig
+from cfdebug.config import TreatmentConfig
+from cfdebug.ui.choices import TREATMENT_LAMBDA1_GRID, TREATMENT_LAMBDA2_GRID, TREATMENT_LR_GRID
 from cfdebug.runs import cancel
 from cfdebug.ui import treatment as tui
 from cfdebug.ui.access import read_only, read_only_notice
@@ -56,8 +57,7 @@ def live_runs():
         epoch_rows = tui.run_rows(ws, r.run_id) if active else []
         last = epoch_rows[-1] if epoch_rows else (r.progress or {}) if "epoch" in (r.progress or {}) else {}
         rows.append({
-            "run": r.run_id, "status": r.status, "λ1": spec.get("lambda1"), "λ2": spec.get("lambda2"),
-            "seeds": ", ".join(map(str, r.config.get("seeds", []))), "epochs": spec.get("epochs"),
+            "run": r.run_id, "status": r.status, **tui.grid_labels(r.config), "epochs": spec.get("epochs"),
             "now at": (f"{tui.part_label(last.get('tag'))}, epoch {last['epoch']}" if epoch_rows else "preparing") if active else "finished",
             "loss": last.get("loss"), "val acc": last.get("val_acc"), "error": r.error,
         })

@@ -24,14 +24,14 @@ def launch_treatment(ws, lambda1: float, lambda2: float, epochs: int, lr: float,
 
     The run is the same command a user types: ``python -m cfdebug treat --config run.json``.
     """
+    from ..config import TreatmentSchedule
     from ..jobs import treat_spec
     from ..runs import start_background_run
-    from ..treatment import TreatmentConfig
 
     try:
-        treatment = TreatmentConfig(lambda1=lambda1, lambda2=lambda2, epochs=epochs, lr=lr, seed=seed)
+        schedule = TreatmentSchedule(epochs=epochs, lr=lr, seed=seed)
         seeds = list(range(seed, seed + max(int(n_seeds), 1)))
-        return start_background_run(ws.config.workdir, "treat", treat_spec(ws.config, treatment, [lambda1], [lambda2], seeds))
+        return start_background_run(ws.config.workdir, "treat", treat_spec(ws.config, schedule, [lambda1], [lambda2], seeds))
     except CfdebugError as exc:
         show_user_error(exc)
 
@@ -71,6 +71,14 @@ def best_model_changes(record) -> dict | None:
         icon=":material/error:",
     )
     return None
+
+
+def grid_labels(spec: dict) -> dict[str, str]:
+    """The swept values of a treat spec (:func:`cfdebug.jobs.treat_spec`) for the runs table:
+    ``{"λ1", "λ2", "seeds"}``, each comma-separated (``"0.001, 0.1"``); the grids are the spec's
+    one source of the loss weights."""
+    return {"λ1": ", ".join(f"{v:g}" for v in spec.get("lambdas1", [])), "λ2": ", ".join(f"{v:g}" for v in spec.get("lambdas2", [])),
+            "seeds": ", ".join(str(v) for v in spec.get("seeds", []))}
 
 
 def part_label(tag: dict | None) -> str:
@@ -142,22 +150,15 @@ def prediction_comparison(changes: dict, num_classes: int) -> dict | None:
     [N] int, ``"treated_vs_control"`` and ``"control_vs_base"`` (each ``{"confusion_delta" [K, K],
     "fixed", "broken"}``: wrong → right and right → wrong indices). ``None`` for a run stored
     before the control's predictions were kept."""
-    from ..metrics import confusion_matrix
+    from ..metrics import prediction_churn
 
     if "control_test_predictions" not in changes:
         return None
     labels, base = np.asarray(changes["labels"]), np.asarray(changes["base_test_predictions"])
     control, treated = np.asarray(changes["control_test_predictions"]), np.asarray(changes["test_predictions"])
-
-    def delta(before, after):
-        return {
-            "confusion_delta": confusion_matrix(after, labels, num_classes) - confusion_matrix(before, labels, num_classes),
-            "fixed": np.flatnonzero((before != labels) & (after == labels)),
-            "broken": np.flatnonzero((before == labels) & (after != labels)),
-        }
-
     return {"labels": labels, "base": base, "control": control, "treated": treated,
-            "treated_vs_control": delta(control, treated), "control_vs_base": delta(base, control)}
+            "treated_vs_control": prediction_churn(control, treated, labels, num_classes),
+            "control_vs_base": prediction_churn(base, control, labels, num_classes)}
 
 
 def recall_table(classes, base, control, treated):

@@ -26,7 +26,8 @@ import numpy as np
 import streamlit as st
 
 from ..access import check_workspace
-from ..config import CLI_FLAGS, DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, default_workdir, rename_fields
+from ..cli import CLI_FLAGS, rename_fields
+from ..config import DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, default_workdir
 from ..errors import CfdebugError
 
 STATE_KEY = "cfdebug_workspace"

@@ -52,6 +52,7 @@ def default_config(ws):
 def build_config(ws, *, k: int, beta: float, selector_epochs: int, epochs: int, seeds: int, all_severities: bool, random_baseline: bool):
     """An :class:`~cfdebug.xcr.retrain.XCRConfig` from the form's values (validated now, so a
     mistake shows as ``st.error`` instead of a failed run)."""
+    from ..xcr.patches import check_patch_grid
     from ..xcr.retrain import override_xcr_config
 
     base = default_config(ws)
@@ -61,7 +62,7 @@ def build_config(ws, *, k: int, beta: float, selector_epochs: int, epochs: int, 
             seeds=tuple(range(int(seeds))), severities=(1, 2, 3, 4, 5) if all_severities else None,
             random_baseline=bool(random_baseline),
         )
-        config.check_against(ws.data.input_size)
+        check_patch_grid(config, ws.data.input_size)
         return config
     except CfdebugError as exc:
         show_user_error(exc)

@@ -26,6 +26,7 @@ from ..errors import CfdebugError
 from ..runtime import Progress, scaled_progress
 from ..store import jsonable, stable_hash
 from .explanations import TABLE1_MODES, explanation_table
+from .patches import check_patch_grid
 from .retrain import XCRConfig, counterfactual_retrain, fit_val_temperature, training_masks, vanilla_retrain, xcr_config_from_dict
 from .robustness import check_cifar10c, evaluate_models, table2_results
 from .selector import approximator_accuracy, selector_masks, trained_selector
@@ -58,7 +59,7 @@ def describe_settings(config: XCRConfig) -> str:
 
 def _check_inputs(ws, config: XCRConfig) -> int:
     """Everything checkable before training (k, patch size, splits, image size, CIFAR-10-C files); returns ``d``."""
-    d = config.check_against(ws.data.input_size)
+    d = check_patch_grid(config, ws.data.input_size)
     for split in ("train", "val", "test"):
         if len(ws.data.splits[split]) == 0:
             raise CfdebugError(f"Expected a non-empty `{split}` split for the XCR report, but it has no images.")
