@@ -175,6 +175,8 @@ def _reserved_memmaps(out_dir: Path, shapes: dict[str, tuple[int, ...]]) -> dict
     for name, shape in shapes.items():
         path = out_dir / f"{name}.npy"
         arrays[name] = open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        if not hasattr(os, "posix_fallocate"):  # macOS: the free-space check above is what there is
+            continue
         try:
             with open(path, "r+b") as handle:
                 os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
