@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from .config import DEMO_DATASETS, WorkspaceConfig, default_workdir
-from .errors import CfdebugError
+from .errors import CfdebugError, check_path_length
 
 ROOTS_ENV = "CFDEBUG_ROOTS"
 READ_ONLY_ENV = "CFDEBUG_READ_ONLY"
@@ -66,11 +66,12 @@ def resolve_allowed(path: str | os.PathLike, roots: list[Path] | None = None, wh
     """The real path of ``path`` when it lies inside one of ``roots`` (default :func:`allowed_roots`).
 
     Raises :class:`CfdebugError` with :func:`outside_roots_message` otherwise, the same text
-    whether the path exists or not, is a file or a folder. Relative paths resolve against the
-    start directory.
+    whether the path exists or not, is a file or a folder; a path too long for the system gets
+    its own message (lengths only). Relative paths resolve against the start directory.
     """
     roots = allowed_roots() if roots is None else roots
     try:
+        check_path_length(path, f"the {what}")  # a 20,000-character URL parameter: say so, not "outside"
         real = _real(path)
     except (TypeError, ValueError, OSError):  # a NUL byte, a non-string, a name too long: outside too
         real = None

@@ -12,11 +12,12 @@ import json
 import os
 import re
 import sys
+import uuid
 import warnings
 from pathlib import Path
 
-from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, TreatmentConfig, WorkspaceConfig, default_workdir
-from .errors import CfdebugError
+from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, TreatmentConfig, WorkspaceConfig, check_int, default_workdir
+from .errors import CfdebugError, check_path_length
 from .serve import DEFAULT_HOST, DEFAULT_PORT
 from .store import write_text_atomic
 
@@ -101,6 +102,10 @@ def _workspace_parent() -> argparse.ArgumentParser:
 
 
 def workspace_config(args) -> WorkspaceConfig:
+    if not 0.0 <= args.val_fraction < 1.0:  # the same message as when a dataset without val/ needs it above 0
+        from .data import val_fraction_error
+
+        raise val_fraction_error(args.val_fraction)
     return WorkspaceConfig(
         model=ModelConfig(name=args.model, weights=args.weights, layer=args.layer),
         data=DataConfig(
@@ -168,8 +173,7 @@ def cmd_extract(args) -> dict:
     for split in splits:  # before any split is extracted
         if split not in ws.data.splits:
             raise CfdebugError(f"Expected `--splits` from train,val,test, but got {split!r}.")
-    if ws.data.skipped:
-        print(f"warning: skipped {len(ws.data.skipped)} file(s) that are not usable images, e.g. {ws.data.skipped[0]}", file=sys.stderr)
+    if _warn_skipped(ws):
         report["skipped_files"] = list(ws.data.skipped)
     print(f"{ws.config.model.name} (target layer {ws.target.name}) on {ws.data.describe()}, device {ws.device}")
     for split in splits:
@@ -185,6 +189,13 @@ def cmd_extract(args) -> dict:
             "images_per_s": speed, "cache_hit": ex.cache_hit, "artifact": str(ex.path),
         }
     return report
+
+
+def _warn_skipped(ws) -> bool:
+    """Print the count of dataset files (and class folders) that were skipped; whether there were any."""
+    if ws.data.skipped:
+        print(f"warning: skipped {len(ws.data.skipped)} file(s) or folder(s) that are not usable images, e.g. {ws.data.skipped[0]}", file=sys.stderr)
+    return bool(ws.data.skipped)
 
 
 def _nan_none(x):
@@ -229,6 +240,7 @@ def cmd_detect(args) -> dict:
 
     config = detect_config(args)
     ws = _open_workspace(args)
+    _warn_skipped(ws)
     result = run_detection(ws, config, progress_printer(args, "detect: "))
     print(f"{ws.config.model.name} (filters at {ws.target.name}) on {ws.data.describe()}; scoring the {config.split} split")
     print_table1(result, ws.config.model.name)
@@ -253,10 +265,7 @@ def cmd_detect(args) -> dict:
         frame["predicted"] = [ws.data.classes[i] for i in frame["predicted"]]
         frame["proposed"] = [ws.data.classes[i] for i in frame["proposed"]]
         columns = ["id", "path", "true", "predicted", "confidence", "recall", "precision", "f1", "flagged", "proposed", "unscorable", "error"]
-        from .store import atomic_file
-
-        with atomic_file(args.csv) as tmp:
-            frame[columns].to_csv(tmp, index=False)
+        write_text_atomic(args.csv, frame[columns].to_csv(index=False))  # as text first: a full disk's message gives its size
         print(f"per-image table written to {args.csv}", file=sys.stderr)
     return result
 
@@ -275,12 +284,17 @@ def _ints(text: str, name: str) -> list[int]:
         raise CfdebugError(f"Expected `{name}` as comma-separated integers (e.g. 0,1,2), but got {text!r}.") from None
 
 
+def _seeds(text: str, name: str) -> list[int]:
+    """Comma-separated seeds, each in [0, 2^63) (:func:`check_int`), checked before any run exists."""
+    return [check_int(seed, name, 0) for seed in _ints(text, name)]
+
+
 def treat_run_config(args) -> dict:
     """The spec a treatment run is started from (also what the dashboard writes to run.json)."""
     from .config import TreatmentSchedule
     from .jobs import treat_spec
 
-    l1, l2, seeds = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2"), _ints(args.seeds, "--seeds")
+    l1, l2, seeds = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2"), _seeds(args.seeds, "--seeds")
     workspace = workspace_config(args)
     try:
         schedule = TreatmentSchedule(epochs=args.treat_epochs, lr=args.treat_lr, seed=seeds[0] if seeds else 0,
@@ -452,7 +466,11 @@ def cmd_report(args) -> dict:
     from .xcr import default_xcr_config, override_xcr_config
 
     claims = _csv_list(args.claims, "--claims", str, CLAIMS)
-    seeds = _ints(args.seeds, "--seeds")
+    seeds = _seeds(args.seeds, "--seeds")
+    lambdas1, lambdas2 = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2")
+    for name, values in (("--lambda1", lambdas1), ("--lambda2", lambdas2), ("--seeds", seeds)):
+        if not values:
+            raise CfdebugError(f"Expected at least one value for `{name}`, but got {getattr(args, name[2:])!r}.")
     outputs = [(path, False) for path in args.markdown or []] + [(path, True) for path in args.markdown_verdicts or []]
     for path, _ in outputs:  # before hours of work, not after
         if not Path(path).is_file():
@@ -460,7 +478,6 @@ def cmd_report(args) -> dict:
         replace_marked_section(Path(path).read_text(), args.section or args.data, "")
     with fixed_threads(args.threads, deterministic=False):
         ws = _open_workspace(args)
-        lambdas1, lambdas2 = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2")
         treatment = TreatmentSchedule(epochs=args.treat_epochs)
         xcr = override_xcr_config(
             default_xcr_config(ws.config), selector_epochs=args.selector_epochs, epochs=args.xcr_epochs,
@@ -485,8 +502,10 @@ def cmd_report(args) -> dict:
 
 
 def cmd_runs(args) -> dict:
-    from .runs import RunRegistry, cancel
+    from .runs import BACKGROUND_KINDS, RunRegistry, cancel
 
+    if args.kind is not None and args.kind not in BACKGROUND_KINDS:
+        raise CfdebugError(f"Expected `--kind` to be one of {', '.join(BACKGROUND_KINDS)}, but got {args.kind!r}.")
     registry = RunRegistry(args.workdir)
     if args.cancel:
         record = cancel(registry, args.cancel)
@@ -660,7 +679,7 @@ def _add_report(sub, ws, common) -> None:
 def _add_runs(sub, ws, common) -> None:
     p = sub.add_parser("runs", parents=[common], help="list background runs (treatment, XCR) or cancel one")
     p.add_argument("--workdir", default=default_workdir(), help="artifact cache holding runs.db (default: $CFDEBUG_HOME or ./.cfdebug)")
-    p.add_argument("--kind", default=None, help="only runs of this kind (treat, xcr)")
+    p.add_argument("--kind", default=None, help="only runs of this kind (treat, xcr, prepare)")
     p.add_argument("--cancel", default=None, metavar="RUN_ID", help="cancel a queued or running run")
     p.set_defaults(func=cmd_runs)
 
@@ -724,10 +743,37 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 #: Options naming a file the command writes: checked before any work starts.
 OUTPUT_OPTIONS = (("out", "--out"), ("json", "--json"), ("csv", "--csv"))
+#: Options naming a file the command reads (a folder there is refused as such).
+INPUT_FILE_OPTIONS = (("weights", "--weights"), ("config", "--config"), ("markdown", "--markdown"), ("markdown_verdicts", "--markdown-verdicts"))
+#: Every option naming a path (one value or a list of them): their length is checked first.
+PATH_OPTIONS = (*OUTPUT_OPTIONS, *INPUT_FILE_OPTIONS, ("data", "--data"), ("workdir", "--workdir"), ("cifar10c", "--cifar10c"), ("root", "--root"), ("directory", "DIRECTORY"))
+
+
+def _option_values(args, attr: str) -> list[str]:
+    """The non-empty values of option ``attr`` (an empty one means "not given", as before)."""
+    value = getattr(args, attr, None)
+    return [str(v) for v in (value if isinstance(value, list) else [value]) if v]
+
+
+def check_path_options(args) -> None:
+    """Refuse, before any work starts, a path too long for the system, a folder where a file is
+    read, and an output that cannot be written (:func:`check_output_path`)."""
+    for attr, flag in PATH_OPTIONS:
+        for value in _option_values(args, attr):
+            check_path_length(value, f"`{flag}`")
+    for attr, flag in INPUT_FILE_OPTIONS:
+        for value in _option_values(args, attr):
+            if Path(value).expanduser().is_dir():
+                raise CfdebugError(f"Expected `{flag}` to name a file, but {value} is a directory. Pass the path of a file.")
+    for attr, flag in OUTPUT_OPTIONS:
+        for value in _option_values(args, attr):
+            check_output_path(value, flag)
 
 
 def check_output_path(path: str, flag: str) -> None:
-    """Refuse an output path that cannot become a file: a directory, or under a file."""
+    """Refuse an output path that cannot become a file: a directory, under a file, or in a folder
+    where no file can be created (tried, not guessed: root may write anywhere by its permissions,
+    yet not under /proc or on a read-only disk)."""
     target = Path(path).expanduser()
     if target.is_dir():
         raise CfdebugError(f"Expected `{flag}` to name a file, but {target} is a directory. Pass a file path, e.g. {target / 'out'}.")
@@ -736,17 +782,20 @@ def check_output_path(path: str, flag: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise CfdebugError(f"Expected `{flag}` to name a file in a folder, but {parent} is a file. Pass a path in a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CfdebugError(f"Expected `{flag}` in a writable folder, but {parent} is not writable. Pass another path.")
+    probe = parent / f".cfdebug-write-check-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as exc:
+        raise CfdebugError(f"Expected `{flag}` in a folder where files can be created, but creating one in {parent} fails "
+                           f"({exc.strerror or exc}). Pass another path.") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        for attr, flag in OUTPUT_OPTIONS:
-            if getattr(args, attr, None):
-                check_output_path(getattr(args, attr), flag)
+        check_path_options(args)
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning

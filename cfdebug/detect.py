@@ -582,10 +582,13 @@ class _WithPaths:
 
 
 def images_frame(result: dict):
-    """The per-image table of :func:`run_detection` as a pandas DataFrame."""
+    """The per-image table of :func:`run_detection` as a pandas DataFrame (the ``--csv`` output);
+    bytes of a path that are not UTF-8 (a dataset folder so named) are written as ``\\xNN``."""
     import pandas as pd
 
-    return pd.DataFrame(result["images"])
+    from .data.formats import display_path
+
+    return pd.DataFrame([{**row, "path": display_path(row["path"])} if row.get("path") else row for row in result["images"]])
 
 
 __all__ = [

@@ -360,7 +360,7 @@ def _cifar_batch(n: int, n_classes: int, seed: int, label_key: bytes = b"labels"
     return {
         b"batch_label": b"testing batch",
         b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-        label_key: [int(v) for v in rng.integers(0, n_classes, size=n)],
+        label_key: [int(v) for v in rng.permutation(np.arange(n) % n_classes)],  # every class once n >= n_classes
         b"filenames": [f"img{i}.png".encode() for i in range(n)],
     }
 
@@ -372,7 +372,7 @@ def _dump(obj, path: Path, protocol: int = 2) -> None:
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_cifar10_batches(tmp_path, protocol):
-    batches = [_cifar_batch(6, 10, seed) for seed in range(3)]
+    batches = [_cifar_batch(10, 10, seed) for seed in range(3)]
     for k, batch in enumerate(batches[:2], start=1):
         _dump(batch, tmp_path / f"data_batch_{k}", protocol)
     _dump(batches[2], tmp_path / "test_batch", protocol)
@@ -382,8 +382,8 @@ def test_cifar10_batches(tmp_path, protocol):
     bundle = load_data(DataConfig(source=str(tmp_path), val_fraction=0.25))
     assert bundle.format == "cifar" and bundle.classes[0] == "airplane" and bundle.num_classes == 10
     assert bundle.input_size == 32
-    assert len(bundle.splits["train"]) + len(bundle.splits["val"]) == 12
-    assert len(bundle.splits["test"]) == 6
+    assert len(bundle.splits["train"]) + len(bundle.splits["val"]) == 20
+    assert len(bundle.splits["test"]) == 10
     # pixel layout: row-major R plane, then G, then B
     test = bundle.splits["test"]
     np.testing.assert_array_equal(test.images[2, :, :, 1], batches[2][b"data"][2, 1024:2048].reshape(32, 32))
@@ -430,7 +430,7 @@ def test_decompression_bomb_is_refused_with_the_file_named(tmp_path, monkeypatch
 
 
 def test_cifar100_layout(tmp_path):
-    _dump(_cifar_batch(10, 100, 0, b"fine_labels"), tmp_path / "train")
+    _dump(_cifar_batch(100, 100, 0, b"fine_labels"), tmp_path / "train")
     _dump(_cifar_batch(4, 100, 1, b"fine_labels"), tmp_path / "test")
     names = [f"class{i}".encode() for i in range(100)]
     _dump({b"fine_label_names": names, b"coarse_label_names": [b"c"] * 20}, tmp_path / "meta")

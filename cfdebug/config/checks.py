@@ -17,14 +17,19 @@ from ..store import jsonable
 
 
 def check_int(value: Any, name: str, minimum: int = 1) -> int:
-    """Validate an integer ``>= minimum`` (bools are refused) and return it as ``int``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    """Validate an integer ``>= minimum`` and below 2^63 (bools are refused) and return it as ``int``.
+
+    2^63 bounds every integer: seeds above it overflow torch's generators and SQLite's INTEGER.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not minimum <= value < 2**63:
         if minimum == 1:
             expected = "a positive integer"
         elif minimum == 0:
             expected = "a non-negative integer"
         else:
             expected = f"an integer >= {minimum}"
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 2**63:
+            expected += " below 2^63"
         raise CfdebugError(f"Expected `{name}` to be {expected}, but got {value!r}.")
     return int(value)
 

@@ -59,12 +59,20 @@ def _display_path(path) -> str:
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _skip_reason(path: Path) -> str | None:
-    """Why an image-named file cannot be used (a dangling or looping link, a name that is not
-    UTF-8, so ids, JSON and CSV outputs could not hold it), or ``None``."""
+def _not_utf8(name: str) -> bool:
+    """Whether ``name`` (decoded from the disk with surrogateescape) is not valid UTF-8."""
     try:
-        path.name.encode("utf-8")
+        name.encode("utf-8")
     except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _skip_reason(path: Path, folder: Path) -> str | None:
+    """Why an image-named file under the class ``folder`` cannot be used (a dangling or looping
+    link, a name or subfolder name that is not UTF-8, so ids, JSON and CSV outputs could not
+    hold it), or ``None``."""
+    if _not_utf8(str(path.relative_to(folder))):
         return "name is not valid UTF-8; rename it"
     if not path.is_file():  # follows links: False for a dangling link or a link loop
         return "dangling or self-referencing symlink" if path.is_symlink() else "not a regular file"
@@ -77,7 +85,7 @@ def _scan_class_folder(folder: Path, skipped: list[str]) -> list[Path]:
         hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)  # .ipynb_checkpoints/…
         if path.is_dir() or path.name in IGNORED_NAMES or hidden:
             continue
-        reason = _skip_reason(path)
+        reason = _skip_reason(path, folder)
         if reason is not None:
             skipped.append(f"{_display_path(path)} ({reason})")
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -85,6 +93,20 @@ def _scan_class_folder(folder: Path, skipped: list[str]) -> list[Path]:
         else:
             skipped.append(str(path))
     return images
+
+
+def _class_folders(split_dir: Path, skipped: list[str]) -> list[str]:
+    """The class folder names in ``split_dir``, sorted; hidden folders are left out, and a folder
+    whose name is not UTF-8 (no class name, id or CSV cell could hold it) is skipped and reported."""
+    names = []
+    for path in split_dir.iterdir():
+        if not path.is_dir() or path.name.startswith("."):
+            continue
+        if _not_utf8(path.name):
+            skipped.append(f"{display_path(path)}/ (class folder name is not valid UTF-8; rename it)")
+        else:
+            names.append(path.name)
+    return sorted(names)
 
 
 def read_imagefolder(root: Path) -> tuple[tuple[str, ...], dict[str, Split], list[Path], list[str]]:
@@ -95,15 +117,15 @@ def read_imagefolder(root: Path) -> tuple[tuple[str, ...], dict[str, Split], lis
                 f"Expected an ImageFolder tree with {root / required}/<class>/<image> folders, "
                 f"but {root / required} does not exist. Create train/ and test/ (val/ is optional)."
             )
-    classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith(".")))
+    skipped: list[str] = []
+    classes = tuple(_class_folders(root / "train", skipped))
     if not classes:
         raise CfdebugError(f"Expected class folders in {root / 'train'}, but found none. Put each class's images in train/<class>/.")
-    skipped: list[str] = []
     splits, files = {}, []
     for split in ("train", "val", "test"):
         if not (root / split).is_dir():
             continue
-        present = sorted(p.name for p in (root / split).iterdir() if p.is_dir() and not p.name.startswith("."))
+        present = classes if split == "train" else _class_folders(root / split, skipped)
         unknown = sorted(set(present) - set(classes))
         if unknown:
             raise CfdebugError(
@@ -265,6 +287,7 @@ def read_cifar(root: Path) -> tuple[tuple[str, ...], dict[str, Split], list[Path
     else:
         names = []
     classes = tuple(names) if len(names) >= n_classes else tuple(str(i) for i in range(n_classes))
+    _check_cifar_classes(root, classes, splits)
     return classes, splits, files, []
 
 
@@ -375,3 +398,18 @@ def load_cifar10c(
             "Use the labels.npy shipped with the same CIFAR-10-C download."
         )
     return np.array(images[block]), np.array(labels, dtype=np.int64)
+
+
+def _check_cifar_classes(root: Path, classes: tuple[str, ...], splits: dict[str, Split]) -> None:
+    """Refuse classes without training images (a test label that train lacks, a gap in the
+    labels, a name in the meta file that no image has), as an ImageFolder tree's train/ does."""
+    trained = np.bincount(splits["train"].labels, minlength=len(classes))
+    empty = np.flatnonzero(trained == 0)
+    if empty.size:
+        tested = int(np.isin(splits["test"].labels, empty).sum())
+        names = ", ".join(f"{classes[k]} (label {k})" for k in empty[:10]) + (f" and {empty.size - 10} more" if empty.size > 10 else "")
+        raise CfdebugError(
+            f"Expected training images of every class in the CIFAR batches in {root}, but the train batches hold "
+            f"none of {names}" + (f"; the test batch holds {tested} image(s) of them" if tested else "")
+            + ". Every class needs training images: add them, or use batches (and a meta file) of the classes you train on."
+        )
