@@ -46,7 +46,7 @@ def tree_fingerprint(root: Path, files) -> str:
             stat = Path(path).stat()
         except OSError as exc:
             raise CfdebugError(
-                f"Expected to read the dataset file {_display_path(path)}, but {exc.strerror or exc}. "
+                f"Expected to read the dataset file {display_path(path)}, but {exc.strerror or exc}. "
                 "Was the dataset changed while loading? Fix or remove the file, then run again."
             ) from None
         # surrogateescape: a path is hashed as its bytes on disk, whatever its encoding
@@ -54,7 +54,7 @@ def tree_fingerprint(root: Path, files) -> str:
     return digest.hexdigest()[:20]
 
 
-def _display_path(path) -> str:
+def display_path(path) -> str:
     """``path`` as printable text: bytes that are not UTF-8 shown as ``\\xNN`` escapes."""
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
@@ -87,7 +87,7 @@ def _scan_class_folder(folder: Path, skipped: list[str]) -> list[Path]:
             continue
         reason = _skip_reason(path, folder)
         if reason is not None:
-            skipped.append(f"{_display_path(path)} ({reason})")
+            skipped.append(f"{display_path(path)} ({reason})")
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
             images.append(path)
         else:
