@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import streamlit as st
 
-from ..access import check_workspace
+from ..access import check_workspace, read_only
 from ..config import CLI_FLAGS, DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, default_workdir, rename_fields
 from ..errors import CfdebugError
 
@@ -272,7 +272,7 @@ def _stages_reached(record, through: str) -> bool:
 
 def run_monitor(workdir, run_id: str, ready: Callable[[object], bool], through: str, key: str, what: str) -> None:
     """The live progress of prepare run ``run_id`` (polled every :data:`POLL_S` s in a fragment),
-    with a Cancel button. When ``ready(record)`` turns true or the run ends, the whole page reruns;
+    with a Cancel button (none in read-only mode). When ``ready(record)`` turns true or the run ends, the whole page reruns;
     a failed or cancelled run (or a done one that did not make what ``through`` names) leaves its
     message in the session for :func:`await_prepare` to show."""
     from ..runs import RunRegistry, cancel
@@ -292,7 +292,7 @@ def run_monitor(workdir, run_id: str, ready: Callable[[object], bool], through: 
         fraction, text = describe_progress(registry.timed_progress(run_id))
         st.progress(fraction, text=text)
         left, right = st.columns([1, 4])
-        if left.button("Cancel", key=f"cancel-{run_id}"):
+        if not read_only() and left.button("Cancel", key=f"cancel-{run_id}"):
             cancel(registry, run_id)
             st.rerun(scope="app")
         running = time.time() - record.created
