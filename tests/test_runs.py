@@ -20,15 +20,8 @@ from pathlib import Path
 import pytest
 
 from cfdebug.errors import CfdebugError
-from cfdebug.runs import (
-    STATUSES,
-    RunRecord,
-    RunRegistry,
-    _pid_alive,
-    cancel,
-    launch,
-    start_background_run,
-)
+from cfdebug.runs import STATUSES, RunRecord, RunRegistry, cancel, launch, start_background_run
+from cfdebug.runs.processes import pid_alive
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {"PYTHONPATH": str(REPO_ROOT)}
@@ -335,7 +328,7 @@ def test_launch_runs_to_done(tmp_path):
     assert [r["step"] for r in reg.progress("bg")] == [0, 1, 2, 3, 4]
     log = rec.log_path.read_text()
     assert "launch:" in log and "training finished" in log
-    _wait_for(lambda: not _pid_alive(pid))
+    _wait_for(lambda: not pid_alive(pid))
     with pytest.raises(CfdebugError, match="already done"):
         launch(reg, "bg", [sys.executable, "-c", "pass"])
 
@@ -412,7 +405,7 @@ def test_cancel_cooperative_child(tmp_path):
     assert rec.cancel_requested
     final = _wait_finished(reg, "loop")
     assert final.status == "cancelled", (final.error, final.log_path.read_text())
-    _wait_for(lambda: not _pid_alive(pid))
+    _wait_for(lambda: not pid_alive(pid))
     # cancel on a finished run is a no-op
     assert cancel(reg, "loop").status == "cancelled"
 
@@ -427,7 +420,7 @@ def test_cancel_child_that_ignores_the_registry(tmp_path):
     cancel(reg, "sleeper")
     final = _wait_finished(reg, "sleeper")
     assert final.status == "cancelled"
-    _wait_for(lambda: not _pid_alive(pid))
+    _wait_for(lambda: not pid_alive(pid))
 
 
 def test_cancel_queued_run(tmp_path):
@@ -442,7 +435,7 @@ def test_reconcile_marks_dead_running_run_failed(tmp_path):
     reg.create("treat", {}, run_id="ghost")
     reg.create("treat", {}, run_id="alive")
     dead = _dead_pid()
-    assert not _pid_alive(dead)
+    assert not pid_alive(dead)
     reg.set_status("ghost", "running", pid=dead)
     reg.set_status("alive", "running", pid=os.getpid())
     assert reg.reconcile() == ["ghost"]
@@ -463,10 +456,10 @@ def test_reconcile_marks_dead_running_run_failed(tmp_path):
 def test_pid_alive_detects_zombie(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     # Not reaped yet: a zombie still answers os.kill(pid, 0) but must count as dead.
-    _wait_for(lambda: not _pid_alive(proc.pid))
+    _wait_for(lambda: not pid_alive(proc.pid))
     proc.wait()
-    assert _pid_alive(os.getpid())
-    assert not _pid_alive(None)
+    assert pid_alive(os.getpid())
+    assert not pid_alive(None)
 
 
 # ---------------------------------------------------------------------- the dashboard's launcher
