@@ -483,3 +483,46 @@ def test_start_background_run_starts_the_cli_the_same_way_for_each_kind(tmp_path
     assert f"-m cfdebug {kind} --config {final.config_path} --run-id {run_id} --workdir {tmp_path / 'wd'} --quiet" in log
     assert "No module named" not in log
     assert ("not a treatment config" if kind == "treat" else "`workspace` and `xcr`") in (final.error or "") + log
+
+
+# ---------------------------------------------------------------------- progress rows
+def test_progress_row_is_one_shape_and_checks_its_fields():
+    from cfdebug.runs import progress_row
+
+    assert progress_row(0.5, "sweep", "epoch 1/2") == {"fraction": 0.5, "stage": "sweep", "message": "epoch 1/2"}
+    assert progress_row(1.5, "load", "", step=1, steps=4, stage_fraction=-1) == {
+        "fraction": 1.0, "stage": "load", "message": "", "step": 1, "steps": 4, "stage_fraction": 0.0}
+    for bad in (dict(fraction="half", stage="load"), dict(fraction=True, stage="load"), dict(fraction=0.5, stage="")):
+        with pytest.raises(CfdebugError, match="progress"):
+            progress_row(message="", **bad)
+
+
+def test_run_stages_map_each_stage_onto_its_span_and_log_through_the_registry(tmp_path, monkeypatch):
+    import cfdebug.runs.progress
+    from cfdebug.runs import RunStages, progress_of
+
+    monkeypatch.setattr(cfdebug.runs.progress, "PROGRESS_EVERY_S", 0.0)
+    reg = RunRegistry(tmp_path)
+    run_id = reg.create("prepare", {}).run_id
+    echoed = []
+    stages = RunStages.equal(["load", "extract"], lambda row: reg.log_progress(run_id, row), lambda f, m: echoed.append((f, m)))
+    load = stages.stage("load", "Loading")  # logs its first row at once
+    load(0.5, "half")
+    stages.stage("extract")(1.0, "done")
+    rows = reg.progress(run_id)
+    assert [(r["fraction"], r["stage"], r["message"], r["step"], r["stage_fraction"]) for r in rows] == [
+        (0.0, "load", "Loading", 1, 0.0), (0.25, "load", "Loading: half", 1, 0.5), (0.5, "extract", "", 2, 0.0), (1.0, "extract", "done", 2, 1.0)]
+    assert echoed == [(r["fraction"], r["message"]) for r in rows]
+    assert progress_of(reg, run_id).fraction == 1.0 and progress_of(reg, run_id).steps == 2
+    assert RunStages.equal(["a"]).stage("a") is None  # nowhere to report: callers pass None on
+
+
+def test_rows_of_older_runs_still_read():
+    """Rows written before the one shape: an XCR row without step, a run of engine rows only."""
+    from cfdebug.runs import read_progress
+
+    xcr = read_progress([(0.0, {"fraction": 0.2, "message": "selector epoch 1", "stage": "table1"}),
+                         (10.0, {"fraction": 0.3, "message": "selector epoch 2", "stage": "table1"})], now=10.0)
+    assert xcr.fraction == 0.3 and xcr.seconds_left == pytest.approx(70.0) and xcr.describe() == "selector epoch 2 · about 70 s left"
+    engine = read_progress([(0.0, {"epoch": 1, "loss": 0.5}), (5.0, {"epoch": 2, "loss": 0.4})])
+    assert engine.fraction == 0.0 and [e["epoch"] for e in engine.epochs] == [1, 2] and engine.message == "epoch 2"
