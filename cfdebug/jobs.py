@@ -189,6 +189,7 @@ def _treat(ctx, registry, run_id: str | None, spec: dict, parsed: tuple, progres
             return None
         detect = stages.stage("detect", "Detection on the treated model")
         result.update(_best_model_changes(ws, registry.run_dir(run_id), result, seeds[0], detect))
+        detect(1.0, "done")
         registry.set_result(run_id, result)
     return result
 
