@@ -338,37 +338,54 @@ def print_table3(result: dict, model: str) -> None:
             print(f"{label if i == 0 else '':<10}{row['class']:<14}{row['original_recall']:>10.2f}{row['treated_recall']:>10.2f}{row['change']:>+10.2f}")
 
 
-def cmd_treat(args) -> dict | None:
-    """A treatment sweep as a registry run (:func:`cfdebug.jobs.run_treat_job`); under ``torchrun``
-    every rank trains (DDP) and rank 0 alone writes the registry, checkpoints and output."""
-    from .jobs import read_run_spec, run_treat_job
-    from .runs import RunRegistry
+def _run_spec(args, kind: str, registry, new_spec) -> tuple[dict, str | None]:
+    """``(spec, run_id)`` of a run command (treat, xcr, prepare), the same way for each: ``--resume
+    RUN_ID`` (a stored run of ``kind``), ``--config RUN_JSON`` (its stored run id unless
+    ``--run-id`` names another), or ``new_spec()`` from the flags with no run id (the job then
+    registers a new run). ``new_spec`` checks the flags, so a mistake leaves no run behind."""
+    from .jobs import read_run_spec
 
-    registry = RunRegistry(args.workdir)
-    run_id = None
-    if args.resume:
+    if getattr(args, "resume", None):
         record = registry.get(args.resume)
         if record.status == "unreadable":
             raise CfdebugError(f"Cannot resume run {args.resume}: its {record.error}. Start a new run instead.")
-        if record.kind != "treat":
-            raise CfdebugError(f"Run {args.resume} is a {record.kind!r} run, not a treatment run; resume it with `python -m cfdebug {record.kind} --resume {args.resume}`.")
-        run_id, spec = record.run_id, record.config
-    elif args.config:
+        if record.kind != kind:
+            raise CfdebugError(f"Run {args.resume} is a {record.kind!r} run, not a {kind!r} run; resume it with `python -m cfdebug {record.kind} --resume {args.resume}`.")
+        return record.config, record.run_id
+    if args.config:
         spec, stored_id = read_run_spec(args.config)
-        run_id = args.run_id or stored_id
-    else:
-        spec = treat_run_config(args)
-    started = {}
+        return spec, args.run_id or stored_id
+    return new_spec(), None
+
+
+def _announce(registry, kind: str, workdir: str, started: dict):
+    """The ``on_start`` of a run job: keeps ``run_id`` and ``ws`` in ``started`` and prints where
+    the run lives and how to resume it, on stderr."""
 
     def on_start(run_id: str, ws) -> None:
         started.update(run_id=run_id, ws=ws)
-        print(f"run {run_id} (registry {registry.db_path}); resume with: python -m cfdebug treat --resume {run_id} --workdir {args.workdir}", file=sys.stderr)
+        print(f"run {run_id} (registry {registry.db_path}); resume with: python -m cfdebug {kind} --resume {run_id} --workdir {workdir}", file=sys.stderr)
 
-    result = run_treat_job(spec, registry=registry, run_id=run_id, progress=progress_printer(args), on_start=on_start)
-    if result is None:
-        if started:  # rank 0, cancelled: the registry recorded it (other ranks print nothing)
-            print(f"run {started['run_id']} was cancelled; resume it with: python -m cfdebug treat --resume {started['run_id']}", file=sys.stderr)
-        return None
+    return on_start
+
+
+def _cancelled(kind: str, run_id: str) -> None:
+    print(f"run {run_id} was cancelled; resume it with: python -m cfdebug {kind} --resume {run_id}", file=sys.stderr)
+
+
+def cmd_treat(args) -> dict | None:
+    """A treatment sweep as a registry run (:func:`cfdebug.jobs.run_treat_job`); under ``torchrun``
+    every rank trains (DDP) and rank 0 alone writes the registry, checkpoints and output."""
+    from .jobs import run_treat_job
+    from .runs import RunRegistry
+
+    registry = RunRegistry(args.workdir)
+    spec, run_id = _run_spec(args, "treat", registry, lambda: treat_run_config(args))
+    started = {}
+    result = run_treat_job(spec, registry=registry, run_id=run_id, progress=progress_printer(args),
+                           on_start=_announce(registry, "treat", args.workdir, started))
+    if result is None:  # cancelled (rank 0: the registry recorded it), or another rank: prints nothing
+        return _cancelled("treat", started["run_id"]) if started else None
     ws = started["ws"]
     print(f"{ws.config.model.name} on {ws.data.describe()}: treatment of the filters at {ws.target.name}" + (f" ({result['world_size']} processes, DDP)" if result["world_size"] > 1 else ""))
     print_table2(result, ws.config.model.name)
@@ -391,53 +408,67 @@ def _csv_list(text, name, convert, everything):
         raise CfdebugError(f"Expected `{name}` as a comma-separated list or `all`, but got {text!r}.") from None
 
 
-def cmd_xcr(args) -> dict:
+def xcr_run_config(args) -> dict:
+    """The spec an XCR run is started from (what the dashboard writes to run.json), from the flags."""
     from .data.corruptions import CORRUPTIONS
-    from .jobs import read_run_spec, run_xcr_job, xcr_spec
-    from .runs import RunRegistry
-    from .xcr import default_xcr_config, override_xcr_config, print_table1, print_table2, run_xcr_report
+    from .jobs import xcr_spec
+    from .xcr import default_xcr_config, override_xcr_config
 
-    progress = progress_printer(args, "xcr: ")
-    if args.config:
-        spec, _ = read_run_spec(args.config)
-        result = run_xcr_job(spec, run_id=args.run_id, progress=progress)
-    else:
-        ws = _open_workspace(args)
-        cfg = override_xcr_config(
-            default_xcr_config(ws.config),
-            k=args.k, beta=args.beta, patch_size=args.patch_size, mode=args.mode, selector_epochs=args.selector_epochs,
-            epochs=args.xcr_epochs, lr=args.xcr_lr, seeds=_csv_list(args.seeds, "--seeds", int, ()),
-            corruptions=_csv_list(args.corruptions, "--corruptions", str, CORRUPTIONS),
-            severities=_csv_list(args.severities, "--severities", int, (1, 2, 3, 4, 5)),
-            cifar10c_dir=args.cifar10c, random_baseline=args.random_baseline or None, init=args.init,
-            max_corrupt_images=args.max_corrupt_images,
-        )
-        if args.no_cache:
-            result = run_xcr_report(ws, cfg, progress, use_cache=False)
-        else:  # a registry run like `treat`, so the Calibration page lists what a terminal ran
-            registry = RunRegistry(args.workdir)
-            run_id = registry.create("xcr", xcr_spec(ws.config, cfg)).run_id
-            print(f"run {run_id} (registry {registry.db_path})", file=sys.stderr)
-            result = run_xcr_job(registry.get(run_id).config, registry=registry, run_id=run_id, progress=progress)
+    ws_config = workspace_config(args)
+    cfg = override_xcr_config(
+        default_xcr_config(ws_config),
+        k=args.k, beta=args.beta, patch_size=args.patch_size, mode=args.mode, selector_epochs=args.selector_epochs,
+        epochs=args.xcr_epochs, lr=args.xcr_lr, seeds=_csv_list(args.seeds, "--seeds", int, ()),
+        corruptions=_csv_list(args.corruptions, "--corruptions", str, CORRUPTIONS),
+        severities=_csv_list(args.severities, "--severities", int, (1, 2, 3, 4, 5)),
+        cifar10c_dir=args.cifar10c, random_baseline=args.random_baseline or None, init=args.init,
+        max_corrupt_images=args.max_corrupt_images,
+    )
+    return xcr_spec(ws_config, cfg)
+
+
+#: The xcr flag of each XCR config field its messages name (``epochs`` and ``lr`` are the retraining's).
+XCR_FLAGS = {"k": "--k", "beta": "--beta", "patch_size": "--patch-size", "mode": "--mode", "seeds": "--seeds",
+             "corruptions": "--corruptions", "severities": "--severities", "cifar10c_dir": "--cifar10c", "init": "--init",
+             "max_corrupt_images": "--max-corrupt-images", "epochs": "--xcr-epochs", "lr": "--xcr-lr"}
+
+
+def cmd_xcr(args) -> dict | None:
+    """An XCR report as a registry run (:func:`cfdebug.jobs.run_xcr_job`), like ``treat``: the job
+    checks the options against the data, then registers the run (unless ``--config``/``--resume``
+    name one), so the Calibration page lists what a terminal ran."""
+    from .jobs import run_xcr_job
+    from .runs import RunRegistry
+    from .xcr import print_table1, print_table2
+
+    registry = RunRegistry(args.workdir)
+    try:
+        spec, run_id = _run_spec(args, "xcr", registry, lambda: xcr_run_config(args))
+        started = {"run_id": run_id}
+        result = run_xcr_job(spec, registry=registry, run_id=run_id, progress=progress_printer(args, "xcr: "),
+                             on_start=_announce(registry, "xcr", args.workdir, started), use_cache=not args.no_cache)
+    except CfdebugError as exc:
+        raise CfdebugError(rename_fields(str(exc), XCR_FLAGS)) from None
     if result is None:
-        return None
+        return _cancelled("xcr", started["run_id"]) if started["run_id"] else None
     print_table1(result)
     print_table2(result)
     return result
 
 
-def cmd_prepare(args) -> dict:
+def cmd_prepare(args) -> dict | None:
     """A prepare run (:func:`cfdebug.jobs.run_prepare_job`): what the dashboard starts for a page
     whose artifacts are not cached yet; by hand it fills the cache before the dashboard opens."""
-    from .jobs import prepare_spec, read_run_spec, run_prepare_job
+    from .jobs import prepare_spec, run_prepare_job
+    from .runs import RunRegistry
 
-    if args.config:
-        spec, stored_id = read_run_spec(args.config)
-        run_id = args.run_id or stored_id
-    else:
-        through = args.through or ("load" if args.train else "detect")
-        spec, run_id = prepare_spec(workspace_config(args), through, train=args.train), None
-    result = run_prepare_job(spec, run_id=run_id, progress=progress_printer(args))
+    registry = RunRegistry(args.workdir)
+    through = args.through or ("load" if args.train else "detect")
+    spec, run_id = _run_spec(args, "prepare", registry, lambda: prepare_spec(workspace_config(args), through, train=args.train))
+    result = run_prepare_job(spec, registry=registry, run_id=run_id, progress=progress_printer(args))
+    if result is None:
+        print(f"run {run_id} was cancelled", file=sys.stderr)
+        return None
     print(f"{result['model']} on {result['data']}: ready through {result['through']} in {result['seconds']:.1f} s" + (f"; trained weights: {result['weights']}" if result.get("weights") else ""))
     return result
 
@@ -515,9 +546,9 @@ def cmd_runs(args) -> dict:
     if not records:
         print(f"no runs in {registry.db_path}")
     for r in records:
-        progress = r.progress or {}
-        where = f"epoch {progress.get('epoch')}" if progress.get("epoch") is not None else ""
-        print(f"{r.run_id}  {r.kind:<6} {r.status:<10} {where:<10} {r.error or ''}")
+        progress = r.progress or {}  # the latest row (cfdebug.runs.progress): a position, or an engine epoch
+        where = f"{progress['fraction']:.0%} {progress.get('stage', '')}" if "fraction" in progress else f"epoch {progress['epoch']}" if "epoch" in progress else ""
+        print(f"{r.run_id}  {r.kind:<7} {r.status:<10} {where:<16} {r.error or ''}")
     return {"runs": [{"run_id": r.run_id, "kind": r.kind, "status": r.status, "error": r.error} for r in records]}
 
 
@@ -627,6 +658,7 @@ def _add_xcr(sub, ws, common) -> None:
     p = sub.add_parser("xcr", parents=[ws, common], help="XCR: explanation selector, masks, counterfactual retraining vs vanilla; calibration on clean and corrupted images (paper B Tables 1-2)", epilog=EPILOG)
     p.add_argument("--config", default=None, metavar="RUN_JSON", help="start from a run.json (what the dashboard launches)")
     p.add_argument("--run-id", default=None, help="the registry id of the run started with --config")
+    p.add_argument("--resume", default=None, metavar="RUN_ID", help="resume a stopped or crashed run from its last checkpoint")
     p.add_argument("--k", type=int, default=None, help="patches kept by the selector (default 32 of 256 at 32 px, patch 2)")
     p.add_argument("--beta", type=float, default=None, help="weight of KL(p || uniform) in the selector loss")
     p.add_argument("--patch-size", type=int, default=None, help="patch side in pixels; must divide the image (default 2)")
@@ -677,7 +709,7 @@ def _add_report(sub, ws, common) -> None:
 
 
 def _add_runs(sub, ws, common) -> None:
-    p = sub.add_parser("runs", parents=[common], help="list background runs (treatment, XCR) or cancel one")
+    p = sub.add_parser("runs", parents=[common], help="list the runs (treat, xcr, prepare) with where each is, or cancel one")
     p.add_argument("--workdir", default=default_workdir(), help="artifact cache holding runs.db (default: $CFDEBUG_HOME or ./.cfdebug)")
     p.add_argument("--kind", default=None, help="only runs of this kind (treat, xcr, prepare)")
     p.add_argument("--cancel", default=None, metavar="RUN_ID", help="cancel a queued or running run")

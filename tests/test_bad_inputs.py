@@ -741,11 +741,11 @@ def test_a_registry_row_whose_config_is_not_json_is_listed_as_unreadable(cli):
 
 def test_the_launched_process_and_its_children_may_run_their_own_run(cli):
     # launch() records the child it starts (torchrun, say); its workers run under it
-    from cfdebug.runs import _is_self_or_ancestor
+    from cfdebug.procs import is_self_or_ancestor
 
-    assert _is_self_or_ancestor(os.getpid()) and _is_self_or_ancestor(os.getppid())
+    assert is_self_or_ancestor(os.getpid()) and is_self_or_ancestor(os.getppid())
     child = subprocess.run(
-        [sys.executable, "-c", f"from cfdebug.runs import _is_self_or_ancestor as f; print(f({os.getpid()}), f(1 << 22))"],
+        [sys.executable, "-c", f"from cfdebug.procs import is_self_or_ancestor as f; print(f({os.getpid()}), f(1 << 22))"],
         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
     )
     assert child.stdout.split() == ["True", "False"], child.stderr
