@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cfdebug.config import DataConfig, ModelConfig, TreatmentConfig, WorkspaceConfig, XCRConfig
+from cfdebug.config import DataConfig, ModelConfig, TreatmentSchedule, WorkspaceConfig, XCRConfig
 from cfdebug.jobs import prepare_spec, treat_spec, xcr_spec
 from cfdebug.runs import RunRegistry
 
@@ -52,7 +52,7 @@ def test_every_run_kind_has_the_one_monitor_and_only_the_owner_may_cancel(fresh_
     cfg = _page_config(home)
     spec = {
         "prepare": lambda: prepare_spec(cfg, "extract"),
-        "treat": lambda: treat_spec(cfg, TreatmentConfig(), [1e-3], [2e-5], [0]),
+        "treat": lambda: treat_spec(cfg, TreatmentSchedule(), [1e-3], [2e-5], [0]),
         "xcr": lambda: xcr_spec(cfg, XCRConfig.demo()),
     }[kind]()
     registry = RunRegistry(home)

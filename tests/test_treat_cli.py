@@ -67,13 +67,13 @@ def test_xcr_bad_options_exit_2_before_a_run_exists(tmp_path, argv, flag, capsys
 def test_config_runs_the_run_its_run_json_names(tmp_path, kind, capsys):
     """`KIND --config run.json` (what a background run executes) runs the stored run, registering
     no second one; here its options are wrong, so it fails with the message and no resume hint."""
-    from cfdebug.config import TreatmentConfig, WorkspaceConfig, XCRConfig
+    from cfdebug.config import TreatmentSchedule, WorkspaceConfig, XCRConfig
     from cfdebug.jobs import treat_spec, xcr_spec
     from cfdebug.xcr.selector import SelectorConfig
 
     home = tmp_path / "home"
     ws = WorkspaceConfig(workdir=str(home), device="cpu")
-    spec = treat_spec(ws, TreatmentConfig(), [1e-3], [2e-5], [0]) if kind == "treat" else xcr_spec(ws, XCRConfig.demo(selector=SelectorConfig.demo(k=100000)))
+    spec = treat_spec(ws, TreatmentSchedule(), [1e-3], [2e-5], [0]) if kind == "treat" else xcr_spec(ws, XCRConfig.demo(selector=SelectorConfig.demo(k=100000)))
     if kind == "treat":
         del spec["lambdas1"]  # a damaged run.json
     registry = RunRegistry(home)

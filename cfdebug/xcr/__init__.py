@@ -16,7 +16,7 @@ from .calibration import calibration_metrics, evaluate_calibration, score_models
 from .explanations import TABLE1_COLUMNS, explanation_images, explanation_table
 from .images import predict_images, test_images
 from .patches import check_patch_grid, num_patches
-from .report import run_xcr_report
+from .report import check_report_inputs, run_xcr_report
 from .retrain import XCRConfig, counterfactual_retrain, default_xcr_config, override_xcr_config, vanilla_retrain, xcr_config_from_dict
 from .robustness import TABLE2_COLUMNS, table2_results
 from .selector import SelectorConfig, selector_masks, trained_selector
@@ -28,7 +28,7 @@ __all__ = [
     # the patch grid
     "check_patch_grid", "num_patches",
     # the stages and the report
-    "trained_selector", "selector_masks", "counterfactual_retrain", "vanilla_retrain", "run_xcr_report",
+    "trained_selector", "selector_masks", "counterfactual_retrain", "vanilla_retrain", "run_xcr_report", "check_report_inputs",
     # test images and their calibration
     "test_images", "predict_images", "calibration_metrics", "evaluate_calibration", "score_models",
     # Tables 1–2 and the benchmark
