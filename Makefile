@@ -1,6 +1,6 @@
 # `make demo`: set up .venv and start the dashboard on the embedded Biased Digits demo (this machine only).
 # `make serve HOST=0.0.0.0 [ROOTS="DIR …"] [READ_ONLY=1]`: the same, shared on purpose (see README, Sharing).
-# `make test`: same set-up, then the test suite.
+# `make test`: same set-up, then the whole test suite; `make test-fast`: without the tests marked slow (for development).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +11,7 @@ HOST ?= 127.0.0.1
 ROOTS ?=
 READ_ONLY ?=
 
-.PHONY: demo serve test setup clean assets results results-biased-digits results-hard-digits
+.PHONY: demo serve test test-fast setup clean assets results results-biased-digits results-hard-digits
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) .cfdebug .pytest_cache

@@ -4,8 +4,9 @@ The library behind ``python -m cfdebug`` and the Streamlit dashboard. Start with
 :class:`Workspace` (a model on a dataset, from a :class:`WorkspaceConfig`), then run a stage
 on it: :func:`run_detection` (paper A's flagged predictions and detection scores),
 :func:`treatment_sweep` / :func:`run_treat_job` (treatment), :func:`run_xcr_report` /
-:func:`run_xcr_job` (paper B's XCR). The names in ``__all__`` are the API; the modules'
-other functions stay importable but may change.
+:func:`run_xcr_job` (paper B's XCR), :func:`run_claims` (each claim against its baseline, with
+an interval and a verdict); :func:`run_prepare_job` fills the cache the dashboard reads. The
+names in ``__all__`` are the API; the modules' other functions stay importable but may change.
 
 ``import cfdebug`` is cheap (no torch): the names that need torch load on first use.
 """
@@ -21,6 +22,7 @@ from .config import (
     SelectorConfig,
     TrainConfig,
     TreatmentConfig,
+    TreatmentSchedule,
     WorkspaceConfig,
     XCRConfig,
 )
@@ -37,6 +39,8 @@ _LAZY = {
     "run_xcr_report": "xcr",
     "run_treat_job": "jobs",
     "run_xcr_job": "jobs",
+    "run_prepare_job": "jobs",
+    "run_claims": "claims",
     "treat_spec": "jobs",
     "xcr_spec": "jobs",
     "RunRegistry": "runs",
@@ -55,6 +59,7 @@ __all__ = [
     "SelectorConfig",
     "TrainConfig",
     "TreatmentConfig",
+    "TreatmentSchedule",
     "WorkspaceConfig",
     "XCRConfig",
     *_LAZY,

@@ -2,7 +2,12 @@
 
 Every path that comes from a widget or the URL (weights file, dataset folder) is resolved
 (symlinks followed) and must lie inside an allowed root; outside, the answer is one fixed
-message that says nothing about whether the path exists or what it holds. The dashboard checks
+message that says nothing about whether the path exists or what it holds. Every image file the
+dashboard shows is resolved the same way (:func:`image_allowed`): a symlink inside an allowed
+dataset may point anywhere.
+
+Read-only mode (``serve --read-only``) opens the preset workspaces alone (:func:`is_preset`:
+every field of the workspace) and starts no run; its pages show what is cached. The dashboard checks
 BEFORE it calls the library, whose own messages (e.g. a folder's listing) are meant for a local
 CLI user reading their own files. The CLI does not use this module.
 
@@ -14,8 +19,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import DEMO_DATASETS, WorkspaceConfig, default_workdir
-from .errors import CfdebugError
+from .config import DEMO_DATASETS, DataConfig, WorkspaceConfig, default_workdir
+from .errors import CfdebugError, check_path_length
 
 ROOTS_ENV = "CFDEBUG_ROOTS"
 READ_ONLY_ENV = "CFDEBUG_READ_ONLY"
@@ -66,11 +71,12 @@ def resolve_allowed(path: str | os.PathLike, roots: list[Path] | None = None, wh
     """The real path of ``path`` when it lies inside one of ``roots`` (default :func:`allowed_roots`).
 
     Raises :class:`CfdebugError` with :func:`outside_roots_message` otherwise, the same text
-    whether the path exists or not, is a file or a folder. Relative paths resolve against the
-    start directory.
+    whether the path exists or not, is a file or a folder; a path too long for the system gets
+    its own message (lengths only). Relative paths resolve against the start directory.
     """
     roots = allowed_roots() if roots is None else roots
     try:
+        check_path_length(path, f"the {what}")  # a 20,000-character URL parameter: say so, not "outside"
         real = _real(path)
     except (TypeError, ValueError, OSError):  # a NUL byte, a non-string, a name too long: outside too
         real = None
@@ -87,15 +93,34 @@ def read_only() -> bool:
     return os.environ.get(READ_ONLY_ENV, "").strip().lower() not in _FALSE
 
 
+def image_allowed(path: str | os.PathLike, roots: list[Path] | None = None) -> bool:
+    """Whether an image file the dashboard would show resolves inside ``roots`` (default
+    :func:`allowed_roots`); the folder it was listed from being allowed is not enough."""
+    try:
+        resolve_allowed(path, roots, "image")
+        return True
+    except CfdebugError:
+        return False
+
+
+def preset_workspaces(workdir: str, device: str = "auto") -> list[WorkspaceConfig]:
+    """The workspaces a read-only dashboard opens: the shipped demo CNN on each embedded dataset,
+    every other field at its default (no weights file, the default layer, input size, mean, std,
+    training and extraction settings)."""
+    return [WorkspaceConfig(data=DataConfig(source=name), device=device, workdir=workdir) for name in DEMO_DATASETS]
+
+
 def is_preset(cfg: WorkspaceConfig) -> bool:
-    """A workspace a read-only dashboard may open: the shipped demo CNN on an embedded dataset."""
-    return cfg.model.name == "demo-cnn" and not cfg.model.weights and not cfg.model.layer and cfg.data.source in DEMO_DATASETS
+    """Whether ``cfg`` equals one of :func:`preset_workspaces` in every field but ``device`` (the
+    same cached model on another device; no file named) and ``workdir`` (the server's own)."""
+    return cfg in preset_workspaces(cfg.workdir, cfg.device)
 
 
 READ_ONLY_WORKSPACE_MESSAGE = (
-    "Expected one of the preset workspaces (demo-cnn on " + ", ".join(DEMO_DATASETS) + ", no weights file, the default "
-    "layer), but got another model, weights file, layer or dataset; this dashboard is read-only (started with "
-    "`--read-only`). Run it yourself with `make demo` to open your own model or data."
+    "Expected one of the preset workspaces (demo-cnn on " + ", ".join(DEMO_DATASETS) + " with the default settings: no "
+    "weights file, and Input size, Mean, Std and Target layer left blank), but got another model, weights file, dataset "
+    "or setting; this dashboard is read-only (started with `--read-only`). Run it yourself with `make demo` to open your "
+    "own model or data."
 )
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import CFEConfig, DetectConfig, MCFilterConfig, TreatmentConfig, config_dict
+from .config import CFEConfig, DetectConfig, MCFilterConfig, TreatmentConfig, TreatmentSchedule, config_dict
 from .errors import CfdebugError
 from .runtime import Progress, scaled_progress
 from .store import jsonable
@@ -147,21 +147,24 @@ def treatment_verdicts(sweep: dict, classes: Sequence[str], labels, lambda1: flo
     )
 
 
-def treatment_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, config: TreatmentConfig | None = None, *,
+def treatment_claim(ws, seeds: Sequence[int] = DEFAULT_SEEDS, schedule: TreatmentSchedule | None = None, *,
                     lambdas1: Sequence[float] | None = None, lambdas2: Sequence[float] | None = None,
                     progress: Progress | None = None) -> dict:
     """Treatment vs its CE control, paired by seed (test accuracy, per-class recall).
 
-    With grids ``lambdas1 × lambdas2`` the pair is chosen on VALIDATION accuracy (mean over seeds;
-    :func:`~cfdebug.treatment.treatment_sweep`), and only that pair is compared on test; without
-    them, ``config``'s (λ1, λ2).
+    ``schedule`` is what the runs share (default :class:`TreatmentSchedule`). With grids
+    ``lambdas1 × lambdas2`` the pair is chosen on VALIDATION accuracy (mean over seeds;
+    :func:`~cfdebug.treatment.treatment_sweep`), and only that pair is compared on test; a grid
+    not given is :class:`TreatmentConfig`'s default weight. The result's ``config`` is the first
+    treated run's :class:`TreatmentConfig`, ``grid`` the weights swept.
     """
     from .treatment import training_sets, treatment_sweep
 
-    config = config or TreatmentConfig()
-    l1s, l2s = list(lambdas1 or [config.lambda1]), list(lambdas2 or [config.lambda2])
+    schedule = schedule or TreatmentSchedule()
+    l1s, l2s = list(lambdas1 or [TreatmentConfig.lambda1]), list(lambdas2 or [TreatmentConfig.lambda2])
     sets = training_sets(ws, scaled_progress(progress, 0.0, 0.1))
-    sweep = treatment_sweep(ws, l1s, l2s, list(seeds), config.epochs, sets, scaled_progress(progress, 0.1, 1.0), config=config)
+    sweep = treatment_sweep(ws, l1s, l2s, list(seeds), sets, scaled_progress(progress, 0.1, 1.0), schedule=schedule)
+    config = schedule.with_lambdas(l1s[0], l2s[0], int(seeds[0]))
     best = sweep["best"]
     control = sorted(sweep["control"], key=lambda r: r["seed"])
     treated = pair_runs(sweep)
@@ -275,13 +278,16 @@ def revise_summary(result: dict, input_size: int) -> list[dict]:
 
 
 def run_claims(ws, claims: Sequence[str] = DEFAULT_CLAIMS, seeds: Sequence[int] = DEFAULT_SEEDS, *, budget: float = DEFAULT_BUDGET,
-               treatment: TreatmentConfig | None = None, lambdas1: Sequence[float] | None = None,
+               treatment: TreatmentSchedule | None = None, lambdas1: Sequence[float] | None = None,
                lambdas2: Sequence[float] | None = None, xcr=None, n_boot: int = 2000,
                revise: Sequence[dict] | None = None, progress: Progress | None = None) -> dict:
     """Run ``claims`` on ``ws`` and return ``{"verdicts": [Comparison dicts], <claim>: tables, "seconds"}``.
 
-    ``revise``: the declarations judged by the ``revise`` claim, each ``{"method", "region",
-    "filters"[, "config"]}`` (:func:`revise_claim`'s arguments)."""
+    ``treatment`` is the treatment claim's schedule and ``lambdas1``/``lambdas2`` its grids
+    (:func:`treatment_claim`); ``xcr`` the XCR claim's config (:func:`xcr_claim`); ``revise`` the
+    declarations the ``revise`` claim judges, each ``{"method", "region", "filters"[, "config"]}``
+    (:func:`revise_claim`'s arguments).
+    """
     unknown = [c for c in claims if c not in CLAIMS]
     if unknown or not claims:
         raise CfdebugError(f"Expected `claims` from {', '.join(CLAIMS)}, but got {', '.join(map(str, unknown)) or 'none'}.")
@@ -331,7 +337,7 @@ HEADLINE_ROWS = {
 }
 
 
-def is_headline(row: dict) -> bool:
+def _is_headline(row: dict) -> bool:
     """True for the few rows that summarise each claim (:data:`HEADLINE_ROWS`)."""
     return (row["claim"], row["method"], row["metric"]) in HEADLINE_ROWS or (row["claim"], None, row["metric"]) in HEADLINE_ROWS
 
@@ -341,7 +347,7 @@ def verdicts_markdown(verdicts: Sequence[dict], headline_only: bool = False) -> 
     lines = ["| claim | metric | method | baseline | method value | baseline value | difference [95% CI] | paired by | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in verdicts:
-        if headline_only and not is_headline(r):
+        if headline_only and not _is_headline(r):
             continue
         ci = f"{format_value(r['difference'], signed=True)} [{format_value(r['ci_low'], signed=True)}, {format_value(r['ci_high'], signed=True)}]"
         paired = f"{r['n_seeds']} seed{'s' if r['n_seeds'] != 1 else ''}" + (f" × {r['n_images']} images" if r.get("n_images") else "")

@@ -10,17 +10,59 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
+import uuid
 import warnings
 from pathlib import Path
 
-from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, TreatmentConfig, WorkspaceConfig, default_workdir, for_cli, rename_fields
-from .errors import CfdebugError
-from .runtime import DEVICE_CHOICES
+from .config import BED_TRAIN_EPOCHS, DATA_FORMATS, DEFAULT_TRAIN_EPOCHS, DEMO_DATASETS, CFEConfig, DataConfig, ExtractConfig, ModelConfig, TrainConfig, TreatmentConfig, WorkspaceConfig, check_int, default_workdir
+from .errors import CfdebugError, check_path_length
 from .serve import DEFAULT_HOST, DEFAULT_PORT
 from .store import write_text_atomic
 
 EPILOG = "Defaults to the embedded demo (demo-cnn on biased-digits). Docs: README.md."
+
+#: The flag of each workspace config field (as library messages name it), for :func:`for_cli`.
+#: Fields without a flag (``train.batch_size``, ``extract.num_workers``, …) are left as named.
+CLI_FLAGS: dict[str, str] = {
+    "model.name": "--model",
+    "model.weights": "--weights",
+    "model.layer": "--layer",
+    "data.source": "--data",
+    "data.format": "--format",
+    "data.input_size": "--input-size",
+    "data.mean": "--mean",
+    "data.std": "--std",
+    "data.bias": "--bias",
+    "data.val_fraction": "--val-fraction",
+    "data.seed": "--data-seed",
+    "train.epochs": "--epochs",
+    "train.lr": "--lr",
+    "train.seed": "--seed",
+    "extract.batch_size": "--batch-size",
+    "device": "--device",
+    "workdir": "--workdir",
+}
+
+
+def flag_for(field_name: str) -> str | None:
+    """The CLI flag that sets config field ``field_name`` (``"data.input_size"`` → ``"--input-size"``), or None."""
+    return CLI_FLAGS.get(field_name)
+
+
+def rename_fields(message: str, names: dict[str, str]) -> str:
+    """``message`` with every backquoted field name in ``names`` replaced by its entry.
+
+    Library messages name config fields (``Expected `data.val_fraction` to be in [0, 1), …``);
+    the CLI shows its flags instead (:func:`for_cli`), the dashboard its widget labels.
+    """
+    return re.sub(r"`([A-Za-z_][\w.]*)`", lambda m: f"`{names.get(m.group(1), m.group(1))}`", message)
+
+
+def for_cli(message: str) -> str:
+    """``message`` with config field names replaced by the CLI flags that set them (:data:`CLI_FLAGS`)."""
+    return rename_fields(message, CLI_FLAGS)
 
 
 def _floats3(text: str) -> tuple[float, float, float]:
@@ -34,6 +76,8 @@ def _floats3(text: str) -> tuple[float, float, float]:
 
 
 def _workspace_parent() -> argparse.ArgumentParser:
+    from .runtime import DEVICE_CHOICES  # imports torch: not at module level (the dashboard imports CLI_FLAGS)
+
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("workspace (model, data, device)")
     g.add_argument("--model", default="demo-cnn", help="demo-cnn or a torchvision builder name (resnet18, vgg16, …); default: demo-cnn")
@@ -58,6 +102,10 @@ def _workspace_parent() -> argparse.ArgumentParser:
 
 
 def workspace_config(args) -> WorkspaceConfig:
+    if not 0.0 <= args.val_fraction < 1.0:  # the same message as when a dataset without val/ needs it above 0
+        from .data import val_fraction_error
+
+        raise val_fraction_error(args.val_fraction)
     return WorkspaceConfig(
         model=ModelConfig(name=args.model, weights=args.weights, layer=args.layer),
         data=DataConfig(
@@ -125,8 +173,7 @@ def cmd_extract(args) -> dict:
     for split in splits:  # before any split is extracted
         if split not in ws.data.splits:
             raise CfdebugError(f"Expected `--splits` from train,val,test, but got {split!r}.")
-    if ws.data.skipped:
-        print(f"warning: skipped {len(ws.data.skipped)} file(s) that are not usable images, e.g. {ws.data.skipped[0]}", file=sys.stderr)
+    if _warn_skipped(ws):
         report["skipped_files"] = list(ws.data.skipped)
     print(f"{ws.config.model.name} (target layer {ws.target.name}) on {ws.data.describe()}, device {ws.device}")
     for split in splits:
@@ -142,6 +189,13 @@ def cmd_extract(args) -> dict:
             "images_per_s": speed, "cache_hit": ex.cache_hit, "artifact": str(ex.path),
         }
     return report
+
+
+def _warn_skipped(ws) -> bool:
+    """Print the count of dataset files (and class folders) that were skipped; whether there were any."""
+    if ws.data.skipped:
+        print(f"warning: skipped {len(ws.data.skipped)} file(s) or folder(s) that are not usable images, e.g. {ws.data.skipped[0]}", file=sys.stderr)
+    return bool(ws.data.skipped)
 
 
 def _nan_none(x):
@@ -186,6 +240,7 @@ def cmd_detect(args) -> dict:
 
     config = detect_config(args)
     ws = _open_workspace(args)
+    _warn_skipped(ws)
     result = run_detection(ws, config, progress_printer(args, "detect: "))
     print(f"{ws.config.model.name} (filters at {ws.target.name}) on {ws.data.describe()}; scoring the {config.split} split")
     print_table1(result, ws.config.model.name)
@@ -210,10 +265,7 @@ def cmd_detect(args) -> dict:
         frame["predicted"] = [ws.data.classes[i] for i in frame["predicted"]]
         frame["proposed"] = [ws.data.classes[i] for i in frame["proposed"]]
         columns = ["id", "path", "true", "predicted", "confidence", "recall", "precision", "f1", "flagged", "proposed", "unscorable", "error"]
-        from .store import atomic_file
-
-        with atomic_file(args.csv) as tmp:
-            frame[columns].to_csv(tmp, index=False)
+        write_text_atomic(args.csv, frame[columns].to_csv(index=False))  # as text first: a full disk's message gives its size
         print(f"per-image table written to {args.csv}", file=sys.stderr)
     return result
 
@@ -232,31 +284,29 @@ def _ints(text: str, name: str) -> list[int]:
         raise CfdebugError(f"Expected `{name}` as comma-separated integers (e.g. 0,1,2), but got {text!r}.") from None
 
 
+def _seeds(text: str, name: str) -> list[int]:
+    """Comma-separated seeds, each in [0, 2^63) (:func:`check_int`), checked before any run exists."""
+    return [check_int(seed, name, 0) for seed in _ints(text, name)]
+
+
 def treat_run_config(args) -> dict:
     """The spec a treatment run is started from (also what the dashboard writes to run.json)."""
+    from .config import TreatmentSchedule
     from .jobs import treat_spec
-    from .treatment import TreatmentConfig
 
-    l1, l2, seeds = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2"), _ints(args.seeds, "--seeds")
-    for name, values in (("--lambda1", l1), ("--lambda2", l2)):
-        bad = [v for v in values if not 0.0 <= v <= 1.0]
-        if bad:
-            raise CfdebugError(f"Expected every `{name}` value to be in [0, 1], but got {bad[0]:g}.")
-    if not (l1 and l2 and seeds):
-        raise CfdebugError("Expected at least one value each for --lambda1, --lambda2 and --seeds.")
+    l1, l2, seeds = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2"), _seeds(args.seeds, "--seeds")
+    workspace = workspace_config(args)
     try:
-        treatment = TreatmentConfig(
-            lambda1=l1[0], lambda2=l2[0], epochs=args.treat_epochs, lr=args.treat_lr, seed=seeds[0],
-            batch_size=args.treat_batch_size, trainable=args.trainable,
-        )
+        schedule = TreatmentSchedule(epochs=args.treat_epochs, lr=args.treat_lr, seed=seeds[0] if seeds else 0,
+                                     batch_size=args.treat_batch_size, trainable=args.trainable)
+        return treat_spec(workspace, schedule, l1, l2, seeds)
     except CfdebugError as exc:
         raise CfdebugError(rename_fields(str(exc), TREAT_FLAGS)) from None
-    return treat_spec(workspace_config(args), treatment, l1, l2, seeds)
 
 
-#: The treat flag of each :class:`TreatmentConfig` field (its messages name the fields).
+#: The treat flag of each :class:`TreatmentSchedule` field and treat-spec grid (their messages name them).
 TREAT_FLAGS = {"epochs": "--treat-epochs", "lr": "--treat-lr", "batch_size": "--treat-batch-size", "trainable": "--trainable",
-               "lambda1": "--lambda1", "lambda2": "--lambda2", "seed": "--seeds"}
+               "seed": "--seeds", "lambdas1": "--lambda1", "lambdas2": "--lambda2", "seeds": "--seeds"}
 
 
 def print_table2(result: dict, model: str) -> None:
@@ -288,37 +338,54 @@ def print_table3(result: dict, model: str) -> None:
             print(f"{label if i == 0 else '':<10}{row['class']:<14}{row['original_recall']:>10.2f}{row['treated_recall']:>10.2f}{row['change']:>+10.2f}")
 
 
-def cmd_treat(args) -> dict | None:
-    """A treatment sweep as a registry run (:func:`cfdebug.jobs.run_treat_job`); under ``torchrun``
-    every rank trains (DDP) and rank 0 alone writes the registry, checkpoints and output."""
-    from .jobs import read_run_spec, run_treat_job
-    from .runs import RunRegistry
+def _run_spec(args, kind: str, registry, new_spec) -> tuple[dict, str | None]:
+    """``(spec, run_id)`` of a run command (treat, xcr, prepare), the same way for each: ``--resume
+    RUN_ID`` (a stored run of ``kind``), ``--config RUN_JSON`` (its stored run id unless
+    ``--run-id`` names another), or ``new_spec()`` from the flags with no run id (the job then
+    registers a new run). ``new_spec`` checks the flags, so a mistake leaves no run behind."""
+    from .jobs import read_run_spec
 
-    registry = RunRegistry(args.workdir)
-    run_id = None
-    if args.resume:
+    if getattr(args, "resume", None):
         record = registry.get(args.resume)
         if record.status == "unreadable":
             raise CfdebugError(f"Cannot resume run {args.resume}: its {record.error}. Start a new run instead.")
-        if record.kind != "treat":
-            raise CfdebugError(f"Run {args.resume} is a {record.kind!r} run, not a treatment run; resume it with `python -m cfdebug {record.kind} --resume {args.resume}`.")
-        run_id, spec = record.run_id, record.config
-    elif args.config:
+        if record.kind != kind:
+            raise CfdebugError(f"Run {args.resume} is a {record.kind!r} run, not a {kind!r} run; resume it with `python -m cfdebug {record.kind} --resume {args.resume}`.")
+        return record.config, record.run_id
+    if args.config:
         spec, stored_id = read_run_spec(args.config)
-        run_id = args.run_id or stored_id
-    else:
-        spec = treat_run_config(args)
-    started = {}
+        return spec, args.run_id or stored_id
+    return new_spec(), None
+
+
+def _announce(registry, kind: str, workdir: str, started: dict):
+    """The ``on_start`` of a run job: keeps ``run_id`` and ``ws`` in ``started`` and prints where
+    the run lives and how to resume it, on stderr."""
 
     def on_start(run_id: str, ws) -> None:
         started.update(run_id=run_id, ws=ws)
-        print(f"run {run_id} (registry {registry.db_path}); resume with: python -m cfdebug treat --resume {run_id} --workdir {args.workdir}", file=sys.stderr)
+        print(f"run {run_id} (registry {registry.db_path}); resume with: python -m cfdebug {kind} --resume {run_id} --workdir {workdir}", file=sys.stderr)
 
-    result = run_treat_job(spec, registry=registry, run_id=run_id, progress=progress_printer(args), on_start=on_start)
-    if result is None:
-        if started:  # rank 0, cancelled: the registry recorded it (other ranks print nothing)
-            print(f"run {started['run_id']} was cancelled; resume it with: python -m cfdebug treat --resume {started['run_id']}", file=sys.stderr)
-        return None
+    return on_start
+
+
+def _cancelled(kind: str, run_id: str) -> None:
+    print(f"run {run_id} was cancelled; resume it with: python -m cfdebug {kind} --resume {run_id}", file=sys.stderr)
+
+
+def cmd_treat(args) -> dict | None:
+    """A treatment sweep as a registry run (:func:`cfdebug.jobs.run_treat_job`); under ``torchrun``
+    every rank trains (DDP) and rank 0 alone writes the registry, checkpoints and output."""
+    from .jobs import run_treat_job
+    from .runs import RunRegistry
+
+    registry = RunRegistry(args.workdir)
+    spec, run_id = _run_spec(args, "treat", registry, lambda: treat_run_config(args))
+    started = {}
+    result = run_treat_job(spec, registry=registry, run_id=run_id, progress=progress_printer(args),
+                           on_start=_announce(registry, "treat", args.workdir, started))
+    if result is None:  # cancelled (rank 0: the registry recorded it), or another rank: prints nothing
+        return _cancelled("treat", started["run_id"]) if started else None
     ws = started["ws"]
     print(f"{ws.config.model.name} on {ws.data.describe()}: treatment of the filters at {ws.target.name}" + (f" ({result['world_size']} processes, DDP)" if result["world_size"] > 1 else ""))
     print_table2(result, ws.config.model.name)
@@ -379,36 +446,26 @@ def print_revise(result: dict) -> None:
 
 
 def cmd_revise(args) -> dict | None:
-    """A revise run (:func:`cfdebug.jobs.run_revise_job`) in the registry, like ``treat``."""
-    from .jobs import read_run_spec, revise_spec, run_revise_job
+    """A revise run (:func:`cfdebug.jobs.run_revise_job`) in the registry, like ``treat``: every
+    option is checked (against the data) before the run exists."""
+    from .jobs import revise_spec, run_revise_job
+    from .revise import declare
     from .runs import RunRegistry
 
-    registry = RunRegistry(args.workdir)
-    run_id = None
-    if args.resume:
-        record = registry.get(args.resume)
-        if record.kind != "revise":
-            raise CfdebugError(f"Run {args.resume} is a {record.kind!r} run, not a revise run; resume it with `python -m cfdebug {record.kind} --resume {args.resume}`.")
-        run_id, spec = record.run_id, record.config
-    elif args.config:
-        spec, stored_id = read_run_spec(args.config)
-        run_id = args.run_id or stored_id
-    else:
-        from .revise import declare
-
+    def new_spec() -> dict:
         if not args.method:
             raise CfdebugError("Expected `--method` (region-counterfactual, region-rrr, filters, filters-zero or appearance), but got none.")
         ws = _open_workspace(args)
-        decl = declare(ws, args.method, args.region, _filters(args.filters, ws))  # every check before the run exists
-        spec = revise_spec(ws.config, revise_config(args), decl.as_dict(), _ints(args.seeds, "--seeds"), args.budget)
+        decl = declare(ws, args.method, args.region, _filters(args.filters, ws))
+        return revise_spec(ws.config, revise_config(args), decl.as_dict(), _seeds(args.seeds, "--seeds"), args.budget)
 
-    def on_start(run_id: str, ws) -> None:
-        print(f"run {run_id} (registry {registry.db_path}); resume with: python -m cfdebug revise --resume {run_id} --workdir {args.workdir}", file=sys.stderr)
-
-    result = run_revise_job(spec, registry=registry, run_id=run_id, progress=progress_printer(args, "revise: "), on_start=on_start)
+    registry = RunRegistry(args.workdir)
+    spec, run_id = _run_spec(args, "revise", registry, new_spec)
+    started = {}
+    result = run_revise_job(spec, registry=registry, run_id=run_id, progress=progress_printer(args, "revise: "),
+                            on_start=_announce(registry, "revise", args.workdir, started))
     if result is None:
-        print("the run was cancelled; resume it with --resume", file=sys.stderr)
-        return None
+        return _cancelled("revise", started["run_id"]) if started else None
     print_revise(result)
     return result
 
@@ -424,53 +481,67 @@ def _csv_list(text, name, convert, everything):
         raise CfdebugError(f"Expected `{name}` as a comma-separated list or `all`, but got {text!r}.") from None
 
 
-def cmd_xcr(args) -> dict:
+def xcr_run_config(args) -> dict:
+    """The spec an XCR run is started from (what the dashboard writes to run.json), from the flags."""
     from .data.corruptions import CORRUPTIONS
-    from .jobs import read_run_spec, run_xcr_job, xcr_spec
-    from .runs import RunRegistry
-    from .xcr import default_xcr_config, override_xcr_config, print_table1, print_table2, run_xcr_report
+    from .jobs import xcr_spec
+    from .xcr import default_xcr_config, override_xcr_config
 
-    progress = progress_printer(args, "xcr: ")
-    if args.config:
-        spec, _ = read_run_spec(args.config)
-        result = run_xcr_job(spec, run_id=args.run_id, progress=progress)
-    else:
-        ws = _open_workspace(args)
-        cfg = override_xcr_config(
-            default_xcr_config(ws.config),
-            k=args.k, beta=args.beta, patch_size=args.patch_size, mode=args.mode, selector_epochs=args.selector_epochs,
-            epochs=args.xcr_epochs, lr=args.xcr_lr, seeds=_csv_list(args.seeds, "--seeds", int, ()),
-            corruptions=_csv_list(args.corruptions, "--corruptions", str, CORRUPTIONS),
-            severities=_csv_list(args.severities, "--severities", int, (1, 2, 3, 4, 5)),
-            cifar10c_dir=args.cifar10c, random_baseline=args.random_baseline or None, init=args.init,
-            max_corrupt_images=args.max_corrupt_images,
-        )
-        if args.no_cache:
-            result = run_xcr_report(ws, cfg, progress, use_cache=False)
-        else:  # a registry run like `treat`, so the Calibration page lists what a terminal ran
-            registry = RunRegistry(args.workdir)
-            run_id = registry.create("xcr", xcr_spec(ws.config, cfg)).run_id
-            print(f"run {run_id} (registry {registry.db_path})", file=sys.stderr)
-            result = run_xcr_job(registry.get(run_id).config, registry=registry, run_id=run_id, progress=progress)
+    ws_config = workspace_config(args)
+    cfg = override_xcr_config(
+        default_xcr_config(ws_config),
+        k=args.k, beta=args.beta, patch_size=args.patch_size, mode=args.mode, selector_epochs=args.selector_epochs,
+        epochs=args.xcr_epochs, lr=args.xcr_lr, seeds=_csv_list(args.seeds, "--seeds", int, ()),
+        corruptions=_csv_list(args.corruptions, "--corruptions", str, CORRUPTIONS),
+        severities=_csv_list(args.severities, "--severities", int, (1, 2, 3, 4, 5)),
+        cifar10c_dir=args.cifar10c, random_baseline=args.random_baseline or None, init=args.init,
+        max_corrupt_images=args.max_corrupt_images,
+    )
+    return xcr_spec(ws_config, cfg)
+
+
+#: The xcr flag of each XCR config field its messages name (``epochs`` and ``lr`` are the retraining's).
+XCR_FLAGS = {"k": "--k", "beta": "--beta", "patch_size": "--patch-size", "mode": "--mode", "seeds": "--seeds",
+             "corruptions": "--corruptions", "severities": "--severities", "cifar10c_dir": "--cifar10c", "init": "--init",
+             "max_corrupt_images": "--max-corrupt-images", "epochs": "--xcr-epochs", "lr": "--xcr-lr"}
+
+
+def cmd_xcr(args) -> dict | None:
+    """An XCR report as a registry run (:func:`cfdebug.jobs.run_xcr_job`), like ``treat``: the job
+    checks the options against the data, then registers the run (unless ``--config``/``--resume``
+    name one), so the Calibration page lists what a terminal ran."""
+    from .jobs import run_xcr_job
+    from .runs import RunRegistry
+    from .xcr import print_table1, print_table2
+
+    registry = RunRegistry(args.workdir)
+    try:
+        spec, run_id = _run_spec(args, "xcr", registry, lambda: xcr_run_config(args))
+        started = {"run_id": run_id}
+        result = run_xcr_job(spec, registry=registry, run_id=run_id, progress=progress_printer(args, "xcr: "),
+                             on_start=_announce(registry, "xcr", args.workdir, started), use_cache=not args.no_cache)
+    except CfdebugError as exc:
+        raise CfdebugError(rename_fields(str(exc), XCR_FLAGS)) from None
     if result is None:
-        return None
+        return _cancelled("xcr", started["run_id"]) if started["run_id"] else None
     print_table1(result)
     print_table2(result)
     return result
 
 
-def cmd_prepare(args) -> dict:
+def cmd_prepare(args) -> dict | None:
     """A prepare run (:func:`cfdebug.jobs.run_prepare_job`): what the dashboard starts for a page
     whose artifacts are not cached yet; by hand it fills the cache before the dashboard opens."""
-    from .jobs import prepare_spec, read_run_spec, run_prepare_job
+    from .jobs import prepare_spec, run_prepare_job
+    from .runs import RunRegistry
 
-    if args.config:
-        spec, stored_id = read_run_spec(args.config)
-        run_id = args.run_id or stored_id
-    else:
-        through = args.through or ("load" if args.train else "detect")
-        spec, run_id = prepare_spec(workspace_config(args), through, train=args.train), None
-    result = run_prepare_job(spec, run_id=run_id, progress=progress_printer(args))
+    registry = RunRegistry(args.workdir)
+    through = args.through or ("load" if args.train else "detect")
+    spec, run_id = _run_spec(args, "prepare", registry, lambda: prepare_spec(workspace_config(args), through, train=args.train))
+    result = run_prepare_job(spec, registry=registry, run_id=run_id, progress=progress_printer(args))
+    if result is None:
+        print(f"run {run_id} was cancelled", file=sys.stderr)
+        return None
     print(f"{result['model']} on {result['data']}: ready through {result['through']} in {result['seconds']:.1f} s" + (f"; trained weights: {result['weights']}" if result.get("weights") else ""))
     return result
 
@@ -513,14 +584,18 @@ def _revise_declarations(args, ws) -> list[dict]:
 def cmd_report(args) -> dict:
     """Every chosen claim on one workspace, each method vs its baseline with a 95% interval and a verdict."""
     from .claims import CLAIMS, model_line, replace_marked_section, report_markdown, run_claims, verdicts_markdown
-    from .config import TreatmentConfig
+    from .config import TreatmentSchedule
     from .data.corruptions import CORRUPTIONS
     from .runtime import fixed_threads
     from .verdicts import format_verdicts
     from .xcr import default_xcr_config, override_xcr_config
 
     claims = _csv_list(args.claims, "--claims", str, CLAIMS)
-    seeds = _ints(args.seeds, "--seeds")
+    seeds = _seeds(args.seeds, "--seeds")
+    lambdas1, lambdas2 = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2")
+    for name, values in (("--lambda1", lambdas1), ("--lambda2", lambdas2), ("--seeds", seeds)):
+        if not values:
+            raise CfdebugError(f"Expected at least one value for `{name}`, but got {getattr(args, name[2:])!r}.")
     outputs = [(path, False) for path in args.markdown or []] + [(path, True) for path in args.markdown_verdicts or []]
     for path, _ in outputs:  # before hours of work, not after
         if not Path(path).is_file():
@@ -528,8 +603,7 @@ def cmd_report(args) -> dict:
         replace_marked_section(Path(path).read_text(), args.section or args.data, "")
     with fixed_threads(args.threads, deterministic=False):
         ws = _open_workspace(args)
-        lambdas1, lambdas2 = _floats(args.lambda1, "--lambda1"), _floats(args.lambda2, "--lambda2")
-        treatment = TreatmentConfig(lambda1=lambdas1[0], lambda2=lambdas2[0], epochs=args.treat_epochs)
+        treatment = TreatmentSchedule(epochs=args.treat_epochs)
         xcr = override_xcr_config(
             default_xcr_config(ws.config), selector_epochs=args.selector_epochs, epochs=args.xcr_epochs,
             corruptions=_csv_list(args.corruptions, "--corruptions", str, CORRUPTIONS),
@@ -554,8 +628,10 @@ def cmd_report(args) -> dict:
 
 
 def cmd_runs(args) -> dict:
-    from .runs import RunRegistry, cancel
+    from .runs import BACKGROUND_KINDS, RunRegistry, cancel
 
+    if args.kind is not None and args.kind not in BACKGROUND_KINDS:
+        raise CfdebugError(f"Expected `--kind` to be one of {', '.join(BACKGROUND_KINDS)}, but got {args.kind!r}.")
     registry = RunRegistry(args.workdir)
     if args.cancel:
         record = cancel(registry, args.cancel)
@@ -565,9 +641,9 @@ def cmd_runs(args) -> dict:
     if not records:
         print(f"no runs in {registry.db_path}")
     for r in records:
-        progress = r.progress or {}
-        where = f"epoch {progress.get('epoch')}" if progress.get("epoch") is not None else ""
-        print(f"{r.run_id}  {r.kind:<6} {r.status:<10} {where:<10} {r.error or ''}")
+        progress = r.progress or {}  # the latest row (cfdebug.runs.progress): a position, or an engine epoch
+        where = f"{progress['fraction']:.0%} {progress.get('stage', '')}" if "fraction" in progress else f"epoch {progress['epoch']}" if "epoch" in progress else ""
+        print(f"{r.run_id}  {r.kind:<7} {r.status:<10} {where:<16} {r.error or ''}")
     return {"runs": [{"run_id": r.run_id, "kind": r.kind, "status": r.status, "error": r.error} for r in records]}
 
 
@@ -677,6 +753,7 @@ def _add_xcr(sub, ws, common) -> None:
     p = sub.add_parser("xcr", parents=[ws, common], help="XCR: explanation selector, masks, counterfactual retraining vs vanilla; calibration on clean and corrupted images (paper B Tables 1-2)", epilog=EPILOG)
     p.add_argument("--config", default=None, metavar="RUN_JSON", help="start from a run.json (what the dashboard launches)")
     p.add_argument("--run-id", default=None, help="the registry id of the run started with --config")
+    p.add_argument("--resume", default=None, metavar="RUN_ID", help="resume a stopped or crashed run from its last checkpoint")
     p.add_argument("--k", type=int, default=None, help="patches kept by the selector (default 32 of 256 at 32 px, patch 2)")
     p.add_argument("--beta", type=float, default=None, help="weight of KL(p || uniform) in the selector loss")
     p.add_argument("--patch-size", type=int, default=None, help="patch side in pixels; must divide the image (default 2)")
@@ -755,9 +832,9 @@ def _add_report(sub, ws, common) -> None:
 
 
 def _add_runs(sub, ws, common) -> None:
-    p = sub.add_parser("runs", parents=[common], help="list background runs (treatment, XCR) or cancel one")
+    p = sub.add_parser("runs", parents=[common], help="list the runs (treat, xcr, prepare) with where each is, or cancel one")
     p.add_argument("--workdir", default=default_workdir(), help="artifact cache holding runs.db (default: $CFDEBUG_HOME or ./.cfdebug)")
-    p.add_argument("--kind", default=None, help="only runs of this kind (treat, xcr)")
+    p.add_argument("--kind", default=None, help="only runs of this kind (treat, xcr, prepare)")
     p.add_argument("--cancel", default=None, metavar="RUN_ID", help="cancel a queued or running run")
     p.set_defaults(func=cmd_runs)
 
@@ -822,10 +899,37 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 #: Options naming a file the command writes: checked before any work starts.
 OUTPUT_OPTIONS = (("out", "--out"), ("json", "--json"), ("csv", "--csv"))
+#: Options naming a file the command reads (a folder there is refused as such).
+INPUT_FILE_OPTIONS = (("weights", "--weights"), ("config", "--config"), ("markdown", "--markdown"), ("markdown_verdicts", "--markdown-verdicts"))
+#: Every option naming a path (one value or a list of them): their length is checked first.
+PATH_OPTIONS = (*OUTPUT_OPTIONS, *INPUT_FILE_OPTIONS, ("data", "--data"), ("workdir", "--workdir"), ("cifar10c", "--cifar10c"), ("root", "--root"), ("directory", "DIRECTORY"))
+
+
+def _option_values(args, attr: str) -> list[str]:
+    """The non-empty values of option ``attr`` (an empty one means "not given", as before)."""
+    value = getattr(args, attr, None)
+    return [str(v) for v in (value if isinstance(value, list) else [value]) if v]
+
+
+def check_path_options(args) -> None:
+    """Refuse, before any work starts, a path too long for the system, a folder where a file is
+    read, and an output that cannot be written (:func:`check_output_path`)."""
+    for attr, flag in PATH_OPTIONS:
+        for value in _option_values(args, attr):
+            check_path_length(value, f"`{flag}`")
+    for attr, flag in INPUT_FILE_OPTIONS:
+        for value in _option_values(args, attr):
+            if Path(value).expanduser().is_dir():
+                raise CfdebugError(f"Expected `{flag}` to name a file, but {value} is a directory. Pass the path of a file.")
+    for attr, flag in OUTPUT_OPTIONS:
+        for value in _option_values(args, attr):
+            check_output_path(value, flag)
 
 
 def check_output_path(path: str, flag: str) -> None:
-    """Refuse an output path that cannot become a file: a directory, or under a file."""
+    """Refuse an output path that cannot become a file: a directory, under a file, or in a folder
+    where no file can be created (tried, not guessed: root may write anywhere by its permissions,
+    yet not under /proc or on a read-only disk)."""
     target = Path(path).expanduser()
     if target.is_dir():
         raise CfdebugError(f"Expected `{flag}` to name a file, but {target} is a directory. Pass a file path, e.g. {target / 'out'}.")
@@ -834,17 +938,20 @@ def check_output_path(path: str, flag: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise CfdebugError(f"Expected `{flag}` to name a file in a folder, but {parent} is a file. Pass a path in a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CfdebugError(f"Expected `{flag}` in a writable folder, but {parent} is not writable. Pass another path.")
+    probe = parent / f".cfdebug-write-check-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as exc:
+        raise CfdebugError(f"Expected `{flag}` in a folder where files can be created, but creating one in {parent} fails "
+                           f"({exc.strerror or exc}). Pass another path.") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        for attr, flag in OUTPUT_OPTIONS:
-            if getattr(args, attr, None):
-                check_output_path(getattr(args, attr), flag)
+        check_path_options(args)
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning

@@ -1,7 +1,7 @@
 """Misclassification detection by filter agreement (paper A, section 4.2 and Table 1).
 
 For a test image with inferred class ``ĉ``, the local set ``L = MC_x`` comes from ``ĉ``'s MC
-head and the global set ``G = h_ĉ > f·max(h_ĉ)`` from :mod:`cfdebug.mcfilters`. Their agreement
+head and the global set ``G = h_ĉ > f·max(h_ĉ)`` from :func:`cfdebug.mcfilters.detection_sets`. Their agreement
 is measured by recall ``|L∩G|/|G|``, precision ``|L∩G|/|L|`` and F1
 (:func:`cfdebug.metrics.set_agreement`).
 
@@ -55,13 +55,11 @@ import numpy as np
 
 from . import metrics
 from .cfe import masked_head, masked_predictions, mc_heads, predict_masks, split_head_inputs
-# DetectConfig and its constants live in cfdebug.config (METRICS, MCFilterConfig: re-exports).
-from .config import DETECT_METRICS as METRICS  # noqa: F401
-from .config import DETECT_ROWS as ROWS
-from .config import DetectConfig, MCFilterConfig, check_fraction, check_int  # noqa: F401
+# DetectConfig lives in cfdebug.config; this stage module re-exports it (and MCFilterConfig, its part).
+from .config import DETECT_ROWS, DetectConfig, MCFilterConfig, check_fraction, check_int  # noqa: F401
 from .errors import CfdebugError
 from .runtime import Progress, scaled_progress
-from .mcfilters import GlobalFilters, global_mc_filters, global_sets
+from .mcfilters import GlobalFilters, detection_sets, global_mc_filters
 from .store import jsonable, stable_hash
 
 ROW_LABELS = {"avg_recall": "Avg. Recall", "avg_f1": "Avg. F1 score", "recall_cut": "Recall <{cut:g}"}
@@ -168,7 +166,7 @@ def agreement_margin(metric: Any, pred: Any, thresholds: Any) -> np.ndarray:
     return np.where(np.isnan(m), -1.0, m - thr)
 
 
-def percentile_rank(x: np.ndarray) -> np.ndarray:
+def _percentile_rank(x: np.ndarray) -> np.ndarray:
     """Mean rank of each value scaled to (0, 1] (ties share their mean rank)."""
     from scipy.stats import rankdata
 
@@ -177,7 +175,7 @@ def percentile_rank(x: np.ndarray) -> np.ndarray:
 
 def combined_score(msp: np.ndarray, agreement_score: np.ndarray) -> np.ndarray:
     """``(rank(msp) + rank(agreement)) / 2`` with percentile ranks within the split."""
-    return 0.5 * (percentile_rank(np.asarray(msp, float)) + percentile_rank(np.asarray(agreement_score, float)))
+    return 0.5 * (_percentile_rank(np.asarray(msp, float)) + _percentile_rank(np.asarray(agreement_score, float)))
 
 
 def _detection_scores(scores: dict[str, np.ndarray], is_error: np.ndarray) -> tuple[dict, dict]:
@@ -224,17 +222,7 @@ def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: 
     config = config or DetectConfig()
     tr, te = _Split.of(train), _Split.of(test)
     k = filters.num_classes
-    if heads.num_classes != k or filters.histogram.shape[1] != heads.channels:
-        raise CfdebugError(
-            f"Expected the heads ({heads.num_classes} classes × {heads.channels} filters) and the global filters "
-            f"({k} × {filters.histogram.shape[1]}) to come from the same model, but they differ."
-        )
-    for name, split in (("train", tr), ("test", te)):
-        if split.logits.shape[1] != k or split.features.shape[1] != heads.channels:
-            raise CfdebugError(
-                f"Expected `{name}` to have [N, {heads.channels}] features and [N, {k}] logits, but got "
-                f"{tuple(split.features.shape)} and {tuple(split.logits.shape)}."
-            )
+    _check_same_model(heads, filters, tr, te)
     tr_pred, te_pred = tr.logits.argmax(1), te.logits.argmax(1)
     te_probs = te.probs
     te_conf = te_probs.max(1)
@@ -243,8 +231,8 @@ def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: 
     tr_local = predict_masks(heads, tr.features, tr_pred)  # [N_train, C]
     te_local = predict_masks(heads, te.features, te_pred)  # [N_test, C]
 
-    sets_main = global_sets(filters.histogram, config.freq_threshold)
-    sets_cut = global_sets(filters.histogram, config.recall_cut_freq_threshold)
+    sets_main = detection_sets(filters.histogram, config.freq_threshold)
+    sets_cut = detection_sets(filters.histogram, config.recall_cut_freq_threshold)
     tr_main, te_main = agreement(tr_local, tr_pred, sets_main), agreement(te_local, te_pred, sets_main)
     te_cut = agreement(te_local, te_pred, sets_cut)
 
@@ -258,13 +246,6 @@ def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: 
         "avg_f1": flag_predictions(te_main["f1"], te_pred, te_conf, thresholds["avg_f1"], config.skip_threshold),
         "recall_cut": flag_predictions(te_cut["recall"], te_pred, te_conf, thresholds["recall_cut"], config.recall_cut_skip_threshold),
     }
-    table = [
-        table1_row("avg_recall", flags["avg_recall"], is_error, config.skip_threshold, config.freq_threshold, "class mean of training recall"),
-        table1_row("avg_f1", flags["avg_f1"], is_error, config.skip_threshold, config.freq_threshold, "class mean of training F1"),
-        table1_row("recall_cut", flags["recall_cut"], is_error, config.recall_cut_skip_threshold, config.recall_cut_freq_threshold, float(config.recall_cut)),
-    ]
-    table[2]["label"] = ROW_LABELS["recall_cut"].format(cut=config.recall_cut)
-
     score_key = {"recall": "avg_recall", "f1": "avg_f1"}.get(config.score_metric)
     score_thr = thresholds[score_key] if score_key else class_thresholds(tr_main[config.score_metric], tr_pred, k, config.fallback_threshold)
     score = agreement_margin(te_main[config.score_metric], te_pred, score_thr)
@@ -284,18 +265,10 @@ def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: 
         "n_images": int(n),
         "total_errors": int(is_error.sum()),
         "accuracy": float(1.0 - is_error.mean()),
-        "table1": table,
+        "table1": _table1(flags, is_error, config),
         "auroc": auroc,
         "aupr_err": aupr,
-        "score_definitions": {
-            "mc_agreement": (
-                f"{config.score_metric} of MC_x vs the global set at freq {config.freq_threshold:g}, minus the class's "
-                "mean training value (unscorable → −1)"
-            ),
-            "msp": "maximum softmax probability",
-            "combined": "mean of the percentile ranks of msp and mc_agreement within the split",
-            "mc_agreement_raw": f"{config.score_metric} of MC_x vs the global set (unscorable → 0), no class threshold",
-        },
+        "score_definitions": _score_definitions(config),
         "rerank_fixed": int((flagged & is_error & (proposal == te.labels)).sum()),
         "rerank_broken": int((flagged & ~is_error & (proposal != te_pred)).sum()),
         "rerank_top_k": int(kk),
@@ -307,6 +280,46 @@ def detect_arrays(heads, filters: GlobalFilters, train: Any, test: Any, config: 
         "unscorable_classes": [int(i) for i in empty_classes],
         "n_unscorable": int(unscorable.sum()),
         "images": images,
+    }
+
+
+def _check_same_model(heads, filters: GlobalFilters, tr: _Split, te: _Split) -> None:
+    """Refuse heads, global filters and splits that do not come from one model (K classes × C filters)."""
+    k = filters.num_classes
+    if heads.num_classes != k or filters.histogram.shape[1] != heads.channels:
+        raise CfdebugError(
+            f"Expected the heads ({heads.num_classes} classes × {heads.channels} filters) and the global filters "
+            f"({k} × {filters.histogram.shape[1]}) to come from the same model, but they differ."
+        )
+    for name, split in (("train", tr), ("test", te)):
+        if split.logits.shape[1] != k or split.features.shape[1] != heads.channels:
+            raise CfdebugError(
+                f"Expected `{name}` to have [N, {heads.channels}] features and [N, {k}] logits, but got "
+                f"{tuple(split.features.shape)} and {tuple(split.logits.shape)}."
+            )
+
+
+def _table1(flags: dict, is_error: np.ndarray, config: DetectConfig) -> list[dict]:
+    """Table 1's three rows (:data:`ROW_LABELS`) from each row's flags and ``is_error`` [N] bool."""
+    table = [
+        table1_row("avg_recall", flags["avg_recall"], is_error, config.skip_threshold, config.freq_threshold, "class mean of training recall"),
+        table1_row("avg_f1", flags["avg_f1"], is_error, config.skip_threshold, config.freq_threshold, "class mean of training F1"),
+        table1_row("recall_cut", flags["recall_cut"], is_error, config.recall_cut_skip_threshold, config.recall_cut_freq_threshold, float(config.recall_cut)),
+    ]
+    table[2]["label"] = ROW_LABELS["recall_cut"].format(cut=config.recall_cut)
+    return table
+
+
+def _score_definitions(config: DetectConfig) -> dict[str, str]:
+    """What each continuous score of the report is, in words."""
+    return {
+        "mc_agreement": (
+            f"{config.score_metric} of MC_x vs the global set at freq {config.freq_threshold:g}, minus the class's "
+            "mean training value (unscorable → −1)"
+        ),
+        "msp": "maximum softmax probability",
+        "combined": "mean of the percentile ranks of msp and mc_agreement within the split",
+        "mc_agreement_raw": f"{config.score_metric} of MC_x vs the global set (unscorable → 0), no class threshold",
     }
 
 
@@ -337,7 +350,7 @@ def _image_rows(te, paths, conf, main, score, flags, flagged, proposed, unscorab
             "f1": _num(main["f1"][i]),
             "agreement_margin": float(score[i]),
             "flagged": bool(flagged[i]),
-            **{f"flagged_{row}": bool(flags[row]["flagged"][i]) for row in ROWS},
+            **{f"flagged_{row}": bool(flags[row]["flagged"][i]) for row in DETECT_ROWS},
             "proposed": int(proposed[i]),
             "unscorable": bool(unscorable[i]),
             "error": bool(is_error[i]),
@@ -569,24 +582,16 @@ class _WithPaths:
 
 
 def images_frame(result: dict):
-    """The per-image table of :func:`run_detection` as a pandas DataFrame."""
+    """The per-image table of :func:`run_detection` as a pandas DataFrame (the ``--csv`` output);
+    bytes of a path that are not UTF-8 (a dataset folder so named) are written as ``\\xNN``."""
     import pandas as pd
 
-    return pd.DataFrame(result["images"])
+    from .data.formats import display_path
+
+    return pd.DataFrame([{**row, "path": display_path(row["path"])} if row.get("path") else row for row in result["images"]])
 
 
 __all__ = [
-    "DetectConfig",
-    "ablation",
-    "ablation_arrays",
-    "agreement",
-    "class_thresholds",
-    "combined_score",
-    "detect_arrays",
-    "flag_predictions",
-    "flags_at_margin",
-    "images_frame",
-    "report_key",
-    "run_detection",
-    "table1_row",
+    "DetectConfig", "ablation", "ablation_arrays", "agreement", "class_thresholds", "combined_score", "detect_arrays",
+    "flag_predictions", "flags_at_margin", "images_frame", "report_key", "run_detection", "table1_row",
 ]

@@ -13,6 +13,8 @@ VGG) also need the target feature maps themselves for the CFE heads:
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from .errors import CfdebugError
 from .hooks import capture
 from .metrics import softmax
 from .runtime import Progress
-from .store import stable_hash
+from .store import format_bytes, no_space_error, stable_hash
 
 
 
@@ -105,10 +107,11 @@ def stream_features(
             pooled = pool(out) if keep_maps else out
             _check_finite_outputs(logits, pooled, index)
             if feats is None:
-                feats = open_memmap(out_dir / "features.npy", mode="w+", dtype=np.float32, shape=(n_items, pooled.shape[1]))
-                logits_mm = open_memmap(out_dir / "logits.npy", mode="w+", dtype=np.float32, shape=(n_items, logits.shape[1]))
+                shapes = {"features": (n_items, pooled.shape[1]), "logits": (n_items, logits.shape[1])}
                 if keep_maps:
-                    maps_mm = open_memmap(out_dir / "maps.npy", mode="w+", dtype=np.float32, shape=_checked_map_shape(out_dir, n_items, out))
+                    shapes["maps"] = _map_shape(n_items, out)
+                mapped = _reserved_memmaps(out_dir, shapes)
+                feats, logits_mm, maps_mm = mapped["features"], mapped["logits"], mapped.get("maps")
             idx = index.numpy()
             feats[idx] = pooled.cpu().numpy()
             logits_mm[idx] = logits.cpu().numpy()
@@ -144,19 +147,47 @@ def _check_finite_outputs(logits: torch.Tensor, pooled: torch.Tensor, index: tor
         )
 
 
-def _checked_map_shape(out_dir: Path, n_items: int, fmap: torch.Tensor) -> tuple[int, ...]:
-    """``(N, C, h, w)`` for the maps file, or a clear error when it cannot fit on the disk."""
+def _map_shape(n_items: int, fmap: torch.Tensor) -> tuple[int, ...]:
+    """``(N, C, h, w)`` for the maps file of ``n_items`` images, from a batch's maps ``fmap`` [B, C, h, w]."""
     if fmap.ndim != 4:
         raise CfdebugError(f"Expected the target layer to output a feature map [B, C, h, w], but got shape {tuple(fmap.shape)}")
-    shape = (n_items, *fmap.shape[1:])
-    need = 4 * int(np.prod(shape, dtype=np.int64))
+    return (n_items, *fmap.shape[1:])
+
+
+def _reserved_memmaps(out_dir: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.memmap]:
+    """One float32 ``<name>.npy`` memory map per entry of ``shapes``, in ``out_dir``, its disk
+    blocks reserved before anything is written into it.
+
+    Writing into a memory-mapped page that the disk cannot hold kills the process with SIGBUS
+    (no message, the temporary folder left behind); a disk without room for all of them is
+    refused up front, and the reservation (``posix_fallocate``) turns a disk that fills in the
+    meantime into a clear error as well.
+    """
+    need = sum(4 * int(np.prod(shape, dtype=np.int64)) + 128 for shape in shapes.values())  # + the .npy headers
     free = shutil.disk_usage(out_dir).free
     if need > free:
+        what = f"the target feature maps {shapes['maps']}" if "maps" in shapes else f"the features {shapes['features']} and logits {shapes['logits']}"
         raise CfdebugError(
-            f"Caching the target feature maps {shape} needs {need / 2**30:.2f} GiB, but only "
-            f"{free / 2**30:.2f} GiB are free under {out_dir.parent}. Free some space or pass another `--workdir`."
+            f"Caching {what} needs {format_bytes(need)}, but only {format_bytes(free)} are free under "
+            f"{out_dir.parent}. Free some space or pass another `--workdir`."
         )
-    return shape
+    arrays = {}
+    for name, shape in shapes.items():
+        path = out_dir / f"{name}.npy"
+        arrays[name] = open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        if not hasattr(os, "posix_fallocate"):  # macOS: the free-space check above is what there is
+            continue
+        try:
+            with open(path, "r+b") as handle:
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                arrays.clear()  # unmapped before the temporary folder is removed
+                raise no_space_error(out_dir.parent, need, "pass another `--workdir`") from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            # a file system without reservations: the free-space check above is what there is
+    return arrays
 
 
 class ExtractionCache:

@@ -2,8 +2,9 @@
 
 A run's *spec* is the JSON its ``run.json`` holds under ``config`` (:meth:`RunRegistry.create`):
 
-* ``treat``: ``{"workspace": config_dict(WorkspaceConfig), "treatment": config_dict(TreatmentConfig),
-  "lambdas1": [float], "lambdas2": [float], "seeds": [int]}`` (:func:`treat_spec`);
+* ``treat``: ``{"workspace": config_dict(WorkspaceConfig), "treatment": config_dict(TreatmentSchedule),
+  "lambdas1": [float], "lambdas2": [float], "seeds": [int]}`` (:func:`treat_spec`): the loss weights
+  live in the grids only;
 * ``xcr``: ``{"workspace": config_dict(WorkspaceConfig), "xcr": config_dict(XCRConfig)}`` (:func:`xcr_spec`);
 * ``revise``: ``{"workspace": config_dict(WorkspaceConfig), "revise": config_dict(ReviseConfig),
   "declaration": {"method", "region", "filters"}, "seeds": [int], "budget": float}`` (:func:`revise_spec`);
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from .config import TreatmentConfig, WorkspaceConfig, check_choice, config_dict, workspace_config_from_dict, xcr_config_from_dict
+from .config import TreatmentSchedule, WorkspaceConfig, check_choice, check_real, check_sweep_schedule, config_dict, workspace_config_from_dict, xcr_config_from_dict
 from .errors import CfdebugError
 from .store import stable_hash
 
@@ -56,15 +57,20 @@ __all__ = [
 RUN_KINDS = ("treat", "xcr", "revise", "prepare")
 
 
-def treat_spec(workspace: WorkspaceConfig, treatment: TreatmentConfig, lambdas1: Sequence[float], lambdas2: Sequence[float], seeds: Sequence[int]) -> dict:
+def treat_spec(workspace: WorkspaceConfig, schedule: TreatmentSchedule, lambdas1: Sequence[float], lambdas2: Sequence[float], seeds: Sequence[int]) -> dict:
     """The spec of a treatment sweep: every (λ1, λ2) in ``lambdas1 × lambdas2`` and the control, per seed.
 
-    ``treatment`` gives the schedule (its own ``lambda1``/``lambda2``/``seed`` are the first of each list).
+    ``schedule`` is what the runs share (a :class:`TreatmentSchedule`: no loss weights, so the
+    grids are their one source; its ``seed`` is replaced by each of ``seeds``). Each λ is
+    checked to be in ``[0, 1]`` now, before a run is registered.
     """
-    lambdas1, lambdas2, seeds = [float(v) for v in lambdas1], [float(v) for v in lambdas2], [int(v) for v in seeds]
+    check_sweep_schedule(schedule)
+    lambdas1 = [check_real(v, "lambdas1", 0.0, 1.0) for v in lambdas1]
+    lambdas2 = [check_real(v, "lambdas2", 0.0, 1.0) for v in lambdas2]
+    seeds = [int(v) for v in seeds]
     if not (lambdas1 and lambdas2 and seeds):
         raise CfdebugError("Expected at least one value each for `lambdas1`, `lambdas2` and `seeds`, but one of them is empty.")
-    return {"workspace": config_dict(workspace), "treatment": config_dict(treatment), "lambdas1": lambdas1, "lambdas2": lambdas2, "seeds": seeds}
+    return {"workspace": config_dict(workspace), "treatment": config_dict(schedule), "lambdas1": lambdas1, "lambdas2": lambdas2, "seeds": seeds}
 
 
 def xcr_spec(workspace: WorkspaceConfig, xcr) -> dict:
@@ -91,11 +97,17 @@ def read_run_spec(path: str | Path) -> tuple[dict, str | None]:
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_treat_spec(spec: dict) -> tuple[WorkspaceConfig, TreatmentConfig, list, list, list]:
+#: Keys a treat spec's ``treatment`` held before it was a :class:`TreatmentSchedule` (the first
+#: pair of the grids, a copy of ``lambdas1[0]``/``lambdas2[0]``); dropped when such a run resumes.
+_OLD_SPEC_WEIGHTS = ("lambda1", "lambda2")
+
+
+def _parse_treat_spec(spec: dict) -> tuple[WorkspaceConfig, TreatmentSchedule, list, list, list]:
     try:
+        schedule = {k: v for k, v in spec["treatment"].items() if k not in _OLD_SPEC_WEIGHTS}
         return (
             workspace_config_from_dict(spec["workspace"]),
-            TreatmentConfig(**spec["treatment"]),
+            TreatmentSchedule(**schedule),
             list(spec["lambdas1"]), list(spec["lambdas2"]), list(spec["seeds"]),
         )
     except (KeyError, TypeError) as exc:
@@ -134,55 +146,68 @@ def run_treat_job(
         result is also stored in the registry. ``None`` on the other ranks and when the run was
         cancelled (the registry records it).
     """
-    from .distributed import broadcast_object, init_distributed, main_first, shutdown
-    from .runs import RunCancelled, RunRegistry, run_context
-    from .runtime import scaled_progress
-    from .treatment import training_sets, treatment_sweep
-    from .workspace import Workspace
+    from .distributed import init_distributed, shutdown
+    from .runs import RunCancelled, RunRegistry
 
     try:
-        ws_config, treatment, lambdas1, lambdas2, seeds = _parse_treat_spec(spec)
+        parsed = _parse_treat_spec(spec)
     except CfdebugError as exc:
         if registry is not None and run_id is not None:
             registry.set_status(run_id, "failed", error=str(exc))
         raise
-    registry = registry if registry is not None else RunRegistry(ws_config.workdir)
-    ctx = init_distributed(ws_config.device)  # a no-op unless started by torchrun
-    result = None
+    registry = registry if registry is not None else RunRegistry(parsed[0].workdir)
+    ctx = init_distributed(parsed[0].device)  # a no-op unless started by torchrun
     try:
-        if run_id is None:
-            run_id = registry.create("treat", spec).run_id if ctx.is_main else None
-        run_id = broadcast_object(run_id)
-        ws_config = dataclasses.replace(ws_config, device=str(ctx.device))
-        if ctx.is_main and ctx.distributed:
-            # torchrun gives each worker its own session, so cancel() signals rank 0 only: turn
-            # its SIGTERM into the registry's cancel flag, which every rank checks each step.
-            signal.signal(signal.SIGTERM, lambda *_: registry.request_cancel(run_id))
-        main_progress = progress if ctx.is_main else None
-        guard = run_context(registry, run_id, handle_sigterm=not ctx.distributed) if ctx.is_main else contextlib.nullcontext()
-        with guard:
-            with main_first():  # rank 0 trains/extracts into the cache, the others then read it
-                ws = Workspace(ws_config, scaled_progress(main_progress, 0.0, 1.0, "training: "))
-                sets = training_sets(ws)
-            sets = broadcast_object(sets)
-            if ctx.is_main and on_start is not None:
-                on_start(run_id, ws)
-            result = treatment_sweep(
-                ws, lambdas1, lambdas2, seeds, treatment.epochs, sets,
-                progress=scaled_progress(main_progress, 0.0, 1.0, "treat: "), config=treatment,
-                run_dir=registry.run_dir(run_id), registry=registry, run_id=run_id,
-            )
-            result = {"run_id": run_id, "classes": list(ws.data.classes), "world_size": ctx.world_size, **result}
-            if ctx.is_main:
-                result.update(_best_model_changes(ws, registry.run_dir(run_id), result, seeds[0], scaled_progress(main_progress, 0.0, 1.0, "treat: ")))
-                registry.set_result(run_id, result)
+        return _treat(ctx, registry, run_id, spec, parsed, progress, on_start)
     except RunCancelled:
         if ctx.is_main:
             raise
         return None
     finally:
         shutdown()
-    return result if ctx.is_main else None
+
+
+def _treat(ctx, registry, run_id: str | None, spec: dict, parsed: tuple, progress: Progress | None, on_start) -> dict | None:
+    """The body of :func:`run_treat_job` on every rank: register (rank 0), run, store (rank 0).
+    Rank 0 reports the stages of :data:`TREAT_SPANS` to the registry and to ``progress``."""
+    from .distributed import broadcast_object, main_first
+    from .runs import RunStages, run_context
+    from .runtime import scaled_progress
+    from .treatment import training_sets, treatment_sweep
+    from .workspace import Workspace
+
+    ws_config, schedule, lambdas1, lambdas2, seeds = parsed
+    if run_id is None:
+        run_id = registry.create("treat", spec).run_id if ctx.is_main else None
+    run_id = broadcast_object(run_id)
+    ws_config = dataclasses.replace(ws_config, device=str(ctx.device))
+    if ctx.is_main and ctx.distributed:
+        # torchrun gives each worker its own session, so cancel() signals rank 0 only: turn
+        # its SIGTERM into the registry's cancel flag, which every rank checks each step.
+        signal.signal(signal.SIGTERM, lambda *_: registry.request_cancel(run_id))
+    log = (lambda row: registry.log_progress(run_id, row)) if ctx.is_main else None
+    stages = RunStages(TREAT_SPANS, log, progress if ctx.is_main else None)
+    guard = run_context(registry, run_id, handle_sigterm=not ctx.distributed) if ctx.is_main else contextlib.nullcontext()
+    result = None  # stays None when run_context ends the run as cancelled
+    with guard:
+        with main_first():  # rank 0 trains/extracts into the cache, the others then read it
+            ws = Workspace(ws_config, scaled_progress(stages.stage("load", "Loading the model and data"), 0.0, 1.0, "training: "))
+            sets = training_sets(ws, stages.stage("sets", "Global MC sets (CFE heads)"))
+        sets = broadcast_object(sets)
+        if ctx.is_main and on_start is not None:
+            on_start(run_id, ws)
+        result = treatment_sweep(
+            ws, lambdas1, lambdas2, seeds, sets, progress=stages.stage("sweep", "Treatment sweep"),
+            schedule=schedule, run_dir=registry.run_dir(run_id), registry=registry, run_id=run_id,
+        )
+        result = {"run_id": run_id, "classes": list(ws.data.classes), "world_size": ctx.world_size, **result}
+        if not ctx.is_main:
+            return None
+        detect = stages.stage("detect", "Detection on the treated model")
+        result.update(_best_model_changes(ws, registry.run_dir(run_id), result, seeds[0], detect))
+        detect(1.0, "done")
+        registry.set_result(run_id, result)
+    return result
 
 
 def _best_model_changes(ws, run_dir: Path, result: dict, seed: int, progress: Progress | None) -> dict:
@@ -197,7 +222,7 @@ def _best_model_changes(ws, run_dir: Path, result: dict, seed: int, progress: Pr
     ws_config = ws.config
     treated_cfg = dataclasses.replace(ws_config, model=dataclasses.replace(ws_config.model, weights=str(weights)))
     if progress:
-        progress(1.0, "recomputing detection on the treated model for the flagged-set churn")
+        progress(0.0, "recomputing detection on the treated model for the flagged-set churn")
     before, after = run_detection(ws), run_detection(Workspace(treated_cfg))
     which = {"lambda1": best["lambda1"], "lambda2": best["lambda2"], "seed": seed, "weights": str(weights)}
     churn = flagged_churn(before, after)
@@ -221,21 +246,19 @@ def prediction_changes(before: dict, after: dict, num_classes: int) -> dict:
     ``labels`` [N] int, ``confusion_delta`` [K, K] int (after − before; rows true class, columns
     predicted), ``fixed`` (indices wrong before, right after) and ``broken`` (right before, wrong after).
     """
-    from .metrics import confusion_matrix
+    from .metrics import prediction_churn
 
     if [r["id"] for r in before["images"]] != [r["id"] for r in after["images"]]:
         raise CfdebugError("Expected two detection results on the same images, but their image ids differ.")
     labels = np.asarray([r["true"] for r in before["images"]], dtype=np.int64)  # [N]
     base = np.asarray([r["predicted"] for r in before["images"]], dtype=np.int64)  # [N]
     treated = np.asarray([r["predicted"] for r in after["images"]], dtype=np.int64)  # [N]
-    delta = confusion_matrix(treated, labels, num_classes) - confusion_matrix(base, labels, num_classes)  # [K, K]
+    churn = prediction_churn(base, treated, labels, num_classes)
     return {
         "base_test_predictions": base.tolist(),
         "test_predictions": treated.tolist(),
         "labels": labels.tolist(),
-        "confusion_delta": np.asarray(delta).tolist(),
-        "fixed": np.flatnonzero((base != labels) & (treated == labels)).tolist(),
-        "broken": np.flatnonzero((base == labels) & (treated != labels)).tolist(),
+        **{name: churn[name].tolist() for name in ("confusion_delta", "fixed", "broken")},
     }
 
 
@@ -244,36 +267,64 @@ def prediction_changes(before: dict, after: dict, num_classes: int) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def _parse_xcr_spec(spec: dict):
+    if not isinstance(spec, dict) or "workspace" not in spec or "xcr" not in spec:
+        held = ", ".join(spec) if isinstance(spec, dict) else type(spec).__name__
+        raise CfdebugError(f"Expected the run config to hold `workspace` and `xcr`, but it holds {held or 'nothing'}; start a new XCR run instead.")
+    return workspace_config_from_dict(spec["workspace"]), xcr_config_from_dict(spec["xcr"])
+
+
 def run_xcr_job(
     spec: dict,
     *,
     registry=None,
     run_id: str | None = None,
     progress: Progress | None = None,
-) -> dict:
-    """Run an XCR report (:func:`~cfdebug.xcr.run_xcr_report`) for an xcr spec (:func:`xcr_spec`).
+    on_start: Callable[[str, object], None] | None = None,
+    use_cache: bool = True,
+) -> dict | None:
+    """Run an XCR report (:func:`~cfdebug.xcr.run_xcr_report`) for an xcr spec (:func:`xcr_spec`) as a registry run.
 
-    With ``run_id`` (a run registered by :meth:`RunRegistry.create` or
-    :func:`~cfdebug.runs.start_background_run`) the report runs inside
-    :func:`~cfdebug.runs.run_context` (status, cancel by ``SIGTERM``), logs progress, resumes its
-    retraining checkpoints and stores the result; ``registry`` defaults to the one of the spec's
-    workdir. Without ``run_id`` it just runs. Returns the report dict.
+    The options are checked against the data first (:func:`~cfdebug.xcr.check_report_inputs`:
+    ``k`` and the patch size against the image size, the CIFAR-10-C folder, …), before a run
+    exists: a mistake raises :class:`CfdebugError` and registers nothing (a run given by
+    ``run_id`` fails with the message). Then, as :func:`run_treat_job` does, ``run_id=None``
+    registers a new run; the report runs inside :func:`~cfdebug.runs.run_context` (status, cancel
+    by ``SIGTERM``), logs its progress rows, resumes its retraining checkpoints from the run's
+    folder and stores the result.
+
+    Args:
+        spec: an xcr spec. registry: default the one of the spec's workdir.
+        run_id: a registered run (:func:`~cfdebug.runs.start_background_run`), or ``None``.
+        progress: ``progress(fraction, message)``, the same progress as text.
+        on_start: called as ``on_start(run_id, workspace)`` once the run is registered and its
+            workspace loaded (the CLI prints where the run lives).
+        use_cache: return a stored report of the same workspace and config when there is one.
+
+    Returns:
+        The report dict; ``None`` when the run was cancelled (the registry records it).
     """
+    from .data import load_data
     from .runs import RunRegistry, run_context
     from .workspace import Workspace
-    from .xcr import run_xcr_report
+    from .xcr import check_report_inputs, run_xcr_report
 
-    if not isinstance(spec, dict) or "workspace" not in spec or "xcr" not in spec:
-        held = ", ".join(spec) if isinstance(spec, dict) else type(spec).__name__
-        raise CfdebugError(f"Expected the run config to hold `workspace` and `xcr`, but it holds {held or 'nothing'}; start a new XCR run instead.")
-    ws_config = workspace_config_from_dict(spec["workspace"])
-    config = xcr_config_from_dict(spec["xcr"])
+    try:
+        ws_config, config = _parse_xcr_spec(spec)
+        registry = registry if registry is not None else RunRegistry(ws_config.workdir)
+        check_report_inputs(load_data(ws_config.data), config)
+    except CfdebugError as exc:
+        if registry is not None and run_id is not None:
+            registry.set_status(run_id, "failed", error=str(exc))
+        raise
     if run_id is None:
-        return run_xcr_report(Workspace(ws_config, progress), config, progress)
-    registry = registry if registry is not None else RunRegistry(ws_config.workdir)
+        run_id = registry.create("xcr", spec).run_id
+    result = None  # stays None when run_context ends the run as cancelled
     with run_context(registry, run_id):
         ws = Workspace(ws_config, progress)
-        result = run_xcr_report(ws, config, progress, registry, run_id)
+        if on_start is not None:
+            on_start(run_id, ws)
+        result = run_xcr_report(ws, config, progress, registry, run_id, use_cache=use_cache)
         registry.set_result(run_id, result)
     return result
 
@@ -307,46 +358,51 @@ def _parse_revise_spec(spec: dict):
         raise CfdebugError(f"The run config is not a revise config ({exc}). Start a new run instead.") from None
 
 
+#: The stages of a revise run, each its share of the run's bar.
+REVISE_SPANS = {"load": (0.0, 0.05), "detect": (0.05, 0.1), "sweep": (0.1, 1.0)}
+
+
 def run_revise_job(spec: dict, *, registry=None, run_id: str | None = None, progress: Progress | None = None,
                    on_start: Callable[[str, object], None] | None = None) -> dict | None:
     """Run a revise spec (:func:`revise_spec`) as a registry run: the CE control and the method
     for every seed (:func:`~cfdebug.revise.revise_sweep`, checkpoints in the run folder, so a
     relaunch resumes), then the verdicts (:func:`~cfdebug.claims.revise_verdicts`).
 
-    Returns the sweep's result plus ``run_id``, ``classes``, ``labels`` (test), ``flagged`` (the
-    base model's review-budget flags, test indices), ``verdicts`` and ``summary``; stored in the
-    registry. ``None`` when the run was cancelled (the registry records it).
+    The declaration is checked against the data before a run is registered (a mistake registers
+    nothing). Returns the sweep's result plus ``run_id``, ``classes``, ``labels`` (test),
+    ``flagged`` (the base model's review-budget flags, test indices), ``verdicts`` and
+    ``summary``; stored in the registry. ``None`` when the run was cancelled (the registry
+    records it).
     """
     from .claims import budget_flags, detection_scores, revise_summary, revise_verdicts
     from .detect import run_detection
     from .revise import declare, revise_sweep
-    from .runs import RunCancelled, RunRegistry, run_context
+    from .runs import RunRegistry, RunStages, run_context
     from .runtime import scaled_progress
     from .workspace import Workspace
 
     ws_config, config, declaration, seeds, budget = _parse_revise_spec(spec)
     registry = registry if registry is not None else RunRegistry(ws_config.workdir)
     if run_id is None:
+        declare(Workspace(ws_config), declaration["method"], declaration.get("region"), declaration.get("filters"))  # before a run exists
         run_id = registry.create("revise", spec).run_id
-    result = None  # stays None when the run is cancelled (run_context records it and returns)
-    try:
-        with run_context(registry, run_id):
-            ws = Workspace(ws_config, scaled_progress(progress, 0.0, 1.0, "training: "))
-            decl = declare(ws, declaration["method"], declaration.get("region"), declaration.get("filters"))
-            if on_start is not None:
-                on_start(run_id, ws)
-            report = run_detection(ws, progress=scaled_progress(progress, 0.0, 0.05, "detection on the base model: "))
-            flagged = budget_flags(detection_scores(report)[0]["mc_agreement"], budget)
-            result = revise_sweep(ws, decl, seeds, config, run_dir=registry.run_dir(run_id), registry=registry, run_id=run_id,
-                                  progress=scaled_progress(progress, 0.05, 1.0, "revise: "))
-            labels = ws.data.splits["test"].labels
-            verdicts = [c.as_dict() for c in revise_verdicts(result, labels, ws.data.classes, flagged)]
-            result = {"run_id": run_id, "classes": list(ws.data.classes), "labels": [int(v) for v in labels],
-                      "flagged": np.flatnonzero(flagged).tolist(), "budget": budget, "verdicts": verdicts,
-                      "summary": revise_summary(result, ws.data.input_size), **result}
-            registry.set_result(run_id, result)
-    except RunCancelled:
-        return None
+    stages = RunStages(REVISE_SPANS, lambda row: registry.log_progress(run_id, row), progress)
+    result = None  # stays None when run_context ends the run as cancelled
+    with run_context(registry, run_id):
+        ws = Workspace(ws_config, scaled_progress(stages.stage("load", "Loading the model and data"), 0.0, 1.0, "training: "))
+        decl = declare(ws, declaration["method"], declaration.get("region"), declaration.get("filters"))
+        if on_start is not None:
+            on_start(run_id, ws)
+        report = run_detection(ws, progress=stages.stage("detect", "Detection on the base model"))
+        flagged = budget_flags(detection_scores(report)[0]["mc_agreement"], budget)
+        result = revise_sweep(ws, decl, seeds, config, run_dir=registry.run_dir(run_id), registry=registry, run_id=run_id,
+                              progress=stages.stage("sweep", f"Revise ({decl.method}) vs its CE control"))
+        labels = ws.data.splits["test"].labels
+        verdicts = [c.as_dict() for c in revise_verdicts(result, labels, ws.data.classes, flagged)]
+        result = {"run_id": run_id, "classes": list(ws.data.classes), "labels": [int(v) for v in labels],
+                  "flagged": np.flatnonzero(flagged).tolist(), "budget": budget, "verdicts": verdicts,
+                  "summary": revise_summary(result, ws.data.input_size), **result}
+        registry.set_result(run_id, result)
     return result
 
 
@@ -360,8 +416,10 @@ def run_revise_job(spec: dict, *, registry=None, run_id: str | None = None, prog
 #: ``detect``: the detection report (all with the default configs the dashboard uses).
 PREPARE_STAGES = ("load", "extract", "filters", "detect")
 _STAGE_LABELS = {"load": "Loading the model and data", "extract": "Extracting features", "filters": "Fitting CFE heads", "detect": "Scoring the test predictions"}
-#: A progress row is logged at most this often (seconds), besides each stage's first and last.
-PROGRESS_EVERY_S = 0.5
+#: The stages of a treat run and their shares of its bar: the workspace, the global MC sets the
+#: losses use (CFE heads), the sweep (every λ pair and the control, per seed) and detection on the
+#: best treated model.
+TREAT_SPANS = {"load": (0.0, 0.05), "sets": (0.05, 0.15), "sweep": (0.15, 0.9), "detect": (0.9, 1.0)}
 
 
 def prepare_key(workspace: WorkspaceConfig, train: bool = False) -> str:
@@ -403,54 +461,35 @@ def _parse_prepare_spec(spec: dict) -> tuple[WorkspaceConfig, bool, str]:
     return workspace_config_from_dict(spec["workspace"]), bool(spec.get("train", False)), through
 
 
-def _stage_progress(log: Callable[[dict], None] | None, index: int, stages: Sequence[str], label: str | None = None) -> Progress | None:
-    """A progress callback for stage ``stages[index]`` that logs ``{"fraction", "stage", "step",
-    "steps", "stage_fraction", "message"}`` rows (``fraction`` over the whole run, stages equal
-    shares) at most every :data:`PROGRESS_EVERY_S`, and always a stage's first and last row."""
-    if log is None:
-        return None
-    n, name, last = len(stages), stages[index], {"time": 0.0}
-    label = label or _STAGE_LABELS[name]
-
-    def report(fraction: float, message: str) -> None:
-        fraction = min(max(float(fraction), 0.0), 1.0)
-        now = time.monotonic()
-        if 0.0 < fraction < 1.0 and now - last["time"] < PROGRESS_EVERY_S:
-            return
-        last["time"] = now
-        text = f"{label}: {message}" if message else label
-        log({"fraction": (index + fraction) / n, "stage": name, "step": index + 1, "steps": n, "stage_fraction": fraction, "message": text})
-
-    report(0.0, "")
-    return report
-
-
-def _prepare(ws_config: WorkspaceConfig, train: bool, through: str, log: Callable[[dict], None] | None) -> dict:
-    """The stages of a prepare run, each reporting through :func:`_stage_progress`; returns the result."""
+def _prepare(ws_config: WorkspaceConfig, train: bool, through: str, log: Callable[[dict], None] | None, progress: Progress | None) -> dict:
+    """The stages of a prepare run, sharing the bar equally (:meth:`RunStages.equal`, rows to
+    ``log``, text to ``progress``); returns the result."""
     from .cfe import mc_heads
     from .detect import run_detection
     from .mcfilters import global_mc_filters
+    from .runs import RunStages
     from .runtime import scaled_progress
     from .workspace import Workspace
 
     start = time.perf_counter()
     stages = PREPARE_STAGES[: PREPARE_STAGES.index(through) + 1]
-    label = f"Training {ws_config.model.name}" if train else None
-    ws = Workspace(ws_config, scaled_progress(_stage_progress(log, 0, stages, label), 0.0, 1.0, "" if train else "training "), train=train)
+    report = RunStages.equal(stages, log, progress)
+    label = f"Training {ws_config.model.name}" if train else _STAGE_LABELS["load"]
+    ws = Workspace(ws_config, scaled_progress(report.stage("load", label), 0.0, 1.0, "" if train else "training "), train=train)
     if "extract" in stages:
-        progress = _stage_progress(log, 1, stages)
+        stage = report.stage("extract", _STAGE_LABELS["extract"])
         for i, split in enumerate(("train", "val", "test")):
-            ws.extractions.get(split, scaled_progress(progress, i / 3, (i + 1) / 3, f"{split} split, "))
-        if progress:
-            progress(1.0, "done")
+            ws.extractions.get(split, scaled_progress(stage, i / 3, (i + 1) / 3, f"{split} split, "))
+        if stage:
+            stage(1.0, "done")
     if "filters" in stages:
         # The heads' fit first, on nearly the whole bar: the filters after it take a moment, and
         # the time left is measured as if the bar moved at one speed.
-        progress = _stage_progress(log, 2, stages)
-        mc_heads(ws, None, scaled_progress(progress, 0.0, 0.95))
-        global_mc_filters(ws, None, scaled_progress(progress, 0.95, 1.0))
+        stage = report.stage("filters", _STAGE_LABELS["filters"])
+        mc_heads(ws, None, scaled_progress(stage, 0.0, 0.95))
+        global_mc_filters(ws, None, scaled_progress(stage, 0.95, 1.0))
     if "detect" in stages:
-        run_detection(ws, None, _stage_progress(log, 3, stages))
+        run_detection(ws, None, report.stage("detect", _STAGE_LABELS["detect"]))
     meta = ws.model_meta
     result = {
         "model": ws.config.model.name, "data": ws.data.name, "through": through, "model_digest": ws.model_digest,
@@ -461,38 +500,26 @@ def _prepare(ws_config: WorkspaceConfig, train: bool, through: str, log: Callabl
     return result
 
 
-def run_prepare_job(spec: dict, *, registry=None, run_id: str | None = None, progress: Progress | None = None) -> dict:
+def run_prepare_job(spec: dict, *, registry=None, run_id: str | None = None, progress: Progress | None = None) -> dict | None:
     """Run a prepare spec (:func:`prepare_spec`); return ``{"model", "data", "through",
     "model_digest", "random_weights", "accuracy", "seconds"}`` (and ``"weights"``, the trained
-    state_dict's path, for a training run).
+    state_dict's path, for a training run); ``None`` when the run was cancelled.
 
     With ``run_id`` (registered by :func:`~cfdebug.runs.start_background_run`) it runs inside
-    :func:`~cfdebug.runs.run_context` (status, cancel by ``SIGTERM``), logs the progress rows of
-    :func:`_stage_progress` to the registry and stores the result; a user mistake
-    (:class:`CfdebugError`) fails the run with its own message. ``registry`` defaults to the one
-    of the spec's workdir. ``progress(fraction, message)`` gets the same rows as text.
+    :func:`~cfdebug.runs.run_context` (status, cancel by ``SIGTERM``; a user mistake fails the run
+    with its own message), logs a progress row per stage step (:class:`~cfdebug.runs.RunStages`:
+    step, steps, the stage's message) and stores the result. ``registry`` defaults to the one of
+    the spec's workdir. ``progress(fraction, message)`` gets the same progress as text. Without
+    ``run_id`` nothing is registered (the dashboard's prepare runs are registered by its launcher).
     """
     from .runs import RunRegistry, run_context
 
     ws_config, train, through = _parse_prepare_spec(spec)
-
-    def echo(row: dict) -> None:
-        if progress is not None:
-            progress(row["fraction"], row["message"])
-
     if run_id is None:
-        return _prepare(ws_config, train, through, echo)
+        return _prepare(ws_config, train, through, None, progress)
     registry = registry if registry is not None else RunRegistry(ws_config.workdir)
-
-    def log(row: dict) -> None:
-        registry.log_progress(run_id, row)
-        echo(row)
-
+    result = None  # stays None when run_context ends the run as cancelled
     with run_context(registry, run_id):
-        try:
-            result = _prepare(ws_config, train, through, log)
-        except CfdebugError as exc:
-            registry.set_status(run_id, "failed", error=str(exc))  # the user's mistake, said once, no resume hint
-            raise
+        result = _prepare(ws_config, train, through, lambda row: registry.log_progress(run_id, row), progress)
         registry.set_result(run_id, result)
     return result

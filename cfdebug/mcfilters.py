@@ -7,10 +7,17 @@ MC filters are kept (``g(x) ⊙ MC_x``, binary mask), accumulate
 * the histogram ``h_c += MC_x`` (how often each filter is an MC filter of the class), and
 * the magnitude ``a_c += g(x) ⊙ MC_x`` (how strongly it fires when it is).
 
-The *global set* of class ``c`` at frequency threshold ``f`` is ``G_c = h_c > f·max(h_c)``
-(``f = 0.15`` by default; ``f = 0`` keeps every filter seen at least once). A class with no
-such training image has ``count 0``, ``h_c = 0`` and an empty global set: its predictions are
-"unscorable" downstream (:mod:`cfdebug.detect`).
+The *global set* of a class has two definitions, one per use, as the papers give them
+(METHODS.md, "Global MC filters"):
+
+* detection (paper A, Table 1): ``G_c = h_c > f·max(h_c)`` at the frequency threshold ``f``
+  (0.15; ``f = 0`` keeps every filter seen at least once): :func:`detection_sets`;
+* treatment (paper A, eq. 4–8): ``G_y = h_y > 0``, every filter that was an MC filter of the
+  class at least once: :func:`treatment_sets`.
+
+A class with no voting training image has ``count 0``, ``h_c = 0`` and an empty global set under
+both: its predictions are "unscorable" downstream (:mod:`cfdebug.detect`), and only treatment's
+λ2 term acts on its images.
 """
 
 from __future__ import annotations
@@ -51,8 +58,8 @@ class GlobalFilters:
         return np.nonzero(self.counts == 0)[0]
 
     def sets(self, freq_threshold: float = 0.15) -> np.ndarray:
-        """``G`` [K, C] bool at ``freq_threshold`` (see :func:`global_sets`)."""
-        return global_sets(self.histogram, freq_threshold)
+        """Detection's global sets ``G`` [K, C] bool at ``freq_threshold`` (:func:`detection_sets`)."""
+        return detection_sets(self.histogram, freq_threshold)
 
     def normalised_magnitude(self) -> np.ndarray:
         """``a_c / count_c`` [K, C] float64: mean activation of each filter when it is MC (0 for empty classes)."""
@@ -111,21 +118,40 @@ def rank_filters(filters: GlobalFilters, cls: int, by: str = "specificity") -> n
     return np.lexsort((-magnitude, -filter_specificity(filters.histogram, filters.counts)[cls]))
 
 
-def global_sets(histogram: Any, freq_threshold: float = 0.15) -> np.ndarray:
-    """Global MC sets ``G_c = h_c > f·max(h_c)``.
+def _check_histogram(histogram: Any) -> np.ndarray:
+    """``histogram`` as ``[K, C]`` float64, or a :class:`CfdebugError`."""
+    h = np.asarray(histogram, dtype=np.float64)
+    if h.ndim != 2:
+        raise CfdebugError(f"Expected `histogram` to have shape [K, C], but got shape {h.shape}")
+    return h
+
+
+def detection_sets(histogram: Any, freq_threshold: float = 0.15) -> np.ndarray:
+    """Detection's global MC sets (paper A, Table 1): ``G_c = h_c > f·max(h_c)``.
 
     Args:
         histogram: ``[K, C]`` non-negative counts ``h``.
-        freq_threshold: ``f`` in ``[0, 1)``; 0 keeps every filter with ``h_c > 0``.
+        freq_threshold: ``f`` in ``[0, 1)`` (Table 1's frequency threshold); 0 keeps every filter
+            with ``h_c > 0``.
 
     Returns:
         ``[K, C]`` bool; a row of zeros (a class with no voting image) gives an empty set.
     """
     f = check_fraction(freq_threshold, "freq_threshold", upper_open=True)
-    h = np.asarray(histogram, dtype=np.float64)
-    if h.ndim != 2:
-        raise CfdebugError(f"Expected `histogram` to have shape [K, C], but got shape {h.shape}")
+    h = _check_histogram(histogram)
     return h > f * h.max(axis=1, keepdims=True)
+
+
+def treatment_sets(histogram: Any) -> np.ndarray:
+    """Treatment's global MC sets (paper A, eq. 4–8; METHODS.md "Treatment"): ``G_y = h_y > 0``.
+
+    Args:
+        histogram: ``[K, C]`` non-negative counts ``h`` (or bool sets, returned as they are).
+
+    Returns:
+        ``[K, C]`` bool: every filter that was an MC filter of the class at least once.
+    """
+    return _check_histogram(histogram) > 0
 
 
 def accumulate_global_filters(
@@ -217,11 +243,11 @@ __all__ = [
     "GlobalFilters",
     "MCFilterConfig",
     "accumulate_global_filters",
-    "check_fraction",
     "filters_key",
     "global_mc_filters",
-    "global_sets",
+    "detection_sets",
     "filter_specificity",
     "mc_frequency",
     "rank_filters",
+    "treatment_sets",
 ]

@@ -5,6 +5,10 @@ convolutional block), the target layer whose channels are the "filters", and the
 after it. For the families we know, the head after global average pooling is a module we can
 call on cached pooled features ``g(x)`` [B, C] (``pooled_head``); torchvision's VGG pools to
 7×7 instead, so its head runs on feature maps (``map_head``).
+
+Two registries, one lookup each (as timm's and torchvision's ``get_model``): :data:`BUILDERS`
+(name → builder of the models that are not torchvision's; every other name is a torchvision
+builder) and :data:`TARGET_RULES` (architecture → where its filters are and its head).
 """
 
 from __future__ import annotations
@@ -52,31 +56,44 @@ class DemoCNN(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def available_models() -> list[str]:
+#: Builders of the models that are not torchvision's: name → ``builder(num_classes)``.
+BUILDERS: dict[str, Callable[[int], nn.Module]] = {DEMO_MODEL: DemoCNN}
+#: Arguments a torchvision builder needs besides ``num_classes`` (no auxiliary heads, whose
+#: default weights init needs scipy's truncated normal).
+_TORCHVISION_KWARGS: dict[str, dict] = {
+    "inception_v3": {"aux_logits": False, "init_weights": False},
+    "googlenet": {"aux_logits": False, "init_weights": False},
+}
+
+
+def _torchvision_names() -> list[str]:
     import torchvision
 
-    return [DEMO_MODEL] + sorted(torchvision.models.list_models(module=torchvision.models))
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def available_models() -> list[str]:
+    return list(BUILDERS) + sorted(_torchvision_names())
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
-    """Build ``name`` (``demo-cnn`` or a torchvision classification builder) with random weights.
+    """Build ``name`` (one of :data:`BUILDERS` or a torchvision classification builder) with random weights.
 
     Never downloads: torchvision builders are called with ``weights=None``.
     """
-    if name == DEMO_MODEL:
-        return DemoCNN(num_classes)
-    import torchvision
-
-    names = torchvision.models.list_models(module=torchvision.models)
+    if name in BUILDERS:
+        return BUILDERS[name](num_classes)
+    names = _torchvision_names()
     if name not in names:
-        close = difflib.get_close_matches(name, [DEMO_MODEL] + names, n=5, cutoff=0.5)
+        close = difflib.get_close_matches(name, list(BUILDERS) + names, n=5, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise CfdebugError(
             f"Unknown model {name!r}: expected `demo-cnn` or a torchvision classification builder "
             f"(resnet18, vgg16, densenet121, …).{hint} `python -m cfdebug models` lists them all."
         )
-    kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **_TORCHVISION_KWARGS.get(name, {}))
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -238,8 +255,51 @@ class _PooledThen(nn.Module):
         return self.head(fmap.mean(dim=(2, 3)))
 
 
+def _demo_target(model: DemoCNN) -> tuple:
+    return _last_relu_name("features", model.features), None, model.classifier, None
+
+
+def _resnet_target(model: nn.Module) -> tuple:
+    return "layer4", None, model.fc, None
+
+
+def _vgg_target(model: nn.Module) -> tuple:
+    # VGG pools to 7×7 before its classifier: the head runs on the target's feature maps.
+    name = _last_relu_name("features", model.features)
+    idx = int(name.split(".")[1])
+    return name, None, None, nn.Sequential(*list(model.features)[idx + 1 :], model.avgpool, nn.Flatten(1), model.classifier)
+
+
+def _densenet_target(model: nn.Module) -> tuple:
+    return "features", F.relu, model.classifier, None  # DenseNet's forward applies a ReLU before pooling
+
+
+def _features_gap_target(model: nn.Module) -> tuple:
+    # features → GAP → classifier (MobileNetV2 pools functionally)
+    return f"features.{len(model.features) - 1}", None, model.classifier, None
+
+
+#: Where the filters of an architecture are (its class name, or a base class's): ``rule(model) →
+#: (target layer name, activation before pooling or None, pooled head or None, map head or None)``.
+#: An architecture without a rule needs its layer named (``--layer``).
+TARGET_RULES: dict[str, Callable[[nn.Module], tuple]] = {
+    "DemoCNN": _demo_target,
+    "ResNet": _resnet_target,  # ResNet, ResNeXt, Wide ResNet
+    "VGG": _vgg_target,
+    "DenseNet": _densenet_target,
+    "EfficientNet": _features_gap_target,  # EfficientNet B0–B7 and V2
+    "MobileNetV2": _features_gap_target,
+    "MobileNetV3": _features_gap_target,
+}
+
+
+def _target_rule(model: nn.Module) -> Callable[[nn.Module], tuple] | None:
+    """The rule of ``model``'s class, or of the nearest base class that has one."""
+    return next((TARGET_RULES[cls.__name__] for cls in type(model).__mro__ if cls.__name__ in TARGET_RULES), None)
+
+
 def resolve_target(model: nn.Module, layer: str | None = None) -> TargetLayer:
-    """Find the last convolutional block of ``model``, or use the module named ``layer``."""
+    """Find the last convolutional block of ``model`` (:data:`TARGET_RULES`), or use the module named ``layer``."""
     modules = dict(model.named_modules())
     if layer is not None and layer not in modules:
         close = difflib.get_close_matches(layer, list(modules), n=5, cutoff=0.4)
@@ -248,22 +308,8 @@ def resolve_target(model: nn.Module, layer: str | None = None) -> TargetLayer:
             + (f"Close names: {', '.join(close)}. " if close else "")
             + "Use a name from `model.named_modules()` (e.g. features.28 or layer4)."
         )
-    name = act = pooled = mapped = None
-    if isinstance(model, DemoCNN):
-        name, pooled = _last_relu_name("features", model.features), model.classifier
-    elif hasattr(model, "layer4") and isinstance(getattr(model, "fc", None), nn.Linear):  # ResNet, ResNeXt, Wide ResNet
-        name, pooled = "layer4", model.fc
-    elif type(model).__name__ == "VGG":
-        name = _last_relu_name("features", model.features)
-        idx = int(name.split(".")[1])
-        mapped = nn.Sequential(*list(model.features)[idx + 1 :], model.avgpool, nn.Flatten(1), model.classifier)
-    elif type(model).__name__ == "DenseNet":
-        name, act, pooled = "features", F.relu, model.classifier
-    elif isinstance(getattr(model, "features", None), nn.Sequential) and hasattr(model, "classifier") and (
-        isinstance(getattr(model, "avgpool", None), nn.AdaptiveAvgPool2d) or type(model).__name__ == "MobileNetV2"
-    ):
-        # EfficientNet, MobileNetV2/V3: features → GAP → classifier (MobileNetV2 pools functionally)
-        name, pooled = f"features.{len(model.features) - 1}", model.classifier
+    rule = _target_rule(model)
+    name, act, pooled, mapped = rule(model) if rule is not None else (None, None, None, None)
     if layer is not None and layer != name:
         name, act, pooled, mapped = layer, None, None, None
     if name is None:

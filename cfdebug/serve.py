@@ -1,8 +1,9 @@
 """``python -m cfdebug serve``: start the dashboard, on 127.0.0.1 unless sharing is asked for.
 
 A thin wrapper over ``streamlit run app.py``: Streamlit reads ``.streamlit/config.toml`` beside
-``app.py`` from any working directory; this adds the bind address and port, keeps XSRF
-protection on, and passes the allowed roots and read-only mode to the dashboard through the
+``app.py`` from any working directory; this adds the bind address and port, keeps XSRF and
+CORS protection on (refusing every Streamlit option that would let more clients or origins in),
+and passes the allowed roots and read-only mode to the dashboard through the
 environment (:mod:`cfdebug.access` reads them there).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,8 +21,20 @@ from .errors import CfdebugError
 APP = Path(__file__).resolve().parents[1] / "app.py"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8501
-# Options serve owns: the address and port come from --host/--port, XSRF protection stays on.
-RESERVED_OPTIONS = ("--server.address", "--server.port", "--server.enableXsrfProtection", "--server.enableCORS")
+# Options that decide who may connect, refused among the Streamlit options (and as STREAMLIT_*
+# environment variables): the address and port come from --host/--port; XSRF and CORS protection
+# stay on (enableCORS=false, or a corsAllowedOrigins entry, lets another site's pages talk to the
+# server; browser.serverAddress is added to the origins the websocket accepts; development mode
+# allows every origin); no agent API, no identity taken from request headers, no static files.
+RESERVED_OPTIONS = (
+    "--server.address", "--server.port",
+    "--server.enableXsrfProtection", "--server.xsrfCookieSameSite",
+    "--server.enableCORS", "--server.corsAllowedOrigins", "--browser.serverAddress", "--global.developmentMode",
+    "--server.enableAgentApi", "--server.trustedUserHeaders", "--server.enableStaticServing",
+)
+# The reserved options serve_argv always passes (the command line wins over the environment and
+# config.toml files): the address and port, XSRF and CORS protection on.
+_GIVEN_OPTIONS = ("--server.address", "--server.port", "--server.enableXsrfProtection", "--server.enableCORS")
 SHARING_WARNING = (
     "the dashboard listens on {host}:{port} without authentication: anyone who can reach this port can start "
     "training; put it behind a reverse proxy with authentication, or add --read-only"
@@ -37,14 +51,33 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to any interface
 
 
-def _check_extra(extra) -> list[str]:
+def _env_var(option: str) -> str:
+    """The environment variable Streamlit reads ``option`` from (``--server.enableCORS`` → ``STREAMLIT_SERVER_ENABLE_CORS``)."""
+    name = option.lstrip("-").replace(".", "_")
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return "STREAMLIT_" + re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).upper()
+
+
+def _refused(what: str, given: str) -> CfdebugError:
+    return CfdebugError(
+        f"Expected no {what} among the Streamlit options (nor its STREAMLIT_* variable), but got {given!r}: "
+        "it decides who may connect. "
+        "Use --host and --port (XSRF and CORS protection stay on); to share the dashboard further, put it "
+        "behind a reverse proxy with authentication."
+    )
+
+
+def _check_extra(extra, env) -> list[str]:
+    """``extra`` unless it, or ``env``, sets an option of :data:`RESERVED_OPTIONS` (either spelling:
+    ``--opt=value`` or ``--opt value``; the name compared without regard to case)."""
     extra = list(extra or ())
+    reserved = {option.lower(): option for option in RESERVED_OPTIONS}
     for arg in extra:
-        if arg.split("=", 1)[0] in RESERVED_OPTIONS:
-            raise CfdebugError(
-                f"Expected no {arg.split('=', 1)[0]} among the Streamlit options, but got {arg!r}; "
-                "use --host and --port (XSRF and CORS protection stay on)."
-            )
+        if arg.split("=", 1)[0].lower() in reserved:
+            raise _refused(reserved[arg.split("=", 1)[0].lower()], arg)
+    for option in RESERVED_OPTIONS:
+        if option not in _GIVEN_OPTIONS and env.get(_env_var(option)):  # a given option wins over its variable
+            raise _refused(option, f"{_env_var(option)}={env[_env_var(option)]}")
     return extra
 
 
@@ -54,7 +87,8 @@ def serve_argv(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, roots=(), rea
 
     ``roots`` (existing folders) are added to ``$CFDEBUG_ROOTS`` as real paths; read-only mode is
     on when asked for or already set in ``$CFDEBUG_READ_ONLY``. ``extra`` are further Streamlit
-    options (``--theme.base dark``), not the reserved ones (:data:`RESERVED_OPTIONS`).
+    options (``--theme.base dark``), not the reserved ones (:data:`RESERVED_OPTIONS`), which the
+    environment may not set either.
     Returns ``(argv, env)`` with ``env`` the full environment for the child.
     """
     if not APP.is_file():
@@ -72,8 +106,8 @@ def serve_argv(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, roots=(), rea
     env[READ_ONLY_ENV] = "1" if read_only or env_read_only() else "0"
     argv = [
         sys.executable, "-m", "streamlit", "run", str(APP),
-        "--server.address", host, "--server.port", str(port), "--server.enableXsrfProtection", "true",
-        "--server.headless", "true", "--browser.gatherUsageStats", "false", *_check_extra(extra),
+        "--server.address", host, "--server.port", str(port), "--server.enableXsrfProtection", "true", "--server.enableCORS", "true",
+        "--server.headless", "true", "--browser.gatherUsageStats", "false", *_check_extra(extra, env),
     ]
     return argv, env
 

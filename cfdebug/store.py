@@ -5,19 +5,26 @@ big ones can be memory-mapped and written in a stream), a checkpoint as ``model.
 ``meta.json`` with the configs it was made from. It is written in a temporary folder beside
 the final one and renamed into place, so a killed process or two concurrent writers never
 leave a half-written artifact: the first complete rename wins and the other copy is dropped.
+The temporary folder's name says which process fills it (pid, start time, host); opening a store
+removes the ones whose process has died (a SIGKILL, a power cut), never a live writer's.
 
 Integrity: the writer records every file's size and SHA-256 in ``manifest.json`` (written last,
 so its presence also marks a complete artifact). :meth:`Store.exists` checks them before a cache
 hit counts: a truncated or overwritten file, a missing manifest (an artifact from an older
 cfdebug) or an unreadable one makes it warn, discard the artifact and report a miss, so the caller
-recomputes it instead of loading garbage. A verified artifact is not hashed again in the same
-process while its files' sizes and modification times stay the same.
+recomputes it instead of loading garbage. Only the files the manifest lists are loaded. A verified
+artifact is not hashed again in the same process while its files' sizes and modification times
+stay the same.
+
+A write that the disk refuses (full: ENOSPC, EDQUOT; read-only: EROFS) raises
+:class:`CfdebugError` naming the path, and the space needed where it is known.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import socket
 import json
 import math
 import os
@@ -33,6 +40,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import CfdebugError
+from .procs import pid_alive, proc_stat
 
 
 def stable_hash(*parts) -> str:
@@ -57,6 +65,11 @@ def _sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 MANIFEST = "manifest.json"
 # Writes that fail for these reasons are the user's to fix (a full disk, a read-only workdir).
 _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+# The disk is full or over quota (read-only is EROFS).
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_WORKDIR_REMEDY = "pass another folder with `--workdir` / CFDEBUG_HOME"
+# A temporary folder of an older cfdebug (no owner in its name) counts as abandoned after this.
+_UNOWNED_TMP_AGE_S = 24 * 3600
 # A file modified this close to its verification may change again within the same mtime tick:
 # it is hashed again until it is older than this ("racy git").
 _RACY_NS = 2_000_000_000
@@ -121,7 +134,48 @@ def _damage(folder: Path) -> str | None:
     return None
 
 
+def format_bytes(n: int) -> str:
+    """``n`` bytes as text: ``512 B``, ``48.0 KiB``, ``1.50 GiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n} B"
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes (for this user) on the disk that holds ``path``, or its nearest existing folder."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def no_space_error(path: str | Path, need: int | None = None, remedy: str = "write somewhere else") -> CfdebugError:
+    """The message for a write to ``path`` that its full disk refused (``need`` bytes, when known)."""
+    try:
+        free = f"{format_bytes(free_bytes(path))} free"
+    except OSError:
+        free = "free space unknown"
+    wanted = f"{format_bytes(need)} free" if need is not None else "room"
+    return CfdebugError(
+        f"Expected {wanted} on the disk holding {path}, but it is full (No space left on device; {free}). "
+        f"Free some space, or {remedy}."
+    )
+
+
+def disk_error(path: str | Path, exc: OSError, need: int | None = None, remedy: str = "write somewhere else") -> CfdebugError | None:
+    """A :class:`CfdebugError` for a write to ``path`` that the disk refused (full or read-only), or
+    ``None`` when ``exc`` is another error."""
+    if exc.errno in _FULL_ERRNOS:
+        return no_space_error(path, need, remedy)
+    if exc.errno == errno.EROFS:
+        return CfdebugError(f"Expected to write {path}, but its file system is read-only. Remount it writable, or {remedy}.")
+    return None
+
+
 def _cache_error(action: str, path: Path, exc: OSError) -> CfdebugError:
+    if exc.errno in _FULL_ERRNOS:
+        return no_space_error(path, None, _WORKDIR_REMEDY)
     return CfdebugError(
         f"Expected to {action} {path}, but the system refused: {exc.strerror or exc}. "
         "Make the work directory writable (and remove any file standing where a cache folder goes), "
@@ -129,8 +183,35 @@ def _cache_error(action: str, path: Path, exc: OSError) -> CfdebugError:
     )
 
 
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _owner_tag() -> str:
+    """``<pid>-<start time>-<host>`` of this process, for the names of its temporary folders."""
+    stat = proc_stat(os.getpid())
+    return f"{os.getpid()}-{stat.start if stat else 0}-{_host_tag()}"
+
+
+def _abandoned(name: str, mtime: float, now: float) -> bool:
+    """Whether the entry ``name`` of a cache kind folder is left over from a process that died:
+    a discarded copy (``.bad-…``, removed right after its rename), or a temporary folder
+    (``.tmp-<key>-<hex>-<pid>-<start>-<host>``) whose writer on this host no longer runs."""
+    if name.startswith(".bad-"):
+        return True
+    if not name.startswith(".tmp-"):
+        return False
+    parts = name.rsplit("-", 3)
+    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit() or len(parts[1]) > 10:
+        return now - mtime > _UNOWNED_TMP_AGE_S  # an older cfdebug's folder: its writer is unknown
+    _, pid, start, host = parts
+    if host != _host_tag():
+        return False  # another machine's writer (a shared workdir): only it knows
+    return not pid_alive(int(pid), None if start == "0" else start)
+
+
 class Store:
-    """The artifact cache under ``workdir``."""
+    """The artifact cache under ``workdir``; opening it removes what dead writers left."""
 
     def __init__(self, workdir: str | Path):
         self.root = Path(workdir)
@@ -141,6 +222,33 @@ class Store:
                 f"Cannot create the work directory {self.root}: {exc.strerror}. "
                 "Pass a writable folder with `--workdir` or set CFDEBUG_HOME."
             ) from exc
+        self.sweep()
+
+    def sweep(self) -> list[Path]:
+        """Remove the temporary folders of writers that died and the discarded copies a crash left
+        under ``objects/<kind>/``; return what was removed. A live writer's folder is kept, and
+        so is everything that cannot be removed (a read-only workdir)."""
+        removed, now = [], time.time()
+        try:
+            kinds = [entry.path for entry in os.scandir(self.root / "objects") if entry.is_dir(follow_symlinks=False)]
+        except OSError:
+            return removed
+        for kind in kinds:
+            try:
+                with os.scandir(kind) as scan:
+                    entries = [(e.name, Path(e.path)) for e in scan if e.name.startswith((".tmp-", ".bad-"))]
+            except OSError:
+                continue
+            for name, path in entries:
+                try:
+                    if not _abandoned(name, path.lstat().st_mtime, now):
+                        continue
+                except OSError:
+                    continue  # already gone: another process swept it
+                shutil.rmtree(path, ignore_errors=True)
+                if not os.path.lexists(path):
+                    removed.append(path)
+        return removed
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / "objects" / kind / key
@@ -183,7 +291,7 @@ class Store:
         On an exception the temporary folder is removed and nothing is left behind.
         """
         final = self.path(kind, key)
-        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}-{_owner_tag()}"
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
@@ -216,11 +324,15 @@ class Store:
         return self.path(kind, key)
 
     def load_arrays(self, kind: str, key: str, mmap: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+        """The ``.npy`` arrays of an artifact (by file stem) and its meta; only the files its
+        manifest lists (:meth:`exists` verified those): anything else in the folder is ignored."""
         folder = self.path(kind, key)
         meta = self.load_meta(kind, key)
+        listed = json.loads((folder / MANIFEST).read_text())["files"]
         arrays = {
-            p.stem: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
-            for p in sorted(folder.glob("*.npy"))
+            Path(name).stem: np.load(folder / name, mmap_mode="r" if mmap else None, allow_pickle=False)
+            for name in sorted(listed)
+            if name.endswith(".npy") and "/" not in name
         }
         return arrays, meta
 
@@ -260,31 +372,39 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 @contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
+def atomic_file(path: str | Path, size: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it replaces ``path`` atomically.
 
     The one atomic writer for single files (run configs, results, checkpoints, ``--json`` and
     ``--csv`` outputs): the file is synced, then renamed over ``path`` with ``os.replace``, so a
     reader sees the old file or the new one, never half of one. On an exception the temporary
-    file is removed and ``path`` is untouched. Missing parent folders are created.
+    file is removed and ``path`` is untouched. Missing parent folders are created. A full or
+    read-only disk raises :class:`CfdebugError` naming ``path`` (and ``size``, the bytes to be
+    written, when the caller knows it).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         if tmp.exists():
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        error = disk_error(path, exc, size, "pass a path on another disk")
+        if error is None:
+            raise
+        raise error from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (:func:`atomic_file`)."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(text)
+    data = text.encode()
+    with atomic_file(path, len(data)) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json_atomic(path: str | Path, payload: dict) -> None:

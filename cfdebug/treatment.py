@@ -31,11 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import OPTIMIZER_CHOICES, TRAINABLE_CHOICES, FinetuneConfig, TreatmentConfig, config_dict
+from .config import OPTIMIZER_CHOICES, TRAINABLE_CHOICES, FinetuneConfig, TreatmentConfig, TreatmentSchedule, check_sweep_schedule, config_dict
 from .distributed import barrier, get_rank
 from .errors import CfdebugError
 from .cfe import thresholded_relu
-from .metrics import confusion_matrix, per_class_recall
+from .mcfilters import global_mc_filters, treatment_sets
+from .metrics import per_class_recall, prediction_churn
 from .runtime import Progress, scaled_progress
 from .store import stable_hash, torch_save_atomic
 from .training import FinetuneBatch, finetune, split_logits
@@ -45,6 +46,7 @@ __all__ = [
     "OPTIMIZER_CHOICES",
     "FinetuneConfig",
     "TreatmentConfig",
+    "TreatmentSchedule",
     "MODEL_NAME",
     "thresholded_relu",
     "treatment_loss",
@@ -119,15 +121,15 @@ def treatment_loss(
 
 
 def training_sets(workspace, progress: Progress | None = None) -> np.ndarray:
-    """The global MC sets treatment trains with: ``[K, C]`` bool, ``G_y = h_y > 0`` (METHODS.md),
-    from the workspace's global MC filters (default :class:`~cfdebug.config.MCFilterConfig`)."""
-    from .mcfilters import global_mc_filters
-
-    return global_mc_filters(workspace, progress=progress).histogram > 0
+    """The global MC sets treatment trains with: ``[K, C]`` bool, ``G_y = h_y > 0``
+    (:func:`~cfdebug.mcfilters.treatment_sets`), from the workspace's global MC filters (default
+    :class:`~cfdebug.config.MCFilterConfig`)."""
+    return treatment_sets(global_mc_filters(workspace, progress=progress).histogram)
 
 
 def check_global_sets(global_sets: Any, num_classes: int, channels: int) -> np.ndarray:
-    """Validate the global MC sets and binarise them (``> 0``, as METHODS says for ``h_y``).
+    """Validate the global MC sets and binarise a histogram as treatment does
+    (:func:`~cfdebug.mcfilters.treatment_sets`: ``h_y > 0``).
 
     Args:
         global_sets: ``[K, C]`` bool sets, or the histogram ``h`` [K, C] (non-negative numbers).
@@ -151,7 +153,7 @@ def check_global_sets(global_sets: Any, num_classes: int, channels: int) -> np.n
                 "Expected `global_sets` to be bool, or a non-negative finite histogram, but got "
                 f"dtype {arr.dtype} with negative or non-finite values."
             )
-    return arr > 0
+    return treatment_sets(arr)
 
 
 # ---------------------------------------------------------------------------------- treatment
@@ -267,6 +269,7 @@ def _treatment_report(bundle, sets: np.ndarray, result, before: dict, after_test
     y_test, k = bundle.splits["test"].labels, bundle.num_classes
     recall_before = per_class_recall(before["test"], y_test, k)
     recall_after = per_class_recall(after_test, y_test, k)
+    churn = prediction_churn(before["test"], after_test, y_test, k)
     return {
         "base_accuracy": {s: float(np.mean(before[s] == bundle.splits[s].labels)) for s in _SPLITS},
         "accuracy": dict(result.accuracy),
@@ -275,11 +278,8 @@ def _treatment_report(bundle, sets: np.ndarray, result, before: dict, after_test
         "per_class_recall_before": recall_before,
         "per_class_recall_after": recall_after,
         "table3": table3(recall_before, recall_after, bundle.classes),
-        "confusion_delta": confusion_matrix(after_test, y_test, k) - confusion_matrix(before["test"], y_test, k),
-        "churn": {
-            "fixed": int(np.sum((before["test"] != y_test) & (after_test == y_test))),
-            "broken": int(np.sum((before["test"] == y_test) & (after_test != y_test))),
-        },
+        "confusion_delta": churn["confusion_delta"],
+        "churn": {"fixed": int(churn["fixed"].size), "broken": int(churn["broken"].size)},
         "test_predictions": [int(v) for v in after_test],
         "base_test_predictions": [int(v) for v in before["test"]],
         "empty_global_sets": [int(i) for i in np.nonzero(~sets.any(axis=1))[0]],
@@ -308,21 +308,22 @@ def treatment_sweep(
     lambdas1: Sequence[float],
     lambdas2: Sequence[float],
     seeds: Sequence[int],
-    epochs: int,
     global_sets: Any,
     progress: Progress | None = None,
     *,
-    config: TreatmentConfig | None = None,
+    schedule: TreatmentSchedule | None = None,
     run_dir: str | Path | None = None,
     registry=None,
     run_id: str | None = None,
 ) -> dict:
     """Table 2: every (λ1, λ2) in ``lambdas1 × lambdas2`` and the control, for each seed.
 
-    ``config`` gives the other fields (default :class:`TreatmentConfig`); ``epochs`` and the
-    seeds override it. With ``run_dir`` each run checkpoints in its own sub-folder and the sweep
-    resumes where it stopped (finished runs are read back from their checkpoints). Under DDP
-    every process calls it with the same arguments (see :func:`cfdebug.training.finetune`).
+    ``schedule`` is what every run shares (default :class:`TreatmentSchedule`; its ``seed`` is
+    replaced by each of ``seeds``); the grids alone hold the loss weights, and each run's
+    :class:`TreatmentConfig` is ``schedule.with_lambdas(λ1, λ2, seed)``. With ``run_dir`` each run
+    checkpoints in its own sub-folder and the sweep resumes where it stopped (finished runs are
+    read back from their checkpoints). Under DDP every process calls it with the same arguments
+    (see :func:`cfdebug.training.finetune`).
 
     Returns:
         ``{"base": {"train_acc","val_acc","test_acc","per_class_recall"}, "control": [per seed
@@ -335,7 +336,7 @@ def treatment_sweep(
         per-class test recall with the *mean over seeds* of the best pair's (best = highest mean
         validation accuracy; never test).
     """
-    configs = _sweep_configs(config or TreatmentConfig(), list(lambdas1), list(lambdas2), list(seeds), epochs)
+    configs = _sweep_configs(check_sweep_schedule(schedule or TreatmentSchedule()), list(lambdas1), list(lambdas2), list(seeds))
     bundle, k = workspace.data, workspace.data.num_classes
     check_global_sets(global_sets, k, workspace.target.channels)
     before = _base_predictions(workspace)
@@ -366,16 +367,16 @@ def treatment_sweep(
     return {"base": base, "control": control, "runs": runs, **_sweep_tables(base, control, runs, bundle.classes)}
 
 
-def _sweep_configs(base: TreatmentConfig, lambdas1: list, lambdas2: list, seeds: list, epochs: int) -> list[tuple[str, TreatmentConfig]]:
+def _sweep_configs(schedule: TreatmentSchedule, lambdas1: list, lambdas2: list, seeds: list) -> list[tuple[str, TreatmentConfig]]:
     """``(kind, config)`` of every run of a sweep, per seed the control first."""
     for name, values in (("lambdas1", lambdas1), ("lambdas2", lambdas2), ("seeds", seeds)):
         if not values:
             raise CfdebugError(f"Expected `{name}` to hold at least one value, but it is empty.")
     configs = []
     for seed in seeds:
-        configs.append(("fine-tuned", replace(base, lambda1=0.0, lambda2=0.0, seed=seed, epochs=epochs)))
+        configs.append(("fine-tuned", schedule.with_lambdas(0.0, 0.0, seed)))
         for l1, l2 in itertools.product(lambdas1, lambdas2):
-            configs.append(("treatment", replace(base, lambda1=l1, lambda2=l2, seed=seed, epochs=epochs)))
+            configs.append(("treatment", schedule.with_lambdas(l1, l2, seed)))
     return configs
 
 
@@ -410,6 +411,8 @@ def flagged_churn(before: dict, after: dict) -> dict:
     on the same split, for the base model (``before``) and the treated one (``after``, detection
     recomputed on it: its own CFE heads and global filters).
 
+    The images' ``true``/``predicted`` classes give the fixed and the new errors
+    (:func:`~cfdebug.metrics.prediction_churn`), their ``flagged`` columns which were flagged.
     Returns counts: ``flagged_errors_before`` (flagged predictions that were wrong),
     ``flagged_errors_fixed`` (of those, now correct), ``new_errors`` (correct before, wrong after),
     ``new_errors_flagged`` (of those, flagged by the treated model's detection),
@@ -418,15 +421,19 @@ def flagged_churn(before: dict, after: dict) -> dict:
     b, a = before["images"], after["images"]
     if [r["id"] for r in b] != [r["id"] for r in a]:
         raise CfdebugError("Expected two detection results on the same images, but their image ids differ.")
-    fixed = [x["id"] for x, y in zip(b, a) if x["flagged"] and x["error"] and not y["error"]]
-    broken = [(x["id"], y["flagged"]) for x, y in zip(b, a) if not x["error"] and y["error"]]
+    labels = np.asarray([r["true"] for r in b], dtype=np.int64)  # [N]
+    pred_b, pred_a = (np.asarray([r["predicted"] for r in rows], dtype=np.int64) for rows in (b, a))  # [N] each
+    flagged_b, flagged_a = (np.asarray([r["flagged"] for r in rows], dtype=bool) for rows in (b, a))  # [N] each
+    n_classes = 1 + int(np.concatenate([labels, pred_b, pred_a, [0]]).max())  # any K that holds them: only fixed/broken are used
+    churn = prediction_churn(pred_b, pred_a, labels, n_classes)
+    fixed = churn["fixed"][flagged_b[churn["fixed"]]]  # flagged errors that are now right
     return {
-        "flagged_errors_before": sum(1 for x in b if x["flagged"] and x["error"]),
-        "flagged_errors_fixed": len(fixed),
-        "new_errors": len(broken),
-        "new_errors_flagged": sum(1 for _, flagged in broken if flagged),
-        "flagged_before": sum(1 for x in b if x["flagged"]),
-        "flagged_after": sum(1 for y in a if y["flagged"]),
-        "fixed_ids": fixed,
-        "new_error_ids": [i for i, _ in broken],
+        "flagged_errors_before": int(np.sum(flagged_b & (pred_b != labels))),
+        "flagged_errors_fixed": int(fixed.size),
+        "new_errors": int(churn["broken"].size),
+        "new_errors_flagged": int(np.sum(flagged_a[churn["broken"]])),
+        "flagged_before": int(flagged_b.sum()),
+        "flagged_after": int(flagged_a.sum()),
+        "fixed_ids": [b[i]["id"] for i in fixed],
+        "new_error_ids": [b[i]["id"] for i in churn["broken"]],
     }

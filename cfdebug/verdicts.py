@@ -169,9 +169,9 @@ def _as_rows(values: Any, name: str, groups: bool = False) -> np.ndarray:
 def _ece_rows(confidence: np.ndarray, correct: np.ndarray, weights: np.ndarray, n_bins: int) -> np.ndarray:
     """ECE (``n_bins`` equal-width bins) of one model's ``confidence``/``correct`` [N] under each
     resample's image counts ``weights`` [B, N]: ``[B]`` (the weights are a multiset of images)."""
-    from .metrics import _bin_index
+    from .metrics.calibration import bin_index
 
-    bins = _bin_index(confidence, n_bins)  # [N] the (lo, hi] bins of metrics.expected_calibration_error
+    bins = bin_index(confidence, n_bins)  # [N] the (lo, hi] bins of metrics.expected_calibration_error
     onehot = np.zeros((confidence.size, n_bins))
     onehot[np.arange(confidence.size), bins] = 1.0  # [N, M]
     counts = weights @ onehot  # [B, M]

@@ -25,9 +25,9 @@ from .config import DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, con
 from .data import DataBundle, load_data
 from .errors import CfdebugError
 from .models import DEMO_MODEL, TargetLayer, build_model, load_model, load_weights, read_state_dict, resolve_target
-from .runtime import fixed_threads, resolve_device, seed_everything
+from .runtime import Progress, fixed_threads, resolve_device, seed_everything
 from .store import Store, atomic_file, file_digest, stable_hash, write_json_atomic
-from .training import Progress, TrainResult, train_classifier
+from .training import TrainResult, train_classifier
 
 # The demo CNN always trains on this many CPU threads: a parallel reduction's order, and so the
 # weights, depend on the thread count. One thread is also the only count every machine has.

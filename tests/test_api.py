@@ -18,12 +18,33 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_public_name_resolves():
     for name in cfdebug.__all__:
         assert getattr(cfdebug, name) is not None, name
-    for name in ("Workspace", "WorkspaceConfig", "run_detection", "treatment_sweep", "run_treat_job", "run_xcr_report", "run_xcr_job", "CfdebugError"):
+    for name in ("Workspace", "WorkspaceConfig", "run_detection", "treatment_sweep", "run_treat_job", "run_xcr_report", "run_xcr_job",
+                 "run_claims", "run_prepare_job", "TreatmentSchedule", "CfdebugError"):
         assert name in cfdebug.__all__
 
 
+def test_the_public_names_are_the_library_functions():
+    from cfdebug import claims, jobs, treatment
+
+    assert cfdebug.run_claims is claims.run_claims and cfdebug.run_prepare_job is jobs.run_prepare_job
+    assert cfdebug.treatment_sweep is treatment.treatment_sweep
+    assert set(cfdebug.__all__) <= set(dir(cfdebug))
+    with pytest.raises(AttributeError, match="no attribute 'run_everything'"):
+        cfdebug.run_everything
+
+
+def test_the_xcr_package_exports_its_api_explicitly():
+    import cfdebug.xcr as xcr
+
+    for name in xcr.__all__:
+        assert getattr(xcr, name) is not None, name
+    # internals stay in their modules: the networks, losses and cache keys are not the package's API
+    for name in ("PatchSelector", "Approximator", "selector_loss", "masks_key", "counterfactual_batches", "check_k"):
+        assert name not in xcr.__all__
+
+
 def test_import_cfdebug_does_not_import_torch():
-    code = "import sys, cfdebug, cfdebug.jobs; print('torch' in sys.modules)"
+    code = "import sys, cfdebug, cfdebug.jobs, cfdebug.config, cfdebug.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -364,6 +364,61 @@ def _report_markdown_missing(t):
     return ["report", "--markdown", str(t / "README-missing.md")]
 
 
+LONG_NAME = "a" * 5000  # longer than any path the system takes (PATH_MAX 4096, NAME_MAX 255)
+
+
+def _long_weights(t):
+    return _extract(t, None, t / LONG_NAME)
+
+
+def _long_data(t):
+    return _extract(t, t / LONG_NAME)
+
+
+def _long_json(t):
+    return _extract(t, None, None, "--json", str(t / LONG_NAME))
+
+
+def _train_seed_2_63(t):
+    return ["train", "--data", str(_tree(t)), "--input-size", "8", "--epochs", "1", "--seed", str(2**63)]
+
+
+def _treat_seeds_2_64(t):
+    return ["treat", "--data", str(_tree(t)), "--input-size", "8", "--epochs", "1", "--treat-epochs", "1", "--seeds", f"0,{2**64}"]
+
+
+def _report_seeds_2_63(t):
+    return ["report", "--claims", "treatment", "--data", str(_tree(t)), "--input-size", "8", "--epochs", "1",
+            "--treat-epochs", "1", "--seeds", str(2**63)]
+
+
+def _report_lambda1_empty(t):
+    return ["report", "--claims", "treatment", "--lambda1", ""]
+
+
+def _json_under_proc(t):
+    return _extract(t, None, None, "--json", "/proc/cfdebug-out.json")
+
+
+def _report_markdown_dir(t):
+    (t / "mdir").mkdir()
+    return ["report", "--markdown", str(t / "mdir")]
+
+
+def _cifar_test_class_not_in_train(t):
+    (t / "cifar").mkdir()
+    batches = {"data_batch_1": [0, 1, 0, 1], "test_batch": [0, 1, 2, 2]}
+    for name, labels in batches.items():
+        batch = {b"data": np.zeros((len(labels), 3072), np.uint8), b"labels": labels}
+        (t / "cifar" / name).write_bytes(pickle.dumps(batch))
+    (t / "cifar" / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"cat", b"dog", b"eel"]}))
+    return _extract(t, t / "cifar")
+
+
+def _runs_kind_bogus(t):
+    return ["runs", "--kind", "bogus"]
+
+
 # (id, builder, needles in the error line, whether the builder's argv takes the workdir options)
 ERROR_CASES = [
     ("data-missing", lambda t: _extract(t, t / "nowhere"), ["does not exist"]),
@@ -383,7 +438,7 @@ ERROR_CASES = [
     ("cifar-malicious-pickle", _cifar_exploit, ["refusing", "system"]),
     ("cifar-bad-shape", _cifar_bad_shape, ["3072"]),
     ("weights-missing", _weights_missing, ["nope.pt", "does not exist"]),
-    ("weights-directory", _weights_dir, ["wdir"]),
+    ("weights-directory", _weights_dir, ["wdir", "is a directory"]),
     ("weights-random-bytes", _weights_random, ["not a checkpoint"]),
     ("weights-text", _weights_text, ["not a checkpoint"]),
     ("weights-empty", _weights_empty, ["empty"]),
@@ -405,7 +460,8 @@ ERROR_CASES = [
     ("input-size-absurd", _opt("--input-size", "1000000"), ["--input-size", "4096"]),
     ("batch-size-0", _opt("--batch-size", "0"), ["--batch-size"]),
     ("bias-out-of-range", _opt("--bias", "2"), ["--bias"]),
-    ("val-fraction-1", _opt("--val-fraction", "1"), ["--val-fraction"]),
+    ("val-fraction-1", _opt("--val-fraction", "1"), ["--val-fraction", "[0, 1)", "above 0 for a dataset without a val/"]),
+    ("val-fraction-0", _opt("--val-fraction", "0"), ["--val-fraction", "[0, 1)", "above 0 for a dataset without a val/"]),
     ("splits-bogus", _splits_bogus, ["bogus"]),
     ("json-is-directory", _json_dir, ["--json", "directory"]),
     ("csv-is-directory", _csv_dir, ["--csv", "directory"]),
@@ -420,8 +476,19 @@ ERROR_CASES = [
     ("runs-cancel-unknown", _runs_cancel_unknown, ["nope"]),
     ("export-demo-not-empty", _export_not_empty, ["full"]),
     ("report-markdown-missing", _report_markdown_missing, ["README-missing.md"]),
+    ("report-markdown-directory", _report_markdown_dir, ["--markdown", "mdir", "is a directory"]),
+    ("weights-path-too-long", _long_weights, ["--weights", "4096", "5,0"]),
+    ("data-path-too-long", _long_data, ["--data", "4096", "5,0"]),
+    ("json-path-too-long", _long_json, ["--json", "4096", "5,0"]),
+    ("train-seed-2^63", _train_seed_2_63, ["--seed", "below 2^63", str(2**63)]),
+    ("treat-seeds-2^64", _treat_seeds_2_64, ["--seeds", "below 2^63", str(2**64)]),
+    ("report-seeds-2^63", _report_seeds_2_63, ["--seeds", "below 2^63"]),
+    ("report-lambda1-empty", _report_lambda1_empty, ["--lambda1", "at least one"]),
+    ("json-under-proc", _json_under_proc, ["--json", "/proc"]),
+    ("cifar-test-class-not-in-train", _cifar_test_class_not_in_train, ["eel (label 2)", "training images", "test batch holds 2"]),
+    ("runs-kind-bogus", _runs_kind_bogus, ["--kind", "bogus", "treat, xcr, prepare"]),
 ]
-_NO_DEVICE_OPTS = {"runs-cancel-unknown", "export-demo-not-empty"}
+_NO_DEVICE_OPTS = {"runs-cancel-unknown", "runs-kind-bogus", "export-demo-not-empty"}
 
 
 @pytest.mark.parametrize("build, needles", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
@@ -617,7 +684,7 @@ def test_sixteen_bit_images_are_scaled_to_eight_bits(cli, tmp_path):
 
 # ------------------------------------------------------------------------------ NaN CFE heads
 def test_detect_never_caches_nan_heads(cli, tmp_path, monkeypatch):
-    import cfdebug.cfe as cfe
+    import cfdebug.cfe.cache as cfe  # where mc_heads looks the fit up
 
     real_fit = cfe.fit_mc_heads
 
@@ -637,13 +704,13 @@ def test_detect_never_caches_nan_heads(cli, tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------------------- runs
 def _registered_treat_run(home: Path):
-    from cfdebug.config import DataConfig, ModelConfig, TreatmentConfig, WorkspaceConfig
+    from cfdebug.config import DataConfig, ModelConfig, TreatmentSchedule, WorkspaceConfig
     from cfdebug.jobs import treat_spec
     from cfdebug.runs import RunRegistry
 
     registry = RunRegistry(home)
     ws = WorkspaceConfig(model=ModelConfig(), data=DataConfig(), device="cpu", workdir=str(home))
-    return registry, registry.create("treat", treat_spec(ws, TreatmentConfig(epochs=1), [1e-3], [2e-5], [0])).run_id
+    return registry, registry.create("treat", treat_spec(ws, TreatmentSchedule(epochs=1), [1e-3], [2e-5], [0])).run_id
 
 
 def test_resuming_a_run_that_is_still_running_is_refused(cli):
@@ -674,11 +741,225 @@ def test_a_registry_row_whose_config_is_not_json_is_listed_as_unreadable(cli):
 
 def test_the_launched_process_and_its_children_may_run_their_own_run(cli):
     # launch() records the child it starts (torchrun, say); its workers run under it
-    from cfdebug.runs import _is_self_or_ancestor
+    from cfdebug.procs import is_self_or_ancestor
 
-    assert _is_self_or_ancestor(os.getpid()) and _is_self_or_ancestor(os.getppid())
+    assert is_self_or_ancestor(os.getpid()) and is_self_or_ancestor(os.getppid())
     child = subprocess.run(
-        [sys.executable, "-c", f"from cfdebug.runs import _is_self_or_ancestor as f; print(f({os.getpid()}), f(1 << 22))"],
+        [sys.executable, "-c", f"from cfdebug.procs import is_self_or_ancestor as f; print(f({os.getpid()}), f(1 << 22))"],
         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
     )
     assert child.stdout.split() == ["True", "False"], child.stderr
+
+
+def test_both_val_fraction_bounds_give_one_message(cli, tmp_path):
+    # 1 is refused before any work, 0 only once the dataset turns out to have no val/ split
+    messages = [assert_one_error(*cli(*_opt("--val-fraction", v)(tmp_path))[::2]) for v in ("1", "0")]
+    assert messages[0].replace("1.0", "X") == messages[1].replace("0.0", "X")
+
+
+# ----------------------------------------- names no output can hold, files the manifest lacks
+def _non_utf8_class_folders(root: Path) -> None:
+    for split in ("train", "test"):
+        folder = Path(os.fsdecode(os.path.join(os.fsencode(root / split), b"bad\xff")))
+        folder.mkdir()
+        Image.new("RGB", (8, 8)).save(folder / "0.png")
+
+
+@pytest.mark.parametrize("output", ["--csv", "--json"])
+def test_a_class_folder_whose_name_is_not_utf8_is_a_counted_skip(cli, tmp_path, output):
+    root = _tree(tmp_path)
+    _non_utf8_class_folders(root)
+    out = tmp_path / f"out{output.replace('-', '.')}"
+    argv = ["detect", "--data", str(root), "--weights", str(_ckpt(tmp_path)), "--input-size", "8", "--cfe-epochs", "1", output, str(out)]
+    rc, _, err = cli(*argv)
+    assert_warned(rc, err, "skipped 2", "bad\\xff", "UTF-8")
+    text = out.read_text(encoding="utf-8")
+    assert "bad" not in text
+    if output == "--csv":
+        assert sorted(set(line.split(",")[2] for line in text.splitlines()[1:])) == ["a", "b"]
+
+
+def test_a_dataset_folder_whose_name_is_not_utf8_is_escaped_in_the_csv(cli, tmp_path):
+    root = tiny_tree(Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"data\xff"))))
+    argv = ["detect", "--data", str(root), "--weights", str(_ckpt(tmp_path)), "--input-size", "8", "--cfe-epochs", "1", "--csv", str(tmp_path / "out.csv")]
+    rc, _, err = cli(*argv)
+    assert rc == 0 and "Traceback" not in err and "error:" not in err, err
+    rows = (tmp_path / "out.csv").read_text(encoding="utf-8").splitlines()[1:]
+    assert len(rows) == 4 and all("data\\xff/test/" in row for row in rows)
+
+
+def _garbage_npy(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(2).bytes(300))
+
+
+def _pickled_npy(path: Path) -> None:
+    np.save(path, np.array([_Exploit()], dtype=object), allow_pickle=True)
+
+
+@pytest.mark.parametrize("make", [_garbage_npy, _pickled_npy], ids=["garbage", "pickled-objects"])
+def test_a_cache_file_the_manifest_does_not_list_is_never_loaded(cli, tmp_path, make):
+    argv = _extract(tmp_path)
+    rc, err, first = _extract_json(cli, tmp_path, argv, "first")
+    artifact = Path(first["splits"]["test"]["artifact"])
+    make(artifact / "planted.npy")
+    rc, err, second = _extract_json(cli, tmp_path, argv, "second")
+    assert rc == 0 and "Traceback" not in err and "warning" not in err, err
+    assert second["splits"]["test"]["cache_hit"] is True
+    assert second["splits"]["test"]["accuracy"] == first["splits"]["test"]["accuracy"]
+    assert not Path("/tmp/cfdebug-pwned").exists()
+
+
+# ------------------------------------------------------------- the dashboard's path check
+@pytest.mark.parametrize("field", ["weights", "data"])
+def test_a_dashboard_path_too_long_is_refused_by_length(field, monkeypatch):
+    from cfdebug.access import check_workspace
+    from cfdebug.config import DataConfig, ModelConfig, WorkspaceConfig
+    from cfdebug.errors import CfdebugError
+
+    monkeypatch.delenv("CFDEBUG_READ_ONLY", raising=False)
+    long = "a" * 20_000  # a ?weights= or ?data= URL parameter; relative, so "inside" the start folder
+    cfg = WorkspaceConfig(model=ModelConfig(weights=long if field == "weights" else None),
+                          data=DataConfig(source=long if field == "data" else "biased-digits"))
+    with pytest.raises(CfdebugError, match=r"fewer than 4096 bytes.*20,000 bytes") as err:
+        check_workspace(cfg)
+    assert "aaaa" not in str(err.value)
+
+
+# ----------------------------------------------- full and read-only disks, killed writers
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs at ``tmp_path/disk``: skipped where it cannot be mounted (not root, no mount)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Fill ``disk`` until ``leave`` bytes are free."""
+    st = os.statvfs(disk)
+    with open(disk / "filler", "wb") as handle:
+        handle.write(b"\0" * (st.f_bavail * st.f_frsize - leave))
+
+
+def _cfdebug(*argv, prelude: str = "") -> subprocess.CompletedProcess:
+    """``python -m cfdebug ARGV`` in a fresh process (a SIGBUS there is a failed case, not a dead
+    test run); ``prelude`` runs first in that process."""
+    code = f"import sys\n{prelude}\nfrom cfdebug.cli import main\nsys.exit(main({list(argv)!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+
+
+def _disk_extract(t, disk):
+    data = tiny_tree(t / "data200", n_test=100)  # features 200 × 64 float32: 50 KiB, more than is left
+    return ["extract", "--workdir", str(disk / "home"), "--device", "cpu", "--quiet", "--data", str(data),
+            "--weights", str(_ckpt(t)), "--input-size", "8", "--splits", "test"]
+
+
+def _disk_detect_csv(t, disk):
+    return ["detect", "--workdir", str(t / "home"), "--device", "cpu", "--quiet", "--data", str(_tree(t)),
+            "--weights", str(_ckpt(t)), "--input-size", "8", "--cfe-epochs", "1", "--csv", str(disk / "flags.csv")]
+
+
+def _disk_models_json(t, disk):
+    return ["models", "--json", str(disk / "models.json")]
+
+
+def _disk_export(t, disk):
+    return ["export-demo", str(disk / "digits")]
+
+
+# Writing a memory map past a full disk's last page killed extract with SIGBUS (exit 135, a
+# .tmp folder left); the others ended in OSError tracebacks. The reservation case skips the
+# free-space check, as when another writer fills the disk between the check and the writes.
+_SKIP_FREE_CHECK = "import shutil\nusage = shutil.disk_usage\nshutil.disk_usage = lambda p: usage(p)._replace(free=2**40)"
+FULL_DISK = [  # (id, argv builder, code run first, bytes left free, needles)
+    ("extract-memory-maps", _disk_extract, "", 32 * 1024, ["needs 51.8 KiB, but only 32.0 KiB are free"]),
+    ("extract-memory-maps-reserved", _disk_extract, _SKIP_FREE_CHECK, 32 * 1024, ["51.8 KiB free on the disk", "objects/extract", "full"]),
+    ("detect-csv", _disk_detect_csv, "", 0, ["B free on the disk holding", "flags.csv", "full", "0 B free)"]),
+    ("models-json", _disk_models_json, "", 0, ["models.json", "full", "B free on the disk"]),
+    ("export-demo", _disk_export, "", 0, ["digits", "full"]),
+]
+
+
+@pytest.mark.parametrize("build, prelude, leave, needles", [c[1:] for c in FULL_DISK], ids=[c[0] for c in FULL_DISK])
+def test_a_full_disk_loses_nothing(small_disk, tmp_path, build, prelude, leave, needles):
+    argv = build(tmp_path, small_disk)
+    (small_disk / "home").mkdir()
+    _fill(small_disk, leave)
+    done = _cfdebug(*argv, prelude=prelude)
+    err = "\n".join(line for line in done.stderr.splitlines() if not line.startswith("warning: no confident"))  # detect's own
+    assert_one_error(done.returncode, err, str(small_disk), *needles)
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "home"]  # no partial output
+    assert_nothing_half_written(small_disk / "home")
+
+
+READ_ONLY_DISK = [
+    ("export-demo", _disk_export, ["digits", "read-only"]),
+]
+
+
+@pytest.mark.parametrize("build, needles", [c[1:] for c in READ_ONLY_DISK], ids=[c[0] for c in READ_ONLY_DISK])
+def test_a_read_only_disk_loses_nothing(small_disk, tmp_path, build, needles):
+    argv = build(tmp_path, small_disk)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    done = _cfdebug(*argv)
+    assert_one_error(done.returncode, done.stderr, str(small_disk), *needles)
+    assert list(small_disk.iterdir()) == []
+
+
+_KILLED_MID_EXTRACTION = """
+import os, signal
+import cfdebug.extract as extract
+
+def killed(model, layer, batches, n_items, out_dir, *args, **kwargs):
+    (out_dir / "features.npy").write_bytes(b"half of it")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+extract.stream_features = killed
+"""
+
+
+def _killed_extraction(t, home):
+    done = _cfdebug(*_extract(t)[:1], "--workdir", str(home), "--device", "cpu", "--quiet", *_extract(t)[1:], prelude=_KILLED_MID_EXTRACTION)
+    assert done.returncode == -9, done.stderr
+
+
+def _crash_after_discarding(t, home):
+    (home / "objects" / "extract" / ".bad-0123456789abcdef0123-deadbeef").mkdir(parents=True)
+
+
+LEFT_BEHIND = [("sigkill-during-extraction", _killed_extraction), ("crash-while-discarding", _crash_after_discarding)]
+
+
+@pytest.mark.parametrize("leave", [c[1] for c in LEFT_BEHIND], ids=[c[0] for c in LEFT_BEHIND])
+def test_what_a_dead_writer_left_is_removed_when_the_store_opens(tmp_path, leave):
+    from cfdebug.store import Store
+
+    home = tmp_path / "home"
+    leave(tmp_path, home)
+    leftovers = [p for p in (home / "objects" / "extract").iterdir() if p.name.startswith((".tmp-", ".bad-"))]
+    assert len(leftovers) == 1, leftovers
+    Store(home)
+    assert not leftovers[0].exists()
+    assert_nothing_half_written(home)
+
+
+def test_a_live_writers_temporary_folder_is_kept_when_a_store_opens(tmp_path):
+    from cfdebug.store import Store
+
+    store = Store(tmp_path / "home")
+    with store.writer("extract", "0123456789abcdef0123", {}) as tmp:
+        np.save(tmp / "x.npy", np.zeros(3))
+        assert Store(tmp_path / "home").sweep() == []
+        assert (tmp / "x.npy").is_file()
+    assert store.exists("extract", "0123456789abcdef0123")

@@ -93,27 +93,10 @@ def test_page_monitors_an_active_run(page, demo_workspace, workdir, finished_run
         cancel(registry, record.run_id)
 
 
-def test_xcr_monitor_time_left_is_measured_from_the_runs_rows(tmp_path):
-    """No estimate before two rows are measured; then one from the run's own pace (not a fixed string)."""
-    import time
-
-    from cfdebug.ui.xcr import _time_left
-
-    reg = RunRegistry(tmp_path)
-    run_id = reg.create("xcr", {"spec": 1}).run_id
-    assert _time_left(reg, run_id) == ""
-    reg.log_progress(run_id, {"fraction": 0.1, "message": "selector epoch 1"})
-    assert _time_left(reg, run_id) == ""
-    time.sleep(0.05)
-    reg.log_progress(run_id, {"fraction": 0.2, "message": "selector epoch 2"})
-    assert _time_left(reg, run_id).endswith("left (at the pace so far)")
-
-
 @pytest.mark.slow
 def test_cli_xcr_is_a_registry_run_the_page_lists(demo_workspace, workdir, tmp_path, monkeypatch, capsys):
     """`python -m cfdebug xcr` in a terminal registers its run, as `treat` does, so the page lists it."""
     from cfdebug.cli import main
-    from cfdebug.ui.xcr import _same_workspace
 
     home = tmp_path / "home"
     args = ["xcr", "--workdir", str(home), "--selector-epochs", "1", "--xcr-epochs", "1", "--seeds", "0",
@@ -121,5 +104,6 @@ def test_cli_xcr_is_a_registry_run_the_page_lists(demo_workspace, workdir, tmp_p
     assert main(args) == 0
     runs = RunRegistry(home).list(kind="xcr")
     assert [r.status for r in runs] == ["done"] and runs[0].result["table2"]
-    assert _same_workspace(runs[0], demo_workspace)
+    mine, stored = config_dict(demo_workspace.config), runs[0].config["workspace"]
+    assert (stored["model"], stored["data"]) == (mine["model"], mine["data"])  # the page lists it (ui.runs.workspace_runs)
     assert f"run {runs[0].run_id}" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from cfdebug.cfe import (
     thresholded_relu,
 )
 from cfdebug.errors import CfdebugError
+from cfdebug.training import UNEVALUATED_HISTORY_KEYS
 
 K, C, N = 3, 6, 70
 
@@ -106,7 +107,7 @@ def test_batched_mc_heads_match_naive_per_class_loop():
     all_masks = predict_masks(heads, g)
     assert all_masks.shape == (N, K, C)
     assert (all_masks == naive).mean() > 0.999  # a pre-activation within 1e-5 of 0 may flip
-    assert len(history) == 4 and set(history[0]) == {"epoch", "loss", "ce", "sparsity", "logits"}
+    assert len(history) == 4 and set(history[0]) == {*UNEVALUATED_HISTORY_KEYS, "ce", "sparsity", "logits"}
     # Training moved the weights (the comparison is not between two untouched inits).
     init = MCHeads(K, C)
     init.reset_parameters(3)
@@ -248,13 +249,13 @@ def test_class_spans_cover_every_head_within_the_budget():
 def test_map_head_equals_pooled_head_when_the_map_head_is_gap_then_linear(tmp_path, monkeypatch, budget):
     """GAP then linear on ``m ⊙ A`` is the linear head on ``m ⊙ g``: both paths must train the
     same heads and give the same keep rate, alter rate, global filters and ablation."""
-    from cfdebug import cfe
+    from cfdebug.cfe import classifier_head
     from cfdebug.detect import ablation_arrays
     from cfdebug.mcfilters import accumulate_global_filters
     from cfdebug.models import _PooledThen
 
     if budget is not None:
-        monkeypatch.setattr(cfe, "MAP_BLOCK_ELEMENTS", budget)
+        monkeypatch.setattr(classifier_head, "MAP_BLOCK_ELEMENTS", budget)
     g, maps = _toy_maps(5, tmp_path)
     _, linear = _toy(5)
     map_head = MaskedHead(_PooledThen(linear), "map")
@@ -291,9 +292,9 @@ def test_map_head_equals_pooled_head_when_the_map_head_is_gap_then_linear(tmp_pa
 def test_map_heads_match_naive_per_class_loop_on_a_position_dependent_head(tmp_path, monkeypatch):
     """The batched map path (one head per block here) against K separate Dense layers, each
     masking the feature maps channel-wise and running the frozen head itself."""
-    from cfdebug import cfe
+    from cfdebug.cfe import classifier_head
 
-    monkeypatch.setattr(cfe, "MAP_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(classifier_head, "MAP_BLOCK_ELEMENTS", 1)
     g, maps = _toy_maps(6, tmp_path)
     head = _flat_head(6)
     config = CFEConfig(epochs=3, batch_size=16, seed=2)
@@ -392,15 +393,15 @@ def test_shared_products_equal_the_module_and_the_per_mask_route(monkeypatch, ro
     """With q > 1 (a 6×6 map: 3×3 after the max pool, q = 9) the J masks of an image share the
     per-channel products; that equals the module on m ⊙ A and the route that runs W_eff per mask
     (one mask per image), within 1e-5."""
-    from cfdebug import cfe
+    from cfdebug.cfe import classifier_head
 
     if rows_per_block is not None:
-        monkeypatch.setattr(cfe, "PRODUCT_BLOCK_ELEMENTS", rows_per_block * C * 16)  # 16: the head's first-layer width
+        monkeypatch.setattr(classifier_head, "PRODUCT_BLOCK_ELEMENTS", rows_per_block * C * 16)  # 16: the head's first-layer width
     head = _vgg_style_head(3)
     fast = MaskedHead(head, "map")
     calls = []
-    shared = cfe.ChannelLinearHead._shared_first_layer
-    monkeypatch.setattr(cfe.ChannelLinearHead, "_shared_first_layer", lambda self, *a: calls.append(1) or shared(self, *a))
+    shared = classifier_head.ChannelLinearHead._shared_first_layer
+    monkeypatch.setattr(classifier_head.ChannelLinearHead, "_shared_first_layer", lambda self, *a: calls.append(1) or shared(self, *a))
     gen = torch.Generator().manual_seed(11)
     x = torch.rand(5, C, 6, 6, generator=gen) * 2.0
     m = torch.rand(5, K, C, generator=gen) * (torch.rand(5, K, C, generator=gen) > 0.4)
@@ -434,16 +435,16 @@ def test_channel_linear_fit_equals_the_reference_map_path(monkeypatch, side, row
     """The MC heads trained through the rewrite against the module on m ⊙ A: same weights to
     float rounding, the same binary masks and keep rate. Side 2: q = 1 (VGG at 32 px); side 6:
     q = 9, the shared products, in one block of rows or in blocks of 5 rows (gradients summed)."""
-    from cfdebug import cfe
+    from cfdebug.cfe import classifier_head, fitting
 
     if rows_per_block is not None:
-        monkeypatch.setattr(cfe, "PRODUCT_BLOCK_ELEMENTS", rows_per_block * C * 16)
+        monkeypatch.setattr(classifier_head, "PRODUCT_BLOCK_ELEMENTS", rows_per_block * C * 16)
     gen = torch.Generator().manual_seed(7)
     maps = (torch.rand(N, C, side, side, generator=gen) * 2.0).numpy()
     g = maps.mean(axis=(2, 3))
     head = _vgg_style_head(7)
     config = CFEConfig(epochs=4, batch_size=16, seed=3)
-    row_step, spans = cfe._fit_blocks(MaskedHead(head, "map"), K, 16, torch.as_tensor(g), maps, additive=False)
+    row_step, spans = fitting._fit_blocks(MaskedHead(head, "map"), K, 16, torch.as_tensor(g), maps, additive=False)
     assert (row_step, spans) == ((16 if rows_per_block is None else rows_per_block, [(0, K)]) if side == 6 else (16, [(0, K)]))
     fast, h_fast = fit_mc_heads(g, MaskedHead(head, "map"), K, config, head_inputs=maps)
     ref, h_ref = fit_mc_heads(g, MaskedHead(_Opaque(head), "map"), K, config, head_inputs=maps)

@@ -203,3 +203,37 @@ def test_bench_cfe_runs_on_fixed_threads_and_restores_them(run, tmp_path):
     result = json.loads(out_json.read_text())
     assert result["head"] == "pooled" and result["cfe_target"] == 1.0 and result["gradcam_speedup"] > 0
     assert torch.get_num_threads() == before
+
+
+# ---------------------------------------------------------------------------------- field names → flags
+def test_for_cli_maps_field_names_to_flags():
+    from cfdebug.cli import flag_for, for_cli, rename_fields
+
+    assert flag_for("data.input_size") == "--input-size" and flag_for("train.batch_size") is None
+    assert for_cli("Expected `data.val_fraction` to be in [0, 1), but got -3.") == "Expected `--val-fraction` to be in [0, 1), but got -3."
+    assert for_cli("Expected `device` to be auto, cpu, cuda or cuda:N, but got 'tpu'.") == "Expected `--device` to be auto, cpu, cuda or cuda:N, but got 'tpu'."
+    untouched = "Expected `train.batch_size` to be a positive integer, but got 0 (`k` too)."
+    assert for_cli(untouched) == untouched
+    assert rename_fields("`data.bias` and `model.name`", {"data.bias": "Shortcut strength"}) == "`Shortcut strength` and `model.name`"
+
+
+def test_every_mapped_flag_exists_on_the_cli():
+    from cfdebug.cli import CLI_FLAGS, build_parser
+    from cfdebug.config import WorkspaceConfig
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    extract = sub.choices["extract"]
+    assert set(CLI_FLAGS.values()) <= set(extract._option_string_actions)
+    # Each mapped field is a real field of the workspace config.
+    for name in CLI_FLAGS:
+        obj = WorkspaceConfig()
+        for part in name.split("."):
+            assert hasattr(obj, part), name
+            obj = getattr(obj, part)
+
+
+def test_importing_the_cli_does_not_import_torch():
+    """The dashboard imports the flag map (cfdebug.ui.workspace): the module loads torch only when a command runs."""
+    code = "import sys, cfdebug.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

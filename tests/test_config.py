@@ -1,8 +1,11 @@
-"""Every config validates itself on construction, with a message naming the field; the CLI can
-translate field names to its flags; config.py stays free of torch and of cfdebug.xcr."""
+"""Every config validates itself on construction, with a message naming the field; configs are
+frozen and round-trip through their dicts (and JSON); the config package stays free of torch and
+of cfdebug.xcr."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -61,6 +64,41 @@ def test_defaults_and_demo_configs_construct():
         (lambda: C.WorkspaceConfig(workdir=""), "Expected `workdir` to be a non-empty string, but got ''."),
         (lambda: C.WorkspaceConfig(data={"source": "x"}), "Expected `data` to be a DataConfig, but got dict."),
         (lambda: C.XCRConfig(retrain=C.FinetuneConfig(), n_bins=0), "Expected `n_bins` to be a positive integer, but got 0."),
+        # paper A
+        (lambda: C.CFEConfig(epochs=0), "Expected `epochs` to be a positive integer, but got 0."),
+        (lambda: C.CFEConfig(lr=-1e-3), "Expected `lr` to be a positive number, but got -0.001."),
+        (lambda: C.CFEConfig(momentum=1.0), "Expected `momentum` to be in [0, 1), but got 1.0."),
+        (lambda: C.CFEConfig(sparsity_lambda=-2.0), "Expected `sparsity_lambda` to be a non-negative number, but got -2.0."),
+        (lambda: C.CFEConfig(mask_threshold=float("inf")), "Expected `mask_threshold` to be in [0, 1), but got inf."),
+        (lambda: C.MCFilterConfig(tau=1.5), "Expected `tau` to be in [0, 1], but got 1.5."),
+        (lambda: C.DetectConfig(freq_threshold=1.0), "Expected `freq_threshold` to be in [0, 1), but got 1.0."),
+        (lambda: C.DetectConfig(skip_threshold=-0.1), "Expected `skip_threshold` to be in [0, 1], but got -0.1."),
+        (lambda: C.DetectConfig(flag_row="best"), "Expected `flag_row` to be one of avg_recall, avg_f1, recall_cut, but got 'best'."),
+        (lambda: C.DetectConfig(score_metric="auroc"), "Expected `score_metric` to be one of recall, precision, f1, but got 'auroc'."),
+        (lambda: C.DetectConfig(rerank_top_k=0), "Expected `rerank_top_k` to be a positive integer, but got 0."),
+        (lambda: C.DetectConfig(ablation_class=-1), "Expected `ablation_class` to be None or a class index >= 0, but got -1."),
+        (lambda: C.FinetuneConfig(dropout=1.0), "Expected `dropout` to be in [0, 1), but got 1.0."),
+        (lambda: C.FinetuneConfig(trainable="body"), "Expected `trainable` to be one of block+head, head, all, but got 'body'."),
+        (lambda: C.FinetuneConfig(optimizer="rmsprop"), "Expected `optimizer` to be one of sgd, adam, but got 'rmsprop'."),
+        (lambda: C.FinetuneConfig(batch_size=2.5), "Expected `batch_size` to be a positive integer, but got 2.5."),
+        (lambda: C.TreatmentSchedule(theta=1.0), "Expected `theta` to be in [0, 1), but got 1.0."),
+        (lambda: C.TreatmentSchedule(epochs=0), "Expected `epochs` to be a positive integer, but got 0."),
+        (lambda: C.TreatmentConfig(lambda1=2.0), "Expected `lambda1` to be in [0, 1], but got 2.0."),
+        (lambda: C.TreatmentConfig(lambda2=-1e-5), "Expected `lambda2` to be in [0, 1], but got -1e-05."),
+        (lambda: C.TreatmentSchedule().with_lambdas(1e-3, 3.0), "Expected `lambda2` to be in [0, 1], but got 3.0."),
+        # paper B
+        (lambda: C.SelectorConfig(k=0), "Expected `k` to be a positive integer, but got 0."),
+        (lambda: C.SelectorConfig(tau=0.0), "Expected `tau` to be a positive number, but got 0.0."),
+        (lambda: C.SelectorConfig(mode="Hard"), "Expected `mode` to be one of Topk, Softmax, but got 'Hard'."),
+        (lambda: C.SelectorConfig(schedule="step"), "Expected `schedule` to be one of constant, cosine, but got 'step'."),
+        (lambda: C.XCRConfig(seeds=()), "Expected `seeds` to hold at least one seed, but it is empty."),
+        (lambda: C.XCRConfig(seeds=(0, 0)), "Expected `seeds` to hold distinct values, but got [0, 0]."),
+        (lambda: C.XCRConfig(severities=(6,)), "Expected `severities` to hold integers in 1..5, but got 6."),
+        (lambda: C.XCRConfig(corruptions=("fog",), severities=()),
+         "Expected both `corruptions` and `severities` to be empty (clean evaluation only) or both non-empty."),
+        (lambda: C.XCRConfig(init="imagenet"), "Expected `init` to be one of pretrained, scratch, but got 'imagenet'."),
+        (lambda: C.XCRConfig(random_baseline="yes"), "Expected `random_baseline` to be true or false, but got 'yes'."),
+        (lambda: C.XCRConfig(selector={"k": 8}), "Expected `selector` to be a SelectorConfig, but got dict."),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(build, message):
@@ -83,43 +121,74 @@ def test_workspace_config_round_trips_through_its_dict():
         C.workspace_config_from_dict({"data": {"bias": 2.0}})
 
 
-def test_check_against_counts_patches_without_importing_the_selector():
-    assert C.XCRConfig.demo().check_against(32) == 256
-    with pytest.raises(CfdebugError, match=r"`k` to be an integer in 1\.\.64"):
-        C.XCRConfig.demo(table1_ks=(16, 100)).check_against(16)
-    with pytest.raises(CfdebugError, match="divide the image size 31×31"):
-        C.XCRConfig.demo().check_against(31)
+def test_an_unknown_corruption_is_refused_with_the_valid_names():
+    with pytest.raises(CfdebugError, match="^Expected `corruptions` to hold names from gaussian_noise, .*, but got 'fogg'.$"):
+        C.XCRConfig(corruptions=("fog", "fogg"))
 
 
-def test_config_module_imports_neither_torch_nor_xcr():
+def test_configs_are_frozen():
+    for config in (C.DataConfig(), C.TreatmentConfig(), C.XCRConfig(), C.DetectConfig()):
+        field = dataclasses.fields(config)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(config, field, getattr(config, field))
+
+
+def test_lists_from_json_become_tuples_and_hash():
+    config = C.XCRConfig(seeds=[2, 0], severities=[1, 3], corruptions=["fog"], table1_ks=[16], table1_betas=[0.1])
+    assert (config.seeds, config.severities, config.corruptions, config.table1_ks) == ((2, 0), (1, 3), ("fog",), (16,))
+    assert hash(config) == hash(C.XCRConfig(seeds=(2, 0), severities=(1, 3), corruptions=("fog",), table1_ks=(16,), table1_betas=(0.1,)))
+    assert C.DataConfig(mean=[0.1, 0.2, 0.3]).mean == (0.1, 0.2, 0.3)
+
+
+def test_workspace_config_resolves_the_beds_training_epochs():
+    assert C.WorkspaceConfig(data=C.DataConfig(source="hard-digits")).train.epochs == C.BED_TRAIN_EPOCHS["hard-digits"]
+    assert C.WorkspaceConfig().train.epochs == C.DEFAULT_TRAIN_EPOCHS
+    assert C.WorkspaceConfig(train=C.TrainConfig(epochs=3), data=C.DataConfig(source="hard-digits")).train.epochs == 3
+
+
+def test_xcr_config_round_trips_through_its_dict_and_json():
+    config = C.XCRConfig.demo(selector=C.SelectorConfig.demo(k=16), seeds=(0, 4), severities=(2,), corruptions=("fog", "snow"), random_baseline=True, epochs=2)
+    as_json = json.loads(json.dumps(C.config_dict(config)))
+    assert C.xcr_config_from_dict(as_json) == config
+    assert C.xcr_config_from_dict(config) is config
+
+
+def test_xcr_config_reads_an_old_flat_retraining_schedule_and_refuses_unknown_keys():
+    old = {k: v for k, v in C.config_dict(C.XCRConfig()).items() if k != "retrain"}
+    assert C.xcr_config_from_dict({**old, "epochs": 4, "lr": 5e-4}).retrain == dataclasses.replace(C.XCRConfig().retrain, epochs=4, lr=5e-4)
+    with pytest.raises(CfdebugError, match="under `retrain` or flat"):
+        C.xcr_config_from_dict({**C.config_dict(C.XCRConfig()), "epochs": 4})
+    with pytest.raises(CfdebugError, match="^Unknown XCR config keys colour; expected some of "):
+        C.xcr_config_from_dict({"colour": 1})
+    with pytest.raises(CfdebugError, match="^Unknown selector config keys kk; "):
+        C.xcr_config_from_dict({"selector": {"kk": 1}})
+    with pytest.raises(CfdebugError, match="Expected the XCR config to be a dict"):
+        C.xcr_config_from_dict([1, 2])
+
+
+def test_workspace_config_from_a_dict_of_another_shape_names_the_problem():
+    with pytest.raises(CfdebugError, match="^Expected a workspace config as a JSON object, but got list.$"):
+        C.workspace_config_from_dict([])
+    with pytest.raises(CfdebugError, match="unexpected keyword argument 'colour'"):
+        C.workspace_config_from_dict({"model": {"colour": "red"}})
+
+
+def test_treatment_config_is_a_schedule_plus_one_pair_of_loss_weights():
+    schedule = C.TreatmentSchedule(epochs=3, lr=3e-4, seed=2, theta=0.4)
+    run = schedule.with_lambdas(1e-2, 1e-4, seed=5)
+    assert (run.lambda1, run.lambda2, run.seed, run.epochs, run.lr, run.theta) == (1e-2, 1e-4, 5, 3, 3e-4, 0.4)
+    assert schedule.with_lambdas(0.0, 0.0).seed == 2
+    assert run.schedule == dataclasses.replace(schedule, seed=5)
+    assert "lambda1" not in C.config_dict(schedule) and "lambda2" not in C.config_dict(schedule)
+    # a treatment config round-trips through its dict (what run_treatment stores)
+    assert C.TreatmentConfig(**json.loads(json.dumps(C.config_dict(run)))) == run
+
+
+def test_config_package_imports_neither_torch_nor_xcr():
     code = (
-        "import sys, cfdebug.config as c; c.XCRConfig.demo().check_against(32); "
+        "import sys, cfdebug.config as c; c.XCRConfig.demo(); c.TreatmentSchedule().with_lambdas(0.1, 0.2); "
         "bad = [m for m in sys.modules if m == 'torch' or m.startswith('cfdebug.xcr')]; "
         "assert not bad, bad"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-
-
-# ---------------------------------------------------------------------------------- CLI names
-def test_for_cli_maps_field_names_to_flags():
-    assert C.flag_for("data.input_size") == "--input-size" and C.flag_for("train.batch_size") is None
-    assert C.for_cli("Expected `data.val_fraction` to be in [0, 1), but got -3.") == "Expected `--val-fraction` to be in [0, 1), but got -3."
-    assert C.for_cli("Expected `device` to be auto, cpu, cuda or cuda:N, but got 'tpu'.") == "Expected `--device` to be auto, cpu, cuda or cuda:N, but got 'tpu'."
-    untouched = "Expected `train.batch_size` to be a positive integer, but got 0 (`k` too)."
-    assert C.for_cli(untouched) == untouched
-    assert C.rename_fields("`data.bias` and `model.name`", {"data.bias": "Shortcut strength"}) == "`Shortcut strength` and `model.name`"
-
-
-def test_every_mapped_flag_exists_on_the_cli():
-    from cfdebug.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
-    extract = sub.choices["extract"]
-    assert set(C.CLI_FLAGS.values()) <= set(extract._option_string_actions)
-    # Each mapped field is a real field of the workspace config.
-    for name in C.CLI_FLAGS:
-        obj = C.WorkspaceConfig()
-        for part in name.split("."):
-            assert hasattr(obj, part), name
-            obj = getattr(obj, part)

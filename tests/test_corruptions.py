@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from cfdebug.data import corruptions as C
-from cfdebug.data.corruptions import CORRUPTION_GROUPS, CORRUPTIONS, corrupt, load_cifar10c
+from cfdebug.data.corruptions import CORRUPTION_GROUPS, CORRUPTIONS, corrupt
 from cfdebug.errors import CfdebugError
 
 # Corruptions without random draws: the seed cannot change them.
@@ -222,64 +222,3 @@ def test_bad_seed(images):
 def test_empty_batch():
     empty = np.zeros((0, 32, 32, 3), np.uint8)
     assert corrupt(empty, "snow", 2).shape == (0, 32, 32, 3)
-
-
-# ---------------------------------------------------------------- CIFAR-10-C loader
-
-
-@pytest.fixture()
-def cifar10c_dir(tmp_path):
-    """Fake CIFAR-10-C: 5 severities × 4 images of 8×8; pixel value = 10·severity + index."""
-    per = 4
-    values = np.array([10 * s + i for s in range(1, 6) for i in range(per)], dtype=np.uint8)
-    fog = np.broadcast_to(values[:, None, None, None], (5 * per, 8, 8, 3)).copy()
-    np.save(tmp_path / "fog.npy", fog)
-    np.save(tmp_path / "labels.npy", np.tile(np.array([3, 1, 4, 1], np.uint8), 5))
-    return tmp_path
-
-
-def test_load_cifar10c_slices_one_severity(cifar10c_dir):
-    for severity in range(1, 6):
-        x, y = load_cifar10c(cifar10c_dir, "fog", severity)
-        assert x.shape == (4, 8, 8, 3) and x.dtype == np.uint8
-        np.testing.assert_array_equal(x[:, 0, 0, 0], 10 * severity + np.arange(4))
-        assert y.dtype == np.int64
-        np.testing.assert_array_equal(y, [3, 1, 4, 1])
-
-
-def test_load_cifar10c_with_given_labels(cifar10c_dir):
-    _, y = load_cifar10c(cifar10c_dir, "fog", 2, labels=np.array([9, 8, 7, 6]))  # one severity's worth
-    np.testing.assert_array_equal(y, [9, 8, 7, 6])
-    _, y = load_cifar10c(cifar10c_dir, "fog", 2, labels=np.arange(20))  # one per image in the file
-    np.testing.assert_array_equal(y, [4, 5, 6, 7])
-
-
-def test_load_cifar10c_length_mismatch(cifar10c_dir):
-    with pytest.raises(CfdebugError, match=r"but got 7 labels for 20 images"):
-        load_cifar10c(cifar10c_dir, "fog", 1, labels=np.arange(7))
-    np.save(cifar10c_dir / "labels.npy", np.arange(19))
-    with pytest.raises(CfdebugError, match=r"19 labels for 20 images"):
-        load_cifar10c(cifar10c_dir, "fog", 1)
-
-
-def test_load_cifar10c_missing_files(cifar10c_dir):
-    with pytest.raises(CfdebugError, match=r"snow\.npy.*does not exist.*holds fog, labels"):
-        load_cifar10c(cifar10c_dir, "snow", 1)
-    with pytest.raises(CfdebugError, match="not a folder"):
-        load_cifar10c(cifar10c_dir / "nope", "fog", 1)
-    (cifar10c_dir / "labels.npy").unlink()
-    with pytest.raises(CfdebugError, match=r"labels\.npy.*does not exist"):
-        load_cifar10c(cifar10c_dir, "fog", 1)
-    with pytest.raises(CfdebugError, match="`severity`"):
-        load_cifar10c(cifar10c_dir, "fog", 6)
-    with pytest.raises(CfdebugError, match="Did you mean 'fog'"):
-        load_cifar10c(cifar10c_dir, "fogg", 1)
-
-
-def test_load_cifar10c_bad_file(cifar10c_dir):
-    np.save(cifar10c_dir / "snow.npy", np.zeros((7, 8, 8, 3), np.uint8))  # not 5 blocks
-    with pytest.raises(CfdebugError, match="multiple of 5"):
-        load_cifar10c(cifar10c_dir, "snow", 1)
-    (cifar10c_dir / "frost.npy").write_bytes(b"not a npy file")
-    with pytest.raises(CfdebugError, match="readable .npy"):
-        load_cifar10c(cifar10c_dir, "frost", 1)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cfdebug.runs import RunRegistry
-from cfdebug.ui.workspace import INLINE_ENV, describe_progress, widget_terms
+from cfdebug.runs import RunRegistry, read_progress
+from cfdebug.ui.errors import widget_terms
+from cfdebug.ui.workspace import INLINE_ENV
 from test_prepare_job import tiny_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,17 +67,17 @@ def test_widget_terms_replace_flags_and_fields():
     assert "`--bias`" in text  # no sidebar widget: left as it is
 
 
-def test_describe_progress_gives_the_step_and_the_time_left_of_its_stage():
+def test_the_monitor_line_gives_the_step_and_the_time_left_of_its_stage():
     rows = [
         (0.0, {"fraction": 0.0, "stage": "load", "step": 1, "steps": 2, "stage_fraction": 0.0, "message": "Loading"}),
         (10.0, {"fraction": 0.5, "stage": "filters", "step": 2, "steps": 2, "stage_fraction": 0.0, "message": "Fitting CFE heads"}),
         (20.0, {"fraction": 0.6, "stage": "filters", "step": 2, "steps": 2, "stage_fraction": 0.2, "message": "Fitting CFE heads: MC heads epoch 4/20"}),
     ]
-    fraction, text = describe_progress(rows, now=20.0)
-    assert fraction == 0.6
-    assert text == "Step 2 of 2 · Fitting CFE heads: MC heads epoch 4/20 · about 40 s left in this step"
-    assert describe_progress(rows[:2], now=10.0)[1].endswith("estimating the time left…")
-    assert describe_progress([])[0] == 0.0
+    progress = read_progress(rows, now=20.0)
+    assert progress.fraction == 0.6 and progress.stage == "filters"
+    assert progress.describe() == "Step 2 of 2 · Fitting CFE heads: MC heads epoch 4/20 · about 40 s left in this step"
+    assert read_progress(rows[:2], now=10.0).describe().endswith("estimating the time left…")
+    assert read_progress([]).fraction == 0.0 and read_progress([]).describe().startswith("Starting")
 
 
 # ------------------------------------------------------------------------------ sidebar (inline)

@@ -18,7 +18,7 @@ from cfdebug.data.digits import (
     CLASS_COLOURS, CORNER_FREE, HARD_JITTER, SPLIT_FRACTIONS, SQUARE, build_bed, build_digits, build_hard_digits, digit_images,
     jitter_digits, stratified_split,
 )
-from cfdebug.data.formats import detect_format
+from cfdebug.data.formats import detect_format, load_cifar10c
 from cfdebug.errors import CfdebugError
 
 # ---------------------------------------------------------------- Biased Digits
@@ -360,7 +360,7 @@ def _cifar_batch(n: int, n_classes: int, seed: int, label_key: bytes = b"labels"
     return {
         b"batch_label": b"testing batch",
         b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-        label_key: [int(v) for v in rng.integers(0, n_classes, size=n)],
+        label_key: [int(v) for v in rng.permutation(np.arange(n) % n_classes)],  # every class once n >= n_classes
         b"filenames": [f"img{i}.png".encode() for i in range(n)],
     }
 
@@ -372,7 +372,7 @@ def _dump(obj, path: Path, protocol: int = 2) -> None:
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_cifar10_batches(tmp_path, protocol):
-    batches = [_cifar_batch(6, 10, seed) for seed in range(3)]
+    batches = [_cifar_batch(10, 10, seed) for seed in range(3)]
     for k, batch in enumerate(batches[:2], start=1):
         _dump(batch, tmp_path / f"data_batch_{k}", protocol)
     _dump(batches[2], tmp_path / "test_batch", protocol)
@@ -382,8 +382,8 @@ def test_cifar10_batches(tmp_path, protocol):
     bundle = load_data(DataConfig(source=str(tmp_path), val_fraction=0.25))
     assert bundle.format == "cifar" and bundle.classes[0] == "airplane" and bundle.num_classes == 10
     assert bundle.input_size == 32
-    assert len(bundle.splits["train"]) + len(bundle.splits["val"]) == 12
-    assert len(bundle.splits["test"]) == 6
+    assert len(bundle.splits["train"]) + len(bundle.splits["val"]) == 20
+    assert len(bundle.splits["test"]) == 10
     # pixel layout: row-major R plane, then G, then B
     test = bundle.splits["test"]
     np.testing.assert_array_equal(test.images[2, :, :, 1], batches[2][b"data"][2, 1024:2048].reshape(32, 32))
@@ -430,7 +430,7 @@ def test_decompression_bomb_is_refused_with_the_file_named(tmp_path, monkeypatch
 
 
 def test_cifar100_layout(tmp_path):
-    _dump(_cifar_batch(10, 100, 0, b"fine_labels"), tmp_path / "train")
+    _dump(_cifar_batch(100, 100, 0, b"fine_labels"), tmp_path / "train")
     _dump(_cifar_batch(4, 100, 1, b"fine_labels"), tmp_path / "test")
     names = [f"class{i}".encode() for i in range(100)]
     _dump({b"fine_label_names": names, b"coarse_label_names": [b"c"] * 20}, tmp_path / "meta")
@@ -607,3 +607,64 @@ def test_export_hard_digits(tmp_path):
     disk = load_data(DataConfig(source=str(out))).splits["test"]
     j = mem.ids.index(disk.ids[0].replace(".png", "").replace(os.sep, "/"))
     np.testing.assert_array_equal(disk.load_image(0), mem.images[j])
+
+
+# ---------------------------------------------------------------- CIFAR-10-C files (formats.load_cifar10c)
+
+
+@pytest.fixture()
+def cifar10c_dir(tmp_path):
+    """Fake CIFAR-10-C: 5 severities × 4 images of 8×8; pixel value = 10·severity + index."""
+    per = 4
+    values = np.array([10 * s + i for s in range(1, 6) for i in range(per)], dtype=np.uint8)
+    fog = np.broadcast_to(values[:, None, None, None], (5 * per, 8, 8, 3)).copy()
+    np.save(tmp_path / "fog.npy", fog)
+    np.save(tmp_path / "labels.npy", np.tile(np.array([3, 1, 4, 1], np.uint8), 5))
+    return tmp_path
+
+
+def test_load_cifar10c_slices_one_severity(cifar10c_dir):
+    for severity in range(1, 6):
+        x, y = load_cifar10c(cifar10c_dir, "fog", severity)
+        assert x.shape == (4, 8, 8, 3) and x.dtype == np.uint8
+        np.testing.assert_array_equal(x[:, 0, 0, 0], 10 * severity + np.arange(4))
+        assert y.dtype == np.int64
+        np.testing.assert_array_equal(y, [3, 1, 4, 1])
+
+
+def test_load_cifar10c_with_given_labels(cifar10c_dir):
+    _, y = load_cifar10c(cifar10c_dir, "fog", 2, labels=np.array([9, 8, 7, 6]))  # one severity's worth
+    np.testing.assert_array_equal(y, [9, 8, 7, 6])
+    _, y = load_cifar10c(cifar10c_dir, "fog", 2, labels=np.arange(20))  # one per image in the file
+    np.testing.assert_array_equal(y, [4, 5, 6, 7])
+
+
+def test_load_cifar10c_length_mismatch(cifar10c_dir):
+    with pytest.raises(CfdebugError, match=r"but got 7 labels for 20 images"):
+        load_cifar10c(cifar10c_dir, "fog", 1, labels=np.arange(7))
+    np.save(cifar10c_dir / "labels.npy", np.arange(19))
+    with pytest.raises(CfdebugError, match=r"19 labels for 20 images"):
+        load_cifar10c(cifar10c_dir, "fog", 1)
+
+
+def test_load_cifar10c_missing_files(cifar10c_dir):
+    with pytest.raises(CfdebugError, match=r"snow\.npy.*does not exist.*holds fog, labels"):
+        load_cifar10c(cifar10c_dir, "snow", 1)
+    with pytest.raises(CfdebugError, match="not a folder"):
+        load_cifar10c(cifar10c_dir / "nope", "fog", 1)
+    (cifar10c_dir / "labels.npy").unlink()
+    with pytest.raises(CfdebugError, match=r"labels\.npy.*does not exist"):
+        load_cifar10c(cifar10c_dir, "fog", 1)
+    with pytest.raises(CfdebugError, match="`severity`"):
+        load_cifar10c(cifar10c_dir, "fog", 6)
+    with pytest.raises(CfdebugError, match="Did you mean 'fog'"):
+        load_cifar10c(cifar10c_dir, "fogg", 1)
+
+
+def test_load_cifar10c_bad_file(cifar10c_dir):
+    np.save(cifar10c_dir / "snow.npy", np.zeros((7, 8, 8, 3), np.uint8))  # not 5 blocks
+    with pytest.raises(CfdebugError, match="multiple of 5"):
+        load_cifar10c(cifar10c_dir, "snow", 1)
+    (cifar10c_dir / "frost.npy").write_bytes(b"not a npy file")
+    with pytest.raises(CfdebugError, match="readable .npy"):
+        load_cifar10c(cifar10c_dir, "frost", 1)

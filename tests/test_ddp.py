@@ -53,6 +53,7 @@ CHILD = textwrap.dedent(
 
     sys.path.insert(0, {root!r})
     import cfdebug.training as training
+    import cfdebug.training.checkpoints as checkpoints
     import cfdebug.treatment as treatment
     from cfdebug.config import WorkspaceConfig
     from cfdebug.distributed import broadcast_object, init_distributed, main_first, shutdown
@@ -72,7 +73,7 @@ CHILD = textwrap.dedent(
         save(payload, path)
 
     treatment.torch_save_atomic = recording_save  # model.pt
-    training.torch_save_atomic = recording_save  # checkpoints and best weights
+    checkpoints.torch_save_atomic = recording_save  # checkpoints and best weights
     with main_first():  # rank 0 loads (or trains) the cached demo model first
         ws = Workspace(WorkspaceConfig(workdir=spec["workdir"], device=str(ctx.device)))
     registry = RunRegistry(spec["registry"])

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cfdebug.config import TreatmentConfig, WorkspaceConfig, XCRConfig, config_dict
+from cfdebug.config import TreatmentSchedule, WorkspaceConfig, XCRConfig, config_dict
 from cfdebug.errors import CfdebugError
 from cfdebug.jobs import prediction_changes, read_run_spec, run_treat_job, run_xcr_job, treat_spec, xcr_spec
 from cfdebug.runs import RunRegistry
@@ -40,15 +40,15 @@ def test_prediction_changes_refuses_other_images():
 
 def test_specs_round_trip_through_run_json(tmp_path):
     ws = WorkspaceConfig(workdir=str(tmp_path))
-    spec = treat_spec(ws, TreatmentConfig(), [1e-3, 1e-2], [2e-5], [0, 1])
-    assert spec == {"workspace": config_dict(ws), "treatment": config_dict(TreatmentConfig()), "lambdas1": [1e-3, 1e-2], "lambdas2": [2e-5], "seeds": [0, 1]}
+    spec = treat_spec(ws, TreatmentSchedule(), [1e-3, 1e-2], [2e-5], [0, 1])
+    assert spec == {"workspace": config_dict(ws), "treatment": config_dict(TreatmentSchedule()), "lambdas1": [1e-3, 1e-2], "lambdas2": [2e-5], "seeds": [0, 1]}
     record = RunRegistry(tmp_path).create("treat", spec)
     assert read_run_spec(record.config_path) == (spec, record.run_id)
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps(xcr_spec(ws, XCRConfig())))
     assert read_run_spec(bare) == (json.loads(bare.read_text()), None)
     with pytest.raises(CfdebugError, match="at least one value"):
-        treat_spec(ws, TreatmentConfig(), [], [2e-5], [0])
+        treat_spec(ws, TreatmentSchedule(), [], [2e-5], [0])
 
 
 @pytest.mark.parametrize("text,needle", [(None, "does not exist"), ("{not json", "readable JSON"), ("[1, 2]", "JSON object")])

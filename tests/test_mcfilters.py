@@ -9,21 +9,35 @@ from torch import nn
 
 from cfdebug.cfe import MCHeads
 from cfdebug.errors import CfdebugError
-from cfdebug.mcfilters import GlobalFilters, MCFilterConfig, accumulate_global_filters, global_mc_filters, global_sets
+from cfdebug.mcfilters import GlobalFilters, MCFilterConfig, accumulate_global_filters, detection_sets, global_mc_filters, treatment_sets
 
 
-def test_global_sets_by_hand():
+def test_detection_sets_by_hand():
     h = np.array([[10, 2, 1, 0], [0, 0, 0, 0], [3, 3, 0, 1]])
     expected = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 0, 1]], bool)  # 0.15·10 = 1.5, 0.15·3 = 0.45
-    np.testing.assert_array_equal(global_sets(h, 0.15), expected)
-    np.testing.assert_array_equal(global_sets(h, 0.0), h > 0)
-    np.testing.assert_array_equal(global_sets(h, 0.5), np.array([[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]], bool))
+    np.testing.assert_array_equal(detection_sets(h, 0.15), expected)
+    np.testing.assert_array_equal(detection_sets(h, 0.0), h > 0)
+    np.testing.assert_array_equal(detection_sets(h, 0.5), np.array([[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]], bool))
+    np.testing.assert_array_equal(GlobalFilters(h, np.zeros(h.shape), np.ones(3, np.int64)).sets(0.5), detection_sets(h, 0.5))
+
+
+def test_treatment_sets_keep_every_filter_seen_once():
+    """Treatment's G_y (eq. 4–8) is ``h_y > 0``: the filter with h = 1 of class 0 (1 < 0.15·10)
+    is in treatment's set and not in detection's; an empty class has an empty set under both."""
+    h = np.array([[10, 2, 1, 0], [0, 0, 0, 0], [3, 3, 0, 1]])
+    sets = treatment_sets(h)
+    assert sets.dtype == bool
+    assert sets.tolist() == [[True, True, True, False], [False, False, False, False], [True, True, False, True]]
+    assert (sets & ~detection_sets(h)).tolist() == [[False, False, True, False], [False] * 4, [False] * 4]
+    assert treatment_sets(sets).tolist() == sets.tolist()  # bool sets pass through
+    with pytest.raises(CfdebugError, match=r"Expected `histogram` to have shape \[K, C\], but got shape \(4,\)"):
+        treatment_sets(np.ones(4))
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.1", True])
-def test_global_sets_refuse_bad_thresholds(bad):
+def test_detection_sets_refuse_bad_thresholds(bad):
     with pytest.raises(CfdebugError, match="Expected `freq_threshold`"):
-        global_sets(np.ones((2, 3)), bad)
+        detection_sets(np.ones((2, 3)), bad)
 
 
 def test_config_refuses_bad_tau():

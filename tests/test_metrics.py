@@ -235,7 +235,9 @@ def test_confidence_exactly_on_a_bin_edge_goes_in_the_lower_bin():
     assert M.reliability_bins(probs15, [0])["count"][6] == 1
     assert ref_bin(7 / 15, 15) == 6
     # Confidence 0 (not reachable from a softmax) is documented to go in the first bin.
-    assert M._bin_index(np.array([0.0, 1e-9, 1.0]), 15).tolist() == [0, 0, 14]
+    from cfdebug.metrics.calibration import _bin_index
+
+    assert _bin_index(np.array([0.0, 1e-9, 1.0]), 15).tolist() == [0, 0, 14]
 
 
 def test_single_sample():
@@ -308,8 +310,14 @@ def test_accumulator_merge_pools_like_one_stream():
     one.update(probs, labels)
     a.update(probs[:120], labels[:120])
     b.update(probs[120:], labels[120:])
-    assert M.CalibrationAccumulator(10).merge(a).merge(b) is not None
+    fresh = M.CalibrationAccumulator(10)
+    chained = fresh.merge(a).merge(b)  # merge returns the accumulator it adds to
+    assert chained is fresh and chained.n == 300
+    _assert_same(chained.compute(), one.compute(), tol=1e-12)
+    assert a.n == 120 and b.n == 180  # the merged accumulators are not changed
     _assert_same(a.merge(b).compute(), one.compute(), tol=1e-12)
+    with pytest.raises(CfdebugError, match="^Expected a CalibrationAccumulator with n_bins=10 to merge, but got "):
+        a.merge(M.CalibrationAccumulator(15))
 
 
 def test_accumulator_reset_validation_and_inputs_untouched():
@@ -571,6 +579,45 @@ def test_per_class_matches_naive_loop(seed):
         else:
             assert math.isnan(recall[i])
     assert M.accuracy(pred, labels) == pytest.approx(sum(ref[i][i] for i in range(k)) / 500)
+
+
+def test_prediction_churn_hand_made():
+    labels = [0, 0, 1, 1, 2, 2]
+    before = [0, 1, 1, 0, 2, 1]  # right, wrong, right, wrong, right, wrong
+    after = [0, 0, 2, 1, 2, 1]  # right, right (fixed), wrong (broken), right (fixed), right, wrong (still)
+    out = M.prediction_churn(before, after, labels, 3)
+    assert out["fixed"].tolist() == [1, 3] and out["broken"].tolist() == [2]
+    assert out["fixed"].dtype == np.int64 and out["confusion_delta"].dtype == np.int64
+    # rows true class: class 0 gains a right answer (1→0), class 1 moves one image 0→1 and one 1→2
+    assert out["confusion_delta"].tolist() == [[1, -1, 0], [-1, 0, 1], [0, 0, 0]]
+    same = M.prediction_churn(before, before, labels, 3)
+    assert same["fixed"].size == same["broken"].size == 0 and not same["confusion_delta"].any()
+    assert M.prediction_churn([], [], [], 2)["confusion_delta"].tolist() == [[0, 0], [0, 0]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_prediction_churn_matches_a_naive_loop(seed):
+    rng = np.random.default_rng(seed)
+    labels, before, after = (rng.integers(0, 5, size=200) for _ in range(3))
+    out = M.prediction_churn(torch.from_numpy(before), after, labels, 5)
+    assert out["fixed"].tolist() == [i for i in range(200) if before[i] != labels[i] and after[i] == labels[i]]
+    assert out["broken"].tolist() == [i for i in range(200) if before[i] == labels[i] and after[i] != labels[i]]
+    delta = np.zeros((5, 5), int)
+    for y, b, a in zip(labels, before, after):
+        delta[y, a] += 1
+        delta[y, b] -= 1
+    assert out["confusion_delta"].tolist() == delta.tolist()
+    # the delta's rows sum to 0 (every image keeps its true class); its diagonal is fixed − broken per class
+    assert not out["confusion_delta"].sum(1).any()
+    per_class = np.bincount(labels[out["fixed"]], minlength=5) - np.bincount(labels[out["broken"]], minlength=5)
+    assert np.diag(out["confusion_delta"]).tolist() == per_class.tolist()
+
+
+def test_prediction_churn_refuses_mismatched_inputs():
+    with raises("Expected `after` to have N=3 entries in 0..K-1, but got 2 entries"):
+        M.prediction_churn([0, 1, 1], [0, 1], [0, 1, 1], 2)
+    with raises("Expected `before` to have N=2 entries in 0..K-1, but got values in [0, 3] (K=2)"):
+        M.prediction_churn([0, 3], [0, 1], [0, 1], 2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -252,3 +252,39 @@ def test_layer_without_feature_map_errors():
     with pytest.raises(CfdebugError, match="classifier"):
         resolve_target(model, "classifier")
     assert count_hooks(model) == 0
+
+
+# ---------------------------------------------------------------- the registries
+
+
+def test_builders_registry_and_torchvision_names():
+    from cfdebug.models import BUILDERS, available_models
+
+    assert isinstance(build_model("demo-cnn", 4), BUILDERS["demo-cnn"])
+    names = available_models()
+    assert names[0] == "demo-cnn" and "resnet18" in names and "vgg16" in names
+    assert isinstance(build_model("googlenet", 3), nn.Module)  # needs its registered extra arguments
+
+
+def test_target_rules_are_looked_up_by_architecture_and_its_bases():
+    from cfdebug.models import TARGET_RULES
+
+    assert {"DemoCNN", "ResNet", "VGG", "DenseNet", "EfficientNet", "MobileNetV2", "MobileNetV3"} <= set(TARGET_RULES)
+
+    class WiderDemo(DemoCNN):  # a subclass keeps its base's rule
+        pass
+
+    torch.manual_seed(0)
+    target = resolve_target(WiderDemo(num_classes=3))
+    assert target.name == "features.19" and target.channels == 64
+
+
+def test_an_architecture_without_a_rule_needs_its_layer_named():
+    """AlexNet pools to 6×6 before its classifier, so no head runs on pooled features: instead of a
+    head that fails later, the user is asked for the layer (and gets no head for it)."""
+    torch.manual_seed(0)
+    model = build_model("alexnet", 3).eval()
+    with pytest.raises(CfdebugError, match="^Cannot find the last convolutional block of AlexNet automatically. Name it with `--layer`"):
+        resolve_target(model)
+    target = resolve_target(model, "features.11")
+    assert target.name == "features.11" and target.channels == 256 and target.pooled_head is None and target.map_head is None

@@ -108,7 +108,7 @@ def test_flagged_page_threshold_slider_updates_counts(app):
 def test_treatment_page_launches_a_background_run(app, workdir):
     import time
 
-    from cfdebug.runs import RunRegistry
+    from cfdebug.runs import RunRegistry, progress_of
 
     app.run()
     app.switch_page("views/treatment.py").run()
@@ -125,7 +125,9 @@ def test_treatment_page_launches_a_background_run(app, workdir):
         time.sleep(1)
     record = RunRegistry(workdir).get(run_id)
     assert record.status == "done", (record.status, record.error, (record.run_dir / "log.txt").read_text()[-2000:])
-    assert len(RunRegistry(workdir).progress(run_id)) == 8  # 2 seeds × (2 epochs of the control + 2 of the treatment)
+    progress = progress_of(RunRegistry(workdir), run_id)
+    assert len(progress.epochs) == 8  # 2 seeds × (2 epochs of the control + 2 of the treatment)
+    assert progress.fraction == 1.0 and progress.stage == "detect" and progress.steps == 4
     app.run()
     assert not app.exception, [e.value for e in app.exception]
     text = " ".join(m.value for m in app.markdown)
@@ -240,20 +242,25 @@ def test_overview_measures_the_corner_square(app):
     assert "Where the model looks" in text and "of the image" in text and "×" in text
 
 
-def test_treatment_run_status_says_which_part_and_measures_the_time_left(tmp_path):
-    """The live line: preparing (with the log's last line) before any epoch, then the part, the
-    epoch and a time left measured from the epochs' own seconds, never a fixed promise."""
-    from types import SimpleNamespace
+def test_a_treatment_runs_epoch_rows_take_the_position_of_the_sweep(monkeypatch):
+    """The engine's epoch rows (no position of their own) read with the job's rows around them:
+    each epoch gets the sweep's position, the bar the job's fraction, and the time left is
+    measured on the sweep's own rows, never a fixed promise."""
+    import cfdebug.runs.progress
+    from cfdebug.runs import RunStages, read_progress
 
-    from cfdebug.ui.treatment import run_status
-
-    log = tmp_path / "log.txt"
-    log.write_text("treat: fitting CFE heads for G_y\n")
-    record = SimpleNamespace(config={"treatment": {"epochs": 2}, "seeds": [0], "lambdas1": [1e-3], "lambdas2": [2e-5]},
-                             created=100.0, log_path=log)
-    status = run_status(record, [], now=130.0)
-    assert status["left_s"] is None and status["text"] == "preparing (30 s): treat: fitting CFE heads for G_y"
-    rows = [{"part": "control · seed 0", "epoch": 1, "train_seconds": 8.0, "eval_seconds": 2.0}]
-    status = run_status(record, rows, now=140.0)  # 4 epochs in all (control + treated, 2 each), 1 done at 10 s/epoch
-    assert status["fraction"] == 0.25 and status["left_s"] == 30.0
-    assert status["text"].startswith("control · seed 0, epoch 1/2 (part 1 of 2); 1/4 epochs in 40 s; about 30 s left at 10.0 s/epoch")
+    monkeypatch.setattr(cfdebug.runs.progress, "PROGRESS_EVERY_S", 0.0)  # every report is a row
+    logged, clock = [], [100.0]
+    stages = RunStages({"load": (0.0, 0.1), "sweep": (0.1, 1.0)}, lambda row: logged.append((clock[0], row)))
+    stages.stage("load", "Loading")(1.0, "done")
+    sweep = stages.stage("sweep", "Treatment sweep")
+    for epoch in (1, 2):
+        clock[0] += 10.0
+        logged.append((clock[0], {"epoch": epoch, "loss": 1.0 / epoch, "lambda1": 0.0, "lambda2": 0.0, "seed": 0}))  # the engine's row
+        sweep(epoch / 4, f"run 1/2: epoch {epoch}/2")
+    progress = read_progress(logged, now=clock[0])
+    assert progress.fraction == 0.1 + 0.9 * 0.5 and progress.stage == "sweep" and (progress.step, progress.steps) == (2, 2)
+    assert [(e["epoch"], e["stage"]) for e in progress.epochs] == [(1, "sweep"), (2, "sweep")]
+    assert progress.seconds_left == 20.0  # half the sweep in 20 s since it began
+    assert progress.describe() == "Step 2 of 2 · Treatment sweep: run 1/2: epoch 2/2 · about 20 s left in this step"
+    assert read_progress(logged[:3], now=100.0).describe().endswith("estimating the time left…")

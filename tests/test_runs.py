@@ -20,15 +20,8 @@ from pathlib import Path
 import pytest
 
 from cfdebug.errors import CfdebugError
-from cfdebug.runs import (
-    STATUSES,
-    RunRecord,
-    RunRegistry,
-    _pid_alive,
-    cancel,
-    launch,
-    start_background_run,
-)
+from cfdebug.runs import STATUSES, RunRecord, RunRegistry, cancel, launch, start_background_run
+from cfdebug.procs import pid_alive
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {"PYTHONPATH": str(REPO_ROOT)}
@@ -335,7 +328,7 @@ def test_launch_runs_to_done(tmp_path):
     assert [r["step"] for r in reg.progress("bg")] == [0, 1, 2, 3, 4]
     log = rec.log_path.read_text()
     assert "launch:" in log and "training finished" in log
-    _wait_for(lambda: not _pid_alive(pid))
+    _wait_for(lambda: not pid_alive(pid))
     with pytest.raises(CfdebugError, match="already done"):
         launch(reg, "bg", [sys.executable, "-c", "pass"])
 
@@ -412,7 +405,7 @@ def test_cancel_cooperative_child(tmp_path):
     assert rec.cancel_requested
     final = _wait_finished(reg, "loop")
     assert final.status == "cancelled", (final.error, final.log_path.read_text())
-    _wait_for(lambda: not _pid_alive(pid))
+    _wait_for(lambda: not pid_alive(pid))
     # cancel on a finished run is a no-op
     assert cancel(reg, "loop").status == "cancelled"
 
@@ -427,7 +420,7 @@ def test_cancel_child_that_ignores_the_registry(tmp_path):
     cancel(reg, "sleeper")
     final = _wait_finished(reg, "sleeper")
     assert final.status == "cancelled"
-    _wait_for(lambda: not _pid_alive(pid))
+    _wait_for(lambda: not pid_alive(pid))
 
 
 def test_cancel_queued_run(tmp_path):
@@ -442,7 +435,7 @@ def test_reconcile_marks_dead_running_run_failed(tmp_path):
     reg.create("treat", {}, run_id="ghost")
     reg.create("treat", {}, run_id="alive")
     dead = _dead_pid()
-    assert not _pid_alive(dead)
+    assert not pid_alive(dead)
     reg.set_status("ghost", "running", pid=dead)
     reg.set_status("alive", "running", pid=os.getpid())
     assert reg.reconcile() == ["ghost"]
@@ -463,10 +456,10 @@ def test_reconcile_marks_dead_running_run_failed(tmp_path):
 def test_pid_alive_detects_zombie(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     # Not reaped yet: a zombie still answers os.kill(pid, 0) but must count as dead.
-    _wait_for(lambda: not _pid_alive(proc.pid))
+    _wait_for(lambda: not pid_alive(proc.pid))
     proc.wait()
-    assert _pid_alive(os.getpid())
-    assert not _pid_alive(None)
+    assert pid_alive(os.getpid())
+    assert not pid_alive(None)
 
 
 # ---------------------------------------------------------------------- the dashboard's launcher
@@ -490,3 +483,46 @@ def test_start_background_run_starts_the_cli_the_same_way_for_each_kind(tmp_path
     assert f"-m cfdebug {kind} --config {final.config_path} --run-id {run_id} --workdir {tmp_path / 'wd'} --quiet" in log
     assert "No module named" not in log
     assert ("not a treatment config" if kind == "treat" else "`workspace` and `xcr`") in (final.error or "") + log
+
+
+# ---------------------------------------------------------------------- progress rows
+def test_progress_row_is_one_shape_and_checks_its_fields():
+    from cfdebug.runs import progress_row
+
+    assert progress_row(0.5, "sweep", "epoch 1/2") == {"fraction": 0.5, "stage": "sweep", "message": "epoch 1/2"}
+    assert progress_row(1.5, "load", "", step=1, steps=4, stage_fraction=-1) == {
+        "fraction": 1.0, "stage": "load", "message": "", "step": 1, "steps": 4, "stage_fraction": 0.0}
+    for bad in (dict(fraction="half", stage="load"), dict(fraction=True, stage="load"), dict(fraction=0.5, stage="")):
+        with pytest.raises(CfdebugError, match="progress"):
+            progress_row(message="", **bad)
+
+
+def test_run_stages_map_each_stage_onto_its_span_and_log_through_the_registry(tmp_path, monkeypatch):
+    import cfdebug.runs.progress
+    from cfdebug.runs import RunStages, progress_of
+
+    monkeypatch.setattr(cfdebug.runs.progress, "PROGRESS_EVERY_S", 0.0)
+    reg = RunRegistry(tmp_path)
+    run_id = reg.create("prepare", {}).run_id
+    echoed = []
+    stages = RunStages.equal(["load", "extract"], lambda row: reg.log_progress(run_id, row), lambda f, m: echoed.append((f, m)))
+    load = stages.stage("load", "Loading")  # logs its first row at once
+    load(0.5, "half")
+    stages.stage("extract")(1.0, "done")
+    rows = reg.progress(run_id)
+    assert [(r["fraction"], r["stage"], r["message"], r["step"], r["stage_fraction"]) for r in rows] == [
+        (0.0, "load", "Loading", 1, 0.0), (0.25, "load", "Loading: half", 1, 0.5), (0.5, "extract", "", 2, 0.0), (1.0, "extract", "done", 2, 1.0)]
+    assert echoed == [(r["fraction"], r["message"]) for r in rows]
+    assert progress_of(reg, run_id).fraction == 1.0 and progress_of(reg, run_id).steps == 2
+    assert RunStages.equal(["a"]).stage("a") is None  # nowhere to report: callers pass None on
+
+
+def test_rows_of_older_runs_still_read():
+    """Rows written before the one shape: an XCR row without step, a run of engine rows only."""
+    from cfdebug.runs import read_progress
+
+    xcr = read_progress([(0.0, {"fraction": 0.2, "message": "selector epoch 1", "stage": "table1"}),
+                         (10.0, {"fraction": 0.3, "message": "selector epoch 2", "stage": "table1"})], now=10.0)
+    assert xcr.fraction == 0.3 and xcr.seconds_left == pytest.approx(70.0) and xcr.describe() == "selector epoch 2 · about 70 s left"
+    engine = read_progress([(0.0, {"epoch": 1, "loss": 0.5}), (5.0, {"epoch": 2, "loss": 0.4})])
+    assert engine.fraction == 0.0 and [e["epoch"] for e in engine.epochs] == [1, 2] and engine.message == "epoch 2"

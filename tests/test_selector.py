@@ -14,19 +14,18 @@ from torch import nn
 from cfdebug.errors import CfdebugError
 from cfdebug.runs import RunCancelled
 from cfdebug.store import Store
+from cfdebug.xcr.patches import check_k, check_patch_grid, num_patches
 from cfdebug.xcr.selector import (
     PatchSelector,
     SelectorConfig,
     apply_mask,
     approximator_accuracy,
-    check_k,
     compute_masks,
     kl_to_uniform,
+    lr_schedule,
     masked_probabilities,
-    num_patches,
     random_masks,
     relaxed_mask,
-    scheduled_lr,
     selection_map,
     selector_key,
     selector_loss,
@@ -162,13 +161,31 @@ def test_straight_through_mask_is_k_hot_with_the_relaxed_gradient():
     assert torch.equal(z.detach(), topk_mask(relaxed.detach(), 8))
 
 
-def test_scheduled_lr():
-    cosine, constant = SelectorConfig(lr=0.01), SelectorConfig(lr=0.01, schedule="constant")
-    assert scheduled_lr(cosine, 0, 100) == 0.01 and scheduled_lr(cosine, 100, 100) == 0.0
-    assert math.isclose(scheduled_lr(cosine, 50, 100), 0.005)
-    lrs = [scheduled_lr(cosine, s, 100) for s in range(101)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
-    assert {scheduled_lr(constant, s, 100) for s in (0, 50, 100)} == {0.01}
+def _rates(config: SelectorConfig, steps: int) -> list[float]:
+    """The rate of every optimizer step under :func:`lr_schedule`, stepped once per batch."""
+    optimizer = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=config.lr)
+    scheduler = lr_schedule(optimizer, config, steps)
+    rates = []
+    for _ in range(steps + 1):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize("lr, steps", [(5e-3, 255), (1e-4, 170), (0.01, 100), (3e-3, 1)])
+def test_lr_schedule_is_bit_identical_to_the_hand_set_rates(lr, steps):
+    """The rates the selector trained with before the schedule was a torch LambdaLR, to the bit
+    (so a cached selector and `xcr --json` do not change)."""
+    by_hand = [0.5 * lr * (1.0 + math.cos(math.pi * min(s, steps) / max(steps, 1))) for s in range(steps + 1)]
+    assert _rates(SelectorConfig(lr=lr), steps) == by_hand
+    assert _rates(SelectorConfig(lr=lr, schedule="constant"), steps) == [lr] * (steps + 1)
+
+
+def test_lr_schedule_decays_along_half_a_cosine():
+    rates = _rates(SelectorConfig(lr=0.01), 100)
+    assert rates[0] == 0.01 and rates[100] == 0.0 and math.isclose(rates[50], 0.005)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
 
 
 def test_selection_map_modes():
@@ -276,6 +293,16 @@ def test_bad_k_in_config_or_against_image_size_raises():
     fake = _fake_workspace(None, size=8)  # 8×8 images, p=2 → d = 16 < k = 32
     with pytest.raises(CfdebugError, match=r"1\.\.16 \(the number of patches\), but got 32"):
         train_selector(fake, SelectorConfig(k=32, epochs=1))
+
+
+def test_patch_grid_is_checked_against_the_image_size():
+    from cfdebug.xcr.retrain import XCRConfig
+
+    assert check_patch_grid(XCRConfig.demo(), 32) == 256
+    with pytest.raises(CfdebugError, match=r"`k` to be an integer in 1\.\.64"):
+        check_patch_grid(XCRConfig.demo(table1_ks=(16, 100)), 16)
+    with pytest.raises(CfdebugError, match="divide the image size 31×31"):
+        check_patch_grid(XCRConfig.demo(), 31)
 
 
 def test_bad_patch_size_raises():

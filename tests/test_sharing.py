@@ -236,6 +236,49 @@ def test_serve_refuses_missing_roots_and_reserved_options(tmp_path):
             serve_argv(extra=extra)
 
 
+WIDENING = [  # (option, a value that would let more clients or origins in)
+    ("--server.corsAllowedOrigins", "http://evil.example"),
+    ("--server.enableCORS", "false"),
+    ("--browser.serverAddress", "evil.example"),
+    ("--global.developmentMode", "true"),
+    ("--server.xsrfCookieSameSite", "none"),
+    ("--server.enableAgentApi", "true"),
+    ("--server.trustedUserHeaders", '{"X-User": "email"}'),
+    ("--server.enableStaticServing", "true"),
+]
+
+
+@pytest.mark.parametrize("spelling", ["joined", "separate"])
+@pytest.mark.parametrize("option, value", WIDENING, ids=[o for o, _ in WIDENING])
+def test_serve_refuses_every_option_that_widens_who_may_connect(option, value, spelling, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: started.append(argv))
+    extra = [f"{option}={value}"] if spelling == "joined" else [option, value]
+    assert main(["serve", "--", "--theme.base", "dark", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and option in err and "--host and --port" in err and len(err.splitlines()) == 1, err
+    assert started == []
+    with pytest.raises(CfdebugError, match=option):
+        serve_argv(extra=[option.lower()] + ([value] if spelling == "separate" else []))  # names compare without case
+
+
+@pytest.mark.parametrize("option, value", WIDENING, ids=[o for o, _ in WIDENING])
+def test_serve_refuses_a_widening_option_set_in_the_environment(option, value, monkeypatch):
+    variable = "STREAMLIT_" + {
+        "--server.corsAllowedOrigins": "SERVER_CORS_ALLOWED_ORIGINS", "--server.enableCORS": "SERVER_ENABLE_CORS",
+        "--browser.serverAddress": "BROWSER_SERVER_ADDRESS", "--global.developmentMode": "GLOBAL_DEVELOPMENT_MODE",
+        "--server.xsrfCookieSameSite": "SERVER_XSRF_COOKIE_SAME_SITE", "--server.enableAgentApi": "SERVER_ENABLE_AGENT_API",
+        "--server.trustedUserHeaders": "SERVER_TRUSTED_USER_HEADERS", "--server.enableStaticServing": "SERVER_ENABLE_STATIC_SERVING",
+    }[option]
+    monkeypatch.setenv(variable, value)
+    if option == "--server.enableCORS":  # given on the command line, which wins over the variable
+        argv, _ = serve_argv()
+        assert dict(zip(argv[5::2], argv[6::2]))["--server.enableCORS"] == "true"
+        return
+    with pytest.raises(CfdebugError, match=variable):
+        serve_argv()
+
+
 def test_serve_command_warns_when_shared_without_read_only(monkeypatch, capsys):
     started = []
     monkeypatch.setattr(os, "execve", lambda path, argv, env: started.append((argv, env)))

@@ -3,9 +3,14 @@ concurrent writers, JSON-ready values, and Store round trips."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -150,6 +155,79 @@ def test_store_on_an_unusable_workdir_is_a_user_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- values
+# ------------------------------------------------------------------- full and read-only disks
+@pytest.mark.parametrize("code, needles", [
+    (errno.ENOSPC, ["5 B free on the disk holding", "full", "free)"]),
+    (errno.EDQUOT, ["5 B free on the disk holding", "full"]),
+    (errno.EROFS, ["read-only"]),
+], ids=["full", "over-quota", "read-only"])
+def test_atomic_file_turns_a_refusing_disk_into_one_user_error(tmp_path, code, needles):
+    path = tmp_path / "out.txt"
+    with pytest.raises(CfdebugError) as err:
+        with atomic_file(path, size=5) as tmp:
+            tmp.write_text("hello")
+            raise OSError(code, os.strerror(code))
+    assert str(path) in str(err.value) and all(n in str(err.value) for n in needles), str(err.value)
+    assert not path.exists() and _leftovers(tmp_path) == []
+
+
+def test_atomic_file_keeps_other_os_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        with atomic_file(tmp_path / "out.txt"):
+            raise FileNotFoundError(errno.ENOENT, "gone")
+
+
+def test_store_writer_on_a_full_disk_is_a_user_error_naming_the_free_space(tmp_path):
+    store = Store(tmp_path / "home")
+    with pytest.raises(CfdebugError, match=r"Expected room on the disk holding .*/objects/k/abc, but it is full .* free\)"):
+        with store.writer("k", "abc", {}):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert list((tmp_path / "home" / "objects" / "k").iterdir()) == []
+
+
+# ------------------------------------------------------------- leftovers of dead writers
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_sweep_removes_a_dead_writers_folder_and_keeps_the_rest(tmp_path):
+    from cfdebug.store import _host_tag
+
+    store = Store(tmp_path / "home")
+    kind = tmp_path / "home" / "objects" / "k"
+    kept = ["abc", f".tmp-abc-0badf00d-{os.getpid()}-0-{_host_tag()}", ".tmp-abc-0badf00d-1-0-ffffffff", ".tmp-abc-0badf00d"]
+    gone = [f".tmp-abc-0badf00d-{_dead_pid()}-0-{_host_tag()}", ".bad-abc-0badf00d", ".tmp-old-0badf00d"]
+    for name in kept + gone:
+        (kind / name).mkdir(parents=True)
+        (kind / name / "x.npy").write_bytes(b"x")
+    day_old = time.time() - 25 * 3600  # an older cfdebug's temporary folder (no owner in its name)
+    os.utime(kind / ".tmp-old-0badf00d", (day_old, day_old))
+    assert sorted(p.name for p in store.sweep()) == sorted(gone)
+    assert sorted(p.name for p in kind.iterdir()) == sorted(kept)  # live, another host's, recent unowned
+
+
+def test_a_reused_pid_does_not_keep_a_dead_writers_folder(tmp_path):
+    from cfdebug.procs import proc_stat
+    from cfdebug.store import _host_tag
+
+    start = int(proc_stat(os.getpid()).start)
+    name = f".tmp-abc-0badf00d-{os.getpid()}-{start + 1}-{_host_tag()}"  # our pid, another process's start
+    (tmp_path / "home" / "objects" / "k" / name).mkdir(parents=True)
+    assert [p.name for p in Store(tmp_path / "home").sweep()] == []  # the constructor swept it already
+    assert not (tmp_path / "home" / "objects" / "k" / name).exists()
+
+
+def test_only_the_files_the_manifest_lists_are_loaded(tmp_path):
+    store = Store(tmp_path)
+    store.save_arrays("k", "abc", {"a": np.arange(3)}, {"m": 1})
+    np.save(store.path("k", "abc") / "b.npy", np.arange(4))
+    assert store.exists("k", "abc")
+    arrays, _ = store.load_arrays("k", "abc")
+    assert list(arrays) == ["a"]
+
+
 def test_jsonable_gives_plain_json_types():
     value = {
         1: (np.int64(2), np.float32(0.5), np.bool_(True)),

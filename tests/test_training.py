@@ -21,7 +21,7 @@ from cfdebug.config import FinetuneConfig, SelectorConfig, TrainConfig
 from cfdebug.errors import CfdebugError
 from cfdebug.models import DEMO_MODEL, build_model
 from cfdebug.runs import RunCancelled, RunRegistry
-from cfdebug.training import HISTORY_KEYS, Stage, StepOutput, finetune, run_epochs, train_classifier
+from cfdebug.training import HISTORY_KEYS, UNEVALUATED_HISTORY_KEYS, Stage, StepOutput, finetune, run_epochs, train_classifier
 from cfdebug.xcr.selector import train_selector
 
 EPOCHS = 3
@@ -141,6 +141,73 @@ def test_model_selection_by_score_first_epoch_wins_ties():
     assert run.best_epoch == EPOCHS and [r["best_epoch"] for r in run.history] == [1, 2, 3]
 
 
+def _summed(stage: Stage, count_correct: bool) -> Stage:
+    """``stage`` with a step that returns batch *sums* (each mean term times the batch size)."""
+    inner = stage.step
+
+    def step(batch, epoch, index):
+        out = inner(batch, epoch, index)
+        return StepOutput({k: v * out.size for k, v in out.terms.items()}, out.size, out.correct if count_correct else None)
+
+    stage.step = step
+    return stage
+
+
+def test_a_stage_without_evaluation_keeps_its_last_epoch_and_reports_no_scores():
+    """``evaluate=None, score=None`` (the CFE fit): no accuracy or validation key is made up, the
+    last epoch is kept; ``term_mean="sum"`` divides the epoch's batch sums by its sample count."""
+    stage = _summed(toy_stage(), count_correct=False)
+    stage.evaluate, stage.score, stage.term_mean = None, None, "sum"
+    run = run_epochs(stage, EPOCHS)
+    assert [set(r) for r in run.history] == [{*UNEVALUATED_HISTORY_KEYS, "ce", "aux"}] * EPOCHS
+    assert run.best_epoch == EPOCHS and [r["best_epoch"] for r in run.history] == [1, 2, 3]
+    assert all(torch.equal(run.best_state[k], v) for k, v in stage.model.state_dict().items())
+    # The same optimisation as with evaluation (which draws no RNG); 5 batches of 8 per epoch, so
+    # the per-sample mean of the sums is the per-batch mean over 8.
+    reference = _summed(toy_stage(), count_correct=True)
+    ref = run_epochs(reference, EPOCHS)
+    assert all(torch.equal(v, reference.model.state_dict()[k]) for k, v in run.best_state.items())
+    assert [r["loss"] * 8 for r in run.history] == pytest.approx([r["loss"] for r in ref.history], rel=1e-12)
+
+
+def test_a_stage_without_evaluation_must_not_score():
+    stage = toy_stage()
+    stage.evaluate = None
+    with pytest.raises(TypeError, match="score=None"):
+        run_epochs(stage, 1)
+
+
+def _no_dropout(stage: Stage) -> Stage:
+    stage.train_mode = stage.model.eval  # dropout off: two half batches draw no other masks
+    return stage
+
+
+def test_a_step_may_accumulate_gradients_itself():
+    """A step that back-propagates its batch in two halves (``accumulates_gradients``) takes the
+    same optimizer steps as the engine's one backward pass on the whole batch (to rounding)."""
+    whole = _no_dropout(toy_stage())
+    whole_run = run_epochs(whole, 2)
+    stage = _no_dropout(toy_stage())
+
+    def step(batch, epoch, index):
+        x, y = batch
+        totals = {}
+        for half in (slice(0, 4), slice(4, None)):
+            logits = stage.model(x[half])
+            ce = nn.functional.cross_entropy(logits, y[half], reduction="sum") / len(y)
+            aux = logits.pow(2).sum() / (len(y) * logits.shape[1])
+            (ce + 0.01 * aux).backward()
+            for k, v in {"loss": ce + 0.01 * aux, "ce": ce, "aux": aux}.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach())
+        return StepOutput({k: torch.tensor(v) for k, v in totals.items()}, len(y), 0)
+
+    stage.step, stage.accumulates_gradients = step, True
+    halves_run = run_epochs(stage, 2)
+    for k, v in whole.model.state_dict().items():
+        torch.testing.assert_close(stage.model.state_dict()[k], v)
+    assert [r["ce"] for r in halves_run.history] == pytest.approx([r["ce"] for r in whole_run.history], rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------- the three stages
 @pytest.fixture(scope="module")
 def tiny_ws(demo_workspace):
@@ -172,11 +239,11 @@ def test_history_schema_is_the_same_for_all_three_stages(tiny_ws):
 def test_long_epochs_report_their_batches_to_progress_only(monkeypatch):
     """Within an epoch the engine reports batches (so a time left can be measured before the first
     epoch ends); the history and the result are those of a run without it."""
-    import cfdebug.training as training
+    from cfdebug.training import engine
 
     quiet = run_epochs(toy_stage(), 2)
     calls = []
-    monkeypatch.setattr(training, "BATCH_REPORT_S", 0.0)
+    monkeypatch.setattr(engine, "BATCH_REPORT_S", 0.0)
     loud = run_epochs(toy_stage(), 2, progress=lambda f, m: calls.append((f, m)))
     assert _timing_free(loud.history) == _timing_free(quiet.history)
     batch_calls = [c for c in calls if "batch" in c[1]]

@@ -1,4 +1,5 @@
-"""`python -m cfdebug treat` and `runs`: Table 2/3 output, JSON keys, resume, bad input."""
+"""`python -m cfdebug treat`, `xcr` and `runs`: Table 2/3 output, JSON keys, resume, bad input
+checked before a run exists, `--config` running the run its run.json names."""
 
 from __future__ import annotations
 
@@ -49,6 +50,40 @@ def test_treat_bad_input_exits_2(demo_workspace, workdir, argv, needle, capsys):
     assert main(["treat", "--workdir", str(workdir), "--quiet", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, flag", [(["--k", "100000"], "`--k`"), (["--patch-size", "3"], "`--patch-size`"),
+                                        (["--cifar10c", "MISSING"], "`--cifar10c`"), (["--seeds", "x"], "`--seeds`")])
+def test_xcr_bad_options_exit_2_before_a_run_exists(tmp_path, argv, flag, capsys):
+    home = tmp_path / "home"
+    argv = [a.replace("MISSING", str(tmp_path / "no-such-folder")) for a in argv]
+    assert main(["xcr", "--workdir", str(home), "--quiet", *argv]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0], lines
+    assert RunRegistry(home).list() == []  # no failed run with a resume hint left behind
+
+
+@pytest.mark.parametrize("kind", ["treat", "xcr"])
+def test_config_runs_the_run_its_run_json_names(tmp_path, kind, capsys):
+    """`KIND --config run.json` (what a background run executes) runs the stored run, registering
+    no second one; here its options are wrong, so it fails with the message and no resume hint."""
+    from cfdebug.config import TreatmentSchedule, WorkspaceConfig, XCRConfig
+    from cfdebug.jobs import treat_spec, xcr_spec
+    from cfdebug.xcr.selector import SelectorConfig
+
+    home = tmp_path / "home"
+    ws = WorkspaceConfig(workdir=str(home), device="cpu")
+    spec = treat_spec(ws, TreatmentSchedule(), [1e-3], [2e-5], [0]) if kind == "treat" else xcr_spec(ws, XCRConfig.demo(selector=SelectorConfig.demo(k=100000)))
+    if kind == "treat":
+        del spec["lambdas1"]  # a damaged run.json
+    registry = RunRegistry(home)
+    record = registry.create(kind, spec)
+    assert main([kind, "--workdir", str(home), "--config", str(record.config_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
+    runs = registry.list()
+    assert [r.run_id for r in runs] == [record.run_id] and runs[0].status == "failed"
+    assert "resume" not in runs[0].error and runs[0].error.split("`")[-1] in err  # the same message (the CLI names its flags)
 
 
 def test_runs_lists_and_cancel_unknown(workdir, capsys):

@@ -26,12 +26,14 @@ import torch
 import cfdebug.treatment as treatment
 from cfdebug.errors import CfdebugError
 from cfdebug.hooks import capture, count_hooks
+from cfdebug.metrics import prediction_churn
 from cfdebug.models import build_model, resolve_target
 from cfdebug.runs import RunCancelled, RunRegistry
 from cfdebug.training import cross_entropy_loss, finetune, loader, trainable_modules
 from cfdebug.treatment import (
     FinetuneConfig,
     TreatmentConfig,
+    TreatmentSchedule,
     check_global_sets,
     control_config,
     run_treatment,
@@ -217,6 +219,71 @@ def test_global_sets_validation(small_ws):
     assert check_global_sets(hist, 2, 3).tolist() == [[False, True, False], [False, False, False]]
 
 
+def test_training_sets_are_h_greater_than_zero_of_the_workspace_filters(monkeypatch):
+    """The production G_y (what a treat run trains with): every filter whose histogram is > 0,
+    however rare; detection's set at f = 0.15 would drop the rare ones."""
+    from cfdebug.mcfilters import GlobalFilters, detection_sets
+
+    hist = np.array([[40, 3, 0, 1], [0, 0, 0, 0], [5, 0, 5, 0]], dtype=np.int64)
+    filters = GlobalFilters(histogram=hist, magnitude=np.ones(hist.shape), counts=np.array([40, 0, 5]))
+    seen = {}
+
+    def fake_filters(workspace, config=None, progress=None):
+        seen["workspace"] = workspace
+        return filters
+
+    monkeypatch.setattr(treatment, "global_mc_filters", fake_filters)
+    sets = treatment.training_sets("the workspace")
+    assert seen["workspace"] == "the workspace"
+    assert sets.dtype == bool and sets.tolist() == [[True, True, False, True], [False] * 4, [True, False, True, False]]
+    assert detection_sets(hist).tolist()[0] == [True, False, False, False]  # 3 and 1 are below 0.15·40 = 6
+    # run_treatment binarises a histogram it is given the same way
+    assert check_global_sets(hist, 3, 4).tolist() == sets.tolist()
+
+
+# ---------------------------------------------------------------------------------- the sweep's spec
+def test_a_treat_spec_holds_the_loss_weights_once():
+    """λ1 and λ2 live in the spec's grids only: its ``treatment`` is the schedule the runs share."""
+    from cfdebug.config import WorkspaceConfig, config_dict
+    from cfdebug.jobs import _parse_treat_spec, treat_spec
+
+    ws = WorkspaceConfig(device="cpu", workdir="/tmp/unused")
+    spec = treat_spec(ws, TreatmentSchedule(epochs=2, seed=7), [1e-3, 0.1], [2e-5], [7, 8])
+    assert "lambda1" not in spec["treatment"] and "lambda2" not in spec["treatment"]
+    assert (spec["lambdas1"], spec["lambdas2"], spec["seeds"]) == ([1e-3, 0.1], [2e-5], [7, 8])
+    _, schedule, l1, l2, seeds = _parse_treat_spec(spec)
+    assert schedule == TreatmentSchedule(epochs=2, seed=7) and (l1, l2, seeds) == ([1e-3, 0.1], [2e-5], [7, 8])
+    # a run.json written before the split held the first pair in `treatment` too: it is read, the grids win
+    old = {**spec, "treatment": {**spec["treatment"], "lambda1": 1e-3, "lambda2": 2e-5}}
+    assert _parse_treat_spec(old)[1] == schedule
+    with pytest.raises(CfdebugError, match="^Expected the sweep's schedule as a TreatmentSchedule .* but got a TreatmentConfig"):
+        treat_spec(ws, TreatmentConfig(), [1e-3], [2e-5], [0])
+    with pytest.raises(CfdebugError, match=r"^Expected `lambdas1` to be in \[0, 1\], but got 3.0.$"):
+        treat_spec(ws, TreatmentSchedule(), [1e-3, 3.0], [2e-5], [0])
+    assert config_dict(schedule) == spec["treatment"]
+
+
+def test_every_run_of_a_sweep_takes_its_weights_from_the_grids():
+    """Each (λ1, λ2) and seed of the grids is one run; nothing else sets a weight."""
+    schedule = TreatmentSchedule(epochs=2, lr=3e-4)
+    configs = treatment._sweep_configs(schedule, [1e-3, 0.1], [2e-5, 1e-4], [3, 4])
+    assert [(kind, c.lambda1, c.lambda2, c.seed) for kind, c in configs] == [
+        ("fine-tuned", 0.0, 0.0, 3), ("treatment", 1e-3, 2e-5, 3), ("treatment", 1e-3, 1e-4, 3), ("treatment", 0.1, 2e-5, 3),
+        ("treatment", 0.1, 1e-4, 3), ("fine-tuned", 0.0, 0.0, 4), ("treatment", 1e-3, 2e-5, 4), ("treatment", 1e-3, 1e-4, 4),
+        ("treatment", 0.1, 2e-5, 4), ("treatment", 0.1, 1e-4, 4),
+    ]
+    assert all(c.schedule == replace(schedule, seed=c.seed) for _, c in configs)
+    with pytest.raises(CfdebugError, match="but got a TreatmentConfig"):
+        treatment_sweep(None, [1e-3], [2e-5], [0], None, schedule=TreatmentConfig())
+
+
+def test_the_runs_table_shows_every_swept_value():
+    from cfdebug.ui.treatment import grid_labels
+
+    spec = {"treatment": {"epochs": 3}, "lambdas1": [1e-3, 0.1], "lambdas2": [2e-5], "seeds": [0, 1, 2]}
+    assert grid_labels(spec) == {"λ1": "0.001, 0.1", "λ2": "2e-05", "seeds": "0, 1, 2"}
+
+
 def test_trainable_modules():
     demo = build_model("demo-cnn", 10)
     target = resolve_target(demo)
@@ -248,6 +315,12 @@ def test_reference_run_outputs(small_ws, reference):
     assert out["accuracy"] == {s: best[f"{s}_acc"] for s in ("train", "val", "test")}
     assert out["per_class_recall_before"].shape == out["per_class_recall_after"].shape == (k,)
     assert out["confusion_delta"].shape == (k, k) and out["confusion_delta"].sum() == 0
+    labels = small_ws.data.splits["test"].labels
+    churn = prediction_churn(out["base_test_predictions"], out["test_predictions"], labels, k)
+    assert out["churn"] == {"fixed": churn["fixed"].size, "broken": churn["broken"].size}
+    np.testing.assert_array_equal(out["confusion_delta"], churn["confusion_delta"])
+    assert out["accuracy"]["test"] - out["base_accuracy"]["test"] == pytest.approx(
+        (churn["fixed"].size - churn["broken"].size) / len(labels))
     assert set(out["table3"]) == {"improved", "worsened"}
     saved = torch.load(reference.run_dir / "model.pt", weights_only=True)
     assert _same_state(saved, out["state_dict"])
@@ -427,7 +500,7 @@ def test_cancel_requested_stops_between_batches(small_ws, global_sets, tmp_path)
 def test_sweep_tables(small_ws, global_sets):
     messages = []
     out = treatment_sweep(
-        small_ws, [1e-3], [2e-5, 1e-4], [0, 1], 1, global_sets, progress=lambda f, m: messages.append(f)
+        small_ws, [1e-3], [2e-5, 1e-4], [0, 1], global_sets, progress=lambda f, m: messages.append(f), schedule=TreatmentSchedule(epochs=1)
     )
     assert {"base", "control", "runs", "table2", "table3", "best"} <= out.keys()
     assert len(out["control"]) == 2 and len(out["runs"]) == 4
@@ -446,8 +519,8 @@ def test_sweep_tables(small_ws, global_sets):
 def test_flagged_churn_counts_on_hand_made_results():
     from cfdebug.treatment import flagged_churn
 
-    def images(rows):
-        return {"images": [{"id": str(i), "flagged": f, "error": e} for i, (f, e) in enumerate(rows)]}
+    def images(rows):  # (flagged, error): an error predicts class 1 for a true class 0
+        return {"images": [{"id": str(i), "flagged": f, "error": e, "true": 0, "predicted": int(e)} for i, (f, e) in enumerate(rows)]}
 
     before = images([(True, True), (True, True), (False, False), (True, False), (False, True)])
     after = images([(False, False), (True, True), (True, True), (False, False), (False, True)])

@@ -61,7 +61,7 @@ if opened is not None and opened.isdigit() and int(opened) < len(table):
             st.rerun()
         pred_i = int(row["predicted"])
         left, mid, right = st.columns([1, 1, 3])
-        left.image(ws.data.splits[split].load_image(i), caption=f"true {classes[row['true']]} · predicted {classes[pred_i]} ({row['confidence']:.2f})", width="stretch")
+        left.image(ui.sample_images(ws, split, [i])[0], caption=f"true {classes[row['true']]} · predicted {classes[pred_i]} ({row['confidence']:.2f})", width="stretch")
         mid.image(bui.gradcam_regions(ws, split, [i], [pred_i])[0], caption=f"Grad-CAM toward {classes[pred_i]} (outline: ≥ half its peak)", width="stretch")
         lines = [f"- outcome: **{'correct' if row['correct'] else 'error'}**"]
         if split == "test" and detection is not None:
@@ -95,11 +95,12 @@ if chunk.empty:
     st.info("Nothing matches these filters.")
 else:
     grid = st.columns(8)
+    tiles = ui.sample_images(ws, split, chunk.index)
     for j, (i, row) in enumerate(zip(chunk.index, chunk.itertuples())):
         col = grid[j % 8]
         mark = ("✓" if row.correct else "✗") + (" ⚑" if row.flagged else "")
         agreement = "" if np.isnan(row.agreement) else f" · agr {row.agreement:+.2f}"
-        col.image(ws.data.splits[split].load_image(int(i)), width="stretch",
+        col.image(tiles[j], width="stretch",
                   caption=f"{mark} true {classes[row.true]} · pred {classes[row.predicted]} ({row.confidence:.2f}){agreement}")
         if col.button("open", key=f"open-{split}-{i}", width="stretch"):
             q["image"] = str(int(i))

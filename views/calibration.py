@@ -6,7 +6,7 @@ import streamlit as st
 from cfdebug import ui, viz
 from cfdebug.claims import xcr_verdicts
 from cfdebug.ui import verdicts as verdict_ui
-from cfdebug.config import XCR_BETA_CHOICES
+from cfdebug.ui.choices import XCR_BETA_CHOICES
 from cfdebug.ui import xcr as xcr_ui
 from cfdebug.ui.access import read_only, read_only_notice
 
@@ -39,15 +39,9 @@ if not read_only_notice():
     if submitted:
         config = xcr_ui.build_config(ws, k=k, beta=beta, selector_epochs=selector_epochs, epochs=epochs, seeds=seeds,
                                      all_severities=all_severities, random_baseline=random_baseline)
-        st.query_params["run"] = xcr_ui.start_run(ws, config)
+        st.query_params["run"] = xcr_ui.start_xcr_run(ws, config)
 
-runs = xcr_ui.workspace_runs(ws)
-active = [r for r in runs if r.status in xcr_ui.ACTIVE]
-for record in active[:1]:
-    xcr_ui.run_monitor(ws, record.run_id)
-finished = [r for r in runs if r.finished]
-if finished and finished[0].status != "done":
-    st.warning(f"The latest run `{finished[0].run_id}` {finished[0].status}: {finished[0].error or 'no message'}")
+runs = ui.runs.watch_runs(ws, xcr_ui.RUN_KIND, "XCR report")
 done = [r for r in runs if r.status == "done" and r.result]
 if not done:
     if read_only():

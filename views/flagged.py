@@ -128,7 +128,7 @@ else:
     global_set = filters.sets(result["config"]["freq_threshold"])[pred]
     freq = filters.histogram[pred] / max(filters.histogram[pred].max(), 1)
     a, b, c = st.columns([1, 1, 3])
-    a.image(ws.data.splits["test"].load_image(i), caption="image", width="stretch")
+    a.image(ui.sample_images(ws, "test", [i])[0], caption="image", width="stretch")
     b.image(ui.gradcam_overlays(ws, "test", [i], [pred])[0], caption=f"Grad-CAM toward {classes[pred]}", width="stretch")
     a.markdown(f"true **{classes[row['true']]}** · predicted **{classes[pred]}** ({row['confidence']:.2f}) · proposed **{classes[row['proposed']]}**")
     fmt = lambda v: "n/a" if v is None or v != v else f"{v:.2f}"  # noqa: E731 (None/NaN: unscorable)

@@ -1,7 +1,5 @@
 """Treatment: retrain with the MC-filter losses (λ1, λ2) in the background and compare with the CE-only control."""
 
-import dataclasses
-
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -9,8 +7,8 @@ import streamlit as st
 from cfdebug.claims import pair_runs, treatment_verdicts
 from cfdebug.ui import verdicts as verdict_ui
 from cfdebug import ui, viz
-from cfdebug.config import TREATMENT_LAMBDA1_GRID, TREATMENT_LAMBDA2_GRID, TREATMENT_LR_GRID, TreatmentConfig
-from cfdebug.runs import cancel
+from cfdebug.config import TreatmentConfig
+from cfdebug.ui.choices import TREATMENT_LAMBDA1_GRID, TREATMENT_LAMBDA2_GRID, TREATMENT_LR_GRID
 from cfdebug.ui import treatment as tui
 from cfdebug.ui.access import read_only, read_only_notice
 
@@ -42,51 +40,18 @@ if not read_only_notice():
             st.toast(f"Started {run_id}")
 
 
-@st.fragment(run_every=2)
-def live_runs():
-    records = tui.runs_for(ws)
-    if not records:
-        st.info("No treatment run yet for this model and dataset."
-                + (" This read-only dashboard cannot start one." if read_only() else " Launch one above, or run `python -m cfdebug treat`."))
-        return
-    rows = []
-    for r in records:
-        spec = r.config.get("treatment", {})
-        active = r.status in ("queued", "running")
-        epoch_rows = tui.run_rows(ws, r.run_id) if active else []
-        last = epoch_rows[-1] if epoch_rows else (r.progress or {}) if "epoch" in (r.progress or {}) else {}
-        rows.append({
-            "run": r.run_id, "status": r.status, "λ1": spec.get("lambda1"), "λ2": spec.get("lambda2"),
-            "seeds": ", ".join(map(str, r.config.get("seeds", []))), "epochs": spec.get("epochs"),
-            "now at": (f"{tui.part_label(last.get('tag'))}, epoch {last['epoch']}" if epoch_rows else "preparing") if active else "finished",
-            "loss": last.get("loss"), "val acc": last.get("val_acc"), "error": r.error,
-        })
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-    running = [r for r in records if r.status in ("queued", "running")]
-    for r in running:
-        epoch_rows = tui.run_rows(ws, r.run_id)
-        status = tui.run_status(r, epoch_rows)
-        st.progress(min(status["fraction"], 1.0), text=f"`{r.run_id}`: {status['text']}")
-        if epoch_rows:
-            st.plotly_chart(viz.training_curves(epoch_rows, f"{r.run_id}: per-epoch loss terms and validation accuracy"), width="stretch",
-                            key=f"curves-{r.run_id}")
-    if running and not read_only():
-        cols = st.columns([3, 1])
-        victim = cols[0].selectbox("Running", [r.run_id for r in running], label_visibility="collapsed")
-        if cols[1].button("Cancel run"):
-            cancel(tui.registry(ws), victim)
-            st.toast(f"Cancel requested for {victim}")
-    finished = {r.run_id for r in records if r.status == "done"}
-    if finished != st.session_state.get("treatment_finished_seen", finished):
-        st.session_state["treatment_finished_seen"] = finished
-        st.rerun()  # a run finished: redraw the results below
-    st.session_state["treatment_finished_seen"] = finished
-
-
 st.subheader("Runs")
-live_runs()
+records = ui.runs.watch_runs(ws, "treat", "Treatment sweep", extras=tui.live_curves)
+if not records:
+    st.info("No treatment run yet for this model and dataset."
+            + (" This read-only dashboard cannot start one." if read_only() else " Launch one above, or run `python -m cfdebug treat`."))
+else:
+    table = pd.DataFrame([{
+        "run": r.run_id, "status": r.status, **tui.grid_labels(r.config), "epochs": (r.config.get("treatment") or {}).get("epochs"),
+    } for r in records if r.config])
+    st.dataframe(table, hide_index=True, width="stretch")
 
-done = [r for r in tui.runs_for(ws) if r.status == "done" and r.result]
+done = [r for r in records if r.status == "done" and r.result]
 if not done:
     st.stop()
 
@@ -186,9 +151,7 @@ with st.expander("Per-epoch curves of this run"):
 weights = tui.treated_weights(record)
 if weights is not None and not read_only():
     if st.button("Use the treated model as the workspace model", help="The other pages then recompute on the treated weights"):
-        cfg = ws.config
-        st.session_state[ui.workspace.STATE_KEY] = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=str(weights)))
-        st.rerun()
+        ui.use_weights(ws.config, weights)
 
 if len(done) >= 2:
     st.subheader("Compare two runs")

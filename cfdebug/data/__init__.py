@@ -19,7 +19,7 @@ from ..errors import CfdebugError
 from ..store import stable_hash
 from .dataset import DataBundle, Split, TorchSplit, read_image
 from .digits import DIGIT_CLASSES, HARD_JITTER, build_bed, export_imagefolder
-from .formats import detect_format, read_cifar, read_cub, read_imagefolder, tree_fingerprint
+from .formats import detect_format, display_path, read_cifar, read_cub, read_imagefolder, tree_fingerprint
 
 __all__ = ["DataBundle", "Split", "TorchSplit", "load_data", "read_image", "export_imagefolder", "carve_validation"]
 
@@ -28,10 +28,19 @@ IMAGENET_DEFAULTS = (224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 READERS = {"imagefolder": read_imagefolder, "cub": read_cub, "cifar": read_cifar}
 
 
+def val_fraction_error(value) -> CfdebugError:
+    """The one message for a validation fraction out of range, whichever check meets it first (the
+    CLI's, before any work, or :func:`carve_validation`'s, when the dataset has no val/ split)."""
+    return CfdebugError(
+        f"Expected `data.val_fraction` to be in [0, 1), and above 0 for a dataset without a val/ split "
+        f"(that fraction of train becomes the validation split), but got {value!r}."
+    )
+
+
 def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """Seeded stratified split of ``train`` into (train, val); every class keeps ≥ 1 training image."""
     if not 0.0 < fraction < 1.0:
-        raise CfdebugError(f"Expected `val_fraction` in (0, 1), but got {fraction}.")
+        raise val_fraction_error(fraction)
     rng = np.random.default_rng(seed)
     val_idx = []
     for cls in np.unique(train.labels):
@@ -80,7 +89,7 @@ def load_data(config: DataConfig) -> DataBundle:
         if "val" not in splits:
             splits["train"], splits["val"] = carve_validation(splits["train"], config.val_fraction, config.seed)
         fingerprint = stable_hash(fmt, tree_fingerprint(root, files), config.val_fraction, config.seed)
-        name, skipped = root.name, tuple(skipped)
+        name, skipped = display_path(root.name), tuple(skipped)  # printable, also when the folder name is not UTF-8
         defaults = SMALL_DEFAULTS if fmt == "cifar" else IMAGENET_DEFAULTS
     if len(classes) < 2:
         raise CfdebugError(

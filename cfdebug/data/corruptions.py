@@ -14,7 +14,7 @@ OpenCV so that nothing is downloaded at run time and nothing depends on scikit-i
 Random draws come from ``np.random.default_rng(seed)`` only, so a call is reproducible and the
 global NumPy RNG is never touched. Results equal the official CIFAR-10-C files in distribution,
 not pixel for pixel (those were made with the global RNG of 2018); the official files can be
-loaded with :func:`load_cifar10c`.
+loaded with :func:`cfdebug.data.formats.load_cifar10c`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import difflib
 import io
 import math
 import numbers
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -33,18 +32,13 @@ from scipy import ndimage
 from ..config import CORRUPTION_GROUPS, CORRUPTIONS, N_SEVERITIES
 from ..errors import CfdebugError
 
-__all__ = ["CORRUPTIONS", "CORRUPTION_GROUPS", "MIN_IMAGE_SIZE", "corrupt", "load_cifar10c"]
+__all__ = ["CORRUPTIONS", "CORRUPTION_GROUPS", "MIN_IMAGE_SIZE", "corrupt", "check_corruption_name", "check_severity"]
 
-
-# The official CIFAR-10-C release also ships these four "extra" corruptions; they can be loaded
-# from disk but are not generated here (they are not part of the 15-corruption benchmark).
-_CIFAR10C_EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 
 # The smallest side every corruption handles sensibly: glass blur never moves the top two rows
 # or left two columns, elastic's affine anchors sit a third of the side from the centre, and
 # pixelate at severity 5 keeps 65 % of the side; below 8 px these degenerate to (nearly) nothing.
 MIN_IMAGE_SIZE = 8
-_CIFAR10C_URL = "https://zenodo.org/record/2535967"
 
 # /////////////// Severity tables (make_cifar_c.py, CIFAR-10 values) ///////////////
 
@@ -82,7 +76,8 @@ _JPEG = (80, 65, 58, 50, 40)  # Pillow quality
 # /////////////// Validation ///////////////
 
 
-def _check_name(name, valid: tuple[str, ...]) -> str:
+def check_corruption_name(name, valid: tuple[str, ...] = CORRUPTIONS) -> str:
+    """``name`` if it is one of ``valid``; else a :class:`CfdebugError` listing them (and the closest)."""
     if not isinstance(name, str) or name not in valid:
         close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -100,7 +95,8 @@ def _show(value) -> str:
     return repr(value)
 
 
-def _check_severity(severity) -> int:
+def check_severity(severity) -> int:
+    """``severity`` as an ``int`` in ``1..5``; else a :class:`CfdebugError`."""
     ok = isinstance(severity, numbers.Integral) and not isinstance(severity, bool)
     if not ok or not 1 <= int(severity) <= N_SEVERITIES:
         raise CfdebugError(
@@ -532,8 +528,8 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
         CfdebugError: for an unknown name, a severity outside 1..5, a bad seed, or images that
             are not uint8 ``[N, H, W, 3]`` / ``[H, W, 3]`` of at least 8×8 pixels.
     """
-    name = _check_name(name, CORRUPTIONS)
-    severity = _check_severity(severity)
+    name = check_corruption_name(name, CORRUPTIONS)
+    severity = check_severity(severity)
     seed = _check_seed(seed)
     batch = _check_images(images)
     if len(batch) == 0:
@@ -543,100 +539,3 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
     out = _FUNCTIONS[name](batch, severity, rng)
     out = np.clip(out, 0, 255).astype(np.uint8)
     return out if images.ndim == 4 else out[0]
-
-
-def _load_npy(path: Path, what: str) -> np.ndarray:
-    try:
-        # memory-mapped: a CIFAR-10-C file is 150 MB and only a fifth of it is needed
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise CfdebugError(
-            f"Expected {path} to be a readable .npy file of {what}, but reading it failed ({exc}). "
-            f"Download CIFAR-10-C again from {_CIFAR10C_URL}."
-        ) from None
-
-
-def load_cifar10c(
-    directory, name: str, severity: int, labels: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Load one corruption at one severity from the official CIFAR-10-C ``.npy`` files.
-
-    ``directory/<name>.npy`` holds ``[5·M, 32, 32, 3]`` uint8: severities 1..5 stacked, ``M``
-    (10,000 in the release) images each; ``directory/labels.npy`` holds the ``[5·M]`` labels.
-
-    Args:
-        directory: the unpacked ``CIFAR-10-C`` folder.
-        name: one of :data:`CORRUPTIONS` (or an extra official one: speckle_noise,
-            gaussian_blur, spatter, saturate).
-        severity: integer in 1..5.
-        labels: optional integer labels used instead of ``labels.npy``: either ``[5·M]`` (one
-            per image in the file) or ``[M]`` (one severity, e.g. the CIFAR-10 test labels).
-
-    Returns:
-        ``(images, labels)``: ``[M, H, W, 3]`` uint8 in [0, 255] and ``[M]`` int64, new arrays.
-
-    Raises:
-        CfdebugError: unknown name, bad severity, missing folder or file, unreadable or
-            wrongly shaped file, or labels whose length does not fit the images.
-    """
-    name = _check_name(name, CORRUPTIONS + _CIFAR10C_EXTRA)
-    severity = _check_severity(severity)
-    root = Path(directory)
-    if not root.is_dir():
-        raise CfdebugError(
-            f"Expected `directory` to be the CIFAR-10-C folder, but {str(root)!r} is not a folder. "
-            f"Download and unpack CIFAR-10-C from {_CIFAR10C_URL} and pass the folder that holds "
-            "<corruption>.npy and labels.npy."
-        )
-    path = root / f"{name}.npy"
-    if not path.is_file():
-        present = sorted(p.stem for p in root.glob("*.npy"))
-        listing = ", ".join(present) if present else "no .npy files"
-        raise CfdebugError(
-            f"Expected the CIFAR-10-C file {path}, but it does not exist ({root} holds {listing}). "
-            f"Check the folder, or download CIFAR-10-C from {_CIFAR10C_URL}."
-        )
-    images = _load_npy(path, "CIFAR-10-C images")
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise CfdebugError(
-            f"Expected {path} to hold uint8 images of shape [N, H, W, 3], but got "
-            f"{images.dtype} of shape {list(images.shape)}. Use the official CIFAR-10-C files."
-        )
-    total = len(images)
-    if total == 0 or total % N_SEVERITIES:
-        raise CfdebugError(
-            f"Expected {path} to hold {N_SEVERITIES} equal blocks of images (one per severity), "
-            f"but it holds {total} images, not a positive multiple of {N_SEVERITIES}. "
-            f"Download CIFAR-10-C again from {_CIFAR10C_URL}."
-        )
-    per_severity = total // N_SEVERITIES
-
-    if labels is None:
-        labels_path = root / "labels.npy"
-        if not labels_path.is_file():
-            raise CfdebugError(
-                f"Expected the CIFAR-10-C labels at {labels_path}, but the file does not exist. "
-                "Put labels.npy from the CIFAR-10-C download there, or pass `labels=` "
-                "(e.g. the CIFAR-10 test labels)."
-            )
-        labels = _load_npy(labels_path, "CIFAR-10-C labels")
-        source = str(labels_path)
-    else:
-        source = "`labels`"
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
-        raise CfdebugError(
-            f"Expected the labels in {source} to be a 1-D integer array, but got {labels.dtype} "
-            f"of shape {list(labels.shape)}. Pass one integer class index per image."
-        )
-
-    block = slice((severity - 1) * per_severity, severity * per_severity)
-    if len(labels) == total:
-        labels = labels[block]
-    elif len(labels) != per_severity:
-        raise CfdebugError(
-            f"Expected the labels in {source} to have {total} entries (one per image in {path.name}) "
-            f"or {per_severity} (one severity), but got {len(labels)} labels for {total} images. "
-            "Use the labels.npy shipped with the same CIFAR-10-C download."
-        )
-    return np.array(images[block]), np.array(labels, dtype=np.int64)

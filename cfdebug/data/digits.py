@@ -25,6 +25,7 @@ from PIL import Image
 
 from ..config import DEMO_DATASETS
 from ..errors import CfdebugError
+from ..store import disk_error
 
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 IMAGE_SIZE = 32
@@ -179,7 +180,8 @@ def build_bed(name: str, bias: float = 0.9, seed: int = 0) -> dict[str, tuple[np
 def export_imagefolder(directory: str | Path, bias: float = 0.9, seed: int = 0, bed: str = "biased-digits") -> dict[str, int]:
     """Write the bed ``bed`` as ``DIR/{train,val,test}/<class>/<index>.png``; return images per split.
 
-    Refuses a non-empty directory so nothing of the user's is overwritten.
+    Refuses a non-empty directory so nothing of the user's is overwritten; a full or read-only
+    disk is a :class:`CfdebugError` naming the folder, and nothing is left behind.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -192,10 +194,10 @@ def export_imagefolder(directory: str | Path, bias: float = 0.9, seed: int = 0, 
     splits = build_bed(bed, bias, seed)
     # Written beside the target and renamed into place, so an interrupted export leaves no partial tree.
     final = directory.resolve()  # a real name and parent, also for "."
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     counts = {}
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         for name, (images, labels, source) in splits.items():
             for cls in DIGIT_CLASSES:
                 (tmp / name / cls).mkdir(parents=True, exist_ok=True)
@@ -208,7 +210,10 @@ def export_imagefolder(directory: str | Path, bias: float = 0.9, seed: int = 0, 
             tmp.rmdir()
         else:
             os.rename(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        error = disk_error(final, exc, remedy="export to another disk") if isinstance(exc, OSError) else None
+        if error is None:
+            raise
+        raise error from None
     return counts

@@ -1,4 +1,5 @@
-"""Readers for the dataset layouts users bring: ImageFolder trees, CUB-200-2011, CIFAR batches.
+"""Readers for the dataset layouts users bring: ImageFolder trees, CUB-200-2011, CIFAR batches,
+and the official CIFAR-10-C ``.npy`` files (:func:`load_cifar10c`, for XCR's Table 2).
 
 Each reader validates the layout and returns class names and splits; nothing is downloaded.
 Files with an extension that is not an image's are skipped and reported (``skipped``); a file
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import CORRUPTIONS, N_SEVERITIES
 from ..errors import CfdebugError
 from .dataset import IMAGE_EXTENSIONS, Split
 
@@ -57,12 +59,20 @@ def display_path(path) -> str:
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _skip_reason(path: Path) -> str | None:
-    """Why an image-named file cannot be used (a dangling or looping link, a name that is not
-    UTF-8, so ids, JSON and CSV outputs could not hold it), or ``None``."""
+def _not_utf8(name: str) -> bool:
+    """Whether ``name`` (decoded from the disk with surrogateescape) is not valid UTF-8."""
     try:
-        path.name.encode("utf-8")
+        name.encode("utf-8")
     except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _skip_reason(path: Path, folder: Path) -> str | None:
+    """Why an image-named file under the class ``folder`` cannot be used (a dangling or looping
+    link, a name or subfolder name that is not UTF-8, so ids, JSON and CSV outputs could not
+    hold it), or ``None``."""
+    if _not_utf8(str(path.relative_to(folder))):
         return "name is not valid UTF-8; rename it"
     if not path.is_file():  # follows links: False for a dangling link or a link loop
         return "dangling or self-referencing symlink" if path.is_symlink() else "not a regular file"
@@ -75,7 +85,7 @@ def _scan_class_folder(folder: Path, skipped: list[str]) -> list[Path]:
         hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)  # .ipynb_checkpoints/…
         if path.is_dir() or path.name in IGNORED_NAMES or hidden:
             continue
-        reason = _skip_reason(path)
+        reason = _skip_reason(path, folder)
         if reason is not None:
             skipped.append(f"{display_path(path)} ({reason})")
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -83,6 +93,20 @@ def _scan_class_folder(folder: Path, skipped: list[str]) -> list[Path]:
         else:
             skipped.append(str(path))
     return images
+
+
+def _class_folders(split_dir: Path, skipped: list[str]) -> list[str]:
+    """The class folder names in ``split_dir``, sorted; hidden folders are left out, and a folder
+    whose name is not UTF-8 (no class name, id or CSV cell could hold it) is skipped and reported."""
+    names = []
+    for path in split_dir.iterdir():
+        if not path.is_dir() or path.name.startswith("."):
+            continue
+        if _not_utf8(path.name):
+            skipped.append(f"{display_path(path)}/ (class folder name is not valid UTF-8; rename it)")
+        else:
+            names.append(path.name)
+    return sorted(names)
 
 
 def read_imagefolder(root: Path) -> tuple[tuple[str, ...], dict[str, Split], list[Path], list[str]]:
@@ -93,15 +117,15 @@ def read_imagefolder(root: Path) -> tuple[tuple[str, ...], dict[str, Split], lis
                 f"Expected an ImageFolder tree with {root / required}/<class>/<image> folders, "
                 f"but {root / required} does not exist. Create train/ and test/ (val/ is optional)."
             )
-    classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith(".")))
+    skipped: list[str] = []
+    classes = tuple(_class_folders(root / "train", skipped))
     if not classes:
         raise CfdebugError(f"Expected class folders in {root / 'train'}, but found none. Put each class's images in train/<class>/.")
-    skipped: list[str] = []
     splits, files = {}, []
     for split in ("train", "val", "test"):
         if not (root / split).is_dir():
             continue
-        present = sorted(p.name for p in (root / split).iterdir() if p.is_dir() and not p.name.startswith("."))
+        present = classes if split == "train" else _class_folders(root / split, skipped)
         unknown = sorted(set(present) - set(classes))
         if unknown:
             raise CfdebugError(
@@ -263,4 +287,129 @@ def read_cifar(root: Path) -> tuple[tuple[str, ...], dict[str, Split], list[Path
     else:
         names = []
     classes = tuple(names) if len(names) >= n_classes else tuple(str(i) for i in range(n_classes))
+    _check_cifar_classes(root, classes, splits)
     return classes, splits, files, []
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10-C (Hendrycks & Dietterich 2019): one .npy per corruption, severities 1..5 stacked
+# --------------------------------------------------------------------------------------------
+
+# The official CIFAR-10-C release also ships these four "extra" corruptions; they can be loaded
+# from disk but are not generated (cfdebug.data.corruptions: not part of the 15-corruption benchmark).
+_CIFAR10C_EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+_CIFAR10C_URL = "https://zenodo.org/record/2535967"
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    try:
+        # memory-mapped: a CIFAR-10-C file is 150 MB and only a fifth of it is needed
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CfdebugError(
+            f"Expected {path} to be a readable .npy file of {what}, but reading it failed ({exc}). "
+            f"Download CIFAR-10-C again from {_CIFAR10C_URL}."
+        ) from None
+
+
+def load_cifar10c(
+    directory, name: str, severity: int, labels: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load one corruption at one severity from the official CIFAR-10-C ``.npy`` files.
+
+    ``directory/<name>.npy`` holds ``[5·M, 32, 32, 3]`` uint8: severities 1..5 stacked, ``M``
+    (10,000 in the release) images each; ``directory/labels.npy`` holds the ``[5·M]`` labels.
+
+    Args:
+        directory: the unpacked ``CIFAR-10-C`` folder.
+        name: one of :data:`CORRUPTIONS` (or an extra official one: speckle_noise,
+            gaussian_blur, spatter, saturate).
+        severity: integer in 1..5.
+        labels: optional integer labels used instead of ``labels.npy``: either ``[5·M]`` (one
+            per image in the file) or ``[M]`` (one severity, e.g. the CIFAR-10 test labels).
+
+    Returns:
+        ``(images, labels)``: ``[M, H, W, 3]`` uint8 in [0, 255] and ``[M]`` int64, new arrays.
+
+    Raises:
+        CfdebugError: unknown name, bad severity, missing folder or file, unreadable or
+            wrongly shaped file, or labels whose length does not fit the images.
+    """
+    from .corruptions import check_corruption_name, check_severity  # the generator's catalogue (imports OpenCV)
+
+    name = check_corruption_name(name, CORRUPTIONS + _CIFAR10C_EXTRA)
+    severity = check_severity(severity)
+    root = Path(directory)
+    if not root.is_dir():
+        raise CfdebugError(
+            f"Expected `directory` to be the CIFAR-10-C folder, but {str(root)!r} is not a folder. "
+            f"Download and unpack CIFAR-10-C from {_CIFAR10C_URL} and pass the folder that holds "
+            "<corruption>.npy and labels.npy."
+        )
+    path = root / f"{name}.npy"
+    if not path.is_file():
+        present = sorted(p.stem for p in root.glob("*.npy"))
+        listing = ", ".join(present) if present else "no .npy files"
+        raise CfdebugError(
+            f"Expected the CIFAR-10-C file {path}, but it does not exist ({root} holds {listing}). "
+            f"Check the folder, or download CIFAR-10-C from {_CIFAR10C_URL}."
+        )
+    images = _load_npy(path, "CIFAR-10-C images")
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise CfdebugError(
+            f"Expected {path} to hold uint8 images of shape [N, H, W, 3], but got "
+            f"{images.dtype} of shape {list(images.shape)}. Use the official CIFAR-10-C files."
+        )
+    total = len(images)
+    if total == 0 or total % N_SEVERITIES:
+        raise CfdebugError(
+            f"Expected {path} to hold {N_SEVERITIES} equal blocks of images (one per severity), "
+            f"but it holds {total} images, not a positive multiple of {N_SEVERITIES}. "
+            f"Download CIFAR-10-C again from {_CIFAR10C_URL}."
+        )
+    per_severity = total // N_SEVERITIES
+
+    if labels is None:
+        labels_path = root / "labels.npy"
+        if not labels_path.is_file():
+            raise CfdebugError(
+                f"Expected the CIFAR-10-C labels at {labels_path}, but the file does not exist. "
+                "Put labels.npy from the CIFAR-10-C download there, or pass `labels=` "
+                "(e.g. the CIFAR-10 test labels)."
+            )
+        labels = _load_npy(labels_path, "CIFAR-10-C labels")
+        source = str(labels_path)
+    else:
+        source = "`labels`"
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
+        raise CfdebugError(
+            f"Expected the labels in {source} to be a 1-D integer array, but got {labels.dtype} "
+            f"of shape {list(labels.shape)}. Pass one integer class index per image."
+        )
+
+    block = slice((severity - 1) * per_severity, severity * per_severity)
+    if len(labels) == total:
+        labels = labels[block]
+    elif len(labels) != per_severity:
+        raise CfdebugError(
+            f"Expected the labels in {source} to have {total} entries (one per image in {path.name}) "
+            f"or {per_severity} (one severity), but got {len(labels)} labels for {total} images. "
+            "Use the labels.npy shipped with the same CIFAR-10-C download."
+        )
+    return np.array(images[block]), np.array(labels, dtype=np.int64)
+
+
+def _check_cifar_classes(root: Path, classes: tuple[str, ...], splits: dict[str, Split]) -> None:
+    """Refuse classes without training images (a test label that train lacks, a gap in the
+    labels, a name in the meta file that no image has), as an ImageFolder tree's train/ does."""
+    trained = np.bincount(splits["train"].labels, minlength=len(classes))
+    empty = np.flatnonzero(trained == 0)
+    if empty.size:
+        tested = int(np.isin(splits["test"].labels, empty).sum())
+        names = ", ".join(f"{classes[k]} (label {k})" for k in empty[:10]) + (f" and {empty.size - 10} more" if empty.size > 10 else "")
+        raise CfdebugError(
+            f"Expected training images of every class in the CIFAR batches in {root}, but the train batches hold "
+            f"none of {names}" + (f"; the test batch holds {tested} image(s) of them" if tested else "")
+            + ". Every class needs training images: add them, or use batches (and a meta file) of the classes you train on."
+        )

@@ -1,9 +1,12 @@
 """The only part of the package that imports streamlit: cached wrappers, session state, widgets.
 
-Pages call these and place what they return; they never import torch.
+Pages call these and place what they return; they never import torch. ``errors`` is the one
+error box, ``cache`` the one cache of computed objects, ``runs`` the one run monitor and the
+runs of a workspace, ``workspace`` the sidebar and the loaded workspace.
 """
 
-from . import treatment, workspace
+from . import runs, treatment, workspace
+from .errors import show_error, show_user_error, widget_terms
 from .filters import causal_check, detection, global_filters, gradcam_overlays, local_masks
 from .workspace import (
     await_prepare,
@@ -13,8 +16,7 @@ from .workspace import (
     load_workspace,
     progress_callback,
     sample_images,
-    show_user_error,
-    widget_terms,
+    use_weights,
     workspace_page,
     workspace_sidebar,
 )
@@ -32,7 +34,9 @@ __all__ = [
     "load_workspace",
     "progress_callback",
     "sample_images",
+    "show_error",
     "show_user_error",
+    "use_weights",
     "widget_terms",
     "workspace_page",
     "workspace_sidebar",

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import streamlit as st
 
 from ..errors import CfdebugError
+from .cache import memo
+from .errors import show_user_error
 from .filters import _batch, gradcam_maps, ws_key
-from .workspace import extraction, memo, show_user_error
+from .workspace import extraction, sample_images, shown
 
 SPLITS = ("test", "train")
 OUTCOMES = ("all", "correct", "error")
@@ -153,29 +154,35 @@ def corner_share(ws) -> dict | None:
     return memo(("corner-share", ws_key(ws)), compute)
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
-def _filter_regions(key: str, split: str, indices: tuple, filter_index: int, _ws) -> list:
-    from ..gradcam import filter_maps, region_overlay
-
-    maps = filter_maps(_ws.model, _ws.target.name, _batch(_ws, split, indices), filter_index, _ws.device, _ws.target.activation)
-    return [region_overlay(_ws.data.splits[split].load_image(i), m) for i, m in zip(indices, maps)]
-
-
 def filter_regions(ws, split: str, indices, filter_index: int) -> list[np.ndarray]:
     """Where ``filter_index`` fires (≥ half its peak) in images ``indices``, outlined over the image
-    (uint8 ``[4H, 4W, 3]``)."""
+    (uint8 ``[4H, 4W, 3]``), cached (:func:`~cfdebug.ui.cache.memo`); an image that may not be
+    shown stays withheld."""
+    from ..gradcam import filter_maps
+
+    indices = tuple(int(i) for i in indices)
+
+    def compute():
+        return filter_maps(ws.model, ws.target.name, _batch(ws, split, indices), int(filter_index), ws.device, ws.target.activation)
+
     try:
-        return _filter_regions(ws_key(ws), split, tuple(int(i) for i in indices), int(filter_index), ws)
+        maps = memo(("filter-maps", ws_key(ws), split, indices, int(filter_index)), compute, max_entries=32)
     except CfdebugError as exc:
         show_user_error(exc)
+    return _regions(ws, split, indices, maps)
 
 
 def gradcam_regions(ws, split: str, indices, targets) -> list[np.ndarray]:
     """Grad-CAM toward ``targets`` as outlined regions (≥ half the peak) over the images."""
+    return _regions(ws, split, indices, gradcam_maps(ws, split, indices, targets))
+
+
+def _regions(ws, split: str, indices, maps) -> list[np.ndarray]:
+    """``maps`` [n, H, W] outlined over images ``indices`` (the withheld image where one may not be shown)."""
     from ..gradcam import region_overlay
 
-    maps = gradcam_maps(ws, split, indices, targets)
-    return [region_overlay(ws.data.splits[split].load_image(int(i)), m) for i, m in zip(indices, maps)]
+    images = sample_images(ws, split, indices)
+    return [region_overlay(image, m) if shown(ws, split, i) else image for i, image, m in zip(indices, images, maps)]
 
 
 def top_activating(ws, cls: int, filter_index: int, n: int = 6) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
@@ -193,9 +200,9 @@ def treatment_predictions(ws) -> dict | None:
     """The newest finished treatment run of this workspace that stored the control's test
     predictions: ``{"run_id", "treated" [N], "control" [N], "base" [N], "lambda1", "lambda2",
     "seed"}`` (int arrays), or ``None``."""
-    from .treatment import runs_for
+    from .runs import workspace_runs
 
-    for record in runs_for(ws):
+    for record in workspace_runs(ws, "treat"):
         best = (record.result or {}).get("best_test") or {}
         if record.status == "done" and "control_test_predictions" in best:
             return {"run_id": record.run_id, "treated": np.asarray(best["test_predictions"]), "control": np.asarray(best["control_test_predictions"]),

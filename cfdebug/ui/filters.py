@@ -8,7 +8,9 @@ import streamlit as st
 from ..config import config_dict
 from ..errors import CfdebugError
 from ..store import stable_hash
-from .workspace import await_prepare, inline, memo, progress_callback, show_user_error
+from .errors import show_user_error
+from .cache import memo
+from .workspace import await_prepare, inline, progress_callback, sample_images, shown
 
 
 def ws_key(ws) -> str:
@@ -86,30 +88,30 @@ def _batch(ws, split: str, indices):
     return torch.stack([data[int(i)][0] for i in indices])
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
-def _gradcam_maps(key: str, split: str, indices: tuple, targets: tuple, _ws) -> np.ndarray:
-    from ..gradcam import gradcam
-
-    return gradcam(_ws.model, _ws.target.name, _batch(_ws, split, indices), list(targets), _ws.device)
-
-
 def gradcam_maps(ws, split: str, indices, targets) -> np.ndarray:
     """Grad-CAM maps ``[n, H, W]`` float32 in [0, 1] (input size) toward ``targets``, in one batch,
-    cached: the one Grad-CAM computation every page's overlays are drawn from."""
+    cached (:func:`~cfdebug.ui.cache.memo`): the one Grad-CAM computation every page's overlays
+    are drawn from. Do not modify the returned array."""
+    from ..gradcam import gradcam
+
+    indices, targets = tuple(int(i) for i in indices), tuple(int(t) for t in targets)
+    compute = lambda: gradcam(ws.model, ws.target.name, _batch(ws, split, indices), list(targets), ws.device)  # noqa: E731
     try:
-        return _gradcam_maps(ws_key(ws), split, tuple(int(i) for i in indices), tuple(int(t) for t in targets), ws)
+        return memo(("gradcam", ws_key(ws), split, indices, targets), compute, max_entries=32)
     except CfdebugError as exc:
         show_user_error(exc)
 
 
 def gradcam_overlays(ws, split: str, indices, targets) -> list[np.ndarray]:
-    """Grad-CAM overlays (uint8 [H, W, 3]) for ``indices`` toward ``targets`` (:func:`gradcam_maps`)."""
+    """Grad-CAM overlays (uint8 [H, W, 3]) for ``indices`` toward ``targets`` (:func:`gradcam_maps`);
+    an image that may not be shown (:func:`~cfdebug.ui.workspace.shown`) stays withheld."""
     from ..gradcam import overlay
 
     if len(indices) == 0:
         return []
     maps = gradcam_maps(ws, split, indices, targets)
-    return [overlay(ws.data.splits[split].load_image(int(i)), m) for i, m in zip(indices, maps)]
+    images = sample_images(ws, split, indices)
+    return [overlay(image, m) if shown(ws, split, i) else image for i, image, m in zip(indices, images, maps)]
 
 
 def causal_check(ws, cls: int, top_n: int, draws: int) -> dict:

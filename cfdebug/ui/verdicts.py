@@ -9,7 +9,8 @@ import streamlit as st
 from ..errors import CfdebugError
 from ..store import stable_hash
 from ..verdicts import format_value
-from .workspace import memo, show_user_error
+from .errors import show_user_error
+from .cache import memo
 
 _ICONS = {"better": "✅", "worse": "⚠️", "no detectable difference": "≈"}
 _PAIRING_HELP = (

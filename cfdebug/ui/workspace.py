@@ -9,25 +9,28 @@ runs as a background *prepare* run (:func:`cfdebug.jobs.run_prepare_job`, starte
 :func:`cfdebug.runs.start_background_run`, which joins a run already making the same thing):
 the page shows its progress in a polled fragment and stops there; the sidebar and the other
 pages stay usable, closing the tab does not stop the run, and the page (or the next visitor)
-picks the result up from the cache. Cache hits are read in-process at once.
+picks the result up from the cache. Cache hits are read in-process at once. A read-only
+dashboard computes nothing: it shows what is cached, a run the owner started, or says that
+what the page needs is not there.
+
+The applied workspace is written to the session state by :func:`set_workspace` alone.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import threading
-import time
-from collections import OrderedDict
 from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 import streamlit as st
 
-from ..access import check_workspace
-from ..config import CLI_FLAGS, DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, default_workdir, rename_fields
+from ..access import check_workspace, image_allowed, read_only
+from ..config import DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, default_workdir
 from ..errors import CfdebugError
+from .cache import memo
+from .errors import show_error, show_user_error
+from .runs import run_failure, run_monitor
 
 STATE_KEY = "cfdebug_workspace"
 LAST_GOOD_KEY = "cfdebug_workspace_loaded"
@@ -38,29 +41,13 @@ FOLDER_CHOICE = "a folder…"
 #: ``CFDEBUG_DASHBOARD_INLINE=1``: compute missing artifacts in the page's own thread instead of a
 #: background run (AppTest has no fragment timers to poll a run with; the tests set it).
 INLINE_ENV = "CFDEBUG_DASHBOARD_INLINE"
-#: Seconds between two polls of a running prepare run.
-POLL_S = 1.0
-
-#: Sidebar label of each workspace config field, for messages (:func:`widget_terms`).
-WIDGET_LABELS: dict[str, str] = {
-    "model.name": "Model",
-    "model.weights": "Weights (optional)",
-    "model.layer": "Target layer",
-    "data.source": "Dataset folder",
-    "data.format": "Dataset",
-    "data.input_size": "Input size",
-    "data.mean": "Mean",
-    "data.std": "Std",
-    "device": "Device",
-    "workdir": "CFDEBUG_HOME (the artifact cache)",
-}
-_FLAG_LABELS = {flag: WIDGET_LABELS[name] for name, flag in CLI_FLAGS.items() if name in WIDGET_LABELS}
-
-
-def widget_terms(message: str) -> str:
-    """``message`` with config field names and CLI flags (`` `--data` ``) named by their sidebar widgets."""
-    message = rename_fields(message, WIDGET_LABELS)
-    return re.sub(r"`(--[a-z][a-z0-9-]*)`", lambda m: f"`{_FLAG_LABELS.get(m.group(1), m.group(1))}`", message)
+#: The URL's workspace parameters (:func:`_sync_query`).
+QUERY_KEYS = ("model", "weights", "layer", "data", "size", "mean", "std", "device")
+#: What a read-only page says instead of computing what it needs.
+NOT_CACHED_NOTICE = ("{what}: not computed on this dashboard yet, and a read-only dashboard computes nothing (a visitor "
+                     "browses what is cached). Open another page or preset workspace, or run cfdebug yourself (`make demo`).")
+#: Shown in place of an image whose file lies outside the allowed folders (:func:`cfdebug.access.image_allowed`).
+WITHHELD_IMAGE = np.full((32, 32, 3), 128, dtype=np.uint8)
 
 
 def _rgb_text(values) -> str:
@@ -95,7 +82,7 @@ def _from_query() -> WorkspaceConfig:
     )
     if admitted(cfg):
         return cfg
-    for key in ("model", "weights", "layer", "data"):  # the link asked for what this dashboard may not open
+    for key in QUERY_KEYS:  # the link asked for what this dashboard may not open
         st.query_params.pop(key, None)
     return WorkspaceConfig(workdir=default_workdir())
 
@@ -105,12 +92,18 @@ def current_config() -> WorkspaceConfig:
     parameters are not valid shows the error and opens the default workspace)."""
     if STATE_KEY not in st.session_state:
         try:
-            st.session_state[STATE_KEY] = _from_query()
+            set_workspace(_from_query(), sync=False)
         except CfdebugError as exc:
             show_error(f"The link's workspace could not be opened: {exc}")
-            st.session_state[STATE_KEY] = WorkspaceConfig(workdir=default_workdir())
-            _sync_query(st.session_state[STATE_KEY])
+            set_workspace(WorkspaceConfig(workdir=default_workdir()))
     return st.session_state[STATE_KEY]
+
+
+def set_workspace(cfg: WorkspaceConfig, *, sync: bool = True) -> None:
+    """Apply ``cfg``: the one writer of the session's workspace, mirrored in the URL (``sync``)."""
+    st.session_state[STATE_KEY] = cfg
+    if sync:
+        _sync_query(cfg)
 
 
 def _sync_query(cfg: WorkspaceConfig) -> None:
@@ -154,11 +147,13 @@ def workspace_sidebar() -> WorkspaceConfig:
                         workdir=cfg.workdir,
                     )
                     if admitted(wanted):  # otherwise the message shows and the current workspace stays
-                        cfg = st.session_state[STATE_KEY] = wanted
+                        cfg = wanted
+                        set_workspace(cfg, sync=False)
                 except CfdebugError as exc:
                     show_error(str(exc))
     _sync_query(cfg)
-    st.sidebar.caption(f"Artifacts cached in `{cfg.workdir}`")
+    if not read_only():  # a server path
+        st.sidebar.caption(f"Artifacts cached in `{cfg.workdir}`")
     return cfg
 
 
@@ -175,17 +170,6 @@ def _preprocessing_inputs(cfg: WorkspaceConfig) -> tuple[str, str, str, str]:
     layer = st.text_input("Target layer", cfg.model.layer or "", placeholder="default: the last conv block",
                           help="Module name whose filters are analysed (e.g. layer4 for a ResNet). Blank: the last convolutional block, found automatically.")
     return size, mean, std, layer
-
-
-def show_error(message: str) -> None:
-    """A user-facing error box, in the sidebar's terms rather than the CLI's flags (:func:`widget_terms`)."""
-    st.error(widget_terms(message), icon=":material/error:")
-
-
-def show_user_error(exc: CfdebugError) -> None:
-    """Show a user mistake (:func:`show_error`) and stop the page."""
-    show_error(str(exc))
-    st.stop()
 
 
 def admitted(cfg: WorkspaceConfig) -> bool:
@@ -209,32 +193,10 @@ def progress_callback(bar):
     return update
 
 
-_MEMO: OrderedDict = OrderedDict()
-_MEMO_LOCK = threading.Lock()
-
-
-def memo(key, compute, max_entries: int = 16):
-    """Process-wide memo shared by all browser sessions, for work that reports progress.
-
-    ``st.cache_data``/``st.cache_resource`` replay the elements a cached function draws, which
-    breaks a progress bar created outside it; the heavy artifacts are cached on disk by the
-    library anyway, this only keeps the loaded objects in memory.
-    """
-    with _MEMO_LOCK:
-        if key in _MEMO:
-            _MEMO.move_to_end(key)
-            return _MEMO[key]
-    value = compute()
-    with _MEMO_LOCK:
-        _MEMO[key] = value
-        while len(_MEMO) > max_entries:
-            _MEMO.popitem(last=False)
-    return value
-
-
 def inline() -> bool:
-    """Whether missing artifacts are computed in the page's thread (:data:`INLINE_ENV`)."""
-    return os.environ.get(INLINE_ENV) == "1"
+    """Whether missing artifacts are computed in the page's thread (:data:`INLINE_ENV`); never
+    in read-only mode, which computes nothing."""
+    return os.environ.get(INLINE_ENV) == "1" and not read_only()
 
 
 def _workspace(cfg: WorkspaceConfig, progress=None):
@@ -242,24 +204,6 @@ def _workspace(cfg: WorkspaceConfig, progress=None):
 
     # Outside inline mode a model that must be trained raises ModelNotTrained: a prepare run trains it.
     return memo(("workspace", cfg), lambda: Workspace(cfg, progress, cached_only=not inline()), max_entries=4)
-
-
-def describe_progress(rows: list[tuple[float, dict]], now: float | None = None) -> tuple[float, str]:
-    """``(fraction, text)`` for a prepare run's bar from its timed progress rows (oldest first):
-    "Step 3 of 4 · Fitting CFE heads: MC heads epoch 3/20 … · about 40 s left in this step", the time left
-    measured on the current stage's own rows (:func:`cfdebug.runs.seconds_left`)."""
-    from ..runs import describe_seconds_left, seconds_left
-
-    if not rows:
-        return 0.0, "Starting (loading the model and data)…"
-    row = rows[-1][1]
-    stage = row.get("stage")
-    points = [(t, r.get("stage_fraction", r.get("fraction", 0.0))) for t, r in rows if r.get("stage") == stage]
-    left = describe_seconds_left(seconds_left(points, now))
-    parts = [f"Step {row['step']} of {row['steps']}" if "step" in row else "", str(row.get("message", "")),
-             f"{left} in this step" if left else "estimating the time left…"]
-    fraction = row.get("fraction", 0.0)
-    return min(max(float(fraction), 0.0), 1.0), " · ".join(p for p in parts if p)
 
 
 def _stages_reached(record, through: str) -> bool:
@@ -270,58 +214,45 @@ def _stages_reached(record, through: str) -> bool:
     return PREPARE_STAGES.index(asked) >= PREPARE_STAGES.index(through)
 
 
-def run_monitor(workdir, run_id: str, ready: Callable[[object], bool], through: str, key: str, what: str) -> None:
-    """The live progress of prepare run ``run_id`` (polled every :data:`POLL_S` s in a fragment),
-    with a Cancel button. When ``ready(record)`` turns true or the run ends, the whole page reruns;
-    a failed or cancelled run (or a done one that did not make what ``through`` names) leaves its
-    message in the session for :func:`await_prepare` to show."""
-    from ..runs import RunRegistry, cancel
-
-    registry = RunRegistry(workdir)
-
-    @st.fragment(run_every=POLL_S)
-    def monitor():
-        record = registry.get(run_id)
-        if record.finished or ready(record):
-            failures = st.session_state.setdefault(FAILURES_KEY, {})
-            if record.status in ("failed", "cancelled"):
-                failures[key] = f"{what}: the background run {run_id} {record.status}: {record.error or 'no message'}"
-            elif record.status == "done" and not ready(record) and _stages_reached(record, through):
-                failures[key] = f"{what}: run {run_id} finished, but its results are not in the cache; see {record.log_path}."
-            st.rerun(scope="app")
-        fraction, text = describe_progress(registry.timed_progress(run_id))
-        st.progress(fraction, text=text)
-        left, right = st.columns([1, 4])
-        if left.button("Cancel", key=f"cancel-{run_id}"):
-            cancel(registry, run_id)
-            st.rerun(scope="app")
-        running = time.time() - record.created
-        right.caption(f"{what} runs in the background (run `{run_id}`, {running:.0f} s so far; log `{record.log_path}`). "
-                      "The sidebar and the other pages stay usable; closing the tab does not stop it, and whoever opens this "
-                      "workspace next picks up the result.")
-
-    monitor()
+def _remember_outcome(record, key: str, through: str, ready: Callable[[object], bool], what: str) -> None:
+    """A prepare run ended (or made what the page needs): keep a failed, cancelled or fruitless
+    run's message in the session for :func:`await_prepare` to return on the next page run."""
+    failures = st.session_state.setdefault(FAILURES_KEY, {})
+    if record.status in ("failed", "cancelled"):
+        failures[key] = run_failure(record, what)
+    elif record.status == "done" and not ready(record) and _stages_reached(record, through):
+        where = "" if read_only() else f" ({record.log_path})"
+        failures[key] = f"{what}: run {record.run_id} finished, but its results are not in the cache; see its log{where}."
 
 
 def await_prepare(cfg: WorkspaceConfig, through: str, ready: Callable[[object], bool], what: str, *, train: bool = False, stop: bool = True) -> str | None:
     """Start (or join) the prepare run of ``cfg`` up to ``through`` and show its progress.
 
     Returns the message of the session's last run for the same key when it failed or was
-    cancelled (and forgets it, so the next call tries again); otherwise shows
-    :func:`run_monitor` and stops the page (``stop=False``: returns ``None`` and the page goes on).
+    cancelled (and forgets it, so the next call tries again); otherwise shows the run's
+    :func:`~cfdebug.ui.runs.run_monitor` and stops the page (``stop=False``: returns ``None``
+    and the page goes on). Read-only: never starts a run; a run already making it is shown,
+    else :data:`NOT_CACHED_NOTICE`.
     """
     from ..jobs import prepare_spec
-    from ..runs import start_background_run
+    from ..runs import RunRegistry, start_background_run
 
     try:
         spec = prepare_spec(cfg, through, train=train)
         failure = st.session_state.setdefault(FAILURES_KEY, {}).pop(spec["key"], None)
         if failure is not None:
             return failure
-        run_id = start_background_run(cfg.workdir, "prepare", spec)
+        if read_only():
+            active = RunRegistry(cfg.workdir).find_active("prepare", spec["key"])
+            if active is None:
+                st.info(NOT_CACHED_NOTICE.format(what=what), icon=":material/lock:")
+                st.stop()
+            run_id = active.run_id
+        else:
+            run_id = start_background_run(cfg.workdir, "prepare", spec)
     except CfdebugError as exc:
         return str(exc)
-    run_monitor(cfg.workdir, run_id, ready, through, spec["key"], what)
+    run_monitor(cfg.workdir, run_id, what, ready=ready, on_end=lambda record: _remember_outcome(record, spec["key"], through, ready, what))
     if stop:
         st.stop()
     return None
@@ -334,8 +265,7 @@ def _fall_back(cfg: WorkspaceConfig, message: str, may_fall_back: bool):
     previous = st.session_state.get(LAST_GOOD_KEY) or WorkspaceConfig(workdir=cfg.workdir)
     if not may_fall_back or previous == cfg:
         st.stop()
-    st.session_state[STATE_KEY] = previous
-    _sync_query(previous)
+    set_workspace(previous)
     st.caption(f"Showing the previous workspace, {previous.model.name} on {previous.data.source}, instead.")
     return load_workspace(previous, may_fall_back=False)
 
@@ -381,7 +311,8 @@ def extraction(ws, split: str):
 
 
 def _random_weights_banner(ws) -> None:
-    """The warning every page shows for a model with random weights, with the Train action."""
+    """The warning every page shows for a model with random weights, with the Train action (not
+    in read-only mode)."""
     from ..jobs import prepare_key
     from ..runs import RunRegistry
 
@@ -393,10 +324,12 @@ def _random_weights_banner(ws) -> None:
         "about a real model. Give a checkpoint in the sidebar's **Weights**, or train it on this dataset.",
         icon=":material/warning:",
     )
+    if read_only():
+        return
     if trained.is_file():
         if st.session_state.get(TRAINING_KEY) == cfg or st.button("Use the weights trained on this data", type="primary"):
             st.session_state.pop(TRAINING_KEY, None)
-            _use_weights(cfg, trained)
+            use_weights(cfg, trained)
         return
     active = RunRegistry(cfg.workdir).find_active("prepare", prepare_key(cfg, train=True))
     if active is None and not st.button("Train on this data", type="primary"):
@@ -412,10 +345,9 @@ def _random_weights_banner(ws) -> None:
         show_error(failure)
 
 
-def _use_weights(cfg: WorkspaceConfig, path) -> None:
-    new = replace(cfg, model=replace(cfg.model, weights=str(path)))
-    st.session_state[STATE_KEY] = new
-    _sync_query(new)
+def use_weights(cfg: WorkspaceConfig, path) -> None:
+    """Open ``cfg`` with the weights at ``path`` (a trained or treated model) and rerun the page."""
+    set_workspace(replace(cfg, model=replace(cfg.model, weights=str(path))))
     st.rerun()
 
 
@@ -440,9 +372,18 @@ def class_names(ws) -> list[str]:
     return list(ws.data.classes)
 
 
+def shown(ws, split: str, i: int) -> bool:
+    """Whether image ``i`` of ``split`` may be shown: an embedded image, or a file that resolves
+    inside the allowed folders (:func:`cfdebug.access.image_allowed`; a symlink inside an allowed
+    dataset may point anywhere)."""
+    paths = ws.data.splits[split].paths
+    return paths is None or image_allowed(paths[int(i)])
+
+
 def sample_images(ws, split: str, indices) -> list[np.ndarray]:
-    """Images ``[H, W, 3]`` uint8 at their stored size for display."""
+    """Images ``[H, W, 3]`` uint8 at their stored size for display; one that may not be shown
+    (:func:`shown`) is :data:`WITHHELD_IMAGE`. Every image a page shows comes from here."""
     try:
-        return [ws.data.splits[split].load_image(int(i)) for i in indices]
+        return [ws.data.splits[split].load_image(int(i)) if shown(ws, split, i) else WITHHELD_IMAGE for i in indices]
     except CfdebugError as exc:
         show_user_error(exc)

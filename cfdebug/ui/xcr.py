@@ -1,8 +1,9 @@
 """Streamlit side of the Calibration & robustness page (paper B, XCR).
 
 The report itself runs as a background run (``python -m cfdebug xcr --config RUN_DIR/run.json
---run-id ID``); the page starts it, polls the run registry in a fragment, and draws the stored
-result. The heavy objects (selector masks, Grad-CAM) come from the workspace's on-disk cache.
+--run-id ID``), started, listed and watched like every run (:mod:`cfdebug.ui.runs`); the page
+draws the stored result. The heavy objects (selector masks, Grad-CAM) come from the workspace's
+on-disk cache.
 """
 
 from __future__ import annotations
@@ -12,34 +13,12 @@ from dataclasses import replace
 import numpy as np
 import streamlit as st
 
-from ..config import config_dict
 from ..errors import CfdebugError
-from .access import read_only
-from .workspace import extraction, show_user_error
+from .errors import show_user_error
+from .runs import start_run
+from .workspace import extraction, sample_images, shown
 
 RUN_KIND = "xcr"
-ACTIVE = ("queued", "running")
-
-
-def registry(ws):
-    """The run registry of the workspace's workdir."""
-    from ..runs import RunRegistry
-
-    return RunRegistry(ws.config.workdir)
-
-
-def _same_workspace(record, ws) -> bool:
-    stored = (record.config or {}).get("workspace") or {}
-    current = config_dict(ws.config)
-    return stored.get("model") == current["model"] and stored.get("data") == current["data"]
-
-
-def workspace_runs(ws) -> list:
-    """XCR runs of this workspace (same model and data), newest first."""
-    try:
-        return [r for r in registry(ws).list(kind=RUN_KIND) if _same_workspace(r, ws)]
-    except CfdebugError as exc:
-        show_user_error(exc)
 
 
 def default_config(ws):
@@ -51,7 +30,8 @@ def default_config(ws):
 
 def build_config(ws, *, k: int, beta: float, selector_epochs: int, epochs: int, seeds: int, all_severities: bool, random_baseline: bool):
     """An :class:`~cfdebug.xcr.retrain.XCRConfig` from the form's values (validated now, so a
-    mistake shows as ``st.error`` instead of a failed run)."""
+    mistake shows in the error box instead of a failed run)."""
+    from ..xcr.patches import check_patch_grid
     from ..xcr.retrain import override_xcr_config
 
     base = default_config(ws)
@@ -61,66 +41,17 @@ def build_config(ws, *, k: int, beta: float, selector_epochs: int, epochs: int, 
             seeds=tuple(range(int(seeds))), severities=(1, 2, 3, 4, 5) if all_severities else None,
             random_baseline=bool(random_baseline),
         )
-        config.check_against(ws.data.input_size)
+        check_patch_grid(config, ws.data.input_size)
         return config
     except CfdebugError as exc:
         show_user_error(exc)
 
 
-def start_run(ws, config) -> str:
-    """Register an XCR run for ``config`` and launch it in the background; return its id."""
+def start_xcr_run(ws, config) -> str:
+    """Start an XCR run for ``config`` in the background (:func:`cfdebug.ui.runs.start_run`); its id."""
     from ..jobs import xcr_spec
-    from ..runs import start_background_run
 
-    try:
-        return start_background_run(ws.config.workdir, RUN_KIND, xcr_spec(ws.config, config))
-    except CfdebugError as exc:
-        show_user_error(exc)
-
-
-def cancel_run(ws, run_id: str) -> None:
-    from ..runs import cancel
-
-    try:
-        cancel(registry(ws), run_id)
-    except CfdebugError as exc:
-        show_user_error(exc)
-
-
-def _time_left(reg, run_id: str) -> str:
-    """"about 6 min left (at the pace so far)" from the run's own progress rows (overall fraction
-    against the time each was logged); "" until two rows have been measured."""
-    from ..runs import describe_seconds_left, seconds_left
-
-    points = [(t, row["fraction"]) for t, row in reg.timed_progress(run_id) if isinstance(row.get("fraction"), (int, float))]
-    text = describe_seconds_left(seconds_left(points))
-    return f"{text} (at the pace so far)" if text else ""
-
-
-def run_monitor(ws, run_id: str, every: float = 2.0) -> None:
-    """Live progress of a running XCR run, polled every ``every`` seconds in a fragment.
-
-    When the run finishes the whole page reruns, so the results replace the monitor.
-    """
-    reg = registry(ws)
-
-    @st.fragment(run_every=every)
-    def monitor():
-        record = reg.get(run_id)
-        if record.finished:
-            st.rerun(scope="app")
-        row = record.progress or {}
-        fraction = float(row.get("fraction", 0.0)) if isinstance(row.get("fraction"), (int, float)) else 0.0
-        message = row.get("message") or (f"epoch {row['epoch']}" if "epoch" in row else "starting (loading the workspace)…")
-        left_text = _time_left(reg, run_id)
-        st.progress(min(max(fraction, 0.0), 1.0), text=f"`{run_id}`: {message}" + (f" · {left_text}" if left_text else ""))
-        left, right = st.columns([1, 4])
-        if not read_only() and left.button("Cancel run", key=f"cancel-{run_id}"):
-            cancel_run(ws, run_id)
-            st.rerun(scope="app")
-        right.caption(f"Log: `{record.log_path}`. The run keeps going if you close the page.")
-
-    monitor()
+    return start_run(ws, RUN_KIND, xcr_spec(ws.config, config))
 
 
 def mask_gallery(ws, selector_config: dict, n: int = 12, flagged_first: bool = False) -> list[dict]:
@@ -148,16 +79,15 @@ def mask_gallery(ws, selector_config: dict, n: int = 12, flagged_first: bool = F
     # Sort keys: flagged first, then errors, then low confidence (lexsort: last key is primary).
     order = np.lexsort((conf, preds == labels, ~flagged))[:n]
     classes = ws.data.classes
-    split = ws.data.splits["test"]
     cams = gradcam_overlays(ws, "test", order, preds[order])
     rows = []
     for j, i in enumerate(order):
-        image = np.asarray(split.load_image(int(i)), dtype=np.uint8)
+        image = np.asarray(sample_images(ws, "test", [i])[0], dtype=np.uint8)
         if image.shape[:2] != (ws.data.input_size, ws.data.input_size):
             from PIL import Image
 
             image = np.asarray(Image.fromarray(image).resize((ws.data.input_size,) * 2, Image.BILINEAR))
-        mask_img, tx = explanation_images(image, masks[i], cfg.patch_size, ws.data.mean)
+        mask_img, tx = explanation_images(image, masks[i], cfg.patch_size, ws.data.mean) if shown(ws, "test", i) else (image, image)
         mark = "✗" if preds[i] != labels[i] else "✓"
         flag = " ⚑" if flagged[i] else ""
         rows.append({

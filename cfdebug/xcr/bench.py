@@ -14,7 +14,8 @@ from ..errors import CfdebugError
 from ..metrics import explanation_metrics
 from ..runtime import Progress
 from ..store import jsonable
-from .selector import SelectorConfig, check_k, compute_masks, masked_probabilities, num_patches, trained_selector
+from .patches import check_k, num_patches
+from .selector import SelectorConfig, compute_masks, masked_probabilities, trained_selector
 
 __all__ = ["bench_xcr"]
 

@@ -20,12 +20,11 @@ import torch
 from ..errors import CfdebugError
 from ..metrics import explanation_metrics
 from ..runtime import Progress, scaled_progress
+from .patches import check_k, num_patches
 from .selector import (
     SelectorConfig,
     approximator_accuracy,
-    check_k,
     masked_probabilities,
-    num_patches,
     random_masks,
     selector_masks,
     trained_selector,

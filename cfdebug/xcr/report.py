@@ -27,11 +27,12 @@ from ..errors import CfdebugError
 from ..runtime import Progress, scaled_progress
 from ..store import jsonable, stable_hash
 from .explanations import TABLE1_MODES, explanation_table
+from .patches import check_patch_grid
 from .retrain import XCRConfig, counterfactual_retrain, fit_val_temperature, training_masks, vanilla_retrain, xcr_config_from_dict
 from .robustness import check_cifar10c, evaluate_models, per_image_arrays, table2_results
 from .selector import approximator_accuracy, selector_masks, trained_selector
 
-__all__ = ["REPORT_KIND", "PER_IMAGE_FILE", "report_key", "describe_settings", "run_xcr_report", "per_image_scores"]
+__all__ = ["REPORT_KIND", "PER_IMAGE_FILE", "report_key", "describe_settings", "check_report_inputs", "run_xcr_report", "per_image_scores"]
 
 REPORT_KIND = "xcr-report"
 REPORT_FORMAT = "xcr-report-v2"
@@ -59,33 +60,41 @@ def describe_settings(config: XCRConfig) -> str:
     )
 
 
-def _check_inputs(ws, config: XCRConfig) -> int:
-    """Everything checkable before training (k, patch size, splits, image size, CIFAR-10-C files); returns ``d``."""
-    d = config.check_against(ws.data.input_size)
+def check_report_inputs(data, config: XCRConfig) -> int:
+    """Everything checkable before training, on the workspace's data (a
+    :class:`~cfdebug.data.DataBundle`): k and the patch size against the image size, the splits,
+    the image size the corruptions need, the CIFAR-10-C files. Returns ``d`` (patches per image).
+    :func:`cfdebug.jobs.run_xcr_job` calls it before a run is registered."""
+    d = check_patch_grid(config, data.input_size)
     for split in ("train", "val", "test"):
-        if len(ws.data.splits[split]) == 0:
+        if len(data.splits[split]) == 0:
             raise CfdebugError(f"Expected a non-empty `{split}` split for the XCR report, but it has no images.")
-    if config.corruptions and config.cifar10c_dir is None and ws.data.input_size < MIN_IMAGE_SIZE:
+    if config.corruptions and config.cifar10c_dir is None and data.input_size < MIN_IMAGE_SIZE:
         raise CfdebugError(
             f"Expected images of at least {MIN_IMAGE_SIZE}×{MIN_IMAGE_SIZE} pixels for the corruptions, but the model's "
-            f"input size is {ws.data.input_size}. Use a larger input size, or evaluate without corruptions (corruptions=[])."
+            f"input size is {data.input_size}. Use a larger input size, or evaluate without corruptions (corruptions=[])."
         )
     if config.cifar10c_dir is not None and config.corruptions:
-        check_cifar10c(Path(config.cifar10c_dir), config.corruptions, len(ws.data.splits["test"]))
+        check_cifar10c(Path(config.cifar10c_dir), config.corruptions, len(data.splits["test"]))
     return d
 
 
 class _Stages:
-    """Progress over the report's stages (one bar), and the cancel checks between steps.
+    """Progress over the report's stages (one bar, :data:`_STAGES`), and the cancel checks between steps.
 
-    ``report(fraction, message)`` maps the current stage's fraction onto its share of the bar
-    and sends it to ``progress`` and, with a registry, to the run's progress log; ``stop()`` is
-    the ``should_stop`` polled by long steps; ``check()`` raises ``RunCancelled`` when stopped.
+    ``report(fraction, message)`` is the current stage's callback of a
+    :class:`~cfdebug.runs.RunStages`: the whole report's fraction goes to ``progress`` and, with
+    a registry, a progress row to the run's stream; ``stop()`` is the ``should_stop`` polled by
+    long steps; ``check()`` raises ``RunCancelled`` when stopped.
     """
 
     def __init__(self, progress, registry, run_id, should_stop):
-        self.name = "table1"
-        self.progress, self.registry, self.run_id, self.should_stop = progress, registry, run_id, should_stop
+        from ..runs import RunStages
+
+        log = None if registry is None else (lambda row: registry.log_progress(run_id, row))
+        self.stages = RunStages(_STAGES, log, progress)
+        self.registry, self.run_id, self.should_stop = registry, run_id, should_stop
+        self._report = self.stages.stage("table1")
 
     def stop(self) -> bool:
         if self.should_stop is not None and self.should_stop():
@@ -99,17 +108,13 @@ class _Stages:
             raise RunCancelled(f"XCR report {'run ' + repr(self.run_id) + ' ' if self.run_id else ''}was cancelled")
 
     def report(self, fraction: float, message: str) -> None:
-        lo, hi = _STAGES[self.name]
-        overall = lo + (hi - lo) * min(max(fraction, 0.0), 1.0)
-        if self.progress is not None:
-            self.progress(overall, message)
-        if self.registry is not None:
-            self.registry.log_progress(self.run_id, {"fraction": overall, "message": message, "stage": self.name})
+        if self._report is not None:
+            self._report(fraction, message)
 
     def enter(self, name: str) -> None:
         """Start stage ``name`` (after a cancel check)."""
-        self.name = name
         self.check()
+        self._report = self.stages.stage(name)
 
 
 def _selector_info(ws, config: XCRConfig, d: int) -> dict:
@@ -158,7 +163,9 @@ def _cached_report(ws, key: str, progress: Progress | None, registry, run_id) ->
     if progress is not None:
         progress(1.0, "XCR report read from the cache")
     if registry is not None:
-        registry.log_progress(run_id, {"fraction": 1.0, "message": "XCR report read from the cache", "stage": "done"})
+        from ..runs import progress_row
+
+        registry.log_progress(run_id, progress_row(1.0, "cached", "XCR report read from the cache"))
     return result
 
 
@@ -180,7 +187,7 @@ def run_xcr_report(
         config: :class:`XCRConfig` (or its dict; default :func:`~cfdebug.xcr.retrain.default_xcr_config`).
         progress: ``progress(fraction in [0, 1], message)``.
         registry, run_id: a :class:`~cfdebug.runs.RunRegistry` and run id: progress rows
-            ``{"fraction", "message", "stage"}`` (and the retraining's epoch rows) are logged
+            (:mod:`cfdebug.runs.progress`; the retraining's epoch rows too) are logged
             there, its cancel flag is polled (raising :class:`~cfdebug.runs.RunCancelled`), and
             the retraining checkpoints go to ``run_dir`` (default: the run's folder) so a
             relaunched run resumes. The caller stores the result (``registry.set_result``).
@@ -204,7 +211,7 @@ def run_xcr_report(
     config = xcr_config_from_dict(config) if isinstance(config, dict) else (config or default_xcr_config(ws.config))
     if (registry is None) != (run_id is None):
         raise CfdebugError("Expected both `registry` and `run_id`, or neither.")
-    d = _check_inputs(ws, config)
+    d = check_report_inputs(ws.data, config)
     key = report_key(ws, config)
     if use_cache and ws.store.exists(REPORT_KIND, key):
         return _cached_report(ws, key, progress, registry, run_id)

@@ -36,7 +36,8 @@ from ..runtime import Progress, seed_everything
 from ..store import stable_hash
 from ..config import FinetuneConfig
 from ..training import FinetuneResult, finetune, predict_logits
-from .selector import apply_mask, num_patches, random_masks, selector_masks
+from .patches import check_patch_grid, num_patches
+from .selector import apply_mask, random_masks, selector_masks
 
 __all__ = [
     "INIT_CHOICES",
@@ -144,7 +145,7 @@ def training_masks(ws, config: XCRConfig, kind: str = "xcr", progress: Progress 
     ``"random"``: random k-hot masks with the same ``k`` (seeded with ``config.selector.seed``;
     in Softmax mode the k-hot rows are scaled to sum to 1 like a softmax map).
     """
-    d = config.check_against(ws.data.input_size)
+    d = check_patch_grid(config, ws.data.input_size)
     if kind == "xcr":
         out = selector_masks(ws, config.selector, "train", progress, should_stop)
         return out.probs if config.selector.mode == "Softmax" else out.masks

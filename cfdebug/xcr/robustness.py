@@ -16,7 +16,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..config import XCRConfig
-from ..data.corruptions import N_SEVERITIES, corrupt, load_cifar10c
+from ..data.corruptions import N_SEVERITIES, corrupt
+from ..data.formats import load_cifar10c
 from ..errors import CfdebugError
 from ..metrics import CalibrationAccumulator
 from ..runtime import Progress

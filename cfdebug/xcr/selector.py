@@ -36,11 +36,12 @@ from torch import nn
 
 from ..config import SELECTOR_MODES as MODES
 from ..config import SELECTOR_TARGETS as TARGETS  # noqa: F401  (re-exported)
-from ..config import SelectorConfig, check_int, check_k, config_dict, num_patches
+from ..config import SelectorConfig, check_int, config_dict
 from ..errors import CfdebugError
 from ..runtime import Progress, scaled_progress, seed_everything
 from ..store import stable_hash
 from ..training import Stage, StepOutput, cpu_state, run_epochs
+from .patches import check_k, num_patches
 
 
 MASKS_KIND = "xcr-masks"
@@ -439,20 +440,26 @@ def _selector_scores(selector, approximator, data, config: SelectorConfig, devic
     return {**scores, "test_acc": test_acc}
 
 
-def scheduled_lr(config: SelectorConfig, step: int, steps: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based) of ``steps``: ``config.lr`` for
-    ``schedule="constant"``; for ``"cosine"`` half a cosine from ``config.lr`` down to 0."""
+def _lr_factor(config: SelectorConfig, step: int, steps: int) -> float:
+    """The factor on ``config.lr`` at optimizer step ``step`` (0-based) of ``steps``: 1 for
+    ``schedule="constant"``; for ``"cosine"`` half a cosine from 1 down to 0."""
     if config.schedule == "constant":
-        return config.lr
-    return 0.5 * config.lr * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, config: SelectorConfig, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The selector's learning-rate schedule over ``steps`` optimizer steps, stepped once per batch:
+    ``config.lr`` (the optimizer's initial rate) times :func:`_lr_factor` of the step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(config, step, steps))
 
 
 def train_selector(workspace, config: SelectorConfig, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None):
     """Train the selector and approximator on ``workspace``'s training split (on the engine,
     :func:`cfdebug.training.run_epochs`).
 
-    Adam on both networks' parameters, its learning rate set every step by
-    :func:`scheduled_lr`; each step draws the training mask (:func:`training_mask`: the relaxed
+    Adam on both networks' parameters, its learning rate following :func:`lr_schedule` (one
+    scheduler step per batch); each step draws the training mask (:func:`training_mask`: the relaxed
     sample ``z*`` of ``config.k`` Gumbel draws at ``config.tau``, by default passed on as its
     hard top-k with ``z*``'s gradient), classifies ``T(x)`` and minimises :func:`selector_loss`. After every epoch the approximator is scored on the validation split
     with the hard top-k mask, and the epoch with the best score is kept (the test split is never
@@ -486,12 +493,13 @@ def train_selector(workspace, config: SelectorConfig, progress: Progress | None 
     train_loader = torch.utils.data.DataLoader(data.torch_split("train"), batch_size=config.batch_size, shuffle=True, generator=generator)
     val_loader = torch.utils.data.DataLoader(data.torch_split("val"), batch_size=256)
 
-    steps = config.epochs * len(train_loader)
+    scheduler = lr_schedule(optimizer, config, config.epochs * len(train_loader))
 
     def step(batch, epoch: int, index: int) -> StepOutput:
-        # The learning rate is a function of the step alone, so a resumed run continues it exactly.
-        for group in optimizer.param_groups:
-            group["lr"] = scheduled_lr(config, (epoch - 1) * len(train_loader) + index, steps)
+        # The rate of batch g (0-based over all epochs) is the schedule's at step g: the scheduler
+        # steps once per batch after the first (after the optimizer's step of the batch before).
+        while scheduler.last_epoch < (epoch - 1) * len(train_loader) + index:
+            scheduler.step()
         x, y = batch[0].to(device), batch[1].to(device)
         if blackbox is not None:
             with torch.no_grad():
@@ -625,15 +633,13 @@ __all__ = [
     "ResidualBlock",
     "apply_mask",
     "approximator_accuracy",
-    "check_k",
     "compute_masks",
     "kl_to_uniform",
+    "lr_schedule",
     "masked_probabilities",
     "masks_key",
-    "num_patches",
     "random_masks",
     "relaxed_mask",
-    "scheduled_lr",
     "selection_map",
     "selector_key",
     "selector_loss",

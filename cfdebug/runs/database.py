@@ -1,0 +1,208 @@
+"""The SQLite plumbing of the run registry: schema, connections, retries, JSON columns.
+
+* **Concurrency**: one fresh connection per operation (``sqlite3`` connections must not cross
+  threads, and Streamlit runs each script in its own thread), WAL so readers never block the
+  writer, ``busy_timeout`` plus an outer retry with exponential backoff (``lock_timeout_s``,
+  default 10 s), and every write in a short ``BEGIN IMMEDIATE`` transaction so two writers queue
+  up instead of deadlocking on a read-to-write upgrade.
+* **JSON columns**: config, progress rows and results are stored as JSON text. ``NaN``,
+  ``Infinity`` and ``-Infinity`` are written as those bare literals (Python's ``json``
+  extension, ``allow_nan=True``) and come back as floats, so a diverged loss survives the round
+  trip. NumPy scalars/arrays and 0-d tensors are converted with ``.item()``/``.tolist()``; paths
+  become strings; anything else raises :class:`~cfdebug.errors.CfdebugError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import CfdebugError
+
+__all__ = ["DEFAULT_LOCK_TIMEOUT_S", "RunDatabase", "dumps", "loads"]
+
+DEFAULT_LOCK_TIMEOUT_S = 10.0
+# One attempt waits at most this long inside SQLite's own busy handler before the outer retry
+# loop backs off and tries again; keeps the total wait close to the budget.
+_ATTEMPT_TIMEOUT_S = 2.0
+_SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    config TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    pid INTEGER,
+    pid_start TEXT,
+    host TEXT,
+    argv TEXT,
+    result TEXT,
+    error TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+CREATE TABLE IF NOT EXISTS progress (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    logged REAL NOT NULL,
+    row TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS progress_run ON progress(run_id, id);
+"""
+
+
+class RunDatabase:
+    """``runs.db`` of one workdir: every operation on a fresh connection, retried while busy.
+
+    Args:
+        db_path: the database file (created, in WAL mode, with the schema, if needed).
+        runs_dir: the run directories' folder (named in the message about a damaged database).
+        lock_timeout_s: how long an operation waits for another process's lock, with backoff,
+            before raising :class:`~cfdebug.errors.CfdebugError`.
+    """
+
+    def __init__(self, db_path: Path, runs_dir: Path, lock_timeout_s: float):
+        self.db_path, self.runs_dir, self.lock_timeout_s = db_path, runs_dir, float(lock_timeout_s)
+        self._init_schema()
+
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions, so writes use our BEGIN IMMEDIATE.
+        conn = sqlite3.connect(self.db_path, timeout=timeout, isolation_level=None)
+        # synchronous=NORMAL is durable enough in WAL mode (a power cut may lose the last commits,
+        # never corrupts) and avoids an fsync per progress row.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def execute(self, fn: Callable[[sqlite3.Connection], Any], *, write: bool) -> Any:
+        """Run ``fn(conn)`` on a fresh connection, in a ``BEGIN IMMEDIATE`` transaction if ``write``.
+
+        Retries the whole operation with exponential backoff while the database is busy, up to
+        ``lock_timeout_s``; nothing is committed by a failed attempt, so a retry is safe.
+        """
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.02
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                with closing(self._connect(max(0.05, min(_ATTEMPT_TIMEOUT_S, remaining)))) as conn:
+                    return _transaction(conn, fn) if write else fn(conn)
+            except sqlite3.Error as exc:
+                if _is_busy(exc):
+                    remaining = deadline - time.monotonic()
+                    if remaining > 0:
+                        time.sleep(min(delay, remaining))
+                        delay = min(delay * 2, 0.5)
+                        continue
+                user_error = self._user_error(exc)
+                if user_error is exc:
+                    raise
+                raise user_error from exc
+
+    def _user_error(self, exc: sqlite3.Error) -> Exception:
+        """Turn a SQLite error a user can cause into a :class:`CfdebugError`; keep the rest."""
+        text = str(exc).lower()
+        if _is_busy(exc):
+            return CfdebugError(
+                f"the run registry at {self.db_path} is locked by another process; retry. "
+                f"Expected to get a write lock within {self.lock_timeout_s:g} s, but another process "
+                "(a dashboard, a run or a CLI command) held it longer. Retry in a moment; if it "
+                "stays locked, stop the process that holds it."
+            )
+        if any(s in text for s in ("not a database", "malformed", "file is encrypted", "corrupt")):
+            return CfdebugError(
+                f"Expected {self.db_path} to be a SQLite run registry, but it is not a valid "
+                f"database ({exc}). Move it aside (e.g. rename it to runs.db.bad, with runs.db-wal "
+                "and runs.db-shm); a new empty registry is created on the next start and the run "
+                f"directories under {self.runs_dir} are kept."
+            )
+        if any(s in text for s in ("unable to open", "readonly", "read-only", "disk i/o")):
+            return CfdebugError(
+                f"Expected to read and write the run registry at {self.db_path}, but SQLite says: "
+                f"{exc}. Check that the work directory is writable and on a local disk, or pass "
+                "another one with `--workdir` / CFDEBUG_HOME."
+            )
+        return exc
+
+    def _init_schema(self) -> None:
+        def setup(conn: sqlite3.Connection) -> None:
+            # journal_mode=WAL is persistent in the file; setting it needs no transaction.
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot switch runs.db to WAL (got {mode})")
+            _transaction(conn, self._create_tables)
+
+        self.execute(setup, write=False)
+
+    def _create_tables(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > _SCHEMA_VERSION:
+            raise CfdebugError(
+                f"Expected a run registry of schema version <= {_SCHEMA_VERSION}, but "
+                f"{self.db_path} has version {version} (written by a newer cfdebug). "
+                "Upgrade cfdebug or use another `--workdir`."
+            )
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+
+def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    """``fn(conn)`` inside ``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        out = fn(conn)
+        conn.execute("COMMIT")
+        return out
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # closing the connection rolls back anyway
+        raise
+
+
+def _is_busy(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        # Primary result codes live in the low byte: SQLITE_BUSY = 5, SQLITE_LOCKED = 6.
+        return (code & 0xFF) in (5, 6)
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # NumPy arrays/scalars, tensors
+        return obj.tolist()
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def dumps(value: Any, *, what: str, indent: int | None = None) -> str:
+    """``value`` as JSON text for a column or a run file; a value JSON cannot hold raises
+    :class:`CfdebugError` naming ``what`` (``"config"``, ``"progress row"``, ``"result"``)."""
+    try:
+        # allow_nan=True (the default, spelled out): NaN/Infinity survive as bare literals.
+        return json.dumps(value, allow_nan=True, default=_json_default, indent=indent)
+    except (TypeError, ValueError) as exc:
+        raise CfdebugError(
+            f"Expected the {what} to hold only JSON values (numbers, strings, lists, dicts), but "
+            f"{exc}. Convert it (e.g. float(x), str(path)) before passing it."
+        ) from exc
+
+
+def loads(text: str) -> Any:
+    """A JSON column's value (``NaN``/``Infinity`` come back as floats)."""
+    return json.loads(text)
