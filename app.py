@@ -14,6 +14,7 @@ PAGES = [
     st.Page("views/flagged.py", title="Flagged predictions", icon=":material/flag:", url_path="flagged"),
     st.Page("views/browser.py", title="Sample browser", icon=":material/grid_view:", url_path="browser"),
     st.Page("views/treatment.py", title="Treatment", icon=":material/healing:", url_path="treatment"),
+    st.Page("views/revise.py", title="Revise", icon=":material/build:", url_path="revise"),
     st.Page("views/calibration.py", title="Calibration & robustness", icon=":material/tune:", url_path="calibration"),
 ]
 

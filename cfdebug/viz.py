@@ -155,14 +155,19 @@ def confusion_delta_heatmap(delta: np.ndarray, classes: Sequence[str], title: st
     return _layout(fig, title, height=max(360, 22 * len(labels) + 120))
 
 
+#: The panels :func:`training_curves` draws when the rows hold them, and their titles.
+CURVE_TERMS = {"loss": "total loss", "ce": "cross-entropy", "mc": "Σ|f⊙G_y| (MC)", "non_mc": "Σ|(1−G_y)⊙f| (non-MC)",
+               "rrr": "input gradients in the region (RRR)", "filters": "Σ|f| of the chosen filters", "val_acc": "validation accuracy"}
+
+
 def training_curves(rows: Sequence[dict], title: str = "Per-epoch curves") -> go.Figure:
-    """One panel per loss term (``loss``, ``ce``, ``mc``, ``non_mc``, when present) and validation
-    accuracy, against epoch; one line per run part. ``rows``: progress rows
-    ``{"part": str, "epoch": int, term: float, "val_acc": float, …}``."""
+    """One panel per loss term present (:data:`CURVE_TERMS`: ``loss``, ``ce``, treatment's ``mc``
+    and ``non_mc``, revise's ``rrr`` and ``filters``) and validation accuracy, against epoch; one
+    line per run part. ``rows``: progress rows ``{"part": str, "epoch": int, term: float, "val_acc": float, …}``."""
     from plotly.subplots import make_subplots
 
-    terms = [t for t in ("loss", "ce", "mc", "non_mc", "val_acc") if any(r.get(t) is not None for r in rows)]
-    names = {"loss": "total loss", "ce": "cross-entropy", "mc": "Σ|f⊙G_y| (MC)", "non_mc": "Σ|(1−G_y)⊙f| (non-MC)", "val_acc": "validation accuracy"}
+    terms = [t for t in CURVE_TERMS if any(r.get(t) is not None for r in rows)]
+    names = CURVE_TERMS
     fig = make_subplots(rows=1, cols=max(len(terms), 1), subplot_titles=[names[t] for t in terms], horizontal_spacing=0.06)
     parts = list(dict.fromkeys(r["part"] for r in rows))
     colours = [PALETTE["base"], PALETTE["accent"], PALETTE["good"], PALETTE["bad"], PALETTE["muted"], "#B279A2", "#72B7B2"]
@@ -177,6 +182,30 @@ def training_curves(rows: Sequence[dict], title: str = "Per-epoch curves") -> go
                                 hovertemplate="epoch %{x}<br>%{y:.4g}<extra>" + part + "</extra>")
     fig.update_xaxes(title="epoch", dtick=1)
     return _layout(fig, title, height=320, legend=dict(orientation="h", y=-0.25, x=0, xanchor="left", yanchor="top"))
+
+
+def region_picker(image: np.ndarray, region=None, proposal=None, title: str = "Drag a box over what is not evidence") -> go.Figure:
+    """``image`` ``[H, W, 3]`` uint8 in pixel coordinates with the chosen ``region`` (solid) and a
+    ``proposal`` (dashed) drawn as rectangles (:class:`~cfdebug.revise.Region`), in box-select mode.
+
+    Transparent markers sit on the pixel centres (every pixel up to 64 px, a grid beyond), so a box
+    drawn on the chart selects points even where a chart reports no box; the page turns either into
+    a region (:func:`cfdebug.ui.revise.box_region`).
+    """
+    h, w = image.shape[:2]
+    step = max(1, int(np.ceil(max(h, w) / 64)))
+    ys, xs = np.mgrid[0:h:step, 0:w:step]
+    fig = go.Figure(go.Image(z=image, hoverinfo="skip"))
+    fig.add_scatter(x=xs.ravel(), y=ys.ravel(), mode="markers", marker=dict(size=4, opacity=0.01, color="#000000"),
+                    hovertemplate="x %{x}, y %{y}<extra></extra>", showlegend=False)
+    for r, dash, colour, name in ((proposal, "dash", PALETTE["accent"], "proposed"), (region, "solid", PALETTE["bad"], "not evidence")):
+        if r is not None:
+            fig.add_shape(type="rect", x0=r.x0 - 0.5, y0=r.y0 - 0.5, x1=r.x1 - 0.5, y1=r.y1 - 0.5, line=dict(color=colour, width=2, dash=dash))
+            fig.add_annotation(x=r.x1 - 0.5, y=r.y0 - 0.5, text=name, showarrow=False, xanchor="left", yanchor="bottom",
+                               font=dict(color=colour, size=11))
+    fig.update_xaxes(range=[-0.5, w - 0.5], showgrid=False, constrain="domain")
+    fig.update_yaxes(range=[h - 0.5, -0.5], showgrid=False, scaleanchor="x")
+    return _layout(fig, title, height=360, dragmode="select", margin=dict(l=10, r=10, t=40, b=10))
 
 
 # ---- XCR (paper B): calibration and robustness --------------------------------------------
