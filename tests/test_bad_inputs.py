@@ -486,7 +486,7 @@ ERROR_CASES = [
     ("report-lambda1-empty", _report_lambda1_empty, ["--lambda1", "at least one"]),
     ("json-under-proc", _json_under_proc, ["--json", "/proc"]),
     ("cifar-test-class-not-in-train", _cifar_test_class_not_in_train, ["eel (label 2)", "training images", "test batch holds 2"]),
-    ("runs-kind-bogus", _runs_kind_bogus, ["--kind", "bogus", "treat, xcr, prepare"]),
+    ("runs-kind-bogus", _runs_kind_bogus, ["--kind", "bogus", "treat, xcr, revise, prepare"]),
 ]
 _NO_DEVICE_OPTS = {"runs-cancel-unknown", "runs-kind-bogus", "export-demo-not-empty"}
 

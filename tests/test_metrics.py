@@ -235,9 +235,9 @@ def test_confidence_exactly_on_a_bin_edge_goes_in_the_lower_bin():
     assert M.reliability_bins(probs15, [0])["count"][6] == 1
     assert ref_bin(7 / 15, 15) == 6
     # Confidence 0 (not reachable from a softmax) is documented to go in the first bin.
-    from cfdebug.metrics.calibration import _bin_index
+    from cfdebug.metrics.calibration import bin_index
 
-    assert _bin_index(np.array([0.0, 1e-9, 1.0]), 15).tolist() == [0, 0, 14]
+    assert bin_index(np.array([0.0, 1e-9, 1.0]), 15).tolist() == [0, 0, 14]
 
 
 def test_single_sample():
@@ -820,3 +820,20 @@ def test_inputs_are_not_mutated():
     rb = M.reliability_bins(probs, labels)
     rb["count"][:] = 0
     assert M.reliability_bins(probs, labels)["count"].sum() == 40
+
+
+def test_accumulator_keeps_each_image_terms_whose_means_are_the_metrics():
+    from cfdebug.metrics import CalibrationAccumulator
+
+    rng = np.random.default_rng(11)
+    probs = rng.dirichlet(np.ones(4), size=50)
+    labels = rng.integers(0, 4, 50)
+    acc = CalibrationAccumulator(keep_images=True)
+    acc.update(probs[:20], labels[:20])
+    acc.update(probs[20:], labels[20:])
+    terms, summary = acc.images(), acc.compute()
+    assert terms["correct"].mean() == pytest.approx(summary["accuracy"])
+    assert terms["nll"].mean() == pytest.approx(summary["nll"]) and terms["brier"].mean() == pytest.approx(summary["brier"])
+    assert np.array_equal(terms["prediction"], probs.argmax(1)) and np.allclose(terms["confidence"], probs.max(1))
+    with pytest.raises(CfdebugError, match="keep_images"):
+        CalibrationAccumulator().images()

@@ -4,7 +4,6 @@ import pandas as pd
 import streamlit as st
 
 from cfdebug import ui, viz
-from cfdebug.claims import xcr_verdicts
 from cfdebug.ui import verdicts as verdict_ui
 from cfdebug.ui.choices import XCR_BETA_CHOICES
 from cfdebug.ui import xcr as xcr_ui
@@ -59,10 +58,14 @@ if st.query_params.get("run") != run_id:
 result = next(r for r in done if r.run_id == run_id).result
 st.caption(result.get("settings", ""))
 
-xcr_vs_vanilla = xcr_verdicts(result)
-verdict_ui.remember("xcr", xcr_vs_vanilla)
-headline = next((i for i, r in enumerate(xcr_vs_vanilla) if r.metric == "corrupt_acc"), 0)
-verdict_ui.show(xcr_vs_vanilla, headline=headline, title="Did XCR retraining beat vanilla retraining?", key=f"{run_id}_verdicts")
+xcr_vs_vanilla = xcr_ui.xcr_verdict_rows(ws, result)
+if xcr_vs_vanilla is None:
+    st.info("This run was made before XCR reports kept each test image's scores, which the verdict pairs over; launch it again "
+            "(or `python -m cfdebug xcr`) to judge XCR against vanilla retraining.")
+else:
+    verdict_ui.remember("xcr", xcr_vs_vanilla)
+    headline = next((i for i, r in enumerate(xcr_vs_vanilla) if r.metric == "corrupt_acc"), 0)
+    verdict_ui.show(xcr_vs_vanilla, headline=headline, title="Did XCR retraining beat vanilla retraining?", key=f"{run_id}_verdicts")
 
 # ---- Table 2
 st.subheader("Calibration and robustness (Table 2)")

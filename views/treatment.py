@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cfdebug.claims import pair_runs, treatment_verdicts
+from cfdebug.claims import pair_runs
 from cfdebug.ui import verdicts as verdict_ui
 from cfdebug import ui, viz
 from cfdebug.config import TreatmentConfig
@@ -73,12 +73,16 @@ m[1].metric("Control (CE fine-tune)", f"{100 * row['fine-tuned']['test_acc_mean'
             f"{100 * (row['fine-tuned']['test_acc_mean'] - row['base']['test_acc_mean']):+.2f} pts")
 m[2].metric(f"Treated (best on val: λ1={best['lambda1']:g}, λ2={best['lambda2']:g})", f"{100 * row['treatment']['test_acc_mean']:.2f}%",
             f"{100 * (row['treatment']['test_acc_mean'] - row['fine-tuned']['test_acc_mean']):+.2f} pts vs control")
-treated_vs_control = treatment_verdicts(res, classes)
-verdict_ui.remember("treatment", treated_vs_control)
-verdict_ui.show(treated_vs_control, title="Did the treatment beat its CE control?", key=f"{run_id}_verdicts")
+treated_vs_control = tui.treatment_verdict_rows(ws, res)
+if treated_vs_control is None:
+    st.info("This run was made before treatment runs kept each test image's prediction, which the verdict pairs over; launch it "
+            "again to judge the treatment against its control.")
+else:
+    verdict_ui.remember("treatment", treated_vs_control)
+    verdict_ui.show(treated_vs_control, title="Did the treatment beat its CE control?", key=f"{run_id}_verdicts")
 if len(res["control"]) < 2:
-    st.caption("One seed gives no interval: launch the same λ pair with more seeds, or run "
-               "`python -m cfdebug treat --seeds 0,1,2`, to judge it.")
+    st.caption("One seed: the interval is over test images only; launch the same λ pair with more seeds, or run "
+               "`python -m cfdebug treat --seeds 0,1,2`, to pair over seeds too.")
 st.dataframe(t2, hide_index=True, width="stretch")
 st.download_button("Download Table 2 (CSV)", t2.to_csv(index=False), f"{run_id}_table2.csv", "text/csv")
 

@@ -171,9 +171,10 @@ class CalibrationAccumulator:
         acc.compute()["ece"]
     """
 
-    def __init__(self, n_bins: int = 15, eps: float = 1e-12):
+    def __init__(self, n_bins: int = 15, eps: float = 1e-12, *, keep_images: bool = False):
         self.n_bins = check_positive_int(n_bins, "n_bins")
         self.eps = _check_eps(eps)
+        self.keep_images = bool(keep_images)
         self.reset()
 
     def reset(self) -> None:

@@ -29,6 +29,17 @@ def launch_treatment(ws, lambda1: float, lambda2: float, epochs: int, lr: float,
     return start_run(ws, "treat", spec)
 
 
+def treatment_verdict_rows(ws, result: dict) -> list | None:
+    """Treated vs control for a finished run's ``result``, paired over seeds and test images
+    (:func:`cfdebug.claims.treatment_verdicts`), or ``None`` for a run made before runs kept
+    their test predictions."""
+    from ..claims import treatment_verdicts
+
+    if not all("test_predictions" in r for r in result["control"] + result["runs"]):
+        return None
+    return treatment_verdicts(result, list(ws.data.classes), ws.data.splits["test"].labels)
+
+
 def part_label(row: dict) -> str:
     """``"control · seed 0"`` or ``"treated λ1=0.001 λ2=2e-05 · seed 0"`` from an epoch row (its
     tag's ``lambda1``, ``lambda2``, ``seed``, as the engine logs them) or a run summary."""

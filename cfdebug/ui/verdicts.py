@@ -8,16 +8,17 @@ import streamlit as st
 
 from ..errors import CfdebugError
 from ..store import stable_hash
-from ..verdicts import format_value
+from ..verdicts import format_detectable, format_value, verdict_text
 from .errors import show_user_error
 from .cache import memo
 
 _ICONS = {"better": "✅", "worse": "⚠️", "no detectable difference": "≈"}
 _PAIRING_HELP = (
-    "The interval is a 95% interval of the paired difference: over seeds (Student t) for retraining runs, "
-    "over test images (paired bootstrap) for detection scores. **better**/**worse**: the interval excludes 0 "
-    "on the side the metric favours; otherwise **no detectable difference**. One seed gives no interval "
-    "(indicative). `python -m cfdebug report` runs every claim over 3 seeds."
+    "The interval is a 95% bootstrap interval of the paired difference: the test images (and, for retraining runs, the "
+    "seeds) are resampled, both arms on the same draw. **better**/**worse**: the interval excludes 0 on the side the "
+    "metric favours; otherwise **no detectable difference**, with the smallest difference this comparison could have "
+    "detected. A zero-width interval means both arms predicted every image alike. `python -m cfdebug report` runs "
+    "every claim over 3 seeds."
 )
 
 
@@ -28,6 +29,8 @@ NAMES = {
     "precision_at_budget": "precision at the review budget", "test_acc": "test accuracy", "clean_acc": "clean accuracy",
     "corrupt_acc": "corrupted accuracy", "clean_ece": "clean ECE", "corrupt_ece": "corrupted ECE", "clean_nll": "clean NLL",
     "corrupt_nll": "corrupted NLL", "clean_brier": "clean Brier", "corrupt_brier": "corrupted Brier",
+    "cam_in_region": "Grad-CAM share in the region", "wrong_region_acc": "accuracy with a wrong class's region",
+    "flagged_still_wrong": "flagged predictions still wrong",
 }
 
 
@@ -39,7 +42,8 @@ def sentence(row: dict) -> str:
     """``"AUROC: MC agreement 0.858 vs MSP 0.892, −0.033 [−0.077, +0.010]: no detectable difference"``."""
     r = row if isinstance(row, dict) else row.as_dict()
     paired = f"{r['n_seeds']} seed{'s' if r['n_seeds'] != 1 else ''}" + (f" × {r['n_images']} test images" if r.get("n_images") else "")
-    tail = f" (paired over {paired}" + ("; indicative: one run)" if r.get("indicative") else ")")
+    words = verdict_text(r)[len(r["verdict"]):].strip(" ()")
+    tail = f" (paired over {paired}" + (f"; {words})" if words else ")")
     return (f"{_ICONS.get(r['verdict'], '')} **{_name(r['metric'])}**: {_name(r['method'])} {r['method_value']:.3f} vs {_name(r['baseline'])} "
             f"{r['baseline_value']:.3f}, difference {r['difference']:+.3f} [{format_value(r['ci_low'], signed=True)}, {format_value(r['ci_high'], signed=True)}] "
             f"→ **{r['verdict']}**{tail}")
@@ -53,7 +57,7 @@ def verdict_table(rows) -> pd.DataFrame:
         out.append({"metric": _name(r["metric"]), "method": _name(r["method"]), "baseline": _name(r["baseline"]), "method value": r["method_value"],
                     "baseline value": r["baseline_value"], "difference": r["difference"], "95% CI low": format_value(r["ci_low"], signed=True),
                     "95% CI high": format_value(r["ci_high"], signed=True), "paired over": f"{r['n_seeds']} seed(s)" + (f", {r['n_images']} images" if r.get("n_images") else ""),
-                    "verdict": r["verdict"]})
+                    "verdict": r["verdict"], "could detect": format_detectable(r).removeprefix("could detect "), "note": r.get("note") or ""})
     return pd.DataFrame(out)
 
 

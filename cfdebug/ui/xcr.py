@@ -54,6 +54,22 @@ def start_xcr_run(ws, config) -> str:
     return start_run(ws, RUN_KIND, xcr_spec(ws.config, config))
 
 
+def xcr_verdict_rows(ws, result: dict) -> list | None:
+    """XCR vs vanilla for a finished run's ``result``, paired over seeds and test images
+    (:func:`cfdebug.claims.xcr_verdicts` on the report's per-image terms, kept in the workspace's
+    store), or ``None`` for a run made before reports kept them."""
+    from ..claims import xcr_verdicts
+    from ..config import xcr_config_from_dict
+    from ..xcr.report import per_image_scores
+
+    if "per_image" not in result:
+        return None
+    try:
+        return xcr_verdicts(result, per_image_scores(ws, xcr_config_from_dict(result["config"]), result))
+    except CfdebugError:
+        return None
+
+
 def mask_gallery(ws, selector_config: dict, n: int = 12, flagged_first: bool = False) -> list[dict]:
     """Rows for the mask gallery: ``{"index", "image", "mask", "tx", "gradcam", "caption"}``.
 
