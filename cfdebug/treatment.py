@@ -39,7 +39,7 @@ from .mcfilters import global_mc_filters, treatment_sets
 from .metrics import per_class_recall, prediction_churn
 from .runtime import Progress, scaled_progress
 from .store import stable_hash, torch_save_atomic
-from .training import FinetuneBatch, finetune, split_logits
+from .training import FinetuneBatch, finetune, split_logits, weighted_terms
 
 __all__ = [
     "TRAINABLE_CHOICES",
@@ -96,7 +96,8 @@ def treatment_loss(
             mean over the processes (as DDP averages gradients) is the global batch's sum.
 
     Returns:
-        ``{"loss", "ce", "mc", "non_mc"}`` 0-d tensors. ``ce`` is the *batch mean*
+        ``{"loss", "ce", "mc", "non_mc", "w_mc", "w_non_mc", "share_mc", "share_non_mc"}`` 0-d tensors
+        (:func:`~cfdebug.training.weighted_terms`: the weighted terms and their shares of the loss). ``ce`` is the *batch mean*
         cross-entropy (as usual); ``mc = Σ_b Σ_k |f ⊙ G_y|`` and ``non_mc = Σ_b Σ_k |(1 − G_y) ⊙
         f|`` are *sums* over the batch and the filters, unweighted (so they grow with the batch
         size; the λs are relative to that). ``loss = ce − lambda1·mc + lambda2·non_mc``.
@@ -117,7 +118,7 @@ def treatment_loss(
     non_mc = ((1.0 - g_y) * f).abs().sum()
     if world_size != 1:
         mc, non_mc = mc * world_size, non_mc * world_size
-    return {"loss": ce - lambda1 * mc + lambda2 * non_mc, "ce": ce, "mc": mc, "non_mc": non_mc}
+    return weighted_terms(ce, {"mc": (-lambda1, mc), "non_mc": (lambda2, non_mc)})
 
 
 def training_sets(workspace, progress: Progress | None = None) -> np.ndarray:

@@ -125,11 +125,16 @@ def test_treatment_loss_matches_hand_computation():
     # f: sigmoid(0) = 0.5 is not > 0.5 → 0; sigmoid(-1) → 0; the other four pass.
     mc = sig(2.0) + sig(0.1) + sig(3.0)  # in G_y: sample 0 filters 0, 1; sample 1 filters 1, 2
     non_mc = sig(1.0)  # sample 0 filter 2 is below θ; sample 1 filter 0
-    assert out.keys() == {"loss", "ce", "mc", "non_mc"}
+    assert out.keys() == {"loss", "ce", "mc", "non_mc", "w_mc", "w_non_mc", "share_mc", "share_non_mc"}
     assert out["ce"].item() == pytest.approx(ce, rel=1e-6)
     assert out["mc"].item() == pytest.approx(mc, rel=1e-6)
     assert out["non_mc"].item() == pytest.approx(non_mc, rel=1e-6)
     assert out["loss"].item() == pytest.approx(ce - lam1 * mc + lam2 * non_mc, rel=1e-6)
+    # the weighted terms and their shares of the loss (what a history row shows a person)
+    assert out["w_mc"].item() == pytest.approx(-lam1 * mc, rel=1e-6) and out["w_non_mc"].item() == pytest.approx(lam2 * non_mc, rel=1e-6)
+    scale = ce + lam1 * mc + lam2 * non_mc
+    assert out["share_mc"].item() == pytest.approx(lam1 * mc / scale, rel=1e-6)
+    assert out["share_non_mc"].item() == pytest.approx(lam2 * non_mc / scale, rel=1e-6)
 
 
 def test_mc_term_gradient_raises_active_mc_preactivations():

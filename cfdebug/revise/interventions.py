@@ -12,7 +12,8 @@ Training side (a ``batch_transform`` or a ``loss_fn`` for :func:`cfdebug.trainin
 
 Every loss returns its terms (``ce``, the raw extra terms) and, for each weighted term, its
 weighted value ``w_<term>`` and its share of the loss ``share_<term>`` (``|λ·term| / (|ce| + Σ|λ·term|)``,
-per batch), so a history row tells whether a λ can change anything (:func:`weighted_terms`).
+per batch), so a history row tells whether a λ can change anything
+(:func:`cfdebug.training.weighted_terms`).
 
 Validation side (**counterfactual validation**, METHODS.md): once the user has declared something
 not evidence, model selection scores the validation split *with the same intervention applied*
@@ -30,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CfdebugError
+from ..training import weighted_terms
 from .region import Region, fill_region, wrong_class_region
 
 __all__ = [
-    "weighted_terms",
     "region_batches",
     "appearance_batches",
     "jitter_images",
@@ -48,21 +49,6 @@ __all__ = [
 #: The seed of every counterfactual validation set (the same images and draws for every epoch,
 #: method and control, so their validation scores compare).
 VALIDATION_SEED = 12345
-
-
-def weighted_terms(ce: torch.Tensor, terms: dict[str, tuple[float, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """``{"loss", "ce", <term>, "w_<term>", "share_<term>"}`` from the cross-entropy and
-    ``{name: (λ, raw value)}``: ``loss = ce + Σ λ·value`` (a negative λ rewards the term)."""
-    out = {"ce": ce}
-    weighted = {name: float(lam) * value for name, (lam, value) in terms.items()}
-    total = ce + sum(weighted.values()) if weighted else ce
-    scale = ce.detach().abs() + sum(w.detach().abs() for w in weighted.values())
-    for name, (_, value) in terms.items():
-        out[name] = value
-        out[f"w_{name}"] = weighted[name]
-        out[f"share_{name}"] = weighted[name].detach().abs() / scale.clamp_min(1e-12)
-    out["loss"] = total
-    return out
 
 
 # ---------------------------------------------------------------------------------- training batches

@@ -14,7 +14,7 @@ are stages too; they live with what they train.
 from .checkpoints import CHECKPOINT_NAME, cpu_state
 from .classifier import TrainResult, train_classifier
 from .engine import BATCH_REPORT_S, HISTORY_KEYS, UNEVALUATED_HISTORY_KEYS, EngineResult, Stage, StepOutput, run_epochs
-from .finetuning import FinetuneBatch, FinetuneResult, cross_entropy_loss, finetune, trainable_modules
+from .finetuning import FinetuneBatch, FinetuneResult, cross_entropy_loss, finetune, trainable_modules, weighted_terms
 from .predictions import evaluate_splits, loader, predict_logits, split_logits
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "FinetuneBatch",
     "FinetuneResult",
     "cross_entropy_loss",
+    "weighted_terms",
     "trainable_modules",
     "finetune",
 ]

@@ -44,7 +44,7 @@ from ..store import stable_hash
 from .engine import Stage, StepOutput, run_epochs
 from .predictions import SPLITS, evaluate_splits, loader
 
-__all__ = ["FinetuneBatch", "FinetuneResult", "cross_entropy_loss", "trainable_modules", "finetune"]
+__all__ = ["FinetuneBatch", "FinetuneResult", "cross_entropy_loss", "weighted_terms", "trainable_modules", "finetune"]
 
 
 @dataclass
@@ -94,6 +94,24 @@ class FinetuneResult:
     trainable: list[str] = field(default_factory=list)
     trainable_parameters: int = 0
     world_size: int = 1
+
+
+def weighted_terms(ce: torch.Tensor, terms: dict[str, tuple[float, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A fine-tuning loss as a dict of terms: ``{"loss", "ce", <term>, "w_<term>", "share_<term>"}``
+    from the cross-entropy and ``{name: (λ, raw value)}``: ``loss = ce + Σ λ·value`` (a negative λ
+    rewards the term), ``w_<term> = λ·value`` and ``share_<term> = |λ·value| / (|ce| + Σ|λ·value|)``
+    (detached: logged, not trained). The engine averages every term over an epoch, so a history row
+    says how much of the loss each weighted term was: a term at 0.01% of it cannot move the model."""
+    out = {"ce": ce}
+    weighted = {name: float(lam) * value for name, (lam, value) in terms.items()}
+    total = ce + sum(weighted.values()) if weighted else ce
+    scale = ce.detach().abs() + sum(w.detach().abs() for w in weighted.values())
+    for name, (_, value) in terms.items():
+        out[name] = value
+        out[f"w_{name}"] = weighted[name]
+        out[f"share_{name}"] = weighted[name].detach().abs() / scale.clamp_min(1e-12)
+    out["loss"] = total
+    return out
 
 
 def cross_entropy_loss(batch: FinetuneBatch) -> dict[str, torch.Tensor]:
