@@ -334,6 +334,7 @@ HEADLINE_ROWS = {
     ("detection", "mc_agreement", "auroc"), ("detection", "mc_agreement", "precision_at_budget"),
     ("detection", "combined", "auroc"), ("treatment", None, "test_acc"),
     ("xcr", None, "clean_acc"), ("xcr", None, "corrupt_acc"), ("xcr", None, "corrupt_ece"), ("xcr", None, "corrupt_nll"),
+    ("revise", None, "test_acc"), ("revise", None, "cam_in_region"), ("revise", None, "wrong_region_acc"),
 }
 
 
@@ -396,7 +397,24 @@ def report_markdown(result: dict, title: str, command: str) -> str:
                   "| method | k | β | accuracy | Avg Drop | Avg Inc |", "|---|---|---|---|---|---|"]
         parts += [f"| {r.get('mode')} | {r.get('k')} | {r.get('beta') if r.get('beta') is not None else '-'} | {format_value(r.get('accuracy'))} | "
                   f"{format_value(r.get('avg_drop'))} | {format_value(r.get('avg_inc'))} |" for r in xcr["table1"]]
+    for run in (result.get("revise") or {}).get("runs", []):
+        parts += ["", *_revise_markdown(run)]
     return "\n".join(parts) + "\n"
+
+
+def _revise_markdown(run: dict) -> list[str]:
+    """One revise method's models in docs/RESULTS.md: what chose each epoch and what each model does."""
+    decl = run["declaration"]
+    what = ", ".join(f"{k} {v}" for k, v in (("region", decl.get("region")), ("filters", decl.get("filters"))) if v)
+    fill = f"; fill chosen on counterfactual validation: {run['fill']}" if run.get("fill") else ""
+    head = [f"Revise, {decl['method']} ({what or 'no region or filters'}{fill}). Every model's epoch was chosen on counterfactual "
+            "validation (cf val); test never chose anything:", ""]
+    cols = [c for c in ("model", "seed", "best_epoch", "cf_val_acc", "plain_val_acc", "test_acc", "cam_over_area", "wrong_region_acc")
+            if c in run["summary"][0]]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in run["summary"]:
+        lines.append("| " + " | ".join(format_value(row.get(c)) if isinstance(row.get(c), float) else str(row.get(c)) for c in cols) + " |")
+    return head + lines
 
 
 def replace_marked_section(text: str, name: str, body: str) -> str:
