@@ -406,14 +406,15 @@ def _revise_markdown(run: dict) -> list[str]:
     """One revise method's models in docs/RESULTS.md: what chose each epoch and what each model does."""
     decl = run["declaration"]
     what = ", ".join(f"{k} {v}" for k, v in (("region", decl.get("region")), ("filters", decl.get("filters"))) if v)
-    fill = f"; fill chosen on counterfactual validation: {run['fill']}" if run.get("fill") else ""
+    fill = (f"; fill chosen on counterfactual validation: {run['fill']}" if run.get("fill_scores") else f"; fill {run['fill']}") if run.get("fill") else ""
     head = [f"Revise, {decl['method']} ({what or 'no region or filters'}{fill}). Every model's epoch was chosen on counterfactual "
             "validation (cf val); test never chose anything:", ""]
     cols = [c for c in ("model", "seed", "best_epoch", "cf_val_acc", "plain_val_acc", "test_acc", "cam_over_area", "wrong_region_acc")
             if c in run["summary"][0]]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in run["summary"]:
-        lines.append("| " + " | ".join(format_value(row.get(c)) if isinstance(row.get(c), float) else str(row.get(c)) for c in cols) + " |")
+        lines.append("| " + " | ".join(format_value(row.get(c)) if isinstance(row.get(c), float) else str(row.get(c) if row.get(c) is not None else "-")
+                                       for c in cols) + " |")
     return head + lines
 
 

@@ -436,11 +436,12 @@ def print_revise(result: dict) -> None:
 
     decl = result["declaration"]
     print(f"revise: {decl['method']}" + (f", region {decl['region']}" if decl.get("region") else "")
-          + (f", filters {decl['filters']}" if decl.get("filters") else "") + (f"; fill chosen on counterfactual validation: {result['fill']}" if result.get("fill") else ""))
+          + (f", filters {decl['filters']}" if decl.get("filters") else "")
+          + ((f"; fill chosen on counterfactual validation: {result['fill']}" if result.get("fill_scores") else f"; fill {result['fill']}") if result.get("fill") else ""))
     cols = [c for c in ("model", "seed", "fill", "best_epoch", "cf_val_acc", "plain_val_acc", "test_acc", "cam_over_area", "wrong_region_acc") if c in result["summary"][0]]
     print("  ".join(f"{c:>14}" for c in cols))
     for row in result["summary"]:
-        print("  ".join(f"{row[c]:>14.3f}" if isinstance(row.get(c), float) else f"{str(row.get(c)):>14}" for c in cols))
+        print("  ".join(f"{row[c]:>14.3f}" if isinstance(row.get(c), float) else f"{'-' if row.get(c) is None else str(row.get(c)):>14}" for c in cols))
     print("(epochs chosen on counterfactual validation: the validation split with the declared intervention applied; never test)")
     print(format_verdicts(result["verdicts"]))
 

@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 #: Metrics whose values are fractions a reader thinks of in percentage points.
-_POINT_METRICS = ("acc", "recall", "accuracy")
+_POINT_METRICS = ("acc", "recall", "accuracy", "still_wrong", "cam_in_region")
 
 
 @dataclass(frozen=True)

@@ -127,9 +127,11 @@ verdict_ui.show(rows, title=f"{res['declaration']['method']} vs its CE control",
 summary = pd.DataFrame(res["summary"])
 st.dataframe(summary, hide_index=True, width="stretch")
 st.download_button("Download the models' summary (CSV)", summary.to_csv(index=False), f"{run_id}_summary.csv", "text/csv")
-if res.get("fill"):
-    scores = ", ".join(f"{f} {v['val_acc']:.3f}" for f, v in res.get("fill_scores", {}).items())
-    st.caption(f"Fill chosen on counterfactual validation: **{res['fill']}**" + (f" ({scores})" if scores else "") + ".")
+if res.get("fill_scores"):
+    scores = ", ".join(f"{f} {v['val_acc']:.3f}" for f, v in res["fill_scores"].items())
+    st.caption(f"Fill chosen on counterfactual validation (first seed): **{res['fill']}** ({scores}).")
+elif res.get("fill"):
+    st.caption(f"Fill: **{res['fill']}** (as launched).")
 st.caption("cf_val_acc: counterfactual validation (what chose each epoch); cam_over_area: Grad-CAM mass in the region over its area "
            "share (1 = no more than chance); wrong_region_acc: accuracy when the region shows another class's content.")
 

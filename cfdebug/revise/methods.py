@@ -57,11 +57,12 @@ def declare(ws, method: str, region=None, filters: Sequence[int] | None = None) 
 
     A region method needs ``region`` (``"X0,Y0,X1,Y1"`` or four integers, inside the input); a
     filter method needs ``filters`` (indices of the target layer's filters). A region given to the
-    other methods is kept for re-evaluation (the Grad-CAM mass and the wrong-class copy).
+    other methods is kept for re-evaluation (the Grad-CAM mass and the wrong-class copy); filters
+    given to a method that does not use them are dropped.
     """
     check_choice(method, "method", REVISE_METHODS)
     reg = parse_region(region, ws.data.input_size)
-    chosen = tuple(int(f) for f in (filters or ()))
+    chosen = tuple(int(f) for f in (filters or ())) if method in FILTER_METHODS else ()
     if method in REGION_METHODS and reg is None:
         raise CfdebugError(f"Expected a region for `{method}` (--region X0,Y0,X1,Y1 in the model's input pixels), but got none.")
     if method in FILTER_METHODS and not chosen:
