@@ -124,6 +124,9 @@ def test_zeroed_channels_hook_is_removed_even_after_an_error():
     from cfdebug.hooks import count_hooks
 
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+    with torch.no_grad():  # every channel positive on a positive input, so only the zeroing can zero one
+        model[0].weight.fill_(1.0)
+        model[0].bias.fill_(0.1)
     x = torch.rand(2, 3, 5, 5)
     with zeroed_channels(model, "1", [0, 2]):
         out = model(x)
