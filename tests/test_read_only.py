@@ -20,7 +20,7 @@ from cfdebug.jobs import xcr_spec
 from cfdebug.runs import RunRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["overview", "class_filters", "flagged", "browser", "treatment", "calibration"]
+PAGES = ["overview", "class_filters", "flagged", "browser", "treatment", "revise", "calibration"]
 URLS = [{}, {"size": "48"}, {"std": "0.3,0.3,0.3"}, {"model": "resnet18", "data": "hard-digits"}, {"data": "/etc", "layer": "features.0"}]
 TEXT_ELEMENTS = ("markdown", "caption", "info", "error", "warning", "success", "code", "text", "title", "header", "subheader", "exception")
 

@@ -26,7 +26,7 @@ def box_region(selection: dict | None, size: int):
     """The :class:`~cfdebug.revise.Region` a box drawn on the image picker selects, or ``None``.
 
     ``selection`` is ``st.plotly_chart(..., on_select="rerun")``'s selection: a box's ``x``/``y``
-    ranges in pixel coordinates (pixel ``i`` spans ``[i − 0.5, i + 0.5]``), or, where the chart
+    ranges in pixel coordinates (pixel ``i`` is centred on ``i``), or, where the chart
     reports none, the pixel-centre points inside it. The region covers every pixel whose centre
     lies in the box, clipped to the ``size``×``size`` image.
     """
@@ -39,8 +39,8 @@ def box_region(selection: dict | None, size: int):
         if len(xs) >= 2 and len(ys) >= 2:
             x0, x1 = sorted(float(v) for v in xs[:2])
             y0, y1 = sorted(float(v) for v in ys[:2])
-            x0, y0 = max(0, int(np.ceil(x0 - 0.5))), max(0, int(np.ceil(y0 - 0.5)))
-            x1, y1 = min(size, int(np.floor(x1 + 0.5))), min(size, int(np.floor(y1 + 0.5)))
+            x0, y0 = max(0, int(np.ceil(x0))), max(0, int(np.ceil(y0)))  # the first pixel centre inside
+            x1, y1 = min(size, int(np.floor(x1)) + 1), min(size, int(np.floor(y1)) + 1)  # one past the last
             return Region(x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
     points = selection.get("points") or []
     if points:
