@@ -216,3 +216,11 @@ def test_inputs_not_mutated_and_table_text():
     assert np.array_equal(s, before)
     text = format_verdicts(rows + [image_comparison("t", "acc", [1.0], [0.0], method="a", baseline="b")])
     assert "difference [95% CI]" in text and "indicative" in text and "auroc" in text
+
+
+def test_values_equal_up_to_rounding_are_identical_not_better():
+    # a flat Grad-CAM map's share of a region, computed on two models: equal but for the last bits
+    base = np.full((1, 300), 36 / 1024)
+    method = base * (1 - 1e-15)
+    c = image_comparison("revise", "cam_in_region", method, base, method="m", baseline="b", higher_is_better=False)
+    assert c.verdict == SAME and c.ci_low == c.ci_high == 0.0 and c.note is not None
