@@ -34,10 +34,10 @@ DEFAULTS = ReviseConfig()
 method, region, filters = None, None, []
 
 if kind == "region":
-    detection = ui.detection(ws)
-    proposal = rui.proposed_region(ws, detection)
+    detection = rui.cached_detection(ws)
+    proposal = rui.proposed_region(ws, detection) if detection is not None else None
     region = rui.url_region(st.query_params.get("region"), size) or proposal
-    errors = [i for i, r in enumerate(detection["images"]) if r["error"]]  # rows in test-split order
+    errors = [i for i, r in enumerate(detection["images"]) if r["error"]] if detection is not None else []  # test-split order
     pick = errors[0] if errors else 0
     left, right = st.columns([3, 2])
     with left:
@@ -49,6 +49,9 @@ if kind == "region":
             st.query_params["region"] = drawn.text()
             st.rerun()
     with right:
+        if detection is None:
+            st.caption("A proposed region needs the flags of the test predictions: open **Flagged predictions** once (it "
+                       "fits the CFE heads in the background), or draw a box.")
         if proposal is not None:
             st.markdown(f"**Proposed** (dashed): `{proposal.text()}`, where Grad-CAM looks on the test errors more than on the correct "
                         "predictions.")

@@ -18,7 +18,7 @@ from .errors import show_error, show_user_error
 from .filters import gradcam_maps, ws_key
 from .runs import start_run
 
-__all__ = ["box_region", "url_region", "proposed_region", "suggested_filters", "launch_revise", "model_weights", "revised_workspace",
+__all__ = ["box_region", "url_region", "cached_detection", "proposed_region", "suggested_filters", "launch_revise", "model_weights", "revised_workspace",
            "part_label", "live_curves"]
 
 
@@ -60,6 +60,23 @@ def url_region(text: str | None, size: int):
     except CfdebugError as exc:
         show_error(str(exc))
         return None
+
+
+def cached_detection(ws) -> dict | None:
+    """The workspace's detection report when it is cached (or the page computes inline), else
+    ``None``: the Revise page only uses it for the proposal and the image to draw on, so it never
+    waits for a prepare run (the Flagged page starts one)."""
+    from ..jobs import prepared
+    from .workspace import inline
+
+    try:
+        if not (inline() or prepared(ws, "detect")):
+            return None
+    except CfdebugError:
+        return None
+    from .filters import detection
+
+    return detection(ws)
 
 
 def proposed_region(ws, detection: dict):
