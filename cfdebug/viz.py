@@ -198,7 +198,9 @@ def region_picker(image: np.ndarray, region=None, proposal=None, title: str = "D
     fig = go.Figure(go.Image(z=image, hoverinfo="skip"))
     fig.add_scatter(x=xs.ravel(), y=ys.ravel(), mode="markers", marker=dict(size=4, opacity=0.01, color="#000000"),
                     hovertemplate="x %{x}, y %{y}<extra></extra>", showlegend=False)
-    for r, dash, colour, name in ((proposal, "dash", PALETTE["accent"], "proposed"), (region, "solid", PALETTE["bad"], "not evidence")):
+    same = proposal is not None and proposal == region
+    for r, dash, colour, name in ((None if same else proposal, "dash", PALETTE["accent"], "proposed"),
+                                  (region, "solid", PALETTE["bad"], "not evidence (proposed)" if same else "not evidence")):
         if r is not None:
             fig.add_shape(type="rect", x0=r.x0 - 0.5, y0=r.y0 - 0.5, x1=r.x1 - 0.5, y1=r.y1 - 0.5, line=dict(color=colour, width=2, dash=dash))
             fig.add_annotation(x=r.x1 - 0.5, y=r.y0 - 0.5, text=name, showarrow=False, xanchor="left", yanchor="bottom",

@@ -203,6 +203,8 @@ def test_hot_spot_finds_where_errors_look_more_than_correct_predictions():
     assert hot_spot(errors, correct).area == 36  # a fifth of 30 px
     with pytest.raises(CfdebugError, match="Expected error and correct maps"):
         hot_spot(errors[:0], correct)
+    flat = np.full((5, 30, 30), 0.5)  # a 1×1 Grad-CAM map upsampled: nothing to propose
+    assert hot_spot(flat, flat[:3]) is None
 
 
 # ---------------------------------------------------------------------------------- end to end

@@ -160,13 +160,14 @@ def wrong_class_region(images: torch.Tensor, labels: torch.Tensor, donors: torch
     return out
 
 
-def hot_spot(error_maps: np.ndarray, correct_maps: np.ndarray, side: int | None = None) -> Region:
+def hot_spot(error_maps: np.ndarray, correct_maps: np.ndarray, side: int | None = None) -> Region | None:
     """The square the model looks at on its errors more than on its correct predictions: the
     ``side``×``side`` window (default a fifth of the image) with the largest summed difference of
     the mean Grad-CAM maps, errors ``[E, H, W]`` minus correct ``[M, H, W]`` (both in [0, 1]).
 
     A shortcut draws attention on the errors it causes; looking where the errors look *more*
-    (not where they look most, which on a digit is the digit) proposes its place.
+    (not where they look most, which on a digit is the digit) proposes its place. ``None`` when no
+    window has more attention on the errors (identical or flat maps: nothing to propose).
     """
     e, c = np.asarray(error_maps, np.float64), np.asarray(correct_maps, np.float64)
     if e.ndim != 3 or c.ndim != 3 or e.shape[1:] != c.shape[1:] or not len(e) or not len(c):
@@ -176,5 +177,7 @@ def hot_spot(error_maps: np.ndarray, correct_maps: np.ndarray, side: int | None 
     diff = e.mean(0) - c.mean(0)  # [H, W]
     total = np.pad(diff.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # summed-area table
     sums = total[side:, side:] - total[:-side, side:] - total[side:, :-side] + total[:-side, :-side]  # [H-side+1, W-side+1]
+    if not sums.max() > 1e-6 * max(float(np.abs(e).max()), float(np.abs(c).max()), 1e-12):
+        return None  # the errors look nowhere more than the correct predictions (e.g. flat 1×1 maps)
     y, x = np.unravel_index(int(np.argmax(sums)), sums.shape)
     return Region(int(x), int(y), int(x) + side, int(y) + side)
