@@ -139,8 +139,18 @@ def init_distributed(device_arg: str = "auto") -> DistContext:
 
 
 def shutdown() -> None:
-    """Leave and destroy the process group (no-op without one). Call once, at the end of the command."""
+    """Leave and destroy the process group (no-op without one). Call once, at the end of the command.
+
+    Every rank waits at a barrier first: rank 0 goes on alone after the collective work (detection
+    on the treated model, writing the result), and a rank that destroyed its gloo group while
+    rank 0 was still connected aborted (``terminate called without an active exception``).
+    """
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except RuntimeError:  # a rank already gone: nothing left to wait for
+                pass
         dist.destroy_process_group()
 
 
