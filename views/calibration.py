@@ -8,6 +8,7 @@ from cfdebug.ui import verdicts as verdict_ui
 from cfdebug.ui.choices import XCR_BETA_CHOICES
 from cfdebug.ui import xcr as xcr_ui
 from cfdebug.ui.access import read_only, read_only_notice
+from cfdebug.ui.filters import gradcam_layer_note
 
 st.header("Calibration & robustness")
 ws = ui.workspace_page()
@@ -147,6 +148,7 @@ a, b = st.columns([1, 2])
 n_show = a.slider("Images", 4, 24, 8, 4)
 flagged_first = b.toggle("Flagged predictions first (runs the paper-A detector; cached after the first time)", value=False)
 gallery = xcr_ui.mask_gallery(ws, result["selector"]["config"], n_show, flagged_first)
+gradcam_layer_note(ws)
 for start in range(0, len(gallery), 2):
     cols = st.columns(8)
     for j, row in enumerate(gallery[start : start + 2]):
