@@ -137,6 +137,13 @@ def test_treatment_page_launches_a_background_run(app, workdir):
     assert any(label.startswith("Treated (best on val") for label in labels) and "Control (CE fine-tune)" in labels
     assert not app.error, [e.value for e in app.error]
     assert any(m.value.startswith("**Treated vs control**") for m in app.markdown)  # read from the stored result (control predictions kept)
+    # The flagged set under the rule chosen on the Flagged page (default: the 10% review budget), not the run's paper rule.
+    assert any(m.value.startswith("**Flagged set, treated vs base** (review budget 10%") and "flagged predictions 54 → 54" in m.value
+               for m in app.markdown), [m.value for m in app.markdown if "Flagged set" in m.value]
+    runs_table = app.dataframe[0].value
+    assert runs_table.loc[runs_table["run"] == run_id, "seeds"].item() == "2 seeds: 0, 1"
+    assert not runs_table.isna().any().any() and not (runs_table.astype(str) == "None").any().any()
+    assert any(e.label == "Per-epoch curves of this run" for e in app.expander)
 
     # A run made before results stored the per-image predictions: a clear error, nothing re-predicted.
     registry = RunRegistry(workdir)

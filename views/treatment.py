@@ -66,7 +66,8 @@ if not records:
     st.info("No treatment run yet for this model and dataset."
             + (" This read-only dashboard cannot start one." if read_only() else " Launch one above, or run `python -m cfdebug treat`."))
 else:
-    st.dataframe(pd.DataFrame([tui.run_row(r, ui.runs.progress(ws, r)) for r in records if r.config]), hide_index=True, width="stretch")
+    rows = pd.DataFrame([tui.run_row(r, ui.runs.progress(ws, r)) for r in records if r.config])
+    st.dataframe(rows.fillna("—"), hide_index=True, width="stretch")  # a column one run has and another not: a dash, not "None"
 
 done = [r for r in records if r.status == "done" and r.result]
 if not done:
