@@ -1,4 +1,5 @@
-# `make demo`: set up .venv and start the dashboard on the embedded Biased Digits demo (this machine only).
+# `make demo [ROOTS="DIR …"]`: set up .venv and start the dashboard on the embedded Biased Digits demo (this machine only;
+#   folders typed in its sidebar open wherever they are; ROOTS are folders a link may open too).
 # `make serve HOST=0.0.0.0 [ROOTS="DIR …"] [READ_ONLY=1]`: the same, shared on purpose (see README, Sharing).
 # `make test`: same set-up, then the whole test suite; `make test-fast`: without the tests marked slow (for development).
 PYTHON ?= python3
@@ -10,6 +11,7 @@ PORT ?= 8501
 HOST ?= 127.0.0.1
 ROOTS ?=
 READ_ONLY ?=
+space := $(subst ,, )
 
 .PHONY: demo serve test test-fast setup clean assets results results-biased-digits results-hard-digits
 
@@ -23,7 +25,7 @@ $(STAMP): requirements.txt $(CONSTRAINTS) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+	$(if $(strip $(ROOTS)),CFDEBUG_ROOTS="$(subst $(space),:,$(strip $(ROOTS)))") $(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
 
 serve: $(STAMP)
 	$(PY) -m cfdebug serve --host $(HOST) --port $(PORT) $(foreach root,$(ROOTS),--root $(root)) $(if $(filter-out 0 no false off,$(READ_ONLY)),--read-only)

@@ -1,10 +1,21 @@
-"""What a dashboard visitor may make the server read: allowed roots and read-only mode.
+"""What a dashboard visitor may make the server read: allowed roots, who is at the keyboard,
+read-only mode.
 
-Every path that comes from a widget or the URL (weights file, dataset folder) is resolved
-(symlinks followed) and must lie inside an allowed root; outside, the answer is one fixed
-message that says nothing about whether the path exists or what it holds. Every image file the
-dashboard shows is resolved the same way (:func:`image_allowed`): a symlink inside an allowed
-dataset may point anywhere.
+Two kinds of dashboard (:func:`shared`):
+
+* **Personal** (``make demo``, ``streamlit run app.py`` on a loopback address, not started by
+  ``serve``, not read-only): the person typing in the sidebar owns the machine, so a weights
+  file or dataset folder typed there opens wherever it is (:func:`check_workspace` with
+  ``typed=True``), and is remembered in the workdir (:func:`remember_owner_folder`) so that a
+  reload or a link of this dashboard reopens it. A path that comes from the URL alone must lie
+  inside an allowed root or a folder the owner opened before.
+* **Shared** (``serve``, whatever its host; any non-loopback address; read-only): every path,
+  typed or from the URL, is resolved (symlinks followed) and must lie inside an allowed root;
+  outside, the answer is one fixed message that says nothing about whether the path exists or
+  what it holds, and names the command that adds a root. Folders the owner opened are ignored.
+
+Every image file the dashboard shows is resolved the same way (:func:`image_allowed`): a
+symlink inside an allowed dataset may point anywhere.
 
 Read-only mode (``serve --read-only``) opens the preset workspaces alone (:func:`is_preset`:
 every field of the workspace) and starts no run; its pages show what is cached. The dashboard checks
@@ -16,7 +27,10 @@ Imports neither streamlit nor torch.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
+import shlex
 from pathlib import Path
 
 from .config import DEMO_DATASETS, DataConfig, WorkspaceConfig, default_workdir
@@ -24,6 +38,10 @@ from .errors import CfdebugError, check_path_length
 
 ROOTS_ENV = "CFDEBUG_ROOTS"
 READ_ONLY_ENV = "CFDEBUG_READ_ONLY"
+#: Set by ``serve`` (any host): the dashboard is shared, so typed paths are confined too.
+SHARED_ENV = "CFDEBUG_SHARED"
+#: In the workdir: the folders (and weights files) the owner of a personal dashboard opened from the sidebar.
+OWNER_FOLDERS_FILE = "dashboard-opened.json"
 # Captured once: relative paths from a visitor resolve against the folder the dashboard was
 # started from, which is also the first allowed root.
 START_DIR = Path(os.path.realpath(os.getcwd()))
@@ -50,21 +68,59 @@ def allowed_roots(extra=None) -> list[Path]:
 
 
 def _display(root: Path) -> str:
-    """How a root is named in messages: relative to the start directory when inside it."""
+    """How a root is named in messages: the start folder and the workdir by role and path."""
     if root == START_DIR:
-        return "its start folder"
-    if root.is_relative_to(START_DIR):
-        return f"`{root.relative_to(START_DIR)}`"
+        return f"the start folder `{root}`"
+    if root == _real(default_workdir()):
+        return f"the workdir `{root}`"
     return f"`{root}`"
 
 
-def outside_roots_message(roots: list[Path], what: str) -> str:
-    """The one message for any ``what`` outside ``roots``; it names no path a visitor typed."""
-    return (
-        f"Expected the {what} to be inside a folder this dashboard may read ({', '.join(map(_display, roots))}), "
-        "but it is not; give a path inside one of these, or ask whoever started the dashboard to add its folder "
-        f"with `--root` (`python -m cfdebug serve --root DIR`, or `{ROOTS_ENV}`)."
-    )
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except (TypeError, ValueError):
+        return False  # none (every interface) or a host name: it may resolve to any interface
+
+
+def shared(address: str | None) -> bool:
+    """Whether people other than the machine's owner may reach the dashboard: started by ``serve``
+    (:data:`SHARED_ENV`, whatever its host: a reverse proxy on 127.0.0.1 shares it too), read-only,
+    or listening on ``address`` that is not a loopback one (Streamlit's ``server.address``; none
+    means every interface). Only a personal dashboard opens typed paths outside the roots."""
+    flag = os.environ.get(SHARED_ENV, "").strip().lower() not in _FALSE
+    return flag or read_only() or not is_loopback(address)
+
+
+def _folder_command(path) -> str:
+    """``make demo ROOTS=<the folder>`` for a typed ``path`` (its folder when it is a file), or with
+    ``DIR`` when there is none to name."""
+    try:
+        real = _real(path)
+    except (TypeError, ValueError, OSError):
+        real = None
+    if real is None:
+        return "make demo ROOTS=DIR"
+    folder = real if real.is_dir() or not real.suffix else real.parent
+    return f"make demo ROOTS={shlex.quote(str(folder)).replace('`', '')}"
+
+
+def outside_roots_message(roots: list[Path], what: str, *, is_shared: bool = True, path: str | None = None) -> str:
+    """The one message for any ``what`` outside ``roots``, ending in the one command that opens it.
+
+    Shared (:func:`shared`): it names no path a visitor typed, and the command the owner runs to
+    add a root. Personal (a path that came from the URL): typing it in the sidebar opens it, and
+    the command names its folder.
+    """
+    where = ", ".join(map(_display, roots))
+    if is_shared:
+        return (f"Expected the {what} to be inside a folder this shared dashboard may read ({where}), but it is outside them; ask whoever "
+                "started the dashboard to restart it with the folder added: `make serve ROOTS=DIR` (or `python -m cfdebug serve --root DIR`).")
+    return (f"Expected the link's {what} to be inside a folder a link may open ({where}, or one opened from the sidebar), but it is outside "
+            f"them; type it in the sidebar to open it, or restart with `{_folder_command(path)}`.")
 
 
 def resolve_allowed(path: str | os.PathLike, roots: list[Path] | None = None, what: str = "dataset folder") -> Path:
@@ -83,6 +139,27 @@ def resolve_allowed(path: str | os.PathLike, roots: list[Path] | None = None, wh
     if real is None or not any(real.is_relative_to(root) for root in roots):
         raise CfdebugError(outside_roots_message(roots, what))
     return real
+
+
+def owner_folders(workdir: str | os.PathLike) -> list[Path]:
+    """The paths the owner of a personal dashboard opened from the sidebar (:func:`remember_owner_folder`)."""
+    try:
+        entries = json.loads((Path(workdir) / OWNER_FOLDERS_FILE).read_text()).get("paths", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [Path(p) for p in entries if isinstance(p, str)]
+
+
+def remember_owner_folder(workdir: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Keep ``path`` (its real path) among :func:`owner_folders`, so links of a personal dashboard reopen it."""
+    from .store import write_json_atomic
+
+    real = _real(path)
+    known = owner_folders(workdir)
+    if real in known:
+        return
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(workdir) / OWNER_FOLDERS_FILE, {"paths": [str(p) for p in [*known, real][-50:]]})
 
 
 def read_only() -> bool:
@@ -124,17 +201,36 @@ READ_ONLY_WORKSPACE_MESSAGE = (
 )
 
 
-def check_workspace(cfg: WorkspaceConfig, roots: list[Path] | None = None) -> None:
+def workspace_paths(cfg: WorkspaceConfig) -> list[tuple[str, str]]:
+    """The paths ``cfg`` names, as ``(path, what)``: its weights file and its dataset folder (not
+    the embedded datasets' names; model names are builder names, not paths)."""
+    out = [(cfg.model.weights, "weights file")] if cfg.model.weights else []
+    return out + ([(cfg.data.source, "dataset folder")] if cfg.data.source not in DEMO_DATASETS else [])
+
+
+def check_workspace(cfg: WorkspaceConfig, roots: list[Path] | None = None, *, address: str | None = None,
+                    typed: bool = False) -> None:
     """Raise :class:`CfdebugError` unless a dashboard visitor may open ``cfg``.
 
-    Read-only: only presets (:func:`is_preset`). Otherwise the weights file and a dataset that
-    is not an embedded one must pass :func:`resolve_allowed`; model names are builder names,
-    not paths, and are not checked here.
+    Read-only: only presets (:func:`is_preset`). A personal dashboard (``not shared(address)``)
+    opens a ``typed`` workspace (from the sidebar) wherever its paths are, and one from the URL
+    when its paths lie inside ``roots`` (default :func:`allowed_roots`) or a folder the owner
+    opened (:func:`owner_folders`). A shared one: every path inside ``roots``
+    (:func:`resolve_allowed`).
     """
     if read_only() and not is_preset(cfg):
         raise CfdebugError(READ_ONLY_WORKSPACE_MESSAGE)
-    roots = allowed_roots() if roots is None else roots
-    if cfg.model.weights:
-        resolve_allowed(cfg.model.weights, roots, "weights file")
-    if cfg.data.source not in DEMO_DATASETS:
-        resolve_allowed(cfg.data.source, roots, "dataset folder")
+    is_shared = shared(address)
+    for path, what in workspace_paths(cfg):
+        if typed and not is_shared:
+            check_path_length(path, f"the {what}")
+            continue
+        allowed = allowed_roots() if roots is None else roots
+        if is_shared:
+            resolve_allowed(path, allowed, what)
+            continue
+        check_path_length(path, f"the {what}")  # its own message, as resolve_allowed gives it
+        try:
+            resolve_allowed(path, allowed + owner_folders(cfg.workdir), what)
+        except CfdebugError:
+            raise CfdebugError(outside_roots_message(allowed, what, is_shared=False, path=path)) from None

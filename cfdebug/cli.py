@@ -484,6 +484,7 @@ def _csv_list(text, name, convert, everything):
 
 def xcr_run_config(args) -> dict:
     """The spec an XCR run is started from (what the dashboard writes to run.json), from the flags."""
+    from .config import TABLE1_SWEEP
     from .data.corruptions import CORRUPTIONS
     from .jobs import xcr_spec
     from .xcr import default_xcr_config, override_xcr_config
@@ -496,7 +497,7 @@ def xcr_run_config(args) -> dict:
         corruptions=_csv_list(args.corruptions, "--corruptions", str, CORRUPTIONS),
         severities=_csv_list(args.severities, "--severities", int, (1, 2, 3, 4, 5)),
         cifar10c_dir=args.cifar10c, random_baseline=args.random_baseline or None, init=args.init,
-        max_corrupt_images=args.max_corrupt_images,
+        max_corrupt_images=args.max_corrupt_images, **(TABLE1_SWEEP if args.table1_sweep else {}),
     )
     return xcr_spec(ws_config, cfg)
 
@@ -769,6 +770,8 @@ def _add_xcr(sub, ws, common) -> None:
     p.add_argument("--random-baseline", action="store_true", help="also retrain with random k-hot masks (paper B's random comparison)")
     p.add_argument("--init", default=None, choices=["pretrained", "scratch"], help="retrain from the loaded model or from a seeded random start")
     p.add_argument("--max-corrupt-images", type=int, default=None, help="cap on corrupted test images per corruption and severity")
+    p.add_argument("--table1-sweep", action="store_true", help="Table 1 over paper B's grid, k in 16,32,64 x beta in 0.1,0.01,0.001 "
+                   "(9 more XCR and VIBI selectors to train: several times the default run's time); default: Table 1 at the --k, --beta used")
     p.add_argument("--no-cache", action="store_true", help="recompute even when the same report is cached")
     p.set_defaults(func=cmd_xcr)
 

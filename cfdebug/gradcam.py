@@ -84,6 +84,41 @@ def gradcam(
     return torch.cat(maps).numpy()
 
 
+#: The smallest side of a Grad-CAM map that can say where (a 1×1 or 2×2 map upsampled is a flat tint).
+MIN_MAP_SIDE = 4
+
+
+def layer_map_sizes(model: nn.Module, input_size: int, device: torch.device) -> list[tuple[str, int, int]]:
+    """``(name, h, w)`` of every layer down to one level of nesting (``layer3``, ``features.28``)
+    whose output is a feature map ``[B, C, h, w]``, in forward order, for one zero image of side
+    ``input_size`` (one forward pass through :func:`cfdebug.hooks.capture`)."""
+    from .hooks import capture
+
+    names = [n for n, m in model.named_modules() if n and n.count(".") <= 1 and not isinstance(m, (nn.BatchNorm2d, nn.Dropout, nn.Dropout2d))]
+    shape = lambda out: torch.tensor(out.shape[-2:] if torch.is_tensor(out) and out.dim() == 4 else (0, 0))  # noqa: E731
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), capture(model, names, reduce=shape) as seen:
+            model(torch.zeros(1, 3, input_size, input_size, device=device))
+    finally:
+        model.train(was_training)
+    return [(n, int(hw[0]), int(hw[1])) for n, hw in seen.activations.items() if int(hw[0]) > 0]
+
+
+def usable_gradcam_layer(sizes: Sequence[tuple[str, int, int]], target: str) -> str:
+    """The layer Grad-CAM is drawn at: ``target`` when its map is at least :data:`MIN_MAP_SIDE` on
+    a side, else the deepest layer before it (in ``sizes``' forward order, :func:`layer_map_sizes`)
+    whose map is; ``target`` when none is."""
+    order = [n for n, _, _ in sizes]
+    if target not in order:
+        return target
+    for name, h, w in reversed(list(sizes)[: order.index(target) + 1]):
+        if min(h, w) >= MIN_MAP_SIDE:
+            return name
+    return target
+
+
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """Blend a Grad-CAM map ``[h, w]`` in [0, 1] (resized to the image) over ``image`` [H, W, 3] uint8."""
     h, w = image.shape[:2]

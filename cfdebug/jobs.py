@@ -430,17 +430,29 @@ def prepare_key(workspace: WorkspaceConfig, train: bool = False) -> str:
     return stable_hash("prepare", config_dict(workspace), bool(train))
 
 
-def prepare_spec(workspace: WorkspaceConfig, through: str = "extract", *, train: bool = False) -> dict:
+def prepare_spec(workspace: WorkspaceConfig, through: str = "extract", *, train: bool = False, detect_seeds=(0,)) -> dict:
     """The spec of a prepare run: open ``workspace`` and make its artifacts up to ``through``
     (one of :data:`PREPARE_STAGES`). ``train=True`` trains the model on the workspace data (a
-    torchvision builder with random weights, the dashboard's *Train* action) and stops there."""
+    torchvision builder with random weights, the dashboard's *Train* action) and stops there.
+    ``detect_seeds``: the CFE seeds the ``detect`` stage scores (the dashboard asks for the
+    seeds ``report`` judges detection over, :data:`cfdebug.claims.DEFAULT_SEEDS`)."""
     check_choice(through, "through", PREPARE_STAGES)
     if train and through != "load":
         raise CfdebugError(f"Expected `through` to be 'load' for a training run, but got {through!r}; open the trained weights in a second run.")
-    return {"workspace": config_dict(workspace), "train": bool(train), "through": through, "key": prepare_key(workspace, train)}
+    spec = {"workspace": config_dict(workspace), "train": bool(train), "through": through, "key": prepare_key(workspace, train)}
+    if tuple(detect_seeds) != (0,):
+        spec["detect_seeds"] = [int(s) for s in detect_seeds]
+    return spec
 
 
-def prepared(ws, through: str) -> bool:
+def _detect_configs(seeds) -> list:
+    """The :class:`DetectConfig` of each CFE seed (seed 0 is the default config)."""
+    from .config import CFEConfig, DetectConfig, MCFilterConfig
+
+    return [DetectConfig(filters=MCFilterConfig(cfe=CFEConfig(seed=int(seed)))) for seed in seeds]
+
+
+def prepared(ws, through: str, detect_seeds=(0,)) -> bool:
     """Whether every artifact a prepare run up to ``through`` makes is cached for the open workspace ``ws``."""
     from .detect import CACHE_KIND as DETECT_KIND, report_key
     from .mcfilters import CACHE_KIND as FILTERS_KIND, filters_key
@@ -450,18 +462,19 @@ def prepared(ws, through: str) -> bool:
         return False
     if stage >= 2 and not ws.store.exists(FILTERS_KIND, filters_key(ws)):
         return False
-    return stage < 3 or ws.store.exists(DETECT_KIND, report_key(ws))
+    return stage < 3 or all(ws.store.exists(DETECT_KIND, report_key(ws, config)) for config in _detect_configs(detect_seeds))
 
 
-def _parse_prepare_spec(spec: dict) -> tuple[WorkspaceConfig, bool, str]:
+def _parse_prepare_spec(spec: dict) -> tuple[WorkspaceConfig, bool, str, tuple]:
     if not isinstance(spec, dict) or "workspace" not in spec:
         held = ", ".join(spec) if isinstance(spec, dict) else type(spec).__name__
         raise CfdebugError(f"Expected the run config to hold `workspace` (a prepare run's spec), but it holds {held or 'nothing'}; start a new run instead.")
     through = check_choice(spec.get("through", "extract"), "through", PREPARE_STAGES)
-    return workspace_config_from_dict(spec["workspace"]), bool(spec.get("train", False)), through
+    return workspace_config_from_dict(spec["workspace"]), bool(spec.get("train", False)), through, tuple(spec.get("detect_seeds", (0,)))
 
 
-def _prepare(ws_config: WorkspaceConfig, train: bool, through: str, log: Callable[[dict], None] | None, progress: Progress | None) -> dict:
+def _prepare(ws_config: WorkspaceConfig, train: bool, through: str, log: Callable[[dict], None] | None, progress: Progress | None,
+             detect_seeds=(0,)) -> dict:
     """The stages of a prepare run, sharing the bar equally (:meth:`RunStages.equal`, rows to
     ``log``, text to ``progress``); returns the result."""
     from .cfe import mc_heads
@@ -489,7 +502,10 @@ def _prepare(ws_config: WorkspaceConfig, train: bool, through: str, log: Callabl
         mc_heads(ws, None, scaled_progress(stage, 0.0, 0.95))
         global_mc_filters(ws, None, scaled_progress(stage, 0.95, 1.0))
     if "detect" in stages:
-        run_detection(ws, None, report.stage("detect", _STAGE_LABELS["detect"]))
+        stage, configs = report.stage("detect", _STAGE_LABELS["detect"]), _detect_configs(detect_seeds)
+        for i, (seed, config) in enumerate(zip(detect_seeds, configs)):
+            label = f"CFE seed {seed}: " if len(configs) > 1 else ""
+            run_detection(ws, config, scaled_progress(stage, i / len(configs), (i + 1) / len(configs), label))
     meta = ws.model_meta
     result = {
         "model": ws.config.model.name, "data": ws.data.name, "through": through, "model_digest": ws.model_digest,
@@ -514,12 +530,12 @@ def run_prepare_job(spec: dict, *, registry=None, run_id: str | None = None, pro
     """
     from .runs import RunRegistry, run_context
 
-    ws_config, train, through = _parse_prepare_spec(spec)
+    ws_config, train, through, seeds = _parse_prepare_spec(spec)
     if run_id is None:
-        return _prepare(ws_config, train, through, None, progress)
+        return _prepare(ws_config, train, through, None, progress, seeds)
     registry = registry if registry is not None else RunRegistry(ws_config.workdir)
     result = None  # stays None when run_context ends the run as cancelled
     with run_context(registry, run_id):
-        result = _prepare(ws_config, train, through, lambda row: registry.log_progress(run_id, row), progress)
+        result = _prepare(ws_config, train, through, lambda row: registry.log_progress(run_id, row), progress, seeds)
         registry.set_result(run_id, result)
     return result

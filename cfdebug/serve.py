@@ -3,19 +3,19 @@
 A thin wrapper over ``streamlit run app.py``: Streamlit reads ``.streamlit/config.toml`` beside
 ``app.py`` from any working directory; this adds the bind address and port, keeps XSRF and
 CORS protection on (refusing every Streamlit option that would let more clients or origins in),
-and passes the allowed roots and read-only mode to the dashboard through the
-environment (:mod:`cfdebug.access` reads them there).
+and passes the allowed roots, read-only mode and that it is shared (every path confined to the
+roots, typed ones too) to the dashboard through the environment (:mod:`cfdebug.access` reads
+them there).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import sys
 from pathlib import Path
 
-from .access import READ_ONLY_ENV, ROOTS_ENV, read_only as env_read_only
+from .access import READ_ONLY_ENV, ROOTS_ENV, SHARED_ENV, is_loopback, read_only as env_read_only
 from .errors import CfdebugError
 
 APP = Path(__file__).resolve().parents[1] / "app.py"
@@ -39,16 +39,6 @@ SHARING_WARNING = (
     "the dashboard listens on {host}:{port} without authentication: anyone who can reach this port can start "
     "training; put it behind a reverse proxy with authentication, or add --read-only"
 )
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to any interface
 
 
 def _env_var(option: str) -> str:
@@ -104,6 +94,7 @@ def serve_argv(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, roots=(), rea
     env = dict(os.environ)
     env[ROOTS_ENV] = os.pathsep.join([r for r in env.get(ROOTS_ENV, "").split(os.pathsep) if r] + added)
     env[READ_ONLY_ENV] = "1" if read_only or env_read_only() else "0"
+    env[SHARED_ENV] = "1"  # serve is how a dashboard is shared: typed paths stay inside the roots too (cfdebug.access)
     argv = [
         sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.address", host, "--server.port", str(port), "--server.enableXsrfProtection", "true", "--server.enableCORS", "true",

@@ -89,25 +89,34 @@ def top_filters_bar(filters: np.ndarray, frequency: np.ndarray, title: str, othe
 
 
 def agreement_bar(local: np.ndarray, global_: np.ndarray, frequency: np.ndarray, title: str = "Local vs global MC filters",
-                  activation: np.ndarray | None = None) -> go.Figure:
+                  activation: np.ndarray | None = None, top: int = 64) -> go.Figure:
     """Filters of one prediction, two-sided: up, the filter's global MC frequency for the predicted
     class (``frequency`` [C] in [0, 1], of the class maximum); down, for the image's own MC
     filters (``local`` [C] bool), its activation on this image (``activation`` [C] ≥ 0, scaled to
     the image's maximum; 1 when not given). Colours: in both sets, only local (MC_x), only global
-    (G_ĉ). A filter only in MC_x has (almost) no upward bar, so the downward one shows it."""
+    (G_ĉ). A filter only in MC_x has (almost) no upward bar, so the downward one shows it.
+
+    At most ``top`` filters are drawn (a resnet18 has 512): the most frequent in the class first,
+    then the image's strongest; the legend still counts every filter of each group, and the
+    title says how many are shown."""
     local, global_ = np.asarray(local, bool), np.asarray(global_, bool)
     frequency = np.asarray(frequency, float)
     act = np.ones(len(local)) if activation is None else np.asarray(activation, float) / max(float(np.max(activation)), 1e-12)
+    shown = np.flatnonzero(local | global_)
+    by_class = shown[np.argsort(-frequency[shown], kind="stable")]
+    by_image = shown[np.argsort(-(act[shown] * local[shown]), kind="stable")]
+    keep = list(dict.fromkeys(np.concatenate([by_class[: (top + 1) // 2], by_image[: top // 2], by_class]).tolist()))[:top]
+    keep = np.asarray(keep, dtype=int)
+    order = keep[np.lexsort((-act[keep] * local[keep], -frequency[keep]))]
+    names = [f"f{i}" for i in order]
+    kept = np.zeros(len(local), bool)
+    kept[keep] = True
     groups = (("in both", local & global_, PALETTE["good"]), ("only local (this image)", local & ~global_, PALETTE["accent"]),
               ("only global (the class)", ~local & global_, PALETTE["bad"]))
-    shown = np.flatnonzero(local | global_)
-    order = shown[np.lexsort((-act[shown] * local[shown], -frequency[shown]))]
-    names = [f"f{i}" for i in order]
     fig = go.Figure()
     for name, mask, colour in groups:
-        idx = np.flatnonzero(mask)
-        x = [f"f{i}" for i in idx]
-        fig.add_bar(x=x, y=frequency[idx], name=f"{name}: {len(idx)}", marker_color=colour, legendgroup=name,
+        idx = np.flatnonzero(mask & kept)
+        fig.add_bar(x=[f"f{i}" for i in idx], y=frequency[idx], name=f"{name}: {int(mask.sum())}", marker_color=colour, legendgroup=name,
                     hovertemplate="filter %{x}<br>class frequency %{y:.2f}<extra>" + name + "</extra>")
         down = idx[local[idx]]
         if len(down):
@@ -116,6 +125,8 @@ def agreement_bar(local: np.ndarray, global_: np.ndarray, frequency: np.ndarray,
     fig.add_hline(y=0, line_color="#555555", line_width=1)
     fig.update_xaxes(type="category", categoryorder="array", categoryarray=names, title="filter", showticklabels=len(names) <= 60)
     fig.update_yaxes(title="↑ class frequency · ↓ this image", range=[-1.05, 1.05])
+    if len(keep) < len(shown):
+        title = f"{title} (top {len(keep)} of {len(shown)} filters)"
     # Legend under the axis: in a narrow column a legend beside the title runs over it.
     return _layout(fig, title, height=380, barmode="overlay", margin=dict(l=40, r=20, t=50, b=100),
                    legend=dict(orientation="h", y=-0.32, x=0, xanchor="left", yanchor="top"))
@@ -180,6 +191,9 @@ def training_curves(rows: Sequence[dict], title: str = "Per-epoch curves") -> go
                 fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=part, legendgroup=part,
                                 showlegend=col == 1, line=dict(color=colours[j % len(colours)], dash=dash), row=1, col=col,
                                 hovertemplate="epoch %{x}<br>%{y:.4g}<extra>" + part + "</extra>")
+    for col, term in enumerate(terms, start=1):
+        if term.endswith("_acc"):
+            fig.update_yaxes(range=[0, 1.02], tickformat=".0%", row=1, col=col)  # an accuracy, never above 1
     fig.update_xaxes(title="epoch", dtick=1)
     return _layout(fig, title, height=320, legend=dict(orientation="h", y=-0.25, x=0, xanchor="left", yanchor="top"))
 

@@ -64,11 +64,16 @@ def test_sample_browser_link_restores_a_selection(dashboard_url, demo_workspace,
         page.wait_for_timeout(1500)
         assert_no_error_elements(page)
         body = page.locator("body").inner_text()
-        assert f"(index {errors[0]})" in body and "Grad-CAM toward" in body
+        image_id = str(demo_workspace.data.splits["test"].ids[errors[0]]).split("/")[-1]
+        assert f"test image {image_id}" in body and "(index" not in body and "Grad-CAM toward" in body  # one id
         assert f"**{len(errors)}**".strip("*") in body  # "N of 539 test predictions match"
-        captions = page.locator('[data-testid="stImageCaption"]').all_inner_texts()
+        captions = page.locator('[data-testid="stCaptionContainer"]').all_inner_texts()
         tiles = [c for c in captions if c.startswith(("✓", "✗"))]
         assert tiles and all(c.startswith("✗") and "true 3 ·" in c for c in tiles), tiles
+        # Each row's tiles: images, then buttons, line up (a caption under its button can wrap freely).
+        buttons = page.get_by_role("button", name="open", exact=True)
+        tops = [round(buttons.nth(i).bounding_box()["y"]) for i in range(min(buttons.count(), 8))]
+        assert len(set(tops)) == 1, tops
         for key in ("outcome=error", "true=3", f"image={errors[0]}"):
             assert key in page.url, (key, page.url)
         page.screenshot(path=str(tmp_path / "browser_link.png"), full_page=True)
@@ -90,3 +95,7 @@ def test_own_folder_with_a_random_torchvision_model_warns_on_the_page(tmp_path, 
         page.wait_for_timeout(1000)
         assert_no_error_elements(page)
         page.screenshot(path=str(tmp_path / "random_weights.png"), full_page=True)
+        # Your own data gets its next steps too, Revise among them.
+        nexts = page.get_by_text("Your own data", exact=False).first
+        nexts.wait_for(timeout=60_000)
+        assert "Revise" in page.locator("body").inner_text()

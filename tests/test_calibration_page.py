@@ -83,14 +83,42 @@ def test_page_shows_tables_figures_and_gallery_of_a_finished_run(page, finished_
 
 def test_page_monitors_an_active_run(page, demo_workspace, workdir, finished_run):
     registry = RunRegistry(workdir)
-    record = registry.create("xcr", {"workspace": config_dict(demo_workspace.config), "xcr": config_dict(TINY)})
+    spec = {"workspace": config_dict(demo_workspace.config), "xcr": config_dict(TINY), "estimate": {"low": 120.0, "high": 240.0}}
+    record = registry.create("xcr", spec)
     try:
         page.run()
         _ok(page)
         assert any(record.run_id in (p.proto.text or "") for p in page.get("progress"))
         assert any(b.label == "Cancel run" for b in page.button)
+        assert any(c.value.startswith("estimated at launch: 2–4 min") for c in page.caption)  # the monitor holds the run to it
     finally:
         cancel(registry, record.run_id)
+
+
+def test_the_form_shows_what_the_run_does_and_its_estimate_and_no_stale_box_while_a_run_goes(demo_workspace, tmp_path, monkeypatch):
+    """The form's defaults are the run (one k, one β, no Table 1 sweep); it says how long that takes
+    here, from a few steps timed now, and what the sweep would take; while a run is going the page
+    says so instead of "start one above"."""
+    home = tmp_path / "home"  # no finished XCR run here
+    monkeypatch.setenv("CFDEBUG_HOME", str(home))
+    page = AppTest.from_file(str(ROOT / VIEW), default_timeout=180).run()
+    _ok(page)
+    k = [n for n in page.number_input if n.label == "k (patches kept)"][0]
+    assert k.value == 32 and [c for c in page.checkbox if c.label == "Table 1 sweep (paper B)"][0].value is False
+    text = " ".join(m.value for m in page.markdown)
+    assert "one selector at **k = 32, β = 0.001**" in text and "**Estimated time: " in text and "With the Table 1 sweep: " in text
+    parts = page.dataframe[0].value
+    assert any(p.startswith("Table 1: 1 selector to train") for p in parts["part"]) and (parts["seconds"] >= 0).all()
+    assert any("Start one above" in i.value for i in page.info)
+    ws_config = replace(demo_workspace.config, workdir=str(home))
+    record = RunRegistry(home).create("xcr", {"workspace": config_dict(ws_config), "xcr": config_dict(TINY)})
+    try:
+        page.run()
+        _ok(page)
+        infos = [i.value for i in page.info]
+        assert any("in progress" in i for i in infos) and not any("Start one above" in i for i in infos), infos
+    finally:
+        cancel(RunRegistry(home), record.run_id)
 
 
 @pytest.mark.slow

@@ -170,3 +170,47 @@ def test_random_weights_warn_and_train_on_this_data_switches_to_the_trained_weig
     weights = _value(app.query_params.get("weights"))
     assert weights and Path(weights).is_file() and Path(weights).name == "model.pt"
     assert not any("random weights" in w.value for w in app.warning)
+    app.run()  # the trained model's page: its training curves, read from the weights' store entry
+    _ok(app)
+    assert any(e.label.startswith("How this model was trained") for e in app.expander)
+    assert len(app.get("plotly_chart")) >= 3
+
+
+def test_prepare_runs_detect_the_cfe_seeds_report_judges_over(tmp_path):
+    """The Flagged page's verdict asks a prepare run for CFE seeds 0, 1, 2 (as `report`): the spec
+    says so only then (the default stays seed 0), and a run that made fewer seeds is not mistaken
+    for one that failed to make them."""
+    from types import SimpleNamespace
+
+    from cfdebug.config import WorkspaceConfig
+    from cfdebug.jobs import prepare_key, prepare_spec
+    from cfdebug.ui.workspace import _stages_reached
+
+    cfg = WorkspaceConfig(workdir=str(tmp_path))
+    assert "detect_seeds" not in prepare_spec(cfg, "detect")
+    spec = prepare_spec(cfg, "detect", detect_seeds=(0, 1, 2))
+    assert spec["detect_seeds"] == [0, 1, 2] and spec["key"] == prepare_key(cfg)  # joins a run making the same workspace
+    seed0 = SimpleNamespace(config=prepare_spec(cfg, "detect"))
+    assert _stages_reached(seed0, "detect") and not _stages_reached(seed0, "detect", (0, 1, 2))
+    assert _stages_reached(SimpleNamespace(config=spec), "detect", (0, 1, 2))
+
+
+@pytest.mark.slow
+def test_resnet18_at_32_px_draws_grad_cam_where_it_says_something(tmp_path, monkeypatch):
+    """resnet18's layer4 is 1×1 at 32 px: the pages default to layer2 (4×4) and say why; picking
+    layer4 in the sidebar brings a warning that its map is a flat tint."""
+    monkeypatch.setenv("CFDEBUG_HOME", str(tmp_path / "home"))
+    data = tiny_tree(tmp_path / "data")
+    query = {"model": "resnet18", "data": str(data), "size": "32", "image": "0"}
+    app = _page(query)
+    app.switch_page("views/browser.py").run()  # inline (AppTest): the random model's features are computed here
+    _ok(app)
+    picker = [s for s in app.sidebar.selectbox if s.label == "Grad-CAM layer"][0]
+    assert picker.value == "layer2" and picker.options[0] == "layer2 (4×4) · default"
+    notes = [c.value for c in app.caption if c.value.startswith("Grad-CAM at `layer2` (4×4 map)")]
+    assert notes and "`layer4` is 1×1 at 32 px" in notes[0]
+    assert not any("flat tint that carries no location" in w.value for w in app.warning)
+    picker.set_value("layer4").run()
+    _ok(app)
+    assert _value(app.query_params["cam"]) == "layer4"
+    assert any(w.value.startswith("Grad-CAM at `layer4` is a 1×1 map at 32 px") for w in app.warning)

@@ -137,6 +137,13 @@ def test_treatment_page_launches_a_background_run(app, workdir):
     assert any(label.startswith("Treated (best on val") for label in labels) and "Control (CE fine-tune)" in labels
     assert not app.error, [e.value for e in app.error]
     assert any(m.value.startswith("**Treated vs control**") for m in app.markdown)  # read from the stored result (control predictions kept)
+    # The flagged set under the rule chosen on the Flagged page (default: the 10% review budget), not the run's paper rule.
+    assert any(m.value.startswith("**Flagged set, treated vs base** (review budget 10%") and "flagged predictions 54 → 54" in m.value
+               for m in app.markdown), [m.value for m in app.markdown if "Flagged set" in m.value]
+    runs_table = app.dataframe[0].value
+    assert runs_table.loc[runs_table["run"] == run_id, "seeds"].item() == "2 seeds: 0, 1"
+    assert not runs_table.isna().any().any() and not (runs_table.astype(str) == "None").any().any()
+    assert any(e.label == "Per-epoch curves of this run" for e in app.expander)
 
     # A run made before results stored the per-image predictions: a clear error, nothing re-predicted.
     registry = RunRegistry(workdir)
@@ -153,6 +160,11 @@ def test_treatment_page_launches_a_background_run(app, workdir):
         registry.set_status(old.run_id, "cancelled", error="a test's stand-in for a run made by an older cfdebug")
 
 
+def _tile_captions(app) -> list[str]:
+    """The captions under the browser's (or the Flagged gallery's) tiles: ✓/✗, classes, confidence."""
+    return [c.value for c in app.caption if c.value.startswith(("✓", "✗"))]
+
+
 def test_sample_browser_filters_sorts_and_restores_from_the_url(app, demo_workspace):
     app.query_params["outcome"] = "error"
     app.query_params["sort"] = "agreement ↑"
@@ -163,23 +175,23 @@ def test_sample_browser_filters_sorts_and_restores_from_the_url(app, demo_worksp
     test = demo_workspace.extractions.get("test")
     n_errors = int((test.preds != test.labels).sum())
     assert any(m.value.startswith(f"**{n_errors}** of {len(test.labels)} test predictions") for m in app.markdown)
-    captions = [c for img in app.get("image") for c in img.captions]
+    captions = _tile_captions(app)
     assert captions and all(c.startswith("✗") for c in captions), captions
-    by_column = [float(c.rsplit("agr ", 1)[1]) for c in captions]  # AppTest walks the 8 grid columns one after another
-    rows, n = -(-len(by_column) // 8), len(by_column)
-    starts = np.cumsum([0] + [len(range(c, n, 8)) for c in range(8)])
-    agreements = [by_column[starts[j % 8] + j // 8] for j in range(n)]
-    assert rows >= 1 and agreements == sorted(agreements)  # lowest agreement first, row by row
+    agreements = [float(c.rsplit("agr ", 1)[1]) for c in captions]  # one row of 8 columns per 8 tiles: row-major order
+    assert agreements == sorted(agreements)  # lowest agreement first, row by row
+    assert len(app.get("image")) == len(captions)  # each tile: its image, its button, its caption under the button
     # narrow to one true class: the URL follows
     [m for m in app.multiselect if m.label == "True class"][0].set_value([3]).run()
     assert app.query_params["true"] in ("3", ["3"])
-    assert all("true 3 ·" in c for img in app.get("image") for c in img.captions)
-    # open the first tile: the detail shows Grad-CAM and the image index goes in the URL
+    assert all("true 3 ·" in c for c in _tile_captions(app))
+    # open the first tile: the detail shows Grad-CAM and the image index goes in the URL; the detail names it by one id
     [b for b in app.button if b.label == "open"][0].click().run()
     assert not app.exception, [e.value for e in app.exception]
-    assert app.query_params["image"]
+    i = int(app.query_params["image"][0] if isinstance(app.query_params["image"], list) else app.query_params["image"])
     assert any(c.startswith("Grad-CAM toward") for img in app.get("image") for c in img.captions)
     assert any("proposed class" in m.value for m in app.markdown)
+    image_id = str(demo_workspace.data.splits["test"].ids[i]).split("/")[-1]
+    assert any(m.value == f"**test image {image_id}**" for m in app.markdown) and not any("(index" in m.value for m in app.markdown)
 
 
 def test_sample_browser_train_split_and_confidence_range(app, demo_workspace):
@@ -193,7 +205,7 @@ def test_sample_browser_train_split_and_confidence_range(app, demo_workspace):
     conf = train.probs.max(1)
     expected = int(((conf >= 0.5) & (conf <= 0.9)).sum())
     assert any(m.value.startswith(f"**{expected}** of {len(train.labels)} train predictions") for m in app.markdown)
-    for c in (c for img in app.get("image") for c in img.captions):
+    for c in _tile_captions(app):
         assert 0.5 <= float(c.rsplit("(", 1)[1].split(")")[0]) <= 0.9
 
 
@@ -264,3 +276,65 @@ def test_a_treatment_runs_epoch_rows_take_the_position_of_the_sweep(monkeypatch)
     assert progress.seconds_left == 20.0  # half the sweep in 20 s since it began
     assert progress.describe() == "Step 2 of 2 · Treatment sweep: run 1/2: epoch 2/2 · about 20 s left in this step"
     assert read_progress(logged[:3], now=100.0).describe().endswith("estimating the time left…")
+
+
+def test_flagged_verdict_is_reports_over_three_cfe_seeds_and_survives_a_reload(app, demo_workspace, workdir, monkeypatch):
+    """The Flagged card judges detection as `report` does (CFE seeds 0, 1, 2, the same budget) and
+    says so; the Overview shows it from the workdir in a new session (a reload), not only in this one."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from cfdebug.claims import DEFAULT_BUDGET, DEFAULT_SEEDS, detection_claim
+    from cfdebug.ui.verdicts import VERDICTS_FOLDER, sentence
+
+    app.run()
+    app.switch_page("views/flagged.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    text = " ".join(m.value for m in app.markdown)
+    assert "(CFE seeds 0, 1, 2, as `python -m cfdebug report`)" in text
+    expected = [c.as_dict() for c in detection_claim(demo_workspace, DEFAULT_SEEDS, DEFAULT_BUDGET)["comparisons"]]
+    headline = next(r for r in expected if r["method"] == "mc_agreement" and r["metric"] == "auroc")
+    assert headline["n_seeds"] == 3 and sentence(headline) in text  # the card's sentence is report's row
+    assert list((Path(workdir) / VERDICTS_FOLDER).glob("*.json"))  # kept in the workdir
+
+    reload = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=180).run()  # a new session
+    assert not reload.exception, [e.value for e in reload.exception]
+    assert any(m.value == "*detection*: " + sentence(headline) for m in reload.markdown)
+
+
+def test_flagged_gallery_pages_through_every_flag_and_opens_a_tile(app):
+    app.run()
+    app.switch_page("views/flagged.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    pages = [n for n in app.number_input if n.label.startswith("Page (of")][0]
+    assert pages.label.startswith("Page (of 4") and pages.max == 4  # 54 flagged, 16 per page: none out of reach
+    pages.set_value(4).run()
+    assert len(_tile_captions(app)) == 54 - 3 * 16
+    opens = [b for b in app.button if b.label == "open"]
+    assert len(opens) == 6
+    opens[-1].click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    picked = app.query_params["image"][0] if isinstance(app.query_params["image"], list) else app.query_params["image"]
+    assert [s for s in app.selectbox if s.label.startswith("Image")][0].value == picked  # the tile opened below
+
+
+def test_class_filters_ticked_filters_open_the_revise_page(app):
+    app.query_params["class"] = "3"
+    app.run()
+    app.switch_page("views/class_filters.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    text = " ".join(m.value for m in app.markdown)
+    assert "Where they fire, measured:" in text and "corner square" in text
+    assert all("strongest in **" in m.value for m in app.markdown if m.value.startswith("**filter f"))
+    boxes = [c for c in app.checkbox if c.label == "not evidence"]
+    assert len(boxes) == 4 and not app.get("page_link")
+    boxes[0].check().run()
+    boxes = [c for c in app.checkbox if c.label == "not evidence"]
+    boxes[2].check().run()
+    shown = [m.value.split("**filter f")[1].split("**")[0] for m in app.markdown if m.value.startswith("**filter f")]
+    [link] = app.get("page_link")
+    assert link.proto.page.endswith("revise") or "revise" in link.proto.page
+    assert link.proto.label == f"Revise the model against f{shown[0]}, f{shown[2]}"
+    assert f"filters={shown[0]}%2C{shown[2]}" in link.proto.query_string or f"filters={shown[0]},{shown[2]}" in link.proto.query_string
+    assert "declare=filters" in link.proto.query_string

@@ -66,3 +66,37 @@ def test_every_run_kind_has_the_one_monitor_and_only_the_owner_may_cancel(fresh_
     else:
         assert "Cancel run" in labels and len(logs) == 1
     assert [r.run_id for r in registry.list()] == [run_id]  # nothing else started: a prepare page joins the run
+
+
+def test_a_failed_runs_resume_command_names_its_workdir(tmp_path):
+    """A run registered from a terminal stores a resume hint without its workdir; the page shows
+    the one that resumes it where it lives."""
+    from types import SimpleNamespace
+
+    from cfdebug.ui.runs import resume_command, run_failure
+
+    record = SimpleNamespace(run_id="treat-1", kind="treat", status="failed",
+                             error="RuntimeError: boom; resume with `python -m cfdebug treat --config /x/run.json --run-id treat-1`")
+    text = run_failure(record, workdir=tmp_path / "home")
+    assert text == (f"the background run `treat-1` failed: RuntimeError: boom; resume with "
+                    f"`python -m cfdebug treat --resume treat-1 --workdir {tmp_path / 'home'}`")
+    assert resume_command(record, "/a b") == "python -m cfdebug treat --resume treat-1 --workdir '/a b'"
+    assert run_failure(SimpleNamespace(**{**vars(record), "error": "Expected x, but got y."}), workdir="/w").endswith("Expected x, but got y.")
+
+
+def test_a_train_runs_epochs_are_read_from_its_progress_lines(tmp_path):
+    """The Train action's prepare run logs its epochs as the engine's epoch-end lines; the monitor
+    draws them as curves while it runs."""
+    from cfdebug.runs import progress_row
+    from cfdebug.ui.workspace import training_epochs
+
+    registry = RunRegistry(tmp_path)
+    run_id = registry.create("prepare", {"key": "k"}).run_id
+    for epoch, loss, acc in ((1, 2.3, 0.31), (2, 1.2, 0.62)):
+        registry.log_progress(run_id, progress_row(epoch / 2, "load", "Training resnet18: training epoch 1/2: batch 3/9"))
+        registry.log_progress(run_id, progress_row(epoch / 2, "load", f"Training resnet18: training epoch {epoch}/2: loss {loss:.4f}, "
+                                                   f"train acc 0.500, val acc {acc:.3f}, test acc 0.400"))
+    assert training_epochs(tmp_path, run_id) == [
+        {"part": "training", "epoch": 1, "loss": 2.3, "train_acc": 0.5, "val_acc": 0.31},
+        {"part": "training", "epoch": 2, "loss": 1.2, "train_acc": 0.5, "val_acc": 0.62},
+    ]

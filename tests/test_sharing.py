@@ -28,9 +28,10 @@ OVERVIEW = str(ROOT / "views" / "overview.py")
 
 @pytest.fixture(autouse=True)
 def _plain_env(monkeypatch):
-    """No roots or read-only mode leaking in from the environment running the tests."""
+    """No roots, read-only or shared mode leaking in from the environment running the tests."""
     monkeypatch.delenv("CFDEBUG_ROOTS", raising=False)
     monkeypatch.delenv("CFDEBUG_READ_ONLY", raising=False)
+    monkeypatch.delenv("CFDEBUG_SHARED", raising=False)
 
 
 # ---- cfdebug.access
@@ -126,16 +127,35 @@ def _shows_default_workspace(at: AppTest) -> None:
     assert _query(at, "data") == "biased-digits" and not at.query_params.get("weights")
 
 
-def test_url_dataset_outside_roots_shows_no_listing(overview):
+def test_url_dataset_outside_roots_shows_no_listing(overview, monkeypatch):
+    """A shared dashboard: one message for a link's folder outside the roots, whatever it names."""
+    monkeypatch.setenv("CFDEBUG_SHARED", "1")
     at = overview(data="/etc")
     assert _errors(at) == [outside_roots_message(allowed_roots(), "dataset folder")]
     assert overview(data="/no/such/folder").error[0].value == at.error[0].value  # nothing tells them apart
     page_text = " ".join(e.value for e in [*at.error, *at.markdown, *at.caption, *at.info])
     assert "passwd" not in page_text and "hostname" not in page_text  # no listing of /etc
+    assert "`make serve ROOTS=DIR`" in at.error[0].value
     _shows_default_workspace(at)  # fell back to the demo; the bad parameter is gone
 
 
-def test_url_weights_outside_roots_same_message_existing_or_missing(overview, tmp_path):
+def test_personal_dashboard_link_outside_roots_says_what_to_run(overview, tmp_path):
+    """On a personal dashboard (loopback, not `serve`) a link still opens only the roots; the message,
+    at the top of the page, names the command that adds the folder and the sidebar that opens it."""
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    at = overview(data=str(folder))
+    [message] = _errors(at)
+    assert message.startswith("Expected the link's dataset folder to be inside") and "type it in the sidebar" in message
+    assert message.endswith(f"restart with `make demo ROOTS={folder.resolve()}`.")
+    assert [e.value for e in at.main.error] == [message] and not at.sidebar.error  # at the top of the page, not the sidebar's foot
+    page_text = " ".join(e.value for e in [*at.markdown, *at.caption, *at.info])
+    assert "passwd" not in page_text
+    _shows_default_workspace(at)
+
+
+def test_url_weights_outside_roots_same_message_existing_or_missing(overview, tmp_path, monkeypatch):
+    monkeypatch.setenv("CFDEBUG_SHARED", "1")
     existing = tmp_path / "model.pt"
     existing.write_bytes(b"not a checkpoint")
     messages = []
@@ -146,15 +166,41 @@ def test_url_weights_outside_roots_same_message_existing_or_missing(overview, tm
     assert messages == [[outside_roots_message(allowed_roots(), "weights file")]] * 4
 
 
-def test_load_button_outside_roots_keeps_the_workspace(overview, tmp_path):
+def _type_folder(at: AppTest, folder) -> AppTest:
+    at.sidebar.selectbox[0].set_value("a folder…")
+    at.sidebar.text_input[2].set_value(str(folder))
+    return at.sidebar.button[0].click().run()
+
+
+def test_load_button_outside_roots_keeps_the_workspace_when_shared(overview, tmp_path, monkeypatch):
+    monkeypatch.setenv("CFDEBUG_SHARED", "1")
     (tmp_path / "train").mkdir()
     at = overview(data="clean-digits")
     assert not _errors(at)
-    at.sidebar.selectbox[0].set_value("a folder…")
-    at.sidebar.text_input[2].set_value(str(tmp_path))
-    at.sidebar.button[0].click().run()
+    _type_folder(at, tmp_path)
     assert _errors(at) == [outside_roots_message(allowed_roots(), "dataset folder")]
+    assert [e.value for e in at.main.error] == _errors(at) and not at.sidebar.error  # at the top of the page
     assert _query(at, "data") == "clean-digits"
+
+
+def test_personal_dashboard_opens_a_typed_folder_and_remembers_it(overview, tmp_path, workdir):
+    """The person at the keyboard owns the machine: a folder typed in the sidebar opens wherever it
+    is (here the loader's own message about its layout shows: it was read), and the workdir keeps
+    it, so a link of this dashboard reopens it; a shared dashboard ignores what the owner opened."""
+    folder = tmp_path / "mine"
+    (folder / "train").mkdir(parents=True)
+    at = overview(data="clean-digits")
+    _type_folder(at, folder)
+    [message] = _errors(at)
+    assert "does not exist" in message and "/test" in message  # the dataset loader ran on it: not refused
+    assert folder.resolve() in access.owner_folders(workdir)
+    again = overview(data=str(folder))  # a reload or a link: opened from the remembered folders
+    assert not any("to be inside" in e for e in _errors(again))
+    cfg = WorkspaceConfig(data=DataConfig(source=str(folder)), workdir=str(workdir))
+    check_workspace(cfg, address="127.0.0.1")  # a link, on a personal dashboard
+    with pytest.raises(CfdebugError, match="shared dashboard"):
+        check_workspace(cfg, address="0.0.0.0", typed=True)  # every interface: confined, typed or not
+    check_workspace(WorkspaceConfig(data=DataConfig(source="/no/such/place")), address="::1", typed=True)  # typed: any path
 
 
 def test_read_only_opens_presets_only(overview, monkeypatch):
@@ -210,6 +256,26 @@ def test_default_config_binds_to_loopback_with_xsrf_on():
     assert "--server.address 127.0.0.1" in demo
 
 
+def test_make_demo_passes_roots_to_the_dashboard(tmp_path):
+    """`make demo ROOTS="A B"`: the dashboard reads them from CFDEBUG_ROOTS (what a refusal tells you to run)."""
+    out = subprocess.run(["make", "-n", "demo", f"ROOTS={tmp_path / 'a'} {tmp_path / 'b'}", "STAMP=Makefile"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if "streamlit run app.py" in line)
+    assert line.startswith(f'CFDEBUG_ROOTS="{tmp_path / "a"}:{tmp_path / "b"}" ')
+    plain = subprocess.run(["make", "-n", "demo", "STAMP=Makefile"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "CFDEBUG_ROOTS" not in plain
+
+
+def test_shared_when_served_read_only_or_not_on_loopback(monkeypatch):
+    assert not access.shared("127.0.0.1") and not access.shared("localhost")
+    assert access.shared(None) and access.shared("0.0.0.0") and access.shared("example.org")
+    monkeypatch.setenv("CFDEBUG_SHARED", "1")
+    assert access.shared("127.0.0.1")
+    monkeypatch.setenv("CFDEBUG_SHARED", "0")
+    monkeypatch.setenv("CFDEBUG_READ_ONLY", "1")
+    assert access.shared("127.0.0.1")
+
+
 def test_serve_argv_and_env(tmp_path, monkeypatch):
     monkeypatch.setenv("CFDEBUG_ROOTS", "/srv/already")
     argv, env = serve_argv()
@@ -218,6 +284,7 @@ def test_serve_argv_and_env(tmp_path, monkeypatch):
     assert options["--server.address"] == "127.0.0.1" and options["--server.port"] == "8501"
     assert options["--server.enableXsrfProtection"] == "true" and options["--server.headless"] == "true"
     assert env["CFDEBUG_READ_ONLY"] == "0" and env["CFDEBUG_ROOTS"] == "/srv/already"
+    assert env["CFDEBUG_SHARED"] == "1"  # `serve` shares: typed paths are confined to the roots too (cfdebug.access.shared)
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     argv, env = serve_argv("0.0.0.0", 8600, [str(tmp_path / "link")], True, ["--theme.base", "dark"])

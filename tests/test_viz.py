@@ -59,3 +59,28 @@ def test_region_share_and_overlay():
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
     assert (out[12:, 12:] == 100).all()  # outside the region the image is untouched
     assert not (out[:8, :8] == 100).all()  # inside: tinted and outlined
+
+
+def test_agreement_bar_of_a_wide_layer_shows_its_top_filters():
+    """resnet18's layer4 has 512 filters: the chart draws the top ones (the class's most frequent, the
+    image's strongest) and says so; the legend still counts every filter of each group."""
+    rng = np.random.default_rng(0)
+    local, global_ = rng.random(512) < 0.4, rng.random(512) < 0.4
+    freq, act = rng.random(512), rng.random(512)
+    fig = viz.agreement_bar(local, global_, freq, "Filters", activation=act)
+    drawn = {x for t in fig.data for x in t.x}
+    n = int((local | global_).sum())
+    assert len(drawn) == 64 and fig.layout.title.text == f"Filters (top 64 of {n} filters)"
+    strongest_class = {f"f{i}" for i in np.flatnonzero(local | global_)[np.argsort(-freq[local | global_])[:32]]}
+    assert strongest_class <= drawn
+    counts = sorted(int(t.name.rsplit(": ", 1)[1]) for t in fig.data if t.showlegend is not False and t.name)
+    assert counts == sorted([int((local & global_).sum()), int((local & ~global_).sum()), int((~local & global_).sum())])
+    small = viz.agreement_bar(local[:20], global_[:20], freq[:20], "Filters")
+    assert small.layout.title.text == "Filters"  # all shown: no note
+
+
+def test_training_curves_keep_accuracy_on_a_0_to_1_axis():
+    rows = [{"part": "training", "epoch": 1, "loss": 2.0, "val_acc": 0.5}]  # one point: plotly alone would pick 0 … 1.5
+    fig = viz.training_curves(rows)
+    axes = {fig.layout[k].tickformat: tuple(fig.layout[k].range or ()) for k in fig.layout if k.startswith("yaxis")}
+    assert axes[".0%"] == (0, 1.02)

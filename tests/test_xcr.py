@@ -193,6 +193,14 @@ def test_report_has_the_tables_with_numbers_in_range(small, tiny_report):
     assert "Table 2" in xcr_api.format_table2(r) and "Table 1" in xcr_api.format_table1(r)
 
 
+def test_default_table1_trains_no_selector_beyond_the_retrainings(small, tiny_report):
+    """The default config (Table 1 grid unset): the XCR and random rows at the run's own k and β,
+    no VIBI selector; its selector is the one the retraining uses (cached by the report above)."""
+    r = xcr_api.run_xcr_report(small, replace(TINY, table1_ks=None, table1_betas=None))
+    assert [(row["mode"], row["k"]) for row in r["table1"]] == [("XCR", 32), ("random", 32)]
+    assert "Table 1 at that k, β (XCR and random masks)" in r["settings"]
+
+
 def test_report_is_cached(small, tiny_report):
     again = xcr_api.run_xcr_report(small, TINY)
     assert again["cache_hit"] is True and again["table2"] == tiny_report["table2"]
@@ -235,6 +243,8 @@ def test_registered_run_logs_progress_and_checkpoints(demo_workspace, workdir):
     assert all(row["corrupt_acc"] is None for row in result["table2"])
     rows = registry.progress(record.run_id)
     assert any("fraction" in row for row in rows) and any(row.get("method") == "xcr" for row in rows)
+    # The run measures its own steps first: its first row says what it will take, its bar moves with the work.
+    assert rows[0]["message"].startswith("whole run estimated at ") and result["estimate"]["seconds"] > 0
     assert (record.run_dir / "xcr-seed0" / "checkpoint.pt").is_file()
     assert (record.run_dir / "vanilla-seed0" / "checkpoint.pt").is_file()
     with pytest.raises(CfdebugError, match="both `registry` and `run_id`"):

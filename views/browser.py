@@ -4,8 +4,8 @@ import numpy as np
 import streamlit as st
 
 from cfdebug import ui, viz
-from cfdebug.claims import DEFAULT_BUDGET
 from cfdebug.ui import browser as bui
+from cfdebug.ui.filters import gradcam_layer_note
 
 st.header("Sample browser")
 ws = ui.workspace_page()
@@ -14,8 +14,8 @@ K = len(classes)
 st.caption(
     "Every prediction of the test (or train) split. Filter by true and predicted class, outcome, flag and confidence; sort "
     "by confidence or by **agreement** (how well the image's own MC filters match its predicted class's, minus that class's "
-    "mean on training images: below 0 is suspect). **Flagged** is the Flagged view's default: the "
-    f"{DEFAULT_BUDGET:.0%} of test predictions with the lowest agreement. Click **open** under an image to see it in "
+    "mean on training images: below 0 is suspect). **Flagged** follows the rule chosen on the Flagged view: "
+    f"{bui.describe_flag_rule(bui.chosen_flag_rule())} (change it there). Click **open** under an image to see it in "
     "detail. The filters and the open image are in the URL, so a link reopens this view."
 )
 
@@ -43,7 +43,7 @@ for key in bui.QUERY_KEYS:
         del q[key]
 
 detection = ui.detection(ws) if split == "test" else None
-table = bui.predictions(ws, split, detection, DEFAULT_BUDGET)
+table = bui.predictions(ws, split, detection, bui.chosen_flag_rule())
 shown = bui.select(table, sel)
 st.markdown(f"**{len(shown)}** of {len(table)} {split} predictions match "
             f"({int((~shown['correct']).sum())} errors, {int(shown['flagged'].sum())} flagged).")
@@ -55,7 +55,7 @@ if opened is not None and opened.isdigit() and int(opened) < len(table):
     row = table.loc[i]
     with st.container(border=True):
         head, close = st.columns([6, 1])
-        head.markdown(f"**{split} image {row['id']}** (index {i})")
+        head.markdown(f"**{split} image {row['id']}**", help=f"Position {i} in the {split} split (the CSV's `index`, the URL's `image`).")
         if close.button("Close", key="close-detail"):
             del q["image"]
             st.rerun()
@@ -63,6 +63,7 @@ if opened is not None and opened.isdigit() and int(opened) < len(table):
         left, mid, right = st.columns([1, 1, 3])
         left.image(ui.sample_images(ws, split, [i])[0], caption=f"true {classes[row['true']]} · predicted {classes[pred_i]} ({row['confidence']:.2f})", width="stretch")
         mid.image(bui.gradcam_regions(ws, split, [i], [pred_i])[0], caption=f"Grad-CAM toward {classes[pred_i]} (outline: ≥ half its peak)", width="stretch")
+        gradcam_layer_note(ws, mid)
         lines = [f"- outcome: **{'correct' if row['correct'] else 'error'}**"]
         if split == "test" and detection is not None:
             lines.append(f"- agreement − class mean: **{row['agreement']:+.3f}**" + (" · **flagged**" if row["flagged"] else " · not flagged"))
@@ -94,17 +95,19 @@ chunk = shown.iloc[(page_no - 1) * PER_PAGE : page_no * PER_PAGE]
 if chunk.empty:
     st.info("Nothing matches these filters.")
 else:
-    grid = st.columns(8)
     tiles = ui.sample_images(ws, split, chunk.index)
-    for j, (i, row) in enumerate(zip(chunk.index, chunk.itertuples())):
-        col = grid[j % 8]
-        mark = ("✓" if row.correct else "✗") + (" ⚑" if row.flagged else "")
-        agreement = "" if np.isnan(row.agreement) else f" · agr {row.agreement:+.2f}"
-        col.image(tiles[j], width="stretch",
-                  caption=f"{mark} true {classes[row.true]} · pred {classes[row.predicted]} ({row.confidence:.2f}){agreement}")
-        if col.button("open", key=f"open-{split}-{i}", width="stretch"):
-            q["image"] = str(int(i))
-            st.rerun()
+    rows = list(zip(chunk.index, chunk.itertuples()))
+    for start in range(0, len(rows), 8):  # a row of columns per 8 tiles, the caption under the button: images and buttons line up
+        grid = st.columns(8)
+        for j, (i, row) in enumerate(rows[start : start + 8]):
+            col = grid[j]
+            mark = ("✓" if row.correct else "✗") + (" ⚑" if row.flagged else "")
+            agreement = "" if np.isnan(row.agreement) else f" · agr {row.agreement:+.2f}"
+            col.image(tiles[start + j], width="stretch")
+            if col.button("open", key=f"open-{split}-{i}", width="stretch"):
+                q["image"] = str(int(i))
+                st.rerun()
+            col.caption(f"{mark} true {classes[row.true]} · pred {classes[row.predicted]} ({row.confidence:.2f}){agreement}")
 
 export = shown.assign(true=shown["true"].map(lambda k: classes[k]), predicted=shown["predicted"].map(lambda k: classes[k]),
                       proposed=shown["proposed"].map(lambda k: classes[k]))

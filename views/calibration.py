@@ -8,6 +8,7 @@ from cfdebug.ui import verdicts as verdict_ui
 from cfdebug.ui.choices import XCR_BETA_CHOICES
 from cfdebug.ui import xcr as xcr_ui
 from cfdebug.ui.access import read_only, read_only_notice
+from cfdebug.ui.filters import gradcam_layer_note
 
 st.header("Calibration & robustness")
 ws = ui.workspace_page()
@@ -20,7 +21,7 @@ st.caption(
 
 defaults = xcr_ui.default_config(ws)
 if not read_only_notice():
-    with st.form("xcr-run"):
+    with st.container(border=True):
         st.markdown("**New run** (runs in the background; you can leave the page)")
         a, b, c, d = st.columns(4)
         k = a.number_input("k (patches kept)", min_value=1, value=int(defaults.selector.k), step=1,
@@ -29,25 +30,43 @@ if not read_only_notice():
         beta = b.selectbox("β (KL weight)", betas, index=betas.index(defaults.selector.beta) if defaults.selector.beta in betas else len(betas) - 1)
         selector_epochs = c.number_input("Selector epochs", min_value=1, value=int(defaults.selector.epochs), step=1)
         epochs = d.number_input("Retraining epochs", min_value=1, value=int(defaults.retrain.epochs), step=1)
-        a, b, c = st.columns(3)
+        a, b, c, d = st.columns(4)
         seeds = a.number_input("Seeds", min_value=1, max_value=10, value=len(defaults.seeds), step=1, help="Tables show the mean over seeds.")
         all_severities = b.checkbox("All 5 severities", value=tuple(defaults.severities) == (1, 2, 3, 4, 5),
                                     help=f"Default: severities {', '.join(map(str, defaults.severities))} of all {len(defaults.corruptions)} corruptions.")
         random_baseline = c.checkbox("Also retrain with random k-hot masks", value=defaults.random_baseline)
-        submitted = st.form_submit_button("Train selector and run the report", type="primary")
-    if submitted:
-        config = xcr_ui.build_config(ws, k=k, beta=beta, selector_epochs=selector_epochs, epochs=epochs, seeds=seeds,
-                                     all_severities=all_severities, random_baseline=random_baseline)
-        st.query_params["run"] = xcr_ui.start_xcr_run(ws, config)
+        sweep = d.checkbox("Table 1 sweep (paper B)", value=False,
+                           help="Table 1 over k ∈ {16, 32, 64} × β ∈ {0.1, 0.01, 0.001}: an XCR and a VIBI selector for each pair. "
+                                "Without it, Table 1 is computed at the k and β above, whose selector the run trains anyway.")
+        form = dict(k=k, beta=beta, selector_epochs=selector_epochs, epochs=epochs, seeds=seeds, all_severities=all_severities,
+                    random_baseline=random_baseline)
+        config = xcr_ui.build_config(ws, **form, table1_sweep=sweep)
+        expected = xcr_ui.estimate(ws, config)
+        with_sweep = expected if sweep else xcr_ui.estimate(ws, xcr_ui.build_config(ws, **form, table1_sweep=True))
+        st.markdown(
+            f"This run: one selector at **k = {config.k}, β = {config.selector.beta:g}**, vanilla and XCR retraining over "
+            f"{len(config.seeds)} seed{'s' if len(config.seeds) != 1 else ''}, {len(config.corruptions) * len(config.severities)} corrupted "
+            f"test sets. **Estimated time: {expected.describe()}** on this machine, from a few training steps timed just now."
+            + ("" if sweep or with_sweep.cached else f" With the Table 1 sweep: {with_sweep.describe()}.")
+        )
+        with st.expander("What the estimate is made of"):
+            st.dataframe(pd.DataFrame([{"part": part, "seconds": round(sec, 1)} for part, sec in expected.parts.items()]),
+                         hide_index=True, width="stretch")
+            st.caption("Each part is a measured step time × the steps the settings ask for; selectors already trained for this "
+                       "workspace cost nothing. The range allows for the load of a shared machine.")
+        if st.button("Train selector and run the report", type="primary"):
+            st.query_params["run"] = xcr_ui.start_xcr_run(ws, config, expected)
 
-runs = ui.runs.watch_runs(ws, xcr_ui.RUN_KIND, "XCR report")
+runs = ui.runs.watch_runs(ws, xcr_ui.RUN_KIND, "XCR report", extras=xcr_ui.pace_line)
 done = [r for r in runs if r.status == "done" and r.result]
 if not done:
-    if read_only():
+    if any(r.active for r in runs):
+        st.info("The XCR run above is in progress; its tables and figures appear here when it finishes.")
+    elif read_only():
         st.info("No finished XCR run for this workspace yet, and this read-only dashboard cannot start one.")
     else:
-        st.info("No finished XCR run for this workspace yet. Start one above (several minutes on 2 CPU cores; the monitor shows "
-                "progress), or run `python -m cfdebug xcr` in a terminal.")
+        st.info("No finished XCR run for this workspace yet. Start one above (the estimate says how long it takes here), "
+                "or run `python -m cfdebug xcr` in a terminal.")
     st.stop()
 
 ids = [r.run_id for r in done]
@@ -129,6 +148,7 @@ a, b = st.columns([1, 2])
 n_show = a.slider("Images", 4, 24, 8, 4)
 flagged_first = b.toggle("Flagged predictions first (runs the paper-A detector; cached after the first time)", value=False)
 gallery = xcr_ui.mask_gallery(ws, result["selector"]["config"], n_show, flagged_first)
+gradcam_layer_note(ws)
 for start in range(0, len(gallery), 2):
     cols = st.columns(8)
     for j, row in enumerate(gallery[start : start + 2]):

@@ -60,15 +60,40 @@ others = np.delete(freq, cls, axis=0)[np.delete(filters.counts, cls) > 0]
 st.plotly_chart(viz.top_filters_bar(top, freq[cls, top], f"Class {classes[cls]}'s top filters by {by}: MC frequency here vs in other classes",
                                     other=others[:, top].mean(0) if len(others) else None), width="stretch")
 st.caption("For each filter, the training images of this class where it fires most; the orange outline (and tint) marks where it "
-           "fires at half its peak or more. ✓/✗: the model's prediction on that training image.")
+           "fires at half its peak or more. ✓/✗: the model's prediction on that training image. **Where** it fires is measured on the "
+           "activation maps of the class's 32 training images where it fires most: where its strongest response lies, and the share "
+           "of its activation there. Tick filters that are not evidence to revise the model against them.")
+places = {int(f): bui.filter_location(ws, cls, int(f)) for f in top}
+if ws.config.data.source in ("biased-digits", "hard-digits") and places:
+    area = next(iter(places.values()))["area"]
+    in_square = [f for f, loc in places.items() if loc["where"] == "the corner square" and loc["peaks"] >= 0.5]
+    st.markdown(
+        f"**Where they fire, measured:** {len(in_square)} of these {len(top)} filters respond most strongly in the corner square (the "
+        f"planted shortcut, {area:.1%} of the image) on most of the class's images where they fire"
+        + (f" ({', '.join(f'f{f}' for f in in_square)}): that colour is what they detect." if in_square
+           else "; the others respond to the digit's strokes (the outlines below). The shortcut shows in where Grad-CAM looks on "
+                "the errors (**Overview**) rather than in these filters.")
+    )
+ticked = []
 for f in top:
-    indices, overlays, captions = bui.top_activating(ws, cls, int(f), n=6)
+    f = int(f)
+    loc = places[f]
+    indices, overlays, captions = bui.top_activating(ws, cls, f, n=6)
     cols = st.columns([1, 6])
     cols[0].markdown(f"**filter f{f}**  \nkept in {freq[cls, f]:.0%} of class {classes[cls]}'s {filters.counts[cls]} voting images, "
-                     f"specificity {specificity[cls, f]:+.2f}")
+                     f"specificity {specificity[cls, f]:+.2f}  \nstrongest in **{loc['where']}** on {loc['peaks']:.0%} of these images; "
+                     f"{loc['share']:.1%} of its activation there (the region is {loc['area']:.1%} of the image)")
+    if cols[0].checkbox("not evidence", key=f"tick-{cls}-{f}", help="Tick to open the Revise page with this filter declared not evidence."):
+        ticked.append(f)
     grid = cols[1].columns(6)
     for j, image in enumerate(overlays):
         grid[j].image(image, caption=captions[j], width="stretch")
+if ticked:
+    names = ", ".join(f"f{f}" for f in ticked)
+    st.page_link("views/revise.py", label=f"Revise the model against {names}", icon=":material/build:",
+                 query_params={"filters": ",".join(map(str, ticked)), "declare": "filters"})
+else:
+    st.caption("Tick **not evidence** under a filter to revise the model against it (the **Revise** page).")
 
 st.subheader("Causal check")
 st.caption(

@@ -5,10 +5,11 @@ import pandas as pd
 import streamlit as st
 
 from cfdebug import metrics, ui, viz
-from cfdebug.claims import DEFAULT_BUDGET, budget_flags
+from cfdebug.claims import DEFAULT_BUDGET, DEFAULT_SEEDS, budget_flags
 from cfdebug.detect import combined_score, flags_at_margin
 from cfdebug.ui import browser as bui
 from cfdebug.ui import verdicts as verdict_ui
+from cfdebug.ui.filters import gradcam_layer_note
 
 st.header("Flagged predictions")
 ws = ui.workspace_page()
@@ -47,10 +48,13 @@ if 0 < is_error.sum() < len(is_error):
     for name, s in scores.items():
         c = metrics.error_detection_curve(s, is_error)
         curves[name] = (c["fpr"], c["tpr"], metrics.error_detection_scores(s, is_error)["auroc"])
-    left.plotly_chart(viz.roc_figure(curves), width="stretch")
+    left.plotly_chart(viz.roc_figure(curves, "Error detection ROC (CFE seed 0)"), width="stretch")
 else:
     left.info("Detection curves need at least one error and one correct prediction.")
 margin = scores["MC agreement"]
+kept = bui.chosen_flag_rule()  # the rule chosen before, when the URL does not say (a page switch drops it)
+if "rule" not in st.query_params:
+    st.query_params.update({"rule": kept[0], **({"budget": f"{round(100 * kept[1])}"} if kept[0] == "budget" else {"threshold": f"{kept[1]:g}"})})
 rule = right.radio(
     "Flag rule", ["Review budget", "Paper rule"], horizontal=True,
     index=0 if st.query_params.get("rule", "budget") == "budget" else 1,
@@ -84,6 +88,10 @@ else:
     st.query_params.pop("budget", None)
     flags = flags_at_margin(result, threshold)
     checked, flagged = flags["checked"], flags["flagged"]
+if rule == "Review budget":  # kept for the other pages that show flags (the Sample browser, Treatment)
+    bui.choose_flag_rule("budget", budget / 100)
+else:
+    bui.choose_flag_rule("paper", threshold)
 detected = int((flagged & is_error).sum())
 right.metric("Errors detected", f"{detected} of {int(is_error.sum())}", f"{100 * detected / max(is_error.sum(), 1):.0f}%", delta_color="off")
 right.metric("New errors (correct but flagged)", int((flagged & ~is_error).sum()))
@@ -92,37 +100,52 @@ if images["unscorable"].any():
     right.warning(f"{int(images['unscorable'].sum())} predictions are unscorable: their class has no global MC filters.")
 
 if 0 < is_error.sum() < len(is_error):
-    rows = verdict_ui.detection(ws, result, (budget / 100) if rule == "Review budget" else DEFAULT_BUDGET)
+    seeds = ", ".join(map(str, DEFAULT_SEEDS))
+    rows = verdict_ui.detection(ws, (budget / 100) if rule == "Review budget" else DEFAULT_BUDGET)
     if rows:
-        verdict_ui.show([r for r in rows if r["method"] in ("mc_agreement", "combined")], title="Does MC agreement find errors better than MSP?",
+        verdict_ui.show([r for r in rows if r["method"] in ("mc_agreement", "combined")],
+                        title=f"Does MC agreement find errors better than MSP? (CFE seeds {seeds}, as `python -m cfdebug report`)",
                         key="detection_verdicts")
+        st.caption(f"The verdict averages the agreement scores of {len(DEFAULT_SEEDS)} CFE fits (seeds {seeds}) per test image; the "
+                   "curves, counts and gallery on this page are those of seed 0.")
 
 st.subheader("Gallery")
 st.caption("Flagged predictions, lowest agreement first, with Grad-CAM toward the predicted class. Caption: ✓/✗ whether the "
            "prediction is right, true and predicted class, confidence, and **→ c**: the class proposed by re-ranking the "
-           f"top-{result['rerank_top_k']} classes by agreement (the paper's fix; equal to the prediction when no other class agrees better).")
+           f"top-{result['rerank_top_k']} classes by agreement (the paper's fix; equal to the prediction when no other class agrees better). "
+           "**open** shows one below.")
 images["flagged_now"] = flagged
 shown = images[flagged].sort_values("agreement_margin", kind="stable")
-n_show = st.slider("Images", 4, 40, 16, 4)
-page = shown.head(n_show)
+PER_PAGE = 16
+pages = max(1, -(-len(shown) // PER_PAGE))
+a, b = st.columns([1, 3])
+page_no = a.number_input(f"Page (of {pages}, {PER_PAGE} per page)", 1, pages, 1, key=f"gallery-page-{len(shown)}")
+b.caption(f"**{len(shown)}** flagged predictions; this page shows {min((page_no - 1) * PER_PAGE + 1, len(shown))}–"
+          f"{min(page_no * PER_PAGE, len(shown))}.")
+page = shown.iloc[(page_no - 1) * PER_PAGE : page_no * PER_PAGE]
 if page.empty:
     st.info("No prediction is flagged at this threshold.")
 else:
     overlays = ui.gradcam_overlays(ws, "test", page.index.to_numpy(), page["predicted"].to_numpy())
-    grid = st.columns(8)
-    for j, (i, row) in enumerate(page.iterrows()):
-        mark = "✗" if row["error"] else "✓"
-        grid[j % 8].image(overlays[j], width="stretch",
-                          caption=f"{mark} true {classes[row['true']]} · pred {classes[row['predicted']]} ({row['confidence']:.2f}) → {classes[row['proposed']]}")
+    gradcam_layer_note(ws)
+    for start in range(0, len(page), 8):
+        grid = st.columns(8)
+        for j, (i, row) in enumerate(list(page.iterrows())[start : start + 8]):
+            mark = "✗" if row["error"] else "✓"
+            grid[j].image(overlays[start + j], width="stretch")
+            if grid[j].button("open", key=f"open-flagged-{row['id']}", width="stretch"):
+                st.query_params["image"] = row["id"]
+            grid[j].caption(f"{mark} true {classes[row['true']]} · pred {classes[row['predicted']]} ({row['confidence']:.2f}) → {classes[row['proposed']]}")
 
     st.subheader("One prediction")
-    ids = page["id"].tolist()
+    ids = shown["id"].tolist()
     wanted = st.query_params.get("image")
-    pick = st.selectbox("Image", ids, index=ids.index(wanted) if wanted in ids else 0)
+    pick = st.selectbox("Image (flagged predictions, lowest agreement first)", ids, index=ids.index(wanted) if wanted in ids else 0,
+                        key=f"one-{wanted}")
     if st.query_params.get("image") != pick:
         st.query_params["image"] = pick
-    row = page[page["id"] == pick].iloc[0]
-    i, pred = int(page.index[page["id"] == pick][0]), int(row["predicted"])
+    row = shown[shown["id"] == pick].iloc[0]
+    i, pred = int(shown.index[shown["id"] == pick][0]), int(row["predicted"])
     filters = ui.global_filters(ws)
     local = ui.local_masks(ws, "test", [i], [pred])[0]
     global_set = filters.sets(result["config"]["freq_threshold"])[pred]

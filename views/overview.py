@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from cfdebug import metrics, ui, viz
+from cfdebug.config import DEMO_DATASETS
 from cfdebug.ui import browser as bui
 from cfdebug.ui import verdicts as verdict_ui
 
@@ -35,24 +36,32 @@ if ws.config.data.source == "biased-digits":
             + ("So where the model fails, the corner square pulls its attention far beyond its size: the shortcut shows in the explanations."
                if on_errors > 2 else "The corner square draws no more attention than its size on the errors: no sign of the shortcut in Grad-CAM.")
         )
-    with st.expander("What to look at next", expanded=True):
-        st.markdown(
-            "1. **Class filters**: the filters each class relies on (ranked by how specific they are to it) and where they fire.\n"
-            "2. **Flagged predictions**: test predictions whose filters disagree with their class's (paper A), against ranking by "
-            "confidence (MSP), with a verdict.\n"
-            "3. **Sample browser**: every prediction, filtered and sorted; open one to see its Grad-CAM, filters and how the "
-            "control and treated models predict it.\n"
-            "4. **Treatment**: fine-tune with the MC-filter losses; compare with a plain fine-tuning control (same seeds).\n"
-            "5. **Calibration & robustness**: XCR retraining (paper B) against vanilla retraining, clean and corrupted.\n\n"
-            "**Hard Digits** (sidebar, Dataset) is a bed without a shortcut, where models err for ordinary reasons."
-        )
+demo = ws.config.data.source == "biased-digits"
+with st.expander("What to look at next", expanded=True):
+    st.markdown(
+        "1. **Class filters**: the filters each class relies on (ranked by how specific they are to it) and where they fire"
+        + (" (on the demo: the corner square)" if demo else "") + "; tick the ones that are not evidence.\n"
+        "2. **Flagged predictions**: test predictions whose filters disagree with their class's (paper A), against ranking by "
+        "confidence (MSP), with a verdict.\n"
+        "3. **Sample browser**: every prediction, filtered and sorted; open one to see its Grad-CAM, filters and how the "
+        "control and treated models predict it.\n"
+        "4. **Treatment**: fine-tune with the MC-filter losses; compare with a plain fine-tuning control (same seeds).\n"
+        "5. **Revise**: say what is not evidence (a region, the filters you ticked, an appearance) and fine-tune the model "
+        "against it; a verdict against the same fine-tuning without it.\n"
+        "6. **Calibration & robustness**: XCR retraining (paper B) against vanilla retraining, clean and corrupted.\n\n"
+        + ("**Hard Digits** (sidebar, Dataset) is a bed without a shortcut, where models err for ordinary reasons." if demo else
+           "**Biased Digits** (sidebar, Dataset) is the demo with a planted shortcut." if ws.config.data.source in DEMO_DATASETS else
+           "**Your own data**: start with **Flagged predictions** (which errors the filters catch) and **Class filters** (what each "
+           "class relies on and where it fires); when something the model uses is not evidence, **Revise** it. "
+           f"`python -m cfdebug report --data {ws.config.data.source}` judges every method over 3 seeds from a terminal.")
+    )
 verdicts = verdict_ui.remembered()
 with st.container(border=True):
-    st.markdown("**Verdicts for this workspace** (each method against its baseline, 95% interval)")
+    st.markdown("**Verdicts for this workspace** (each method against its baseline, 95% interval; kept in the workdir)")
     if not verdicts:
-        st.caption("None computed yet in this session: open **Flagged predictions** (detection vs MSP), a finished **Treatment** "
-                   "run (treated vs control) or **Calibration & robustness** (XCR vs vanilla); `python -m cfdebug report` "
-                   "computes all three over 3 seeds.")
+        st.caption("None computed yet: open **Flagged predictions** (detection vs MSP over CFE seeds 0, 1, 2, as `python -m cfdebug "
+                   "report`), a finished **Treatment** run (treated vs control), **Revise** or **Calibration & robustness** (XCR vs "
+                   "vanilla); `python -m cfdebug report` computes them all over 3 seeds.")
     for claim, rows in verdicts.items():
         if rows:
             st.markdown(f"*{claim}*: " + verdict_ui.sentence(rows[0]))
@@ -64,6 +73,11 @@ cols = st.columns(4)
 for col, name in zip(cols, ("train", "val", "test")):
     col.metric(f"{name.capitalize()} accuracy", f"{100 * splits[name].accuracy:.1f}%", help=f"{len(splits[name].labels)} images")
 cols[3].metric("Test errors", int((test.preds != test.labels).sum()))
+
+history = ui.workspace.training_history(ws)
+if history:
+    with st.expander("How this model was trained: loss and accuracy per epoch"):
+        st.plotly_chart(viz.training_curves(history, "Training curves (the best epoch on validation was kept)"), width="stretch")
 
 recall = {name: metrics.per_class_recall(splits[name].preds, splits[name].labels, K) for name in ("train", "test")}
 left, right = st.columns(2)

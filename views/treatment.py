@@ -9,6 +9,7 @@ from cfdebug.ui import verdicts as verdict_ui
 from cfdebug import ui, viz
 from cfdebug.config import TreatmentConfig
 from cfdebug.ui.choices import TREATMENT_LAMBDA1_GRID, TREATMENT_LAMBDA2_GRID, TREATMENT_LR_GRID
+from cfdebug.ui import browser as bui
 from cfdebug.ui import treatment as tui
 from cfdebug.ui.access import read_only, read_only_notice
 
@@ -22,19 +23,38 @@ st.caption(
 )
 
 DEFAULTS = TreatmentConfig()
+terms = tui.base_batch_terms(ws)
+
+
+def _share_caption(column, name: str, share: float | None) -> None:
+    if share is None:
+        column.caption(f"{name}: its share of the loss shows once the CFE heads are fitted (open **Class filters**).")
+        return
+    small = share < tui.MIN_SHARE
+    column.caption(f"{name} would be **{tui.percent(share)}** of the loss on a batch of the base model"
+                   + (" — too small to change the model." if small else "."))
+
+
 if not read_only_notice():
-    with st.form("launch"):
+    with st.container(border=True):
+        st.markdown("**New run** (treated and control, in the background)")
         c1, c2 = st.columns(2)
-        lambda1 = c1.select_slider("λ1 (MC filters)", options=list(TREATMENT_LAMBDA1_GRID), value=DEFAULTS.lambda1, format_func=lambda v: f"{v:g}",
-                                   help="Log-spaced; the paper's grid spans 1e-4 … 2e-3")
-        lambda2 = c2.select_slider("λ2 (non-MC filters)", options=list(TREATMENT_LAMBDA2_GRID), value=DEFAULTS.lambda2, format_func=lambda v: f"{v:g}",
-                                   help="Log-spaced; the paper's grid spans 1e-5 … 1e-4")
+        lambda1 = c1.select_slider("λ1 (reward the class's MC filters)", options=list(TREATMENT_LAMBDA1_GRID),
+                                   value=min(TREATMENT_LAMBDA1_GRID, key=lambda v: abs(v - DEFAULTS.lambda1)), format_func=lambda v: f"{v:g}",
+                                   help="Log-spaced, from where the term is a fraction of a percent of the loss to where it dominates it "
+                                        "(measured on the demo and Hard Digits); the paper's grid is 1e-4 … 2e-3.")
+        lambda2 = c2.select_slider("λ2 (penalise the other filters)", options=list(TREATMENT_LAMBDA2_GRID),
+                                   value=min(TREATMENT_LAMBDA2_GRID, key=lambda v: abs(v - DEFAULTS.lambda2)), format_func=lambda v: f"{v:g}",
+                                   help="Log-spaced like λ1; the paper's grid is 1e-5 … 1e-4.")
+        shares = tui.share_at(terms, lambda1, lambda2) if terms else {"mc": None, "non_mc": None}
+        _share_caption(c1, "λ1·L_MC", shares["mc"])
+        _share_caption(c2, "λ2·L_nonMC", shares["non_mc"])
         c3, c4, c5, c6 = st.columns(4)
         epochs = c3.number_input("Epochs", 1, 200, DEFAULTS.epochs)
         lr = c4.select_slider("Learning rate (SGD)", options=list(TREATMENT_LR_GRID), value=DEFAULTS.lr, format_func=lambda v: f"{v:g}")
         seed = c5.number_input("First seed", 0, 10_000, DEFAULTS.seed)
         n_seeds = c6.number_input("Seeds", 1, 5, 3, help="Treated and control runs per seed; 3 or more give the verdict a 95% interval.")
-        if st.form_submit_button("Launch run", type="primary"):
+        if st.button("Launch run", type="primary"):
             run_id = tui.launch_treatment(ws, float(lambda1), float(lambda2), int(epochs), float(lr), int(seed), int(n_seeds))
             st.session_state["treatment_selected"] = run_id
             st.toast(f"Started {run_id}")
@@ -46,10 +66,8 @@ if not records:
     st.info("No treatment run yet for this model and dataset."
             + (" This read-only dashboard cannot start one." if read_only() else " Launch one above, or run `python -m cfdebug treat`."))
 else:
-    table = pd.DataFrame([{
-        "run": r.run_id, "status": r.status, **tui.grid_labels(r.config), "epochs": (r.config.get("treatment") or {}).get("epochs"),
-    } for r in records if r.config])
-    st.dataframe(table, hide_index=True, width="stretch")
+    rows = pd.DataFrame([tui.run_row(r, ui.runs.progress(ws, r)) for r in records if r.config])
+    st.dataframe(rows.fillna("—"), hide_index=True, width="stretch")  # a column one run has and another not: a dash, not "None"
 
 done = [r for r in records if r.status == "done" and r.result]
 if not done:
@@ -70,9 +88,9 @@ row = {r["model"]: r for r in res["table2"] if r["model"] != "treatment"}
 row["treatment"] = next(r for r in res["table2"] if r["model"] == "treatment" and (r["lambda1"], r["lambda2"]) == (best["lambda1"], best["lambda2"]))
 m[0].metric("Base test acc.", f"{100 * row['base']['test_acc_mean']:.2f}%")
 m[1].metric("Control (CE fine-tune)", f"{100 * row['fine-tuned']['test_acc_mean']:.2f}%",
-            f"{100 * (row['fine-tuned']['test_acc_mean'] - row['base']['test_acc_mean']):+.2f} pts")
+            **tui.delta(row['fine-tuned']['test_acc_mean'] - row['base']['test_acc_mean'], "vs base"))
 m[2].metric(f"Treated (best on val: λ1={best['lambda1']:g}, λ2={best['lambda2']:g})", f"{100 * row['treatment']['test_acc_mean']:.2f}%",
-            f"{100 * (row['treatment']['test_acc_mean'] - row['fine-tuned']['test_acc_mean']):+.2f} pts vs control")
+            **tui.delta(row['treatment']['test_acc_mean'] - row['fine-tuned']['test_acc_mean'], "vs control"))
 treated_vs_control = tui.treatment_verdict_rows(ws, res)
 if treated_vs_control is None:
     st.info("This run was made before treatment runs kept each test image's prediction, which the verdict pairs over; launch it "
@@ -83,7 +101,7 @@ else:
 if len(res["control"]) < 2:
     st.caption("One seed: the interval is over test images only; launch the same λ pair with more seeds, or run "
                "`python -m cfdebug treat --seeds 0,1,2`, to pair over seeds too.")
-st.dataframe(t2, hide_index=True, width="stretch")
+st.dataframe(t2.astype(object).where(t2.notna(), "—"), hide_index=True, width="stretch")  # the base model has no λ: a dash, not "None"
 st.download_button("Download Table 2 (CSV)", t2.to_csv(index=False), f"{run_id}_table2.csv", "text/csv")
 
 st.caption("**Table 2** (means over seeds; std with ddof = 1). *fine-tuned* is the control. The verdict above compares treated "
@@ -140,18 +158,22 @@ if changes is not None:
                 cols = st.columns(10)
                 for j, (i, image) in enumerate(zip(shown, ui.sample_images(ws, "test", shown))):
                     cols[j].image(image, caption=f"{label} {classes[labels[i]]}: {classes[before[i]]}→{classes[after[i]]}", width="stretch")
-    fc = res.get("flagged_churn")
+    rule = bui.chosen_flag_rule()
+    fc = tui.flagged_set_change(ws, record, rule)
     if fc:
         st.markdown(
-            f"**Flagged set, treated vs base** (detection recomputed on the treated model; the control has no detection run): "
-            f"{fc['flagged_errors_fixed']} of {fc['flagged_errors_before']} flagged errors fixed; of the {fc['new_errors']} new errors, "
-            f"{fc['new_errors_flagged']} are flagged by the treated model's detection; flagged predictions "
-            f"{fc['flagged_before']} → {fc['flagged_after']}."
+            f"**Flagged set, treated vs base** ({bui.describe_flag_rule(rule)}, the rule chosen on **Flagged predictions**; detection "
+            f"recomputed on the treated model, the control has none): {fc['flagged_errors_fixed']} of {fc['flagged_errors_before']} flagged "
+            f"errors fixed; of the {fc['new_errors']} new errors, {fc['new_errors_flagged']} are flagged by the treated model's detection; "
+            f"flagged predictions {fc['flagged_before']} → {fc['flagged_after']}."
         )
     st.markdown("Open any of these images in the **Sample browser** to see how base, control and treated predict it.")
 
-with st.expander("Per-epoch curves of this run"):
-    st.plotly_chart(viz.training_curves(tui.history_rows(res), "Loss terms and validation accuracy per epoch"), width="stretch")
+st.subheader("Loss terms of this run")
+history = tui.history_rows(res)
+tui.show_shares(history, key=f"{run_id}-shares")
+with st.expander("Per-epoch curves of this run", expanded=bool(tui.share_warnings(history))):
+    st.plotly_chart(viz.training_curves(history, "Loss terms and validation accuracy per epoch"), width="stretch")
 weights = tui.treated_weights(record)
 if weights is not None and not read_only():
     if st.button("Use the treated model as the workspace model", help="The other pages then recompute on the treated weights"):

@@ -40,6 +40,7 @@ from .xcr import (
     SELECTOR_MODES,
     SELECTOR_SCHEDULES,
     SELECTOR_TARGETS,
+    TABLE1_SWEEP,
     XCR_RETRAIN_FIELDS,
     SelectorConfig,
     XCRConfig,
@@ -61,6 +62,6 @@ __all__ = [
     "FILTER_METHODS", "REGION_METHODS", "REVISE_FILLS", "REVISE_METHODS", "ReviseConfig",
     # paper B
     "CORRUPTION_GROUPS", "CORRUPTIONS", "INIT_CHOICES", "N_SEVERITIES", "SELECTOR_ESTIMATORS", "SELECTOR_MODES",
-    "SELECTOR_SCHEDULES", "SELECTOR_TARGETS", "XCR_RETRAIN_FIELDS", "SelectorConfig", "XCRConfig", "route_retrain_fields",
+    "SELECTOR_SCHEDULES", "SELECTOR_TARGETS", "TABLE1_SWEEP", "XCR_RETRAIN_FIELDS", "SelectorConfig", "XCRConfig", "route_retrain_fields",
     "xcr_config_from_dict",
 ]

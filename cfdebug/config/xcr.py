@@ -23,6 +23,8 @@ CORRUPTION_GROUPS: dict[str, tuple[str, ...]] = {
 }
 CORRUPTIONS: tuple[str, ...] = tuple(name for group in CORRUPTION_GROUPS.values() for name in group)
 N_SEVERITIES = 5
+#: Paper B's Table 1 grid (XCR, VIBI and random masks at every k × β): ``XCRConfig(**TABLE1_SWEEP)``.
+TABLE1_SWEEP: dict[str, tuple] = {"table1_ks": (16, 32, 64), "table1_betas": (0.1, 0.01, 0.001)}
 # XCR retraining (cfdebug.xcr.retrain): retrain the loaded model, or a seeded fresh one.
 INIT_CHOICES = ("pretrained", "scratch")
 
@@ -144,7 +146,13 @@ class XCRConfig:
             its ``<name>.npy`` files are read, with the workspace's test labels).
         max_corrupt_images: evaluate corruptions on a seeded random subset of at most this many
             test images (``None``: all).
-        table1_ks, table1_betas: the grid of Table 1 (XCR, VIBI and random masks).
+        table1_ks, table1_betas: the grid of Table 1 (XCR, VIBI and random masks). ``None``
+            (the default): the selector's own ``k`` and ``β``, whose selector the retraining
+            trains anyway, with the XCR and random-mask rows only, so Table 1 trains nothing
+            more (VIBI needs a selector of its own); a grid given (``report`` gives
+            ``(k,), (β,)``) has all three modes; paper B's sweep (:data:`TABLE1_SWEEP`: an XCR
+            and a VIBI selector per pair) is an explicit choice; ``()``: no Table 1.
+            :meth:`table1_grid` resolves them.
         n_bins: ECE / reliability bins (15, METHODS.md).
     """
 
@@ -158,8 +166,8 @@ class XCRConfig:
     corruption_seed: int = 0
     cifar10c_dir: str | None = None
     max_corrupt_images: int | None = None
-    table1_ks: tuple[int, ...] = (16, 32, 64)
-    table1_betas: tuple[float, ...] = (0.1, 0.01, 0.001)
+    table1_ks: tuple[int, ...] | None = None
+    table1_betas: tuple[float, ...] | None = None
     n_bins: int = 15
 
     def __post_init__(self):
@@ -188,8 +196,8 @@ class XCRConfig:
         severities = check_sequence(self.severities, "severities", severity)
         if bool(corruptions) != bool(severities):
             raise CfdebugError("Expected both `corruptions` and `severities` to be empty (clean evaluation only) or both non-empty.")
-        ks = check_sequence(self.table1_ks, "table1_ks", lambda k: check_int(k, "table1_ks"))
-        betas = check_sequence(self.table1_betas, "table1_betas", lambda b: check_real(b, "table1_betas", low=0.0))
+        ks = None if self.table1_ks is None else check_sequence(self.table1_ks, "table1_ks", lambda k: check_int(k, "table1_ks"))
+        betas = None if self.table1_betas is None else check_sequence(self.table1_betas, "table1_betas", lambda b: check_real(b, "table1_betas", low=0.0))
         if self.max_corrupt_images is not None:
             check_int(self.max_corrupt_images, "max_corrupt_images")
         if self.cifar10c_dir is not None and not isinstance(self.cifar10c_dir, str):
@@ -202,19 +210,32 @@ class XCRConfig:
     def k(self) -> int:
         return self.selector.k
 
+    def table1_grid(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """Table 1's ``(ks, betas)``: the fields, or the selector's own ``(k,), (β,)`` where ``None``."""
+        ks = (self.selector.k,) if self.table1_ks is None else self.table1_ks
+        betas = (self.selector.beta,) if self.table1_betas is None else self.table1_betas
+        return ks, betas
+
+    @property
+    def table1_sweep(self) -> bool:
+        """Whether Table 1 trains selectors beyond the retraining's own (a grid, not ``None``)."""
+        ks, betas = self.table1_grid()
+        return bool(ks) and (set(ks) != {self.selector.k} or set(betas) != {self.selector.beta})
+
     @property
     def patch_size(self) -> int:
         return self.selector.patch_size
 
     @classmethod
     def demo(cls, **overrides) -> "XCRConfig":
-        """The embedded demo's settings (about 2.5 minutes on 2 CPU cores, measured).
+        """The embedded demo's settings (see the README's Calibration section for the measured time).
 
         Selector: :meth:`SelectorConfig.demo` (width 16, Adam 5e-3, 15 epochs) at the paper's best
         ``k = 32, β = 0.001``. Retraining: 3 epochs, Adam 1e-3, all layers, from the trained
         demo CNN, one seed. Evaluation: all 15 corruptions at severities 1, 3 and 5. Table 1:
-        k ∈ {16, 32, 64} at β = 0.001. Every field can be overridden, the retraining's also
-        flat (:data:`XCR_RETRAIN_FIELDS`), e.g. ``XCRConfig.demo(epochs=1, seeds=(0, 1, 2))``.
+        at that one ``k, β`` (paper B's sweep is ``**TABLE1_SWEEP``). Every field can be
+        overridden, the retraining's also flat (:data:`XCR_RETRAIN_FIELDS`), e.g.
+        ``XCRConfig.demo(epochs=1, seeds=(0, 1, 2))``.
         """
         selector = overrides.pop("selector", None) or SelectorConfig.demo(k=32, beta=0.001)
         base = {
@@ -223,8 +244,6 @@ class XCRConfig:
             "seeds": (0,),
             "corruptions": CORRUPTIONS,
             "severities": (1, 3, 5),
-            "table1_ks": (16, 32, 64),
-            "table1_betas": (0.001,),
         }
         return cls(**route_retrain_fields({**base, **overrides}, base["retrain"]))
 

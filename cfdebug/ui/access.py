@@ -1,5 +1,5 @@
 """The dashboard side of :mod:`cfdebug.access`: the read-only notice (the workspace checks are
-drawn by :func:`cfdebug.ui.workspace.admitted`).
+drawn by :func:`cfdebug.ui.workspace.refused`).
 
 Pages that launch or cancel runs call :func:`read_only_notice` and draw their launch form or
 cancel button only when it returns False.

@@ -30,14 +30,12 @@ SORTS = {
 }
 
 
-def predictions(ws, split: str, detection: dict | None = None, budget: float | None = None) -> pd.DataFrame:
+def predictions(ws, split: str, detection: dict | None = None, rule: tuple[str, float] | None = None) -> pd.DataFrame:
     """One row per image of ``split`` (index = position in the split): ``id``, ``true``,
     ``predicted``, ``confidence`` [0, 1], ``correct``; for the test split with a ``detection``
-    report also ``agreement`` (agreement − class mean), ``flagged`` (the ``budget`` share of
-    lowest agreement, as the Flagged view's default) and ``proposed`` (the re-ranked class).
+    report also ``agreement`` (agreement − class mean), ``flagged`` (by ``rule``,
+    :func:`flags_by_rule`; default the report's own flags) and ``proposed`` (the re-ranked class).
     Train predictions have no agreement score (NaN) and are never flagged."""
-    from ..claims import budget_flags
-
     ex = extraction(ws, split)
     conf = ex.probs.max(1)
     table = pd.DataFrame({
@@ -47,11 +45,53 @@ def predictions(ws, split: str, detection: dict | None = None, budget: float | N
     if split == "test" and detection is not None:
         margin = np.asarray([r["agreement_margin"] for r in detection["images"]], float)
         table["agreement"] = margin
-        table["flagged"] = budget_flags(margin, budget) if budget else np.asarray([r["flagged"] for r in detection["images"]])
+        table["flagged"] = flags_by_rule(detection, rule) if rule else np.asarray([r["flagged"] for r in detection["images"]])
         table["proposed"] = [int(r["proposed"]) for r in detection["images"]]
     else:
         table["agreement"], table["flagged"], table["proposed"] = np.nan, False, table["predicted"]
     return table
+
+
+#: Session state: the flag rule the user chose on the Flagged page, ``(rule, value)``: ``("budget",
+#: fraction)`` or ``("paper", threshold)``; every page that shows flags uses it (the Flagged page
+#: also keeps it in its URL).
+FLAG_RULE_KEY = "cfdebug_flag_rule"
+
+
+def choose_flag_rule(rule: str, value: float) -> None:
+    """Keep the Flagged page's rule for the other pages (:func:`chosen_flag_rule`)."""
+    import streamlit as st
+
+    st.session_state[FLAG_RULE_KEY] = (rule, float(value))
+
+
+def chosen_flag_rule() -> tuple[str, float]:
+    """The flag rule the user chose (:func:`choose_flag_rule`), by default the review budget of
+    :data:`cfdebug.claims.DEFAULT_BUDGET`."""
+    import streamlit as st
+
+    from ..claims import DEFAULT_BUDGET
+
+    return st.session_state.get(FLAG_RULE_KEY, ("budget", DEFAULT_BUDGET))
+
+
+def describe_flag_rule(rule: tuple[str, float]) -> str:
+    """``"review budget 10%"`` or ``"paper rule, threshold 0"``."""
+    kind, value = rule
+    return f"review budget {value:.0%}" if kind == "budget" else f"paper rule, threshold {value:g}"
+
+
+def flags_by_rule(detection: dict, rule: tuple[str, float]) -> np.ndarray:
+    """``[N]`` bool: the test predictions of a :func:`~cfdebug.detect.run_detection` report that
+    ``rule`` flags (:func:`chosen_flag_rule`): the budget's lowest agreement margins, or the
+    paper's rule at its threshold."""
+    from ..claims import budget_flags
+    from ..detect import flags_at_margin
+
+    kind, value = rule
+    if kind == "budget":
+        return budget_flags(np.asarray([r["agreement_margin"] for r in detection["images"]], float), value)
+    return np.asarray(flags_at_margin(detection, value)["flagged"], bool)
 
 
 def flagged_export(images: pd.DataFrame, flagged, checked, rule: str, classes) -> pd.DataFrame:
@@ -194,6 +234,46 @@ def top_activating(ws, cls: int, filter_index: int, n: int = 6) -> tuple[np.ndar
     classes = ws.data.classes
     captions = [f"{'✓' if train.preds[i] == train.labels[i] else '✗'} true {classes[train.labels[i]]} · pred {classes[train.preds[i]]}" for i in order]
     return order, filter_regions(ws, "train", order, filter_index), captions
+
+
+_NINTHS = ("upper left", "top", "upper right", "left", "centre", "right", "lower left", "bottom", "lower right")
+
+
+def filter_location(ws, cls: int, filter_index: int, n: int = 32) -> dict:
+    """Where a filter fires on class ``cls``'s training images (the ``n`` where its pooled
+    activation is largest), measured on its activation maps (:func:`cfdebug.gradcam.filter_maps`):
+    ``{"where", "peaks", "share", "area"}``. On the embedded digits beds at 32 px the region is the
+    demo's corner square (``where="the corner square"``); elsewhere the ninth of the image (3×3
+    grid) where the maps peak most often (``"the upper left ninth"``). ``peaks``: the share of the
+    images whose strongest response lies in the region; ``share``: the mean share of each map's
+    mass there; ``area``: the region's share of the image (what a filter firing evenly would get)."""
+    from ..gradcam import filter_maps, region_share
+
+    train = extraction(ws, "train")
+    candidates = np.flatnonzero(train.labels == cls)
+    order = tuple(int(i) for i in candidates[np.argsort(-train.features[candidates, filter_index], kind="stable")[:n]])
+
+    def compute():
+        maps = filter_maps(ws.model, ws.target.name, _batch(ws, "train", order), int(filter_index), ws.device, ws.target.activation)  # [n, H, W]
+        n_img, size_h, size_w = maps.shape
+        rows, cols = np.unravel_index(maps.reshape(n_img, -1).argmax(1), (size_h, size_w))  # [n] each: the strongest response
+        if ws.config.data.source in ("biased-digits", "hard-digits") and size_h == 32:
+            from ..data.digits import SQUARE
+
+            region, where = SQUARE, "the corner square"
+        else:
+            h, w = size_h // 3, size_w // 3
+            ninth = np.minimum(rows // h, 2) * 3 + np.minimum(cols // w, 2)
+            best = int(np.bincount(ninth, minlength=9).argmax())
+            region, where = (slice(best // 3 * h, (best // 3 + 1) * h), slice(best % 3 * w, (best % 3 + 1) * w)), f"the {_NINTHS[best]} ninth"
+        inside = (rows >= region[0].start) & (rows < region[0].stop) & (cols >= region[1].start) & (cols < region[1].stop)
+        area = (region[0].stop - region[0].start) * (region[1].stop - region[1].start) / float(size_h * size_w)
+        return {"where": where, "peaks": float(inside.mean()), "share": float(region_share(maps, *region).mean()), "area": area}
+
+    try:
+        return memo(("filter-location", ws_key(ws), int(cls), int(filter_index), order), compute, max_entries=64)
+    except CfdebugError as exc:
+        show_user_error(exc)
 
 
 def treatment_predictions(ws) -> dict | None:

@@ -16,6 +16,7 @@ paths (the run folder, a missing dataset folder).
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable
 
@@ -26,7 +27,7 @@ from ..config import config_dict
 from ..errors import CfdebugError
 from .errors import show_error, show_user_error
 
-__all__ = ["POLL_S", "workspace_runs", "start_run", "run_failure", "show_run_outcome", "run_monitor", "watch_runs"]
+__all__ = ["POLL_S", "workspace_runs", "progress", "start_run", "resume_command", "run_failure", "show_run_outcome", "run_monitor", "watch_runs"]
 
 #: Seconds between two polls of a running run.
 POLL_S = 1.0
@@ -54,6 +55,13 @@ def workspace_runs(ws, kind: str) -> list:
     return [r for r in records if isinstance((r.config or {}).get("workspace"), dict) and same(r.config["workspace"])]
 
 
+def progress(ws, record):
+    """Where an active run stands (:func:`cfdebug.runs.progress_of`), ``None`` for a finished one."""
+    from ..runs import progress_of
+
+    return progress_of(_registry(ws.config.workdir), record.run_id) if record.active else None
+
+
 def start_run(ws, kind: str, spec: dict) -> str:
     """Start a background run of ``kind`` for ``spec`` (:func:`cfdebug.runs.start_background_run`);
     its id. A mistake shows as an error and stops the page."""
@@ -65,19 +73,35 @@ def start_run(ws, kind: str, spec: dict) -> str:
         show_user_error(exc)
 
 
-def run_failure(record, what: str | None = None) -> str:
+def resume_command(record, workdir) -> str:
+    """The command that resumes ``record`` from its last checkpoint, naming the workdir the run
+    lives in (``python -m cfdebug treat --resume ID --workdir W``)."""
+    import shlex
+
+    return shlex.join(["python", "-m", "cfdebug", record.kind, "--resume", record.run_id, "--workdir", str(workdir)])
+
+
+_RESUME_HINT = re.compile(r";? ?resume (?:it )?with:? `[^`]*`")
+
+
+def run_failure(record, what: str | None = None, workdir=None) -> str:
     """What a page says about a failed or cancelled run: its error, or in read-only mode
-    :data:`READ_ONLY_FAILURE` (no server paths)."""
+    :data:`READ_ONLY_FAILURE` (no server paths). A resume hint in the error is replaced by
+    :func:`resume_command` for ``workdir`` (a run registered from a terminal stores one without
+    its workdir)."""
     if read_only():
         return READ_ONLY_FAILURE.format(run_id=record.run_id, status=record.status)
-    return f"{what + ': ' if what else ''}the background run `{record.run_id}` {record.status}: {record.error or 'no message'}"
+    error = record.error or "no message"
+    if workdir is not None and _RESUME_HINT.search(error) and record.kind != "prepare":
+        error = _RESUME_HINT.sub("", error) + f"; resume with `{resume_command(record, workdir)}`"
+    return f"{what + ': ' if what else ''}the background run `{record.run_id}` {record.status}: {error}"
 
 
-def show_run_outcome(record) -> None:
+def show_run_outcome(record, workdir=None) -> None:
     """A finished run that did not end well: a failed one's error through the error box, a
     cancelled one as a note."""
     if record.status == "failed" or record.status == "unreadable":
-        show_error(run_failure(record))
+        show_error(run_failure(record, workdir=workdir))
     elif record.status == "cancelled":
         st.info(f"Run `{record.run_id}` was cancelled.", icon=":material/cancel:")
 
@@ -124,8 +148,9 @@ def run_monitor(workdir, run_id: str, what: str, *, ready: Callable | None = Non
         if not read_only() and left.button("Cancel run", key=f"cancel-{run_id}"):
             cancel(registry, run_id)
             st.rerun(scope="app")
+        resume = "" if read_only() or record.kind == "prepare" else f" Stopped by a restart? `{resume_command(record, workdir)}` resumes it."
         right.caption(f"{what}: run `{run_id}` in the background, {time.time() - record.created:.0f} s so far. The sidebar and "
-                      "the other pages stay usable; closing the tab does not stop it, and whoever opens this page next sees it.")
+                      "the other pages stay usable; closing the tab does not stop it, and whoever opens this page next sees it." + resume)
         if not read_only():
             with st.expander("Run log"):
                 st.caption(f"`{record.log_path}` (last {LOG_LINES} lines)")
@@ -144,5 +169,5 @@ def watch_runs(ws, kind: str, what: str, *, extras: Callable | None = None) -> l
             run_monitor(ws.config.workdir, record.run_id, what, extras=extras)
     finished = [r for r in records if r.finished or r.status == "unreadable"]
     if finished:
-        show_run_outcome(finished[0])
+        show_run_outcome(finished[0], ws.config.workdir)
     return records

@@ -19,13 +19,15 @@ The applied workspace is written to the session state by :func:`set_workspace` a
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import streamlit as st
 
-from ..access import check_workspace, image_allowed, read_only
+from ..access import allowed_roots, check_workspace, image_allowed, owner_folders, read_only, remember_owner_folder, shared, workspace_paths
 from ..config import DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, default_workdir
 from ..errors import CfdebugError
 from .cache import memo
@@ -36,6 +38,8 @@ STATE_KEY = "cfdebug_workspace"
 LAST_GOOD_KEY = "cfdebug_workspace_loaded"
 FAILURES_KEY = "cfdebug_job_failures"
 TRAINING_KEY = "cfdebug_training"
+#: The workspaces the owner of a personal dashboard typed in the sidebar (opened wherever they are).
+TYPED_KEY = "cfdebug_typed"
 DEVICES = ("auto", "cpu", "cuda")
 FOLDER_CHOICE = "a folder…"
 #: ``CFDEBUG_DASHBOARD_INLINE=1``: compute missing artifacts in the page's own thread instead of a
@@ -80,8 +84,10 @@ def _from_query() -> WorkspaceConfig:
         device=q.get("device", "auto") if q.get("device", "auto") in DEVICES else "auto",
         workdir=default_workdir(),
     )
-    if admitted(cfg):
+    refusal = refused(cfg)
+    if refusal is None:
         return cfg
+    show_error(refusal)
     for key in QUERY_KEYS:  # the link asked for what this dashboard may not open
         st.query_params.pop(key, None)
     return WorkspaceConfig(workdir=default_workdir())
@@ -122,8 +128,11 @@ def _sync_query(cfg: WorkspaceConfig) -> None:
 
 
 def workspace_sidebar() -> WorkspaceConfig:
-    """Draw the workspace form in the sidebar; return the applied config."""
+    """Draw the workspace form in the sidebar; return the applied config. A message about what was
+    typed (a folder this dashboard may not open, a malformed field) shows at the top of the page,
+    not at the foot of the sidebar."""
     cfg = current_config()
+    messages = []
     with st.sidebar.form("workspace"):
         st.markdown("**Workspace**")
         model = st.text_input("Model", cfg.model.name, help="demo-cnn, or a torchvision builder name such as resnet18 or vgg16")
@@ -137,7 +146,7 @@ def workspace_sidebar() -> WorkspaceConfig:
         if st.form_submit_button("Load", type="primary", width="stretch"):
             source = folder.strip() if choice == FOLDER_CHOICE else choice
             if not source:
-                show_error("Enter the dataset folder, or pick one of the demo datasets.")
+                messages.append("Enter the dataset folder, or pick one of the demo datasets.")
             else:
                 try:
                     wanted = WorkspaceConfig(
@@ -146,11 +155,16 @@ def workspace_sidebar() -> WorkspaceConfig:
                         device=device,
                         workdir=cfg.workdir,
                     )
-                    if admitted(wanted):  # otherwise the message shows and the current workspace stays
+                    refusal = refused(wanted, typed=True)
+                    if refusal is None:
                         cfg = wanted
                         set_workspace(cfg, sync=False)
+                    else:  # the message shows and the current workspace stays
+                        messages.append(refusal)
                 except CfdebugError as exc:
-                    show_error(str(exc))
+                    messages.append(str(exc))
+    for message in messages:
+        show_error(message)
     _sync_query(cfg)
     if not read_only():  # a server path
         st.sidebar.caption(f"Artifacts cached in `{cfg.workdir}`")
@@ -172,16 +186,28 @@ def _preprocessing_inputs(cfg: WorkspaceConfig) -> tuple[str, str, str, str]:
     return size, mean, std, layer
 
 
-def admitted(cfg: WorkspaceConfig) -> bool:
-    """Whether a visitor may open ``cfg`` (:func:`cfdebug.access.check_workspace`: allowed roots,
-    read-only presets); when not, the reason is shown and the caller keeps or falls back to a
-    workspace it may open."""
+def server_address() -> str | None:
+    """The address Streamlit listens on (``server.address``; ``None``: every interface)."""
+    return st.get_option("server.address") or None
+
+
+def refused(cfg: WorkspaceConfig, *, typed: bool = False) -> str | None:
+    """Why a visitor may not open ``cfg`` (:func:`cfdebug.access.check_workspace`: allowed roots,
+    read-only presets, a personal or a shared dashboard), or ``None`` when they may. On a personal
+    dashboard a ``typed`` workspace opens wherever its paths are; they are remembered in the
+    workdir (a reload or a link reopens them) and for this session."""
     try:
-        check_workspace(cfg)
-        return True
+        check_workspace(cfg, address=server_address(), typed=typed or cfg in st.session_state.get(TYPED_KEY, ()))
     except CfdebugError as exc:
-        show_error(str(exc))
-        return False
+        return str(exc)
+    if typed and not shared(server_address()):
+        st.session_state.setdefault(TYPED_KEY, set()).add(cfg)
+        for path, _ in workspace_paths(cfg):
+            try:
+                remember_owner_folder(cfg.workdir, path)
+            except (OSError, CfdebugError):
+                pass  # a read-only workdir: this session still opens it
+    return None
 
 
 def progress_callback(bar):
@@ -206,27 +232,33 @@ def _workspace(cfg: WorkspaceConfig, progress=None):
     return memo(("workspace", cfg), lambda: Workspace(cfg, progress, cached_only=not inline()), max_entries=4)
 
 
-def _stages_reached(record, through: str) -> bool:
-    """Whether ``record`` (a prepare run) was asked to make everything up to ``through``."""
+def _stages_reached(record, through: str, detect_seeds=(0,)) -> bool:
+    """Whether ``record`` (a prepare run) was asked to make everything up to ``through`` (and, for
+    detection, every CFE seed of ``detect_seeds``)."""
     from ..jobs import PREPARE_STAGES
 
-    asked = (record.config or {}).get("through", "load")
-    return PREPARE_STAGES.index(asked) >= PREPARE_STAGES.index(through)
+    config = record.config or {}
+    asked = config.get("through", "load")
+    seeds = set(config.get("detect_seeds", [0]))
+    return PREPARE_STAGES.index(asked) >= PREPARE_STAGES.index(through) and (through != "detect" or set(detect_seeds) <= seeds)
 
 
-def _remember_outcome(record, key: str, through: str, ready: Callable[[object], bool], what: str) -> None:
+def _remember_outcome(record, key: str, through: str, ready: Callable[[object], bool], what: str, detect_seeds=(0,)) -> None:
     """A prepare run ended (or made what the page needs): keep a failed, cancelled or fruitless
     run's message in the session for :func:`await_prepare` to return on the next page run."""
     failures = st.session_state.setdefault(FAILURES_KEY, {})
     if record.status in ("failed", "cancelled"):
         failures[key] = run_failure(record, what)
-    elif record.status == "done" and not ready(record) and _stages_reached(record, through):
+    elif record.status == "done" and not ready(record) and _stages_reached(record, through, detect_seeds):
         where = "" if read_only() else f" ({record.log_path})"
         failures[key] = f"{what}: run {record.run_id} finished, but its results are not in the cache; see its log{where}."
 
 
-def await_prepare(cfg: WorkspaceConfig, through: str, ready: Callable[[object], bool], what: str, *, train: bool = False, stop: bool = True) -> str | None:
-    """Start (or join) the prepare run of ``cfg`` up to ``through`` and show its progress.
+def await_prepare(cfg: WorkspaceConfig, through: str, ready: Callable[[object], bool], what: str, *, train: bool = False, stop: bool = True,
+                  detect_seeds=(0,), extras: Callable | None = None) -> str | None:
+    """Start (or join) the prepare run of ``cfg`` up to ``through`` and show its progress
+    (``detect_seeds``: the CFE seeds its detection stage scores; ``extras``: the monitor's
+    page-specific parts, :func:`~cfdebug.ui.runs.run_monitor`).
 
     Returns the message of the session's last run for the same key when it failed or was
     cancelled (and forgets it, so the next call tries again); otherwise shows the run's
@@ -238,7 +270,7 @@ def await_prepare(cfg: WorkspaceConfig, through: str, ready: Callable[[object], 
     from ..runs import RunRegistry, start_background_run
 
     try:
-        spec = prepare_spec(cfg, through, train=train)
+        spec = prepare_spec(cfg, through, train=train, detect_seeds=detect_seeds)
         failure = st.session_state.setdefault(FAILURES_KEY, {}).pop(spec["key"], None)
         if failure is not None:
             return failure
@@ -252,7 +284,8 @@ def await_prepare(cfg: WorkspaceConfig, through: str, ready: Callable[[object], 
             run_id = start_background_run(cfg.workdir, "prepare", spec)
     except CfdebugError as exc:
         return str(exc)
-    run_monitor(cfg.workdir, run_id, what, ready=ready, on_end=lambda record: _remember_outcome(record, spec["key"], through, ready, what))
+    run_monitor(cfg.workdir, run_id, what, ready=ready, extras=extras,
+                on_end=lambda record: _remember_outcome(record, spec["key"], through, ready, what, detect_seeds))
     if stop:
         st.stop()
     return None
@@ -279,7 +312,9 @@ def load_workspace(cfg: WorkspaceConfig | None = None, *, may_fall_back: bool = 
     cfg = cfg or current_config()
     bar = st.empty()
     try:
-        check_workspace(cfg)  # every way into session state (URL, Load, a page's button) meets the same check
+        refusal = refused(cfg)  # every way into session state (URL, Load, a page's button) meets the same check
+        if refusal is not None:
+            raise CfdebugError(refusal)
         ws = _workspace(cfg, progress_callback(bar) if inline() else None)
     except ModelNotTrained:
         what = f"Training {cfg.model.name} on {cfg.data.source}"
@@ -310,6 +345,65 @@ def extraction(ws, split: str):
         show_user_error(exc)
 
 
+#: The engine's epoch-end progress line (:func:`cfdebug.training.run_epochs`): a prepare run that
+#: trains the model logs its epochs as these lines only (it keeps no epoch rows of its own).
+_EPOCH_LINE = re.compile(r"epoch (\d+)/\d+: loss ([-0-9.e+]+)(?:, train acc ([0-9.]+))?(?:, val acc ([0-9.]+))?")
+
+
+def training_epochs(workdir, run_id: str) -> list[dict]:
+    """A Train run's epochs so far, ``[{"part", "epoch", "loss", "train_acc", "val_acc"}]``, read
+    from its progress lines (:data:`_EPOCH_LINE`), one row per epoch."""
+    from ..runs import RunRegistry
+
+    rows = {}
+    for _, row in RunRegistry(workdir).timed_progress(run_id):
+        match = _EPOCH_LINE.search(str(row.get("message", "")))
+        if match:
+            epoch, loss, train_acc, val_acc = match.groups()
+            rows[int(epoch)] = {"part": "training", "epoch": int(epoch), "loss": float(loss),
+                                **({"train_acc": float(train_acc)} if train_acc else {}), **({"val_acc": float(val_acc)} if val_acc else {})}
+    return [rows[e] for e in sorted(rows)]
+
+
+def _training_curves(workdir):
+    """The Train run monitor's extras: loss and validation accuracy per epoch so far."""
+    from .. import viz
+
+    def draw(record, progress) -> None:
+        rows = training_epochs(workdir, record.run_id)
+        if rows:
+            st.plotly_chart(viz.training_curves(rows, "Training so far: loss and validation accuracy per epoch"), width="stretch",
+                            key=f"train-curves-{record.run_id}")
+
+    return draw
+
+
+def _trained_history(ws) -> list[dict]:
+    """The finished Train run's per-epoch history (the trained model's stored metadata)."""
+    try:
+        meta = ws.store.load_meta("models", ws.trained_model_key())
+    except (OSError, ValueError, KeyError, CfdebugError):
+        return []
+    return [{**row, "part": "training"} for row in meta.get("history") or []]
+
+
+def training_history(ws) -> list[dict]:
+    """How the open model was trained, one row per epoch (``part="training"``), when cfdebug trained
+    it: the shipped demo models and a model trained here (its metadata, or the store entry its
+    weights file lies in, as after *Train on this data*); ``[]`` for a checkpoint from elsewhere."""
+    history = (ws.model_meta or {}).get("history")
+    weights = ws.config.model.weights
+    if not history and weights:
+        path = Path(os.path.realpath(weights))
+        models = Path(os.path.realpath(ws.store.path("models", "x"))).parent
+        if path.name == "model.pt" and path.parent.parent == models:
+            try:
+                history = ws.store.load_meta("models", path.parent.name).get("history")
+            except (OSError, ValueError, KeyError, CfdebugError):
+                history = None
+    return [{**row, "part": "training"} for row in history or []]
+
+
 def _random_weights_banner(ws) -> None:
     """The warning every page shows for a model with random weights, with the Train action (not
     in read-only mode)."""
@@ -327,6 +421,13 @@ def _random_weights_banner(ws) -> None:
     if read_only():
         return
     if trained.is_file():
+        history = _trained_history(ws)
+        if history:
+            from .. import viz
+
+            with st.expander("Training curves of the weights trained on this data", expanded=True):
+                st.plotly_chart(viz.training_curves(history, "Loss and accuracy per epoch (the best epoch on validation is kept)"),
+                                width="stretch")
         if st.session_state.get(TRAINING_KEY) == cfg or st.button("Use the weights trained on this data", type="primary"):
             st.session_state.pop(TRAINING_KEY, None)
             use_weights(cfg, trained)
@@ -339,7 +440,8 @@ def _random_weights_banner(ws) -> None:
                    f"as a background run, then opens the trained weights.{slow}")
         return
     st.session_state[TRAINING_KEY] = cfg
-    failure = await_prepare(cfg, "load", lambda record: trained.is_file(), f"Training {cfg.model.name} on {ws.data.name}", train=True, stop=False)
+    failure = await_prepare(cfg, "load", lambda record: trained.is_file(), f"Training {cfg.model.name} on {ws.data.name}", train=True, stop=False,
+                            extras=_training_curves(cfg.workdir))
     if failure is not None:
         st.session_state.pop(TRAINING_KEY, None)
         show_error(failure)
@@ -360,9 +462,15 @@ def workspace_page():
     """
     st.sidebar.title("cfdebug")
     st.sidebar.caption("Why does my classifier fail, and how do I fix it?")
+    from .verdicts import open_workspace
+
     ws = load_workspace(workspace_sidebar())
+    open_workspace(ws)
     d = ws.data
     st.sidebar.caption(f"Images at {d.input_size} px, mean {_rgb_text(d.mean)}, std {_rgb_text(d.std)}; filters at `{ws.target.name}`.")
+    from .filters import gradcam_layer_picker
+
+    gradcam_layer_picker(ws)
     if ws.random_weights:
         _random_weights_banner(ws)
     return ws
@@ -372,18 +480,30 @@ def class_names(ws) -> list[str]:
     return list(ws.data.classes)
 
 
-def shown(ws, split: str, i: int) -> bool:
+def _image_roots(ws) -> list:
+    """Where an image the workspace shows may lie: the allowed roots and the workspace's own dataset
+    folder (admitted already: inside a root, or typed by the owner of a personal dashboard), and on
+    a personal dashboard the folders its owner opened."""
+    cfg = ws.config
+    extra = [path for path, what in workspace_paths(cfg) if what == "dataset folder"]
+    if not shared(server_address()):
+        extra += owner_folders(cfg.workdir)
+    return allowed_roots(extra)
+
+
+def shown(ws, split: str, i: int, roots: list | None = None) -> bool:
     """Whether image ``i`` of ``split`` may be shown: an embedded image, or a file that resolves
-    inside the allowed folders (:func:`cfdebug.access.image_allowed`; a symlink inside an allowed
-    dataset may point anywhere)."""
+    inside ``roots`` (default :func:`_image_roots`; :func:`cfdebug.access.image_allowed`: a
+    symlink inside an allowed dataset may point anywhere)."""
     paths = ws.data.splits[split].paths
-    return paths is None or image_allowed(paths[int(i)])
+    return paths is None or image_allowed(paths[int(i)], _image_roots(ws) if roots is None else roots)
 
 
 def sample_images(ws, split: str, indices) -> list[np.ndarray]:
     """Images ``[H, W, 3]`` uint8 at their stored size for display; one that may not be shown
     (:func:`shown`) is :data:`WITHHELD_IMAGE`. Every image a page shows comes from here."""
+    roots = None if ws.data.splits[split].paths is None else _image_roots(ws)
     try:
-        return [ws.data.splits[split].load_image(int(i)) if shown(ws, split, i) else WITHHELD_IMAGE for i in indices]
+        return [ws.data.splits[split].load_image(int(i)) if shown(ws, split, i, roots) else WITHHELD_IMAGE for i in indices]
     except CfdebugError as exc:
         show_user_error(exc)

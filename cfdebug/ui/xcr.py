@@ -14,6 +14,7 @@ import numpy as np
 import streamlit as st
 
 from ..errors import CfdebugError
+from .cache import memo
 from .errors import show_user_error
 from .runs import start_run
 from .workspace import extraction, sample_images, shown
@@ -28,9 +29,12 @@ def default_config(ws):
     return default_xcr_config(ws.config)
 
 
-def build_config(ws, *, k: int, beta: float, selector_epochs: int, epochs: int, seeds: int, all_severities: bool, random_baseline: bool):
+def build_config(ws, *, k: int, beta: float, selector_epochs: int, epochs: int, seeds: int, all_severities: bool, random_baseline: bool,
+                 table1_sweep: bool = False):
     """An :class:`~cfdebug.xcr.retrain.XCRConfig` from the form's values (validated now, so a
-    mistake shows in the error box instead of a failed run)."""
+    mistake shows in the error box instead of a failed run). ``table1_sweep``: Table 1 over
+    paper B's grid (:data:`~cfdebug.config.TABLE1_SWEEP`) instead of the one ``k, β``."""
+    from ..config import TABLE1_SWEEP
     from ..xcr.patches import check_patch_grid
     from ..xcr.retrain import override_xcr_config
 
@@ -39,7 +43,7 @@ def build_config(ws, *, k: int, beta: float, selector_epochs: int, epochs: int, 
         config = override_xcr_config(
             base, k=int(k), beta=float(beta), selector_epochs=int(selector_epochs), epochs=int(epochs),
             seeds=tuple(range(int(seeds))), severities=(1, 2, 3, 4, 5) if all_severities else None,
-            random_baseline=bool(random_baseline),
+            random_baseline=bool(random_baseline), **(TABLE1_SWEEP if table1_sweep else {}),
         )
         check_patch_grid(config, ws.data.input_size)
         return config
@@ -47,11 +51,75 @@ def build_config(ws, *, k: int, beta: float, selector_epochs: int, epochs: int, 
         show_user_error(exc)
 
 
-def start_xcr_run(ws, config) -> str:
-    """Start an XCR run for ``config`` in the background (:func:`cfdebug.ui.runs.start_run`); its id."""
+def _unit_costs(ws, config):
+    """The measured calibration step (:func:`cfdebug.xcr.estimate.measure_unit_costs`), once per
+    workspace and per setting that changes a step's cost (cached for the process)."""
+    from ..config import config_dict
+    from ..store import stable_hash
+    from ..xcr.estimate import measure_unit_costs
+    from .filters import ws_key
+
+    sel = config_dict(config.selector)
+    parts = {k: sel[k] for k in ("k", "patch_size", "width", "batch_size", "estimator")}
+    key = ("xcr-unit-costs", ws_key(ws), stable_hash(parts, config.retrain.batch_size, config.corruptions, config.severities))
+    return memo(key, lambda: measure_unit_costs(ws, config), max_entries=8)
+
+
+def estimate(ws, config):
+    """How long a run of ``config`` will take on this machine (:class:`~cfdebug.xcr.estimate.XCREstimate`),
+    from a few timed steps (measured once per workspace and step size, a few seconds)."""
+    from ..xcr.estimate import estimate_xcr
+
+    try:
+        with st.spinner("Timing a few training steps on this machine to estimate the run…"):
+            return estimate_xcr(ws, config, _unit_costs(ws, config))
+    except CfdebugError as exc:
+        show_user_error(exc)
+
+
+def start_xcr_run(ws, config, at_launch=None) -> str:
+    """Start an XCR run for ``config`` in the background (:func:`cfdebug.ui.runs.start_run`); its
+    id. ``at_launch`` (an :class:`~cfdebug.xcr.estimate.XCREstimate`) is kept in the run's spec,
+    so its monitor can hold the run to it."""
     from ..jobs import xcr_spec
 
-    return start_run(ws, RUN_KIND, xcr_spec(ws.config, config))
+    spec = xcr_spec(ws.config, config)
+    if at_launch is not None:
+        spec["estimate"] = at_launch.as_dict()
+    return start_run(ws, RUN_KIND, spec)
+
+
+def pace(record, progress, now: float | None = None) -> dict | None:
+    """How a running XCR run keeps to its estimate: ``{"elapsed", "left", "low", "high"}`` seconds
+    (``low``/``high``: the range estimated at launch, ``None`` when the run has none; ``left``:
+    the whole run's time left at the pace measured so far, ``None`` until the bar has moved).
+    The report's bar moves in proportion to estimated work (:func:`cfdebug.xcr.estimate.stage_spans`),
+    so ``elapsed × (1 − f) / f`` is the time left at the run's own speed."""
+    import time
+
+    at_launch = (record.config or {}).get("estimate") or {}
+    elapsed = max((time.time() if now is None else now) - record.created, 0.0)
+    f = float(progress.fraction or 0.0)
+    left = elapsed * (1.0 - f) / f if f >= 0.02 else None
+    return {"elapsed": elapsed, "left": left, "low": at_launch.get("low"), "high": at_launch.get("high")}
+
+
+def pace_line(record, progress) -> None:
+    """The XCR monitor's extra line (:func:`cfdebug.ui.runs.run_monitor` extras): the estimate made
+    at launch, the time so far, and the whole run's time left at its measured pace."""
+    from ..runs.progress import describe_seconds_left
+    from ..xcr.estimate import describe_duration
+
+    p = pace(record, progress)
+    parts = []
+    if p["low"] is not None:
+        parts.append(f"estimated at launch: {describe_duration(p['low'], p['high'])}")
+    parts.append(f"{p['elapsed'] / 60:.1f} min so far")
+    if p["left"] is not None:
+        parts.append(f"whole run: {describe_seconds_left(p['left'])} at the pace measured so far")
+        if p["high"] is not None and p["elapsed"] + p["left"] > 2 * p["high"]:
+            parts.append("slower than estimated (is the machine busy with other work?)")
+    st.caption(" · ".join(parts))
 
 
 def xcr_verdict_rows(ws, result: dict) -> list | None:

@@ -38,6 +38,6 @@ def check_patch_grid(config: XCRConfig, image_size: int) -> int:
     """Validate ``config``'s patch size, ``k`` and Table 1 grid against ``image_size``; return ``d``."""
     d = num_patches(image_size, image_size, config.selector.patch_size)
     check_k(config.selector.k, d)
-    for k in config.table1_ks:
+    for k in config.table1_grid()[0]:
         check_k(k, d)
     return d

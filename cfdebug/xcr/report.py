@@ -26,7 +26,8 @@ from ..data.corruptions import MIN_IMAGE_SIZE
 from ..errors import CfdebugError
 from ..runtime import Progress, scaled_progress
 from ..store import jsonable, stable_hash
-from .explanations import TABLE1_MODES, explanation_table
+from .estimate import estimate_xcr, stage_spans, table1_modes
+from .explanations import explanation_table
 from .patches import check_patch_grid
 from .retrain import XCRConfig, counterfactual_retrain, fit_val_temperature, training_masks, vanilla_retrain, xcr_config_from_dict
 from .robustness import check_cifar10c, evaluate_models, per_image_arrays, table2_results
@@ -39,8 +40,6 @@ REPORT_FORMAT = "xcr-report-v2"
 #: Beside ``result.json``: every variant's per-image terms (:func:`per_image_scores`).
 PER_IMAGE_FILE = "per_image.npz"
 
-# Stage boundaries of the progress fraction: Table 1, retraining, evaluation.
-_STAGES = {"table1": (0.0, 0.35), "retrain": (0.35, 0.85), "evaluate": (0.85, 1.0)}
 
 
 def report_key(ws, config: XCRConfig) -> str:
@@ -56,8 +55,17 @@ def describe_settings(config: XCRConfig) -> str:
     return (
         f"selector k={sel.k}, β={sel.beta:g}, p={sel.patch_size}, {sel.mode}, {sel.epochs} epochs at lr {sel.lr:g}; "
         f"retraining {rt.epochs} epochs, {rt.optimizer} lr {rt.lr:g}, trainable {rt.trainable}, init {config.init}, "
-        f"seeds {','.join(map(str, config.seeds))}; {corr}{source}"
+        f"seeds {','.join(map(str, config.seeds))}; {corr}{source}; {_describe_table1(config)}"
     )
+
+
+def _describe_table1(config: XCRConfig) -> str:
+    ks, betas = config.table1_grid()
+    if not ks:
+        return "no Table 1"
+    if not config.table1_sweep:
+        return "Table 1 at that k, β" + ("" if "VIBI" in table1_modes(config) else " (XCR and random masks)")
+    return f"Table 1 over k ∈ {{{', '.join(map(str, ks))}}} × β ∈ {{{', '.join(f'{b:g}' for b in betas)}}}"
 
 
 def check_report_inputs(data, config: XCRConfig) -> int:
@@ -80,7 +88,8 @@ def check_report_inputs(data, config: XCRConfig) -> int:
 
 
 class _Stages:
-    """Progress over the report's stages (one bar, :data:`_STAGES`), and the cancel checks between steps.
+    """Progress over the report's stages (one bar, ``spans``: each stage's share in proportion to
+    its estimated time, :func:`~cfdebug.xcr.estimate.stage_spans`), and the cancel checks between steps.
 
     ``report(fraction, message)`` is the current stage's callback of a
     :class:`~cfdebug.runs.RunStages`: the whole report's fraction goes to ``progress`` and, with
@@ -88,13 +97,13 @@ class _Stages:
     long steps; ``check()`` raises ``RunCancelled`` when stopped.
     """
 
-    def __init__(self, progress, registry, run_id, should_stop):
+    def __init__(self, progress, registry, run_id, should_stop, spans, estimate: str):
         from ..runs import RunStages
 
         log = None if registry is None else (lambda row: registry.log_progress(run_id, row))
-        self.stages = RunStages(_STAGES, log, progress)
+        self.stages = RunStages(spans, log, progress)
         self.registry, self.run_id, self.should_stop = registry, run_id, should_stop
-        self._report = self.stages.stage("table1")
+        self._report = self.stages.stage("table1", f"whole run estimated at {estimate} here")
 
     def stop(self) -> bool:
         if self.should_stop is not None and self.should_stop():
@@ -217,13 +226,15 @@ def run_xcr_report(
         return _cached_report(ws, key, progress, registry, run_id)
 
     started = time.perf_counter()
-    stages = _Stages(progress, registry, run_id, should_stop)
+    estimate = estimate_xcr(ws, config)  # a few timed steps: the bar's stages move at the work's speed
+    stages = _Stages(progress, registry, run_id, should_stop, stage_spans(estimate.stages), estimate.describe())
     if run_dir is None and registry is not None:
         run_dir = registry.run_dir(run_id)
+    ks, betas = config.table1_grid()
     table1 = explanation_table(
-        ws, config.table1_ks, config.table1_betas, TABLE1_MODES, selector=config.selector,
+        ws, ks, betas, table1_modes(config), selector=config.selector,
         seed=config.selector.seed, progress=stages.report, should_stop=stages.stop,
-    ) if config.table1_ks else []
+    ) if ks else []
 
     stages.enter("retrain")
     methods = ["vanilla", "xcr"] + (["random"] if config.random_baseline else [])
@@ -248,6 +259,7 @@ def run_xcr_report(
         "workspace": {"model": ws.config.model.name, "data": ws.data.name, "n_test": scores["n_test"],
                       "n_corrupt": scores["n_corrupt"], "input_size": ws.data.input_size},
         "settings": describe_settings(config),
+        "estimate": estimate.as_dict(),
         "per_image": {"file": PER_IMAGE_FILE, "variants": variants, "seeds": list(config.seeds), "sets": sets},
         "seconds": time.perf_counter() - started,
         "cache_hit": False,
