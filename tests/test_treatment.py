@@ -286,7 +286,7 @@ def test_the_runs_table_shows_every_swept_value():
     from cfdebug.ui.treatment import grid_labels
 
     spec = {"treatment": {"epochs": 3}, "lambdas1": [1e-3, 0.1], "lambdas2": [2e-5], "seeds": [0, 1, 2]}
-    assert grid_labels(spec) == {"λ1": "0.001, 0.1", "λ2": "2e-05", "seeds": "0, 1, 2"}
+    assert grid_labels(spec) == {"λ1": "0.001, 0.1", "λ2": "2e-05", "seeds": "3 seeds: 0, 1, 2"}
 
 
 def test_trainable_modules():

@@ -17,9 +17,9 @@ from .workspace import (
     progress_callback,
     sample_images,
     use_weights,
-    workspace_page,
     workspace_sidebar,
 )
+from .page import workspace_page
 
 __all__ = [
     "causal_check",

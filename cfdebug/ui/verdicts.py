@@ -102,7 +102,7 @@ OPEN_KEY = "cfdebug_verdicts_workspace"
 
 def open_workspace(ws) -> None:
     """Note which workspace the page shows, so :func:`remember` and :func:`remembered` file its verdicts
-    under it (:func:`cfdebug.ui.workspace.workspace_page` calls this)."""
+    under it (:func:`cfdebug.ui.page.workspace_page` calls this)."""
     st.session_state[OPEN_KEY] = (stable_hash(ws.key_parts), str(ws.config.workdir))
 
 

@@ -54,7 +54,7 @@ NOT_CACHED_NOTICE = ("{what}: not computed on this dashboard yet, and a read-onl
 WITHHELD_IMAGE = np.full((32, 32, 3), 128, dtype=np.uint8)
 
 
-def _rgb_text(values) -> str:
+def rgb_text(values) -> str:
     return ",".join(f"{v:g}" for v in values) if values else ""
 
 
@@ -115,7 +115,7 @@ def set_workspace(cfg: WorkspaceConfig, *, sync: bool = True) -> None:
 def _sync_query(cfg: WorkspaceConfig) -> None:
     optional = {
         "weights": cfg.model.weights, "layer": cfg.model.layer, "size": str(cfg.data.input_size or ""),
-        "mean": _rgb_text(cfg.data.mean), "std": _rgb_text(cfg.data.std),
+        "mean": rgb_text(cfg.data.mean), "std": rgb_text(cfg.data.std),
     }
     wanted = {"model": cfg.model.name, "data": cfg.data.source, "device": cfg.device}
     wanted.update({key: value for key, value in optional.items() if value})
@@ -177,9 +177,9 @@ def _preprocessing_inputs(cfg: WorkspaceConfig) -> tuple[str, str, str, str]:
     size = st.text_input("Input size", str(d.input_size or ""), placeholder="default: 32 digits/CIFAR · 224 folders/CUB",
                          help="Image side in pixels after resizing. Blank: 32 for the digits and CIFAR, 224 for image folders and CUB. "
                               "A small model trains much faster at 32 or 64 px than at 224 on a CPU.")
-    mean = st.text_input("Mean", _rgb_text(d.mean), placeholder="default: 0.5,0.5,0.5 digits/CIFAR · ImageNet's",
+    mean = st.text_input("Mean", rgb_text(d.mean), placeholder="default: 0.5,0.5,0.5 digits/CIFAR · ImageNet's",
                          help="Normalisation mean, R,G,B. Blank: 0.5,0.5,0.5 for the digits and CIFAR, ImageNet's 0.485,0.456,0.406 otherwise.")
-    std = st.text_input("Std", _rgb_text(d.std), placeholder="default: 0.25,0.25,0.25 digits/CIFAR · ImageNet's",
+    std = st.text_input("Std", rgb_text(d.std), placeholder="default: 0.25,0.25,0.25 digits/CIFAR · ImageNet's",
                         help="Normalisation std, R,G,B. Blank: 0.25,0.25,0.25 for the digits and CIFAR, ImageNet's 0.229,0.224,0.225 otherwise.")
     layer = st.text_input("Target layer", cfg.model.layer or "", placeholder="default: the last conv block",
                           help="Module name whose filters are analysed (e.g. layer4 for a ResNet). Blank: the last convolutional block, found automatically.")
@@ -404,7 +404,7 @@ def training_history(ws) -> list[dict]:
     return [{**row, "part": "training"} for row in history or []]
 
 
-def _random_weights_banner(ws) -> None:
+def random_weights_banner(ws) -> None:
     """The warning every page shows for a model with random weights, with the Train action (not
     in read-only mode)."""
     from ..jobs import prepare_key
@@ -451,29 +451,6 @@ def use_weights(cfg: WorkspaceConfig, path) -> None:
     """Open ``cfg`` with the weights at ``path`` (a trained or treated model) and rerun the page."""
     set_workspace(replace(cfg, model=replace(cfg.model, weights=str(path))))
     st.rerun()
-
-
-def workspace_page():
-    """What every page starts with: the workspace sidebar, then the loaded workspace (with a
-    warning and the Train action when its model has random weights).
-
-    The sidebar is drawn by the page (not by ``app.py``) so that a page rerun, in the
-    browser or under ``AppTest``, always draws it with the page.
-    """
-    st.sidebar.title("cfdebug")
-    st.sidebar.caption("Why does my classifier fail, and how do I fix it?")
-    from .verdicts import open_workspace
-
-    ws = load_workspace(workspace_sidebar())
-    open_workspace(ws)
-    d = ws.data
-    st.sidebar.caption(f"Images at {d.input_size} px, mean {_rgb_text(d.mean)}, std {_rgb_text(d.std)}; filters at `{ws.target.name}`.")
-    from .filters import gradcam_layer_picker
-
-    gradcam_layer_picker(ws)
-    if ws.random_weights:
-        _random_weights_banner(ws)
-    return ws
 
 
 def class_names(ws) -> list[str]:

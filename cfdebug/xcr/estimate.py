@@ -323,7 +323,7 @@ def estimate_xcr(ws, config: XCRConfig, units: UnitCosts | None = None) -> XCREs
     ``units`` defaults to a fresh :func:`measure_unit_costs`. Selectors the store already holds
     cost nothing; a stored report makes the estimate ``cached`` (0 s).
     """
-    from .report import REPORT_KIND, report_key
+    from .keys import REPORT_KIND, report_key
 
     if ws.store.exists(REPORT_KIND, report_key(ws, config)):
         return XCREstimate(stages={s: 0.0 for s in STAGES}, parts={}, seconds=0.0, low=0.0, high=0.0, cached=True)

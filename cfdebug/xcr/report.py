@@ -25,8 +25,9 @@ from ..config import config_dict
 from ..data.corruptions import MIN_IMAGE_SIZE
 from ..errors import CfdebugError
 from ..runtime import Progress, scaled_progress
-from ..store import jsonable, stable_hash
+from ..store import jsonable
 from .estimate import estimate_xcr, stage_spans, table1_modes
+from .keys import REPORT_FORMAT, REPORT_KIND, report_key
 from .explanations import explanation_table
 from .patches import check_patch_grid
 from .retrain import XCRConfig, counterfactual_retrain, fit_val_temperature, training_masks, vanilla_retrain, xcr_config_from_dict
@@ -35,16 +36,9 @@ from .selector import approximator_accuracy, selector_masks, trained_selector
 
 __all__ = ["REPORT_KIND", "PER_IMAGE_FILE", "report_key", "describe_settings", "check_report_inputs", "run_xcr_report", "per_image_scores"]
 
-REPORT_KIND = "xcr-report"
-REPORT_FORMAT = "xcr-report-v2"
 #: Beside ``result.json``: every variant's per-image terms (:func:`per_image_scores`).
 PER_IMAGE_FILE = "per_image.npz"
 
-
-
-def report_key(ws, config: XCRConfig) -> str:
-    """Cache key of a report: the workspace's inputs, the config and the report format."""
-    return stable_hash(REPORT_KIND, REPORT_FORMAT, ws.key_parts, config_dict(config))
 
 
 def describe_settings(config: XCRConfig) -> str:
