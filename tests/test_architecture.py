@@ -73,7 +73,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_import_graph_sees_the_package():
     graph = _import_graph()
-    assert "cfdebug.cli" in graph and "cfdebug.jobs" in graph["cfdebug.cli"]
+    assert "cfdebug.cli" in graph and "cfdebug.jobs" in graph["cfdebug.cli.paper_a"]
     assert "cfdebug.runs" in graph["cfdebug.ui.runs"]  # relative imports two levels up resolve
 
 

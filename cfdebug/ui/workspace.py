@@ -26,7 +26,7 @@ import numpy as np
 import streamlit as st
 
 from ..access import check_workspace, image_allowed, read_only
-from ..config import DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, default_workdir
+from ..config import DEMO_DATASETS, DEVICE_CHOICES, DataConfig, ModelConfig, WorkspaceConfig, default_workdir
 from ..errors import CfdebugError
 from .cache import memo
 from .errors import show_error, show_user_error
@@ -36,7 +36,7 @@ STATE_KEY = "cfdebug_workspace"
 LAST_GOOD_KEY = "cfdebug_workspace_loaded"
 FAILURES_KEY = "cfdebug_job_failures"
 TRAINING_KEY = "cfdebug_training"
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = DEVICE_CHOICES
 FOLDER_CHOICE = "a folder…"
 #: ``CFDEBUG_DASHBOARD_INLINE=1``: compute missing artifacts in the page's own thread instead of a
 #: background run (AppTest has no fragment timers to poll a run with; the tests set it).
