@@ -28,6 +28,15 @@ CHILD_ENV = {"PYTHONPATH": str(REPO_ROOT)}
 TIMEOUT_S = 60.0
 
 
+def _strict_json(text: str):
+    """``text`` parsed as RFC 8259 JSON: a NaN/Infinity literal raises, as in other tools' parsers."""
+
+    def refuse(literal):
+        raise ValueError(f"not JSON: {literal}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def _wait_for(predicate, timeout: float = TIMEOUT_S, interval: float = 0.05):
     """Poll ``predicate`` until it returns a truthy value (returned) or the timeout passes."""
     deadline = time.monotonic() + timeout
@@ -98,6 +107,8 @@ def test_round_trip(tmp_path):
     assert math.isnan(got[1]["loss"]) and got[1]["val_acc"] == float("inf")
     lines = (rec.run_dir / "progress.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0]) == rows[0]
+    # The run files are valid JSON for other tools: a non-finite float is null there (the database keeps it).
+    assert _strict_json(lines[1]) == {"epoch": 0, "step": 2, "loss": None, "val_acc": None}
     rec = reg.get("treat-a")
     assert rec.status == "running" and rec.pid == os.getpid() and rec.progress == rows[2]
     assert reg.progress(other.run_id) == []
@@ -106,7 +117,7 @@ def test_round_trip(tmp_path):
     rec = reg.get("treat-a")
     assert rec.status == "done" and rec.finished
     assert rec.result["val_acc"] == 0.93 and math.isnan(rec.result["ece"])
-    assert json.loads((rec.run_dir / "result.json").read_text())["val_acc"] == 0.93
+    assert _strict_json((rec.run_dir / "result.json").read_text()) == {"val_acc": 0.93, "ece": None}
 
     reg.set_status(other.run_id, "failed", error="boom")
     assert reg.get(other.run_id).error == "boom"

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..config import DEMO_DATASETS
 from ..serve import DEFAULT_HOST, DEFAULT_PORT
+from ..store import json_text
 from .options import workspace_config
 
 def cmd_export_demo(args) -> dict:
@@ -31,7 +31,7 @@ def cmd_bench(args) -> dict | None:
 
     ws_config = workspace_config(args)
     if args.rss_child is not None:  # the fresh process `bench extract` measures RSS in
-        print(json.dumps(bench.peak_rss_child(ws_config, args.rss_child)))
+        print(json_text(bench.peak_rss_child(ws_config, args.rss_child), what="RSS measurement"))
         return None
     n = bench.DEFAULT_N[args.what] if args.n is None else args.n
     if args.threads is None:

@@ -5,17 +5,14 @@
   writer, ``busy_timeout`` plus an outer retry with exponential backoff (``lock_timeout_s``,
   default 10 s), and every write in a short ``BEGIN IMMEDIATE`` transaction so two writers queue
   up instead of deadlocking on a read-to-write upgrade.
-* **JSON columns**: config, progress rows and results are stored as JSON text. ``NaN``,
-  ``Infinity`` and ``-Infinity`` are written as those bare literals (Python's ``json``
-  extension, ``allow_nan=True``) and come back as floats, so a diverged loss survives the round
-  trip. NumPy scalars/arrays and 0-d tensors are converted with ``.item()``/``.tolist()``; paths
-  become strings; anything else raises :class:`~cfdebug.errors.CfdebugError`.
+* **JSON columns**: config, progress rows and results are stored as JSON text written by the
+  one encoder, :func:`cfdebug.store.json_text` with ``keep_nan=True``: ``NaN``, ``Infinity``
+  and ``-Infinity`` are kept as those bare literals and come back as floats (``json.loads``), so
+  a diverged loss survives the round trip (the registry writes them in :mod:`.registry`).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sqlite3
 import time
 from contextlib import closing
@@ -24,7 +21,7 @@ from typing import Any, Callable
 
 from ..errors import CfdebugError
 
-__all__ = ["DEFAULT_LOCK_TIMEOUT_S", "RunDatabase", "dumps", "loads"]
+__all__ = ["DEFAULT_LOCK_TIMEOUT_S", "RunDatabase"]
 
 DEFAULT_LOCK_TIMEOUT_S = 10.0
 # One attempt waits at most this long inside SQLite's own busy handler before the outer retry
@@ -178,31 +175,3 @@ def _is_busy(exc: BaseException) -> bool:
         return (code & 0xFF) in (5, 6)
     text = str(exc).lower()
     return "locked" in text or "busy" in text
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # NumPy arrays/scalars, tensors
-        return obj.tolist()
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def dumps(value: Any, *, what: str, indent: int | None = None) -> str:
-    """``value`` as JSON text for a column or a run file; a value JSON cannot hold raises
-    :class:`CfdebugError` naming ``what`` (``"config"``, ``"progress row"``, ``"result"``)."""
-    try:
-        # allow_nan=True (the default, spelled out): NaN/Infinity survive as bare literals.
-        return json.dumps(value, allow_nan=True, default=_json_default, indent=indent)
-    except (TypeError, ValueError) as exc:
-        raise CfdebugError(
-            f"Expected the {what} to hold only JSON values (numbers, strings, lists, dicts), but "
-            f"{exc}. Convert it (e.g. float(x), str(path)) before passing it."
-        ) from exc
-
-
-def loads(text: str) -> Any:
-    """A JSON column's value (``NaN``/``Infinity`` come back as floats)."""
-    return json.loads(text)

@@ -12,7 +12,9 @@ A run's statuses (:data:`STATUSES`)::
   write, so a retried transaction never duplicates a line), ``result.json``
   (:meth:`RunRegistry.set_result`), ``log.txt`` (the child's output, see
   :func:`cfdebug.runs.launch`) and the checkpoints the run keeps for resuming. The database is
-  the source of truth.
+  the source of truth: its JSON columns keep a non-finite float (a diverged loss's NaN) as a bare
+  literal that reads back as a float, while the run files are valid JSON for other tools (such a
+  float written as ``null``), both by the one encoder, :func:`cfdebug.store.json_text`.
 * **Crash detection**: :meth:`RunRegistry.reconcile` (called by :meth:`~RunRegistry.get` and
   :meth:`~RunRegistry.list`) turns a ``running`` run whose pid is gone into ``failed`` with a
   message saying how to resume (``cancelled`` when its cancel was requested). It only judges
@@ -39,8 +41,8 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from ..errors import CfdebugError
-from ..store import write_text_atomic
-from .database import DEFAULT_LOCK_TIMEOUT_S, RunDatabase, dumps, loads
+from ..store import json_text, write_text_atomic
+from .database import DEFAULT_LOCK_TIMEOUT_S, RunDatabase
 from ..procs import pid_alive, proc_stat, this_host
 
 __all__ = ["STATUSES", "FINISHED_STATUSES", "LIST_RUNS_HINT", "STALE_LAUNCH_S", "RunProcess", "RunRecord", "RunRegistry"]
@@ -180,8 +182,8 @@ class RunRegistry:
             raise CfdebugError(f"Expected `config` to be a dict (e.g. dataclasses.asdict(cfg)), but got {type(config).__name__}.")
         run_id = run_id if run_id is not None else f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         _check_name("run_id", run_id)
-        config_text = dumps(config, what="config")
-        run_json = dumps({"kind": kind, "run_id": run_id, "config": config}, what="config", indent=2)
+        config_text = _column(config, "config")
+        run_json = json_text({"kind": kind, "run_id": run_id, "config": config}, indent=2, what="config")
         return lambda conn: _insert_run(conn, self.db_path, self.run_dir(run_id), kind, config_text, run_json), run_id
 
     def find_active(self, kind: str, key: str) -> RunRecord | None:
@@ -254,14 +256,14 @@ class RunRegistry:
         """Store the run's result, write ``run_dir/result.json`` atomically, set status ``done``."""
         if not isinstance(result, dict):
             raise CfdebugError(f"Expected a result to be a dict, but got {type(result).__name__}.")
-        text = dumps(result, what="result")
+        text = _column(result, "result")
 
         def update(conn: sqlite3.Connection) -> None:
             _require(conn, run_id, self.db_path)
             conn.execute("UPDATE runs SET result = ?, status = 'done', error = NULL, updated = ? WHERE run_id = ?", (text, time.time(), run_id))
 
         self._write(update)
-        write_text_atomic(self.run_dir(run_id) / "result.json", dumps(result, what="result", indent=2) + "\n")
+        write_text_atomic(self.run_dir(run_id) / "result.json", json_text(result, indent=2, what="result") + "\n")
 
     # ------------------------------------------------------------------ progress rows
     def log_progress(self, run_id: str, row: dict) -> None:
@@ -272,7 +274,7 @@ class RunRegistry:
         """
         if not isinstance(row, dict):
             raise CfdebugError(f"Expected a progress row to be a dict, but got {type(row).__name__}.")
-        text = dumps(row, what="progress row")
+        text = _column(row, "progress row")
 
         def insert(conn: sqlite3.Connection) -> None:
             _require(conn, run_id, self.db_path)
@@ -287,7 +289,7 @@ class RunRegistry:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, (text + "\n").encode())
+            os.write(fd, (json_text(row, what="progress row") + "\n").encode())
         finally:
             os.close(fd)
 
@@ -301,7 +303,7 @@ class RunRegistry:
         def read(conn: sqlite3.Connection) -> list[tuple[float, dict]]:
             _require(conn, run_id, self.db_path)
             rows = conn.execute("SELECT logged, row FROM progress WHERE run_id = ? ORDER BY id", (run_id,))
-            return [(float(t), loads(r)) for t, r in rows]
+            return [(float(t), json.loads(r)) for t, r in rows]
 
         return self._read(read)
 
@@ -339,7 +341,7 @@ class RunRegistry:
     def resume_command(self, run_id: str, kind: str | None = None, argv: str | None = None) -> str:
         """The shell command that resumes a run: its launch argv (JSON text) if known, else the default CLI."""
         if argv:
-            return shlex.join(loads(argv))
+            return shlex.join(json.loads(argv))
         return shlex.join(["python", "-m", "cfdebug", kind or "treat", "--config", str(self.run_dir(run_id) / "run.json"), "--run-id", run_id])
 
     def begin_launch(self, run_id: str, argv: list[str]) -> None:
@@ -374,6 +376,12 @@ class RunRegistry:
 
 
 # ---------------------------------------------------------------------- SQL helpers
+def _column(value: Any, what: str) -> str:
+    """``value`` as a JSON column: NaN and ±inf kept as bare literals (:func:`cfdebug.store.json_text`),
+    so a diverged loss reads back as NaN."""
+    return json_text(value, keep_nan=True, what=what)
+
+
 def _require(conn: sqlite3.Connection, run_id: str, db_path: Path) -> tuple:
     """``(status, pid, updated, cancel_requested)`` of ``run_id``; an unknown id raises a
     :class:`CfdebugError` naming close matches."""
@@ -397,7 +405,7 @@ def _record(row: tuple, run_dir: Path) -> RunRecord:
     decoded = {}
     for name, text in {"config": config, "progress": last, "result": result}.items():
         try:
-            decoded[name] = loads(text) if text is not None else None
+            decoded[name] = json.loads(text) if text is not None else None
         except (TypeError, ValueError):
             decoded[name] = None
             status, error = "unreadable", f"unreadable registry row: its {name} is not valid JSON"
@@ -438,7 +446,7 @@ def _active_id(conn: sqlite3.Connection, kind: str, key: str) -> str | None:
     for run_id, status, updated, config in rows:
         if status == "queued" and time.time() - updated > STALE_LAUNCH_S:
             continue
-        if (loads(config) or {}).get("key") == key:
+        if (json.loads(config) or {}).get("key") == key:
             return run_id
     return None
 
@@ -459,7 +467,7 @@ def _begin_launch(conn: sqlite3.Connection, run_id: str, argv: list[str], db_pat
     conn.execute(
         "UPDATE runs SET status = 'running', pid = NULL, pid_start = NULL, host = NULL, "
         "argv = ?, error = NULL, cancel_requested = 0, updated = ? WHERE run_id = ?",
-        (json.dumps(argv), time.time(), run_id),
+        (json_text(argv, what="argv"), time.time(), run_id),
     )
 
 
