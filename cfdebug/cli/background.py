@@ -67,7 +67,8 @@ def cmd_runs(args) -> dict:
 
     if args.kind is not None and args.kind not in BACKGROUND_KINDS:
         raise CfdebugError(f"Expected `--kind` to be one of {', '.join(BACKGROUND_KINDS)}, but got {args.kind!r}.")
-    registry = RunRegistry(args.workdir)
+    # Listing reads a read-only workdir too (nothing created or written there); cancelling writes.
+    registry = RunRegistry(args.workdir) if args.cancel else RunRegistry.for_reading(args.workdir)
     if args.cancel:
         record = cancel(registry, args.cancel)
         print(f"run {record.run_id}: {record.status}")

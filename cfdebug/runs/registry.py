@@ -36,7 +36,7 @@ import shlex
 import sqlite3
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -133,23 +133,37 @@ class RunRegistry:
         workdir: the cfdebug work directory (``--workdir`` / ``CFDEBUG_HOME``); created if needed.
         lock_timeout_s: how long a write waits for another process's lock (with backoff) before
             raising :class:`~cfdebug.errors.CfdebugError`. Must be positive.
+        read_only: read the registry without creating or writing anything (a read-only workdir,
+            :meth:`for_reading`): every write raises :class:`~cfdebug.errors.CfdebugError`, and
+            :meth:`get`/:meth:`list` show a run whose process died as :meth:`reconcile` would mark
+            it, without marking it.
     """
 
-    def __init__(self, workdir: str | Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S):
+    def __init__(self, workdir: str | Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, read_only: bool = False):
         if not (isinstance(lock_timeout_s, (int, float)) and lock_timeout_s > 0):
             raise CfdebugError(f"Expected `lock_timeout_s` to be a positive number of seconds, but got {lock_timeout_s!r}.")
         self.workdir = Path(workdir)
         self.db_path = self.workdir / "runs.db"
         self.runs_dir = self.workdir / "runs"
         self.lock_timeout_s = float(lock_timeout_s)
-        try:
-            self.runs_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CfdebugError(
-                f"Cannot create the run directory {self.runs_dir}: {exc.strerror}. "
-                "Pass a writable folder with `--workdir` or set CFDEBUG_HOME."
-            ) from exc
-        self.db = RunDatabase(self.db_path, self.runs_dir, self.lock_timeout_s)
+        self.read_only = bool(read_only)
+        if not self.read_only:
+            try:
+                self.runs_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CfdebugError(
+                    f"Cannot create the run directory {self.runs_dir}: {exc.strerror}. "
+                    "Pass a writable folder with `--workdir` or set CFDEBUG_HOME."
+                ) from exc
+        self.db = RunDatabase(self.db_path, self.runs_dir, self.lock_timeout_s, read_only=self.read_only)
+
+    @classmethod
+    def for_reading(cls, workdir: str | Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> RunRegistry:
+        """The registry of ``workdir`` for listing and reading runs: a writable one where this
+        process can write there (so :meth:`reconcile` marks runs whose process died), else a
+        read-only one (a read-only mount, which refuses root too, or a folder without write
+        permission) that creates and writes nothing."""
+        return cls(workdir, lock_timeout_s=lock_timeout_s, read_only=not _can_write(Path(workdir)))
 
     def run_dir(self, run_id: str) -> Path:
         """``WORKDIR/runs/<run_id>`` (not checked for existence)."""
@@ -224,14 +238,28 @@ class RunRegistry:
                 _require(conn, run_id, self.db_path)  # raises, naming close matches
             return _record(row, self.run_dir(run_id))
 
-        return self._read(read)
+        return self._judged([self._read(read)])[0]
 
     def list(self, kind: str | None = None) -> list[RunRecord]:
         """All runs (of ``kind`` if given), newest first."""
         self.reconcile()
         where, args = ("WHERE r.kind = ?", (kind,)) if kind is not None else ("", ())
         query = f"SELECT {_RUN_COLUMNS} FROM runs r {where} ORDER BY r.created DESC, r.rowid DESC"
-        return self._read(lambda conn: [_record(row, self.run_dir(row[0])) for row in conn.execute(query, args).fetchall()])
+        return self._judged(self._read(lambda conn: [_record(row, self.run_dir(row[0])) for row in conn.execute(query, args).fetchall()]))
+
+    def _judged(self, records: list[RunRecord]) -> list[RunRecord]:
+        """``records``, where the registry is read-only with the runs whose process died shown as
+        :meth:`reconcile` would mark them (nothing is written); a writable registry marked them already."""
+        if not self.read_only:
+            return records
+        dead = {run_id: (kind, argv) for run_id, kind, _, argv in self._dead_runs()}
+        out = []
+        for r in records:
+            if r.run_id in dead and r.status == "running":
+                status, error = ("cancelled", "cancelled on request") if r.cancel_requested else ("failed", self._ended_message(r.run_id, *dead[r.run_id]))
+                r = replace(r, status=status, error=error)
+            out.append(r)
+        return out
 
     def set_status(self, run_id: str, status: str, *, error: str | None = None, pid: int | None = None) -> None:
         """Set the status of a run.
@@ -326,17 +354,25 @@ class RunRegistry:
 
         Only runs whose pid was recorded on this host are judged. A run whose cancel was
         requested becomes ``cancelled``; any other becomes ``failed`` with an error saying how to
-        resume it. Returns the ids it changed.
+        resume it. Returns the ids it changed (none in a read-only registry, which writes nothing).
         """
-        query = "SELECT run_id, kind, pid, pid_start, argv FROM runs WHERE status = 'running' AND pid IS NOT NULL AND host = ?"
+        if self.read_only:
+            return []
         changed = []
-        for run_id, kind, pid, pid_start, argv in self._read(lambda conn: conn.execute(query, (this_host(),)).fetchall()):
-            if pid_alive(pid, pid_start):
-                continue
-            message = f"process ended without finishing (killed?); resume with `{self.resume_command(run_id, kind, argv)}`"
+        for run_id, kind, pid, argv in self._dead_runs():
+            message = self._ended_message(run_id, kind, argv)
             if self._write(lambda conn, run_id=run_id, pid=pid, message=message: _mark_dead(conn, run_id, pid, message)):
                 changed.append(run_id)
         return changed
+
+    def _dead_runs(self) -> list[tuple[str, str, int, str | None]]:
+        """``(run_id, kind, pid, argv)`` of each ``running`` run of this host whose process has ended."""
+        query = "SELECT run_id, kind, pid, pid_start, argv FROM runs WHERE status = 'running' AND pid IS NOT NULL AND host = ?"
+        rows = self._read(lambda conn: conn.execute(query, (this_host(),)).fetchall())
+        return [(run_id, kind, pid, argv) for run_id, kind, pid, pid_start, argv in rows if not pid_alive(pid, pid_start)]
+
+    def _ended_message(self, run_id: str, kind: str, argv: str | None) -> str:
+        return f"process ended without finishing (killed?); resume with `{self.resume_command(run_id, kind, argv)}`"
 
     def resume_command(self, run_id: str, kind: str | None = None, argv: str | None = None) -> str:
         """The shell command that resumes a run: its launch argv (JSON text) if known, else the default CLI."""
@@ -373,6 +409,18 @@ class RunRegistry:
         query = ("UPDATE runs SET status = 'cancelled', error = 'cancelled before it started', updated = ? "
                  "WHERE run_id = ? AND status = 'queued'")
         return self._write(lambda conn: conn.execute(query, (time.time(), run_id)).rowcount > 0)
+
+
+def _can_write(workdir: Path) -> bool:
+    """Whether this process may create files in ``workdir`` (or the folder that would hold it) and
+    change its ``runs.db``: ``os.access`` asks the kernel, which refuses a read-only mount to root too."""
+    folder = workdir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    db = workdir / "runs.db"
+    return not db.exists() or os.access(db, os.R_OK | os.W_OK)
 
 
 # ---------------------------------------------------------------------- SQL helpers
