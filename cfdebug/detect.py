@@ -511,11 +511,8 @@ def run_detection(workspace, config: DetectConfig | None = None, progress: Progr
     ``ablation`` (:func:`ablation_arrays`, averaged over classes unless
     ``config.ablation_class`` is set), ``cfe_keep_rate`` (overall, per class, mean MC filters),
     ``global_filters`` (per-class voting counts, empty classes), ``classes``, ``config`` and
-    ``seconds``. NaN values are written as ``None``.
-
-    ``should_stop`` reaches the MC heads' fit (:func:`~cfdebug.cfe.mc_heads`), polled between its
-    batches: when it returns true the fit stops with :class:`~cfdebug.runs.RunCancelled` and
-    nothing is cached (a prepare run passes its cancel flag).
+    ``seconds``. NaN values are written as ``None``. ``should_stop`` is polled between the MC heads'
+    fit batches (:func:`~cfdebug.cfe.mc_heads`: true stops it with ``RunCancelled``, nothing cached).
     """
     from .config import config_dict
 
