@@ -49,7 +49,7 @@ import math
 import numbers
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -501,7 +501,7 @@ def report_key(workspace, config: DetectConfig | None = None) -> str:
     return stable_hash(CACHE_KIND, workspace.key_parts, config_dict(config), heads_key(workspace, "mc", config.filters.cfe), _CACHE_VERSION)
 
 
-def run_detection(workspace, config: DetectConfig | None = None, progress: Progress | None = None) -> dict:
+def run_detection(workspace, config: DetectConfig | None = None, progress: Progress | None = None, *, should_stop: Callable[[], bool] | None = None) -> dict:
     """Everything paper A's section 4.2 reports, for one workspace, JSON-ready.
 
     Trains/loads the MC heads and global MC filters (training split only), then scores
@@ -511,7 +511,8 @@ def run_detection(workspace, config: DetectConfig | None = None, progress: Progr
     ``ablation`` (:func:`ablation_arrays`, averaged over classes unless
     ``config.ablation_class`` is set), ``cfe_keep_rate`` (overall, per class, mean MC filters),
     ``global_filters`` (per-class voting counts, empty classes), ``classes``, ``config`` and
-    ``seconds``. NaN values are written as ``None``.
+    ``seconds``. NaN values are written as ``None``. ``should_stop`` is polled between the MC heads'
+    fit batches (:func:`~cfdebug.cfe.mc_heads`: true stops it with ``RunCancelled``, nothing cached).
     """
     from .config import config_dict
 
@@ -523,7 +524,7 @@ def run_detection(workspace, config: DetectConfig | None = None, progress: Progr
         )
     if config.split not in workspace.data.splits:
         raise CfdebugError(f"Expected `split` to be one of {', '.join(workspace.data.splits)}, but got {config.split!r}")
-    fitted = mc_heads(workspace, config.filters.cfe, scaled_progress(progress, 0.0, 0.6))
+    fitted = mc_heads(workspace, config.filters.cfe, scaled_progress(progress, 0.0, 0.6), should_stop=should_stop)
     # The report is an artifact too: a second run (or a fresh dashboard process) reads it back
     # instead of recomputing the ablation, which on a feature-map head costs many passes.
     key = report_key(workspace, config)

@@ -474,9 +474,11 @@ def _parse_prepare_spec(spec: dict) -> tuple[WorkspaceConfig, bool, str, tuple]:
 
 
 def _prepare(ws_config: WorkspaceConfig, train: bool, through: str, log: Callable[[dict], None] | None, progress: Progress | None,
-             detect_seeds=(0,)) -> dict:
+             detect_seeds=(0,), should_stop: Callable[[], bool] | None = None) -> dict:
     """The stages of a prepare run, sharing the bar equally (:meth:`RunStages.equal`, rows to
-    ``log``, text to ``progress``); returns the result."""
+    ``log``, text to ``progress``); returns the result. ``should_stop`` is polled between the
+    batches of the CFE heads' fit (the long stage of a VGG-style model), which then stops with
+    :class:`~cfdebug.runs.RunCancelled`."""
     from .cfe import mc_heads
     from .detect import run_detection
     from .mcfilters import global_mc_filters
@@ -499,13 +501,13 @@ def _prepare(ws_config: WorkspaceConfig, train: bool, through: str, log: Callabl
         # The heads' fit first, on nearly the whole bar: the filters after it take a moment, and
         # the time left is measured as if the bar moved at one speed.
         stage = report.stage("filters", _STAGE_LABELS["filters"])
-        mc_heads(ws, None, scaled_progress(stage, 0.0, 0.95))
+        mc_heads(ws, None, scaled_progress(stage, 0.0, 0.95), should_stop=should_stop)
         global_mc_filters(ws, None, scaled_progress(stage, 0.95, 1.0))
     if "detect" in stages:
         stage, configs = report.stage("detect", _STAGE_LABELS["detect"]), _detect_configs(detect_seeds)
         for i, (seed, config) in enumerate(zip(detect_seeds, configs)):
             label = f"CFE seed {seed}: " if len(configs) > 1 else ""
-            run_detection(ws, config, scaled_progress(stage, i / len(configs), (i + 1) / len(configs), label))
+            run_detection(ws, config, scaled_progress(stage, i / len(configs), (i + 1) / len(configs), label), should_stop=should_stop)
     meta = ws.model_meta
     result = {
         "model": ws.config.model.name, "data": ws.data.name, "through": through, "model_digest": ws.model_digest,
@@ -522,7 +524,8 @@ def run_prepare_job(spec: dict, *, registry=None, run_id: str | None = None, pro
     state_dict's path, for a training run); ``None`` when the run was cancelled.
 
     With ``run_id`` (registered by :func:`~cfdebug.runs.start_background_run`) it runs inside
-    :func:`~cfdebug.runs.run_context` (status, cancel by ``SIGTERM``; a user mistake fails the run
+    :func:`~cfdebug.runs.run_context` (status, cancel by ``SIGTERM`` or by the run's cancel flag,
+    polled between the batches of the CFE heads' fit; a user mistake fails the run
     with its own message), logs a progress row per stage step (:class:`~cfdebug.runs.RunStages`:
     step, steps, the stage's message) and stores the result. ``registry`` defaults to the one of
     the spec's workdir. ``progress(fraction, message)`` gets the same progress as text. Without
@@ -536,6 +539,7 @@ def run_prepare_job(spec: dict, *, registry=None, run_id: str | None = None, pro
     registry = registry if registry is not None else RunRegistry(ws_config.workdir)
     result = None  # stays None when run_context ends the run as cancelled
     with run_context(registry, run_id):
-        result = _prepare(ws_config, train, through, lambda row: registry.log_progress(run_id, row), progress, seeds)
+        result = _prepare(ws_config, train, through, lambda row: registry.log_progress(run_id, row), progress, seeds,
+                          should_stop=lambda: registry.cancel_requested(run_id))
         registry.set_result(run_id, result)
     return result

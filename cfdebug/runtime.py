@@ -9,9 +9,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .config import DEVICE_CHOICES
 from .errors import CfdebugError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 Progress = Callable[[float, str], None]
 """The one progress type: ``progress(fraction in [0, 1], message)``."""

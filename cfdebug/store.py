@@ -35,7 +35,7 @@ import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -341,34 +341,62 @@ class Store:
             return json.load(handle)
 
 
-def json_default(value):
-    """JSON for NumPy arrays and scalars (as lists and numbers), paths and the rest as text."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
+# ---------------------------------------------------------------------------------- JSON
+# The one JSON encoder: every JSON file or column cfdebug writes goes through :func:`json_text`.
 
 
-def jsonable(value):
-    """Plain JSON types, recursively: dict keys as text, tuples and arrays as lists, NumPy
-    scalars as Python numbers, and NaN/inf as ``None`` (``--json`` output, registry results)."""
+def jsonable(value: Any, *, keep_nan: bool = False, what: str = "value") -> Any:
+    """``value`` as plain JSON types, recursively: dict keys as text, tuples and arrays as lists,
+    NumPy scalars, 0-d tensors and the like as Python numbers (``.tolist()``/``.item()``), paths as
+    text; anything else raises :class:`CfdebugError` naming ``what``.
+
+    A non-finite float (NaN, ±inf) becomes ``None`` unless ``keep_nan`` (see :func:`json_text`
+    for where NaN is kept and why).
+    """
     if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v, keep_nan=keep_nan, what=what) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+        return [jsonable(v, keep_nan=keep_nan, what=what) for v in value]
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, float):  # NumPy's float64 too: a plain float comes back
+        value = float(value)
+        return value if keep_nan or math.isfinite(value) else None
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if callable(getattr(value, "tolist", None)):  # NumPy arrays and scalars, tensors
+        return jsonable(value.tolist(), keep_nan=keep_nan, what=what)
+    if callable(getattr(value, "item", None)):
+        return jsonable(value.item(), keep_nan=keep_nan, what=what)
+    raise CfdebugError(
+        f"Expected the {what} to hold only JSON values (numbers, strings, lists, dicts), but it holds a "
+        f"{type(value).__name__} ({value!r:.80}). Convert it (e.g. float(x), str(path)) before passing it."
+    )
+
+
+def json_text(value: Any, *, keep_nan: bool = False, indent: int | None = None, sort_keys: bool = False, what: str = "value") -> str:
+    """``value`` (converted by :func:`jsonable`) as JSON text: the one JSON encoder.
+
+    The NaN policy, decided once: by default a non-finite float is written as ``null``, so what
+    a user or another tool opens is valid JSON (RFC 8259 has no NaN): ``--json`` outputs, the
+    run files ``run.json``, ``result.json`` and ``progress.jsonl``. ``keep_nan=True`` writes the
+    bare literals ``NaN``/``Infinity``/``-Infinity`` (Python's ``json`` reads them back as
+    floats); it is used only where cfdebug itself reads the value back and must get it unchanged:
+    the run registry's columns in ``runs.db`` (a diverged loss's NaN stays readable in a run's
+    progress and result) and the cache's ``meta.json`` (a cache hit must give back what was
+    stored, e.g. a selector history's NaN test accuracy when there is no test split).
+    """
+    plain = jsonable(value, keep_nan=keep_nan, what=what)
+    return json.dumps(plain, allow_nan=keep_nan, indent=indent, sort_keys=sort_keys)
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    with open(path, "w") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True, default=json_default)
+    """A cache artifact's ``meta.json``/``manifest.json`` (read back by cfdebug only: NaN kept)."""
+    path.write_text(json_text(payload, keep_nan=True, indent=1, sort_keys=True, what=f"content of {path.name}"))
 
 
 @contextmanager
@@ -408,8 +436,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(path: str | Path, payload: dict) -> None:
-    """Write JSON to ``path`` atomically (for user-named outputs)."""
-    write_text_atomic(path, json.dumps(payload, indent=2, default=json_default))
+    """Write ``payload`` as JSON to ``path`` atomically (user-named outputs): valid JSON, a
+    non-finite float written as ``null`` (:func:`json_text`)."""
+    write_text_atomic(path, json_text(payload, indent=2, what="output"))
 
 
 def torch_save_atomic(payload, path: str | Path) -> None:

@@ -64,7 +64,7 @@ def test_readme_script_runs_on_a_tiny_tree(tmp_path):
     from cfdebug.data import export_imagefolder
 
     export_imagefolder(tmp_path / "full")
-    for split, keep in (("train", 30), ("val", 6), ("test", 12)):  # per class: a tiny tree
+    for split, keep in (("train", 10), ("val", 3), ("test", 12)):  # per class: a tiny tree
         for folder in (tmp_path / "full" / split).iterdir():
             target = tmp_path / "digits" / split / folder.name
             target.mkdir(parents=True)
@@ -72,7 +72,7 @@ def test_readme_script_runs_on_a_tiny_tree(tmp_path):
                 image.rename(target / image.name)
     home = tmp_path / "home"
     assert main(["train", "--model", "resnet18", "--data", str(tmp_path / "digits"), "--input-size", "32", "--mean", "0.5,0.5,0.5",
-                 "--std", "0.25,0.25,0.25", "--epochs", "3", "--device", "cpu", "--workdir", str(home), "--quiet",
+                 "--std", "0.25,0.25,0.25", "--epochs", "1", "--device", "cpu", "--workdir", str(home), "--quiet",
                  "--out", str(tmp_path / "resnet18_digits.pt")]) == 0
     env = dict(os.environ, PYTHONPATH=str(ROOT), CFDEBUG_HOME=str(home))
     out = subprocess.run([sys.executable, "-c", readme_script()], capture_output=True, text=True, cwd=tmp_path, env=env)

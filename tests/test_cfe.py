@@ -190,6 +190,7 @@ def test_fitting_leaves_inputs_alone():
     assert torch.equal(head.weight, w_before) and head.weight.requires_grad and head.weight.grad is None
 
 
+@pytest.mark.slow  # 30 epochs of MI heads
 def test_mi_heads_reach_the_alter_class():
     g, head = _toy(4)
     heads, _ = fit_mi_heads(g, head, K, CFEConfig(epochs=30, batch_size=16))

@@ -146,6 +146,43 @@ def test_prepare_run_trains_extracts_and_detects_with_progress_rows(tmp_path):
     assert all(prepared(ws, stage) for stage in PREPARE_STAGES)
 
 
+def test_cancelling_a_prepare_run_stops_the_cfe_fit_between_batches(tmp_path):
+    """The run's cancel flag reaches the CFE heads' fit (jobs._prepare → cfe.mc_heads, and
+    detect.run_detection → cfe.mc_heads): it stops after the batch it is in, nothing is cached."""
+    from cfdebug.cfe import heads_key
+    from cfdebug.cfe.cache import CACHE_KIND as CFE_KIND
+    from cfdebug.config import CFEConfig
+    from cfdebug.detect import run_detection
+    from cfdebug.runs import RunCancelled
+    from cfdebug.workspace import Workspace
+
+    cfg = tiny_config(tmp_path)
+    registry = RunRegistry(cfg.workdir)
+    spec = prepare_spec(cfg, "detect")
+    run_id = registry.create("prepare", spec).run_id
+    fit_messages = []
+
+    def progress(fraction: float, message: str) -> None:
+        if message.startswith("Fitting CFE heads: ") and "epoch" in message:
+            fit_messages.append(message)
+            registry.request_cancel(run_id)  # as the dashboard's Cancel does, after the fit's first epoch
+
+    assert run_prepare_job(spec, run_id=run_id, progress=progress) is None
+    record = registry.get(run_id)
+    assert record.status == "cancelled"
+    epochs = CFEConfig().epochs
+    assert len(fit_messages) == 1 and f"epoch 1/{epochs}" in fit_messages[0]  # no epoch after the cancel
+    ws = Workspace(cfg, cached_only=True)
+    assert not ws.store.exists(CFE_KIND, heads_key(ws, "mc", CFEConfig()))
+    assert {row["stage"] for row in registry.progress(run_id)} == {"load", "extract", "filters"}  # detect never started
+
+    polls = []
+    with pytest.raises(RunCancelled):
+        run_detection(ws, should_stop=lambda: polls.append(1) or len(polls) > 2)
+    assert len(polls) == 3  # polled before each batch; the third poll stopped it
+    assert not ws.store.exists(CFE_KIND, heads_key(ws, "mc", CFEConfig()))
+
+
 def test_prepare_run_of_a_missing_folder_fails_with_the_users_message(tmp_path):
     cfg = WorkspaceConfig(data=DataConfig(source=str(tmp_path / "missing")), workdir=str(tmp_path / "wd"))
     registry = RunRegistry(cfg.workdir)

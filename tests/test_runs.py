@@ -28,6 +28,15 @@ CHILD_ENV = {"PYTHONPATH": str(REPO_ROOT)}
 TIMEOUT_S = 60.0
 
 
+def _strict_json(text: str):
+    """``text`` parsed as RFC 8259 JSON: a NaN/Infinity literal raises, as in other tools' parsers."""
+
+    def refuse(literal):
+        raise ValueError(f"not JSON: {literal}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def _wait_for(predicate, timeout: float = TIMEOUT_S, interval: float = 0.05):
     """Poll ``predicate`` until it returns a truthy value (returned) or the timeout passes."""
     deadline = time.monotonic() + timeout
@@ -98,6 +107,8 @@ def test_round_trip(tmp_path):
     assert math.isnan(got[1]["loss"]) and got[1]["val_acc"] == float("inf")
     lines = (rec.run_dir / "progress.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0]) == rows[0]
+    # The run files are valid JSON for other tools: a non-finite float is null there (the database keeps it).
+    assert _strict_json(lines[1]) == {"epoch": 0, "step": 2, "loss": None, "val_acc": None}
     rec = reg.get("treat-a")
     assert rec.status == "running" and rec.pid == os.getpid() and rec.progress == rows[2]
     assert reg.progress(other.run_id) == []
@@ -106,7 +117,7 @@ def test_round_trip(tmp_path):
     rec = reg.get("treat-a")
     assert rec.status == "done" and rec.finished
     assert rec.result["val_acc"] == 0.93 and math.isnan(rec.result["ece"])
-    assert json.loads((rec.run_dir / "result.json").read_text())["val_acc"] == 0.93
+    assert _strict_json((rec.run_dir / "result.json").read_text()) == {"val_acc": 0.93, "ece": None}
 
     reg.set_status(other.run_id, "failed", error="boom")
     assert reg.get(other.run_id).error == "boom"
@@ -526,3 +537,98 @@ def test_rows_of_older_runs_still_read():
     assert xcr.fraction == 0.3 and xcr.seconds_left == pytest.approx(70.0) and xcr.describe() == "selector epoch 2 · about 70 s left"
     engine = read_progress([(0.0, {"epoch": 1, "loss": 0.5}), (5.0, {"epoch": 2, "loss": 0.4})])
     assert engine.fraction == 0.0 and [e["epoch"] for e in engine.epochs] == [1, 2] and engine.message == "epoch 2"
+
+
+# ------------------------------------------------------------------------ a read-only workdir
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """``(disk, make_read_only)``: a small tmpfs at ``tmp_path/disk`` and a function remounting it
+    read-only (which refuses writes to root too, unlike chmod); skipped where it cannot be mounted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk, lambda: subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _registry_with_runs(home: Path) -> None:
+    """A done run, a running one whose process died (listed as failed, never marked: read-only)
+    and a cancelled one."""
+    reg = RunRegistry(home)
+    reg.create("treat", {"a": 1}, run_id="done-1")
+    reg.set_result("done-1", {"acc": 0.5})
+    reg.create("xcr", {}, run_id="ghost")
+    reg.set_status("ghost", "running", pid=_dead_pid())
+    reg.create("prepare", {"key": "k"}, run_id="stopped")
+    reg.set_status("stopped", "cancelled", error="cancelled on request")
+
+
+def _listed(capsys, home: Path) -> dict[str, str]:
+    from cfdebug.cli import main
+
+    assert main(["runs", "--workdir", str(home)]) == 0
+    out = capsys.readouterr().out
+    return {line.split()[0]: line.split()[2] for line in out.splitlines()}
+
+
+def test_runs_lists_a_read_only_workdir_without_writing(read_only_disk, capsys):
+    """The last writer closed cleanly (no -wal/-shm; SQLite's mode=ro alone cannot open that
+    WAL database on a read-only disk): listed through immutable=1, nothing created or written."""
+    disk, make_read_only = read_only_disk
+    home = disk / "home"
+    _registry_with_runs(home)
+    assert not (home / "runs.db-wal").exists()
+    before = _files(disk)
+    make_read_only()
+    assert _listed(capsys, home) == {"stopped": "cancelled", "ghost": "failed", "done-1": "done"}
+    reg = RunRegistry.for_reading(home)
+    assert reg.read_only and "resume with" in reg.get("ghost").error and reg.get("done-1").result == {"acc": 0.5}
+    assert reg.reconcile() == []
+    with pytest.raises(CfdebugError, match="opened read-only"):
+        reg.request_cancel("ghost")
+    from cfdebug.cli import main
+
+    assert main(["runs", "--workdir", str(home), "--cancel", "ghost"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert _files(disk) == before  # nothing written (the disk would refuse it anyway, root or not)
+
+
+def test_runs_lists_a_read_only_workdir_whose_wal_holds_the_last_commits(read_only_disk, capsys):
+    """A WAL that still holds commits (a writer that was killed): read with mode=ro, which sees
+    them (immutable=1 would not)."""
+    disk, make_read_only = read_only_disk
+    live = disk.parent / "live"
+    _registry_with_runs(live)
+    keeper = sqlite3.connect(live / "runs.db")  # while it is open, the -wal/-shm files stay
+    keeper.execute("SELECT count(*) FROM runs").fetchone()
+    RunRegistry(live).create("treat", {}, run_id="in-the-wal")
+    home = disk / "home"
+    home.mkdir()
+    for name in ("runs.db", "runs.db-wal", "runs.db-shm"):
+        (home / name).write_bytes((live / name).read_bytes())
+    keeper.close()
+    make_read_only()
+    frozen = sqlite3.connect(f"{(home / 'runs.db').as_uri()}?mode=ro&immutable=1", uri=True)
+    assert "in-the-wal" not in {r for (r,) in frozen.execute("SELECT run_id FROM runs")}  # only in the -wal
+    frozen.close()
+    assert _listed(capsys, home) == {"in-the-wal": "queued", "stopped": "cancelled", "ghost": "failed", "done-1": "done"}
+
+
+def test_runs_lists_nothing_in_a_read_only_workdir_without_a_registry(read_only_disk, capsys):
+    disk, make_read_only = read_only_disk
+    make_read_only()
+    from cfdebug.cli import main
+
+    assert main(["runs", "--workdir", str(disk / "home")]) == 0
+    assert capsys.readouterr().out.startswith(f"no runs in {disk / 'home' / 'runs.db'}")
+    assert list(disk.iterdir()) == []

@@ -409,6 +409,7 @@ def _bright_patch_split(n: int, generator: torch.Generator) -> torch.utils.data.
     return torch.utils.data.TensorDataset(x, y, torch.arange(n))
 
 
+@pytest.mark.slow  # 8 epochs of selector training
 def test_selector_learns_the_patch_that_decides_the_label():
     g = torch.Generator().manual_seed(0)
     splits = {name: _bright_patch_split(n, g) for name, n in (("train", 128), ("val", 64))}
@@ -476,6 +477,7 @@ def test_demo_selector_trains_above_chance(demo_masks, demo_workspace):
     assert demo_masks.probs is None  # Topk mode stores no softmax map
 
 
+@pytest.mark.slow  # the demo_masks fixture trains the demo selector
 def test_demo_masks_are_cached(demo_masks, demo_workspace):
     assert demo_masks.cache_hit is False
     again = selector_masks(demo_workspace, DEMO_CONFIG, "val")
@@ -490,6 +492,7 @@ def test_demo_masks_are_cached(demo_masks, demo_workspace):
         selector_masks(demo_workspace, DEMO_CONFIG, "holdout")
 
 
+@pytest.mark.slow  # the demo_masks fixture trains the demo selector
 def test_softmax_mode_reuses_the_trained_selector_and_stores_the_softmax_map(demo_masks, demo_workspace):
     softmax_config = SelectorConfig.demo(k=32, beta=0.01, patch_size=2, epochs=3, seed=0, mode="Softmax")
     _, _, meta = trained_selector(demo_workspace, softmax_config)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from cfdebug.errors import CfdebugError
-from cfdebug.store import Store, atomic_file, jsonable, stable_hash, torch_save_atomic, write_json_atomic, write_text_atomic
+from cfdebug.store import Store, atomic_file, json_text, jsonable, stable_hash, torch_save_atomic, write_json_atomic, write_text_atomic
 
 
 def _leftovers(folder):
@@ -241,6 +241,49 @@ def test_jsonable_gives_plain_json_types():
     assert type(out["1"][0]) is int and type(out["1"][2]) is bool
     json.dumps(out, allow_nan=False)
     assert math.isnan(value["arr"][0, 1])  # input untouched
+
+
+def _strict_json(text: str):
+    """``text`` parsed as RFC 8259 JSON: a NaN/Infinity literal raises, as in other tools' parsers."""
+
+    def refuse(literal):
+        raise ValueError(f"not JSON: {literal}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "ninf": -float("inf"), "arr": np.array([np.nan, 1.5], dtype=np.float32)}
+
+
+def test_json_text_writes_null_for_non_finite_floats_by_default():
+    assert _strict_json(json_text(NON_FINITE)) == {"nan": None, "inf": None, "ninf": None, "arr": [None, 1.5]}
+    with pytest.raises(ValueError, match="not JSON: NaN"):
+        _strict_json(json.dumps({"a": float("nan")}))  # the parser above does refuse the literal
+
+
+def test_json_text_keeps_nan_literals_when_asked_and_they_read_back_as_floats():
+    text = json_text(NON_FINITE, keep_nan=True)
+    assert "NaN" in text and "-Infinity" in text
+    back = json.loads(text)
+    assert math.isnan(back["nan"]) and back["inf"] == float("inf") and back["ninf"] == -float("inf")
+    assert math.isnan(back["arr"][0]) and back["arr"][1] == 1.5
+
+
+def test_json_text_converts_tensors_paths_and_numpy_and_refuses_the_rest(tmp_path):
+    value = {"t": torch.tensor(0.25), "v": torch.arange(3), "p": tmp_path, "i": np.int64(7), "f": np.float64(0.5), "s": np.str_("x")}
+    assert json.loads(json_text(value)) == {"t": 0.25, "v": [0, 1, 2], "p": str(tmp_path), "i": 7, "f": 0.5, "s": "x"}
+    assert type(jsonable(value)["f"]) is float and type(jsonable(value)["s"]) is str
+    with pytest.raises(CfdebugError, match=r"Expected the progress row to hold only JSON values .* holds a set"):
+        json_text({"a": {1, 2}}, what="progress row")
+
+
+def test_write_json_atomic_writes_valid_json_and_meta_json_keeps_nan(tmp_path):
+    write_json_atomic(tmp_path / "out.json", {"ece": float("nan"), "acc": 0.5})
+    assert _strict_json((tmp_path / "out.json").read_text()) == {"ece": None, "acc": 0.5}
+    store = Store(tmp_path / "work")
+    store.save_arrays("k", "abc", {"a": np.zeros(2)}, {"test_acc": float("nan")})
+    assert math.isnan(store.load_meta("k", "abc")["test_acc"])  # a cache hit gives back what was stored
+    assert store.exists("k", "abc")
 
 
 def test_stable_hash_ignores_dict_order_and_sees_values():

@@ -332,6 +332,7 @@ def test_reference_run_outputs(small_ws, reference):
     assert count_hooks(small_ws.model) == 0
 
 
+@pytest.mark.slow  # the reference fixture: a 3-epoch treatment run
 def test_frozen_part_and_workspace_model_unchanged(small_ws, reference):
     before, after = reference.before, reference.out["state_dict"]
     frozen = [k for k in before if k.startswith(FROZEN_PREFIXES)]
@@ -451,6 +452,7 @@ def test_sigkill_after_first_checkpoint_then_resume_is_exact(small_ws, global_se
     assert not list(run_dir.glob(".*.tmp"))
 
 
+@pytest.mark.slow  # the reference fixture: a 3-epoch treatment run
 def test_resume_refuses_changed_inputs_and_finished_run_reloads(small_ws, global_sets, reference):
     with pytest.raises(CfdebugError, match=r"`config\.lambda1` was 0\.001, now 0\.002"):
         run_treatment(small_ws, replace(CFG, lambda1=2e-3), global_sets, run_dir=reference.run_dir, resume=True)

@@ -22,6 +22,7 @@ from .workspace import (
     DATA_FORMATS,
     DEFAULT_TRAIN_EPOCHS,
     DEMO_DATASETS,
+    DEVICE_CHOICES,
     MAX_INPUT_SIZE,
     DataConfig,
     ExtractConfig,
@@ -53,7 +54,7 @@ __all__ = [
     "check_choice", "check_fraction", "check_int", "check_real", "check_schedule", "check_section", "check_sequence",
     "check_sweep_schedule", "check_text", "config_dict",
     # workspace
-    "BED_TRAIN_EPOCHS", "DATA_FORMATS", "DEFAULT_TRAIN_EPOCHS", "DEMO_DATASETS", "MAX_INPUT_SIZE", "DataConfig", "ExtractConfig",
+    "BED_TRAIN_EPOCHS", "DATA_FORMATS", "DEFAULT_TRAIN_EPOCHS", "DEMO_DATASETS", "DEVICE_CHOICES", "MAX_INPUT_SIZE", "DataConfig", "ExtractConfig",
     "ModelConfig", "TrainConfig", "WorkspaceConfig", "default_workdir", "workspace_config_from_dict",
     # paper A
     "DETECT_METRICS", "DETECT_ROWS", "CFEConfig", "DetectConfig", "MCFilterConfig",

@@ -29,6 +29,9 @@ def default_workdir() -> str:
 
 #: Largest ``DataConfig.input_size`` accepted: a 4096×4096 RGB float32 image is already 192 MiB.
 MAX_INPUT_SIZE = 4096
+#: The device kinds ``--device`` and the dashboard offer (``cuda:N`` picks one GPU); the one list
+#: (:func:`cfdebug.runtime.resolve_device` turns a name into a ``torch.device``).
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # ``WorkspaceConfig.device``: auto, cpu, cuda or cuda:N (checked here without importing torch).
 _DEVICE_PATTERN = re.compile(r"(auto|cpu|cuda(:\d+)?)")
 

@@ -12,8 +12,8 @@ A background run is a separate OS process running the same command a user can ty
 =========================  ========================================================================
 :mod:`.registry`           :class:`RunRegistry` (runs and progress rows), :class:`RunRecord`,
                            statuses, crash detection (:meth:`~RunRegistry.reconcile`)
-:mod:`.database`           the SQLite plumbing: schema, connections, retries, JSON columns
-:mod:`.processes`          what the OS says about a run's pid: alive, the same process, an ancestor
+:mod:`.database`           the SQLite plumbing: schema, connections (read-only for a read-only
+                           workdir), retries
 :mod:`.launcher`           process control: :func:`launch`, :func:`start_background_run`,
                            :func:`cancel`, the resume lock
 :mod:`.context`            inside a run process: :func:`run_context`, :func:`check_cancel`,
@@ -21,6 +21,8 @@ A background run is a separate OS process running the same command a user can ty
 :mod:`.progress`           the progress row, its writer (:class:`RunStages`), its reader
                            (:func:`progress_of`) and the measured time left
 =========================  ========================================================================
+
+What the OS says about a run's pid (alive, the same process, an ancestor) is :mod:`cfdebug.procs`.
 """
 
 from .context import RunCancelled, check_cancel, run_context

@@ -5,17 +5,21 @@
   writer, ``busy_timeout`` plus an outer retry with exponential backoff (``lock_timeout_s``,
   default 10 s), and every write in a short ``BEGIN IMMEDIATE`` transaction so two writers queue
   up instead of deadlocking on a read-to-write upgrade.
-* **JSON columns**: config, progress rows and results are stored as JSON text. ``NaN``,
-  ``Infinity`` and ``-Infinity`` are written as those bare literals (Python's ``json``
-  extension, ``allow_nan=True``) and come back as floats, so a diverged loss survives the round
-  trip. NumPy scalars/arrays and 0-d tensors are converted with ``.item()``/``.tolist()``; paths
-  become strings; anything else raises :class:`~cfdebug.errors.CfdebugError`.
+* **JSON columns**: config, progress rows and results are stored as JSON text written by the
+  one encoder, :func:`cfdebug.store.json_text` with ``keep_nan=True``: ``NaN``, ``Infinity``
+  and ``-Infinity`` are kept as those bare literals and come back as floats (``json.loads``), so
+  a diverged loss survives the round trip (the registry writes them in :mod:`.registry`).
+* **Read-only**: a workdir that cannot be written (a read-only mount, a folder without write
+  permission) is opened read-only: no file is created, no schema written, and a write raises
+  :class:`~cfdebug.errors.CfdebugError`. SQLite's ``mode=ro`` reads a WAL database only where its
+  ``-wal``/``-shm`` files exist or can be created; where they can be neither (the last writer
+  closed cleanly, then the disk became read-only) the file is opened ``immutable=1``, which is
+  safe exactly then: no one can be writing it, and with no ``-wal`` every commit is in the file.
+  A missing ``runs.db`` reads as an empty registry.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sqlite3
 import time
 from contextlib import closing
@@ -24,7 +28,7 @@ from typing import Any, Callable
 
 from ..errors import CfdebugError
 
-__all__ = ["DEFAULT_LOCK_TIMEOUT_S", "RunDatabase", "dumps", "loads"]
+__all__ = ["DEFAULT_LOCK_TIMEOUT_S", "RunDatabase"]
 
 DEFAULT_LOCK_TIMEOUT_S = 10.0
 # One attempt waits at most this long inside SQLite's own busy handler before the outer retry
@@ -67,13 +71,18 @@ class RunDatabase:
         runs_dir: the run directories' folder (named in the message about a damaged database).
         lock_timeout_s: how long an operation waits for another process's lock, with backoff,
             before raising :class:`~cfdebug.errors.CfdebugError`.
+        read_only: open it for reading only (nothing created or written; see the module's notes).
     """
 
-    def __init__(self, db_path: Path, runs_dir: Path, lock_timeout_s: float):
+    def __init__(self, db_path: Path, runs_dir: Path, lock_timeout_s: float, *, read_only: bool = False):
         self.db_path, self.runs_dir, self.lock_timeout_s = db_path, runs_dir, float(lock_timeout_s)
-        self._init_schema()
+        self.read_only = bool(read_only)
+        if not self.read_only:
+            self._init_schema()
 
     def _connect(self, timeout: float) -> sqlite3.Connection:
+        if self.read_only:
+            return self._connect_read_only(timeout)
         # isolation_level=None: no implicit transactions, so writes use our BEGIN IMMEDIATE.
         conn = sqlite3.connect(self.db_path, timeout=timeout, isolation_level=None)
         # synchronous=NORMAL is durable enough in WAL mode (a power cut may lose the last commits,
@@ -81,12 +90,37 @@ class RunDatabase:
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 
+    def _connect_read_only(self, timeout: float) -> sqlite3.Connection:
+        """A connection that cannot write: ``mode=ro``, else ``immutable=1`` where the WAL's
+        ``-shm`` cannot be created; an empty in-memory registry when there is no ``runs.db``."""
+        if not self.db_path.exists():
+            conn = sqlite3.connect(":memory:", isolation_level=None)
+            self._create_tables(conn)
+            return conn
+        uri = self.db_path.resolve().as_uri()  # file:///…, with any %, ? or # in the path escaped
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opening is lazy: the WAL index is needed here
+            return conn
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if not _is_cannot_open(exc):
+                raise
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=timeout, isolation_level=None)
+
     def execute(self, fn: Callable[[sqlite3.Connection], Any], *, write: bool) -> Any:
         """Run ``fn(conn)`` on a fresh connection, in a ``BEGIN IMMEDIATE`` transaction if ``write``.
 
         Retries the whole operation with exponential backoff while the database is busy, up to
-        ``lock_timeout_s``; nothing is committed by a failed attempt, so a retry is safe.
+        ``lock_timeout_s``; nothing is committed by a failed attempt, so a retry is safe. A write
+        to a read-only registry raises :class:`~cfdebug.errors.CfdebugError`.
         """
+        if write and self.read_only:
+            raise CfdebugError(
+                f"Expected a writable run registry to change a run, but {self.db_path} is opened read-only "
+                "(its work directory cannot be written). Make the work directory writable, or run the "
+                "command where it is."
+            )
         deadline = time.monotonic() + self.lock_timeout_s
         delay = 0.02
         while True:
@@ -171,6 +205,14 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], An
         raise
 
 
+def _is_cannot_open(exc: BaseException) -> bool:
+    """SQLITE_CANTOPEN (14): e.g. a WAL database whose ``-shm`` file cannot be created."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) == 14
+    return "unable to open" in str(exc).lower()
+
+
 def _is_busy(exc: BaseException) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
@@ -178,31 +220,3 @@ def _is_busy(exc: BaseException) -> bool:
         return (code & 0xFF) in (5, 6)
     text = str(exc).lower()
     return "locked" in text or "busy" in text
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # NumPy arrays/scalars, tensors
-        return obj.tolist()
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def dumps(value: Any, *, what: str, indent: int | None = None) -> str:
-    """``value`` as JSON text for a column or a run file; a value JSON cannot hold raises
-    :class:`CfdebugError` naming ``what`` (``"config"``, ``"progress row"``, ``"result"``)."""
-    try:
-        # allow_nan=True (the default, spelled out): NaN/Infinity survive as bare literals.
-        return json.dumps(value, allow_nan=True, default=_json_default, indent=indent)
-    except (TypeError, ValueError) as exc:
-        raise CfdebugError(
-            f"Expected the {what} to hold only JSON values (numbers, strings, lists, dicts), but "
-            f"{exc}. Convert it (e.g. float(x), str(path)) before passing it."
-        ) from exc
-
-
-def loads(text: str) -> Any:
-    """A JSON column's value (``NaN``/``Infinity`` come back as floats)."""
-    return json.loads(text)

@@ -12,7 +12,9 @@ A run's statuses (:data:`STATUSES`)::
   write, so a retried transaction never duplicates a line), ``result.json``
   (:meth:`RunRegistry.set_result`), ``log.txt`` (the child's output, see
   :func:`cfdebug.runs.launch`) and the checkpoints the run keeps for resuming. The database is
-  the source of truth.
+  the source of truth: its JSON columns keep a non-finite float (a diverged loss's NaN) as a bare
+  literal that reads back as a float, while the run files are valid JSON for other tools (such a
+  float written as ``null``), both by the one encoder, :func:`cfdebug.store.json_text`.
 * **Crash detection**: :meth:`RunRegistry.reconcile` (called by :meth:`~RunRegistry.get` and
   :meth:`~RunRegistry.list`) turns a ``running`` run whose pid is gone into ``failed`` with a
   message saying how to resume (``cancelled`` when its cancel was requested). It only judges
@@ -34,13 +36,13 @@ import shlex
 import sqlite3
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from ..errors import CfdebugError
-from ..store import write_text_atomic
-from .database import DEFAULT_LOCK_TIMEOUT_S, RunDatabase, dumps, loads
+from ..store import json_text, write_text_atomic
+from .database import DEFAULT_LOCK_TIMEOUT_S, RunDatabase
 from ..procs import pid_alive, proc_stat, this_host
 
 __all__ = ["STATUSES", "FINISHED_STATUSES", "LIST_RUNS_HINT", "STALE_LAUNCH_S", "RunProcess", "RunRecord", "RunRegistry"]
@@ -131,23 +133,37 @@ class RunRegistry:
         workdir: the cfdebug work directory (``--workdir`` / ``CFDEBUG_HOME``); created if needed.
         lock_timeout_s: how long a write waits for another process's lock (with backoff) before
             raising :class:`~cfdebug.errors.CfdebugError`. Must be positive.
+        read_only: read the registry without creating or writing anything (a read-only workdir,
+            :meth:`for_reading`): every write raises :class:`~cfdebug.errors.CfdebugError`, and
+            :meth:`get`/:meth:`list` show a run whose process died as :meth:`reconcile` would mark
+            it, without marking it.
     """
 
-    def __init__(self, workdir: str | Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S):
+    def __init__(self, workdir: str | Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, read_only: bool = False):
         if not (isinstance(lock_timeout_s, (int, float)) and lock_timeout_s > 0):
             raise CfdebugError(f"Expected `lock_timeout_s` to be a positive number of seconds, but got {lock_timeout_s!r}.")
         self.workdir = Path(workdir)
         self.db_path = self.workdir / "runs.db"
         self.runs_dir = self.workdir / "runs"
         self.lock_timeout_s = float(lock_timeout_s)
-        try:
-            self.runs_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CfdebugError(
-                f"Cannot create the run directory {self.runs_dir}: {exc.strerror}. "
-                "Pass a writable folder with `--workdir` or set CFDEBUG_HOME."
-            ) from exc
-        self.db = RunDatabase(self.db_path, self.runs_dir, self.lock_timeout_s)
+        self.read_only = bool(read_only)
+        if not self.read_only:
+            try:
+                self.runs_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CfdebugError(
+                    f"Cannot create the run directory {self.runs_dir}: {exc.strerror}. "
+                    "Pass a writable folder with `--workdir` or set CFDEBUG_HOME."
+                ) from exc
+        self.db = RunDatabase(self.db_path, self.runs_dir, self.lock_timeout_s, read_only=self.read_only)
+
+    @classmethod
+    def for_reading(cls, workdir: str | Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> RunRegistry:
+        """The registry of ``workdir`` for listing and reading runs: a writable one where this
+        process can write there (so :meth:`reconcile` marks runs whose process died), else a
+        read-only one (a read-only mount, which refuses root too, or a folder without write
+        permission) that creates and writes nothing."""
+        return cls(workdir, lock_timeout_s=lock_timeout_s, read_only=not _can_write(Path(workdir)))
 
     def run_dir(self, run_id: str) -> Path:
         """``WORKDIR/runs/<run_id>`` (not checked for existence)."""
@@ -180,8 +196,8 @@ class RunRegistry:
             raise CfdebugError(f"Expected `config` to be a dict (e.g. dataclasses.asdict(cfg)), but got {type(config).__name__}.")
         run_id = run_id if run_id is not None else f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         _check_name("run_id", run_id)
-        config_text = dumps(config, what="config")
-        run_json = dumps({"kind": kind, "run_id": run_id, "config": config}, what="config", indent=2)
+        config_text = _column(config, "config")
+        run_json = json_text({"kind": kind, "run_id": run_id, "config": config}, indent=2, what="config")
         return lambda conn: _insert_run(conn, self.db_path, self.run_dir(run_id), kind, config_text, run_json), run_id
 
     def find_active(self, kind: str, key: str) -> RunRecord | None:
@@ -222,14 +238,28 @@ class RunRegistry:
                 _require(conn, run_id, self.db_path)  # raises, naming close matches
             return _record(row, self.run_dir(run_id))
 
-        return self._read(read)
+        return self._judged([self._read(read)])[0]
 
     def list(self, kind: str | None = None) -> list[RunRecord]:
         """All runs (of ``kind`` if given), newest first."""
         self.reconcile()
         where, args = ("WHERE r.kind = ?", (kind,)) if kind is not None else ("", ())
         query = f"SELECT {_RUN_COLUMNS} FROM runs r {where} ORDER BY r.created DESC, r.rowid DESC"
-        return self._read(lambda conn: [_record(row, self.run_dir(row[0])) for row in conn.execute(query, args).fetchall()])
+        return self._judged(self._read(lambda conn: [_record(row, self.run_dir(row[0])) for row in conn.execute(query, args).fetchall()]))
+
+    def _judged(self, records: list[RunRecord]) -> list[RunRecord]:
+        """``records``, where the registry is read-only with the runs whose process died shown as
+        :meth:`reconcile` would mark them (nothing is written); a writable registry marked them already."""
+        if not self.read_only:
+            return records
+        dead = {run_id: (kind, argv) for run_id, kind, _, argv in self._dead_runs()}
+        out = []
+        for r in records:
+            if r.run_id in dead and r.status == "running":
+                status, error = ("cancelled", "cancelled on request") if r.cancel_requested else ("failed", self._ended_message(r.run_id, *dead[r.run_id]))
+                r = replace(r, status=status, error=error)
+            out.append(r)
+        return out
 
     def set_status(self, run_id: str, status: str, *, error: str | None = None, pid: int | None = None) -> None:
         """Set the status of a run.
@@ -254,14 +284,14 @@ class RunRegistry:
         """Store the run's result, write ``run_dir/result.json`` atomically, set status ``done``."""
         if not isinstance(result, dict):
             raise CfdebugError(f"Expected a result to be a dict, but got {type(result).__name__}.")
-        text = dumps(result, what="result")
+        text = _column(result, "result")
 
         def update(conn: sqlite3.Connection) -> None:
             _require(conn, run_id, self.db_path)
             conn.execute("UPDATE runs SET result = ?, status = 'done', error = NULL, updated = ? WHERE run_id = ?", (text, time.time(), run_id))
 
         self._write(update)
-        write_text_atomic(self.run_dir(run_id) / "result.json", dumps(result, what="result", indent=2) + "\n")
+        write_text_atomic(self.run_dir(run_id) / "result.json", json_text(result, indent=2, what="result") + "\n")
 
     # ------------------------------------------------------------------ progress rows
     def log_progress(self, run_id: str, row: dict) -> None:
@@ -272,7 +302,7 @@ class RunRegistry:
         """
         if not isinstance(row, dict):
             raise CfdebugError(f"Expected a progress row to be a dict, but got {type(row).__name__}.")
-        text = dumps(row, what="progress row")
+        text = _column(row, "progress row")
 
         def insert(conn: sqlite3.Connection) -> None:
             _require(conn, run_id, self.db_path)
@@ -287,7 +317,7 @@ class RunRegistry:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, (text + "\n").encode())
+            os.write(fd, (json_text(row, what="progress row") + "\n").encode())
         finally:
             os.close(fd)
 
@@ -301,7 +331,7 @@ class RunRegistry:
         def read(conn: sqlite3.Connection) -> list[tuple[float, dict]]:
             _require(conn, run_id, self.db_path)
             rows = conn.execute("SELECT logged, row FROM progress WHERE run_id = ? ORDER BY id", (run_id,))
-            return [(float(t), loads(r)) for t, r in rows]
+            return [(float(t), json.loads(r)) for t, r in rows]
 
         return self._read(read)
 
@@ -324,22 +354,30 @@ class RunRegistry:
 
         Only runs whose pid was recorded on this host are judged. A run whose cancel was
         requested becomes ``cancelled``; any other becomes ``failed`` with an error saying how to
-        resume it. Returns the ids it changed.
+        resume it. Returns the ids it changed (none in a read-only registry, which writes nothing).
         """
-        query = "SELECT run_id, kind, pid, pid_start, argv FROM runs WHERE status = 'running' AND pid IS NOT NULL AND host = ?"
+        if self.read_only:
+            return []
         changed = []
-        for run_id, kind, pid, pid_start, argv in self._read(lambda conn: conn.execute(query, (this_host(),)).fetchall()):
-            if pid_alive(pid, pid_start):
-                continue
-            message = f"process ended without finishing (killed?); resume with `{self.resume_command(run_id, kind, argv)}`"
+        for run_id, kind, pid, argv in self._dead_runs():
+            message = self._ended_message(run_id, kind, argv)
             if self._write(lambda conn, run_id=run_id, pid=pid, message=message: _mark_dead(conn, run_id, pid, message)):
                 changed.append(run_id)
         return changed
 
+    def _dead_runs(self) -> list[tuple[str, str, int, str | None]]:
+        """``(run_id, kind, pid, argv)`` of each ``running`` run of this host whose process has ended."""
+        query = "SELECT run_id, kind, pid, pid_start, argv FROM runs WHERE status = 'running' AND pid IS NOT NULL AND host = ?"
+        rows = self._read(lambda conn: conn.execute(query, (this_host(),)).fetchall())
+        return [(run_id, kind, pid, argv) for run_id, kind, pid, pid_start, argv in rows if not pid_alive(pid, pid_start)]
+
+    def _ended_message(self, run_id: str, kind: str, argv: str | None) -> str:
+        return f"process ended without finishing (killed?); resume with `{self.resume_command(run_id, kind, argv)}`"
+
     def resume_command(self, run_id: str, kind: str | None = None, argv: str | None = None) -> str:
         """The shell command that resumes a run: its launch argv (JSON text) if known, else the default CLI."""
         if argv:
-            return shlex.join(loads(argv))
+            return shlex.join(json.loads(argv))
         return shlex.join(["python", "-m", "cfdebug", kind or "treat", "--config", str(self.run_dir(run_id) / "run.json"), "--run-id", run_id])
 
     def begin_launch(self, run_id: str, argv: list[str]) -> None:
@@ -373,7 +411,25 @@ class RunRegistry:
         return self._write(lambda conn: conn.execute(query, (time.time(), run_id)).rowcount > 0)
 
 
+def _can_write(workdir: Path) -> bool:
+    """Whether this process may create files in ``workdir`` (or the folder that would hold it) and
+    change its ``runs.db``: ``os.access`` asks the kernel, which refuses a read-only mount to root too."""
+    folder = workdir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    db = workdir / "runs.db"
+    return not db.exists() or os.access(db, os.R_OK | os.W_OK)
+
+
 # ---------------------------------------------------------------------- SQL helpers
+def _column(value: Any, what: str) -> str:
+    """``value`` as a JSON column: NaN and ±inf kept as bare literals (:func:`cfdebug.store.json_text`),
+    so a diverged loss reads back as NaN."""
+    return json_text(value, keep_nan=True, what=what)
+
+
 def _require(conn: sqlite3.Connection, run_id: str, db_path: Path) -> tuple:
     """``(status, pid, updated, cancel_requested)`` of ``run_id``; an unknown id raises a
     :class:`CfdebugError` naming close matches."""
@@ -397,7 +453,7 @@ def _record(row: tuple, run_dir: Path) -> RunRecord:
     decoded = {}
     for name, text in {"config": config, "progress": last, "result": result}.items():
         try:
-            decoded[name] = loads(text) if text is not None else None
+            decoded[name] = json.loads(text) if text is not None else None
         except (TypeError, ValueError):
             decoded[name] = None
             status, error = "unreadable", f"unreadable registry row: its {name} is not valid JSON"
@@ -438,7 +494,7 @@ def _active_id(conn: sqlite3.Connection, kind: str, key: str) -> str | None:
     for run_id, status, updated, config in rows:
         if status == "queued" and time.time() - updated > STALE_LAUNCH_S:
             continue
-        if (loads(config) or {}).get("key") == key:
+        if (json.loads(config) or {}).get("key") == key:
             return run_id
     return None
 
@@ -459,7 +515,7 @@ def _begin_launch(conn: sqlite3.Connection, run_id: str, argv: list[str], db_pat
     conn.execute(
         "UPDATE runs SET status = 'running', pid = NULL, pid_start = NULL, host = NULL, "
         "argv = ?, error = NULL, cancel_requested = 0, updated = ? WHERE run_id = ?",
-        (json.dumps(argv), time.time(), run_id),
+        (json_text(argv, what="argv"), time.time(), run_id),
     )
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import streamlit as st
 
 from ..access import allowed_roots, check_workspace, image_allowed, owner_folders, read_only, remember_owner_folder, shared, workspace_paths
-from ..config import DEMO_DATASETS, DataConfig, ModelConfig, WorkspaceConfig, default_workdir
+from ..config import DEMO_DATASETS, DEVICE_CHOICES, DataConfig, ModelConfig, WorkspaceConfig, default_workdir
 from ..errors import CfdebugError
 from .cache import memo
 from .errors import show_error, show_user_error
@@ -40,7 +40,7 @@ FAILURES_KEY = "cfdebug_job_failures"
 TRAINING_KEY = "cfdebug_training"
 #: The workspaces the owner of a personal dashboard typed in the sidebar (opened wherever they are).
 TYPED_KEY = "cfdebug_typed"
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = DEVICE_CHOICES
 FOLDER_CHOICE = "a folder…"
 #: ``CFDEBUG_DASHBOARD_INLINE=1``: compute missing artifacts in the page's own thread instead of a
 #: background run (AppTest has no fragment timers to poll a run with; the tests set it).
