@@ -28,7 +28,7 @@ selector and masks). The names below are its API.
 """
 
 from ...config import SelectorConfig
-from .cache import SelectorMasks, masks_key, selector_key, selector_masks, trained_selector
+from .cache import SELECTOR_KIND, SelectorMasks, masks_key, selector_key, selector_masks, trained_selector
 from .evaluation import approximator_accuracy, compute_masks, masked_probabilities
 from .masks import apply_mask, random_masks, relaxed_mask, selection_map, topk_mask, training_mask
 from .networks import Approximator, PatchSelector, ResidualBlock
@@ -52,6 +52,7 @@ __all__ = [
     "relaxed_mask",
     "selection_map",
     "selector_key",
+    "SELECTOR_KIND",
     "selector_loss",
     "selector_masks",
     "topk_mask",
