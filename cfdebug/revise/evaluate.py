@@ -4,7 +4,8 @@ For every kept model (the method's, the control's, the base model) :func:`reeval
 
 * ``test_predictions`` ``[N]``: for accuracy and per-class recall (paired verdicts);
 * with a region, the **artifact sensitivity** two ways: ``cam_share`` ``[N]``, the share of the
-  Grad-CAM mass (target layer, predicted class) inside the region, to compare with the region's
+  Grad-CAM mass (predicted class; at the target layer, or the deepest before it whose map is
+  at least 4×4, as the pages draw it) inside the region, to compare with the region's
   area share; and ``wrong_region_predictions`` ``[N]`` on a copy of the test split whose region
   shows a *wrong* class's content (the rectangle of a training image of another class; on Biased
   Digits the training squares carry their class's colour), whose accuracy a model that ignores the
@@ -40,9 +41,12 @@ def reevaluator(ws, region) -> Callable[[torch.nn.Module], dict]:
     """``evaluate(model) → {"test_predictions", "test_acc"[, "cam_share", "wrong_region_predictions",
     "wrong_region_acc", "cam_share_mean"]}`` (lists, JSON-ready) for models of ``ws``; the test
     tensors and the wrong-class copy are built once."""
-    from ..gradcam import gradcam, region_share
+    from ..gradcam import gradcam, layer_map_sizes, region_share, usable_gradcam_layer
 
     device = torch.device(ws.device)
+    # The layer every page draws Grad-CAM at: the target, or the deepest layer before it whose map
+    # can say where (resnet18 at 32 px: layer4's map is 1×1, a flat share for every image).
+    layer = usable_gradcam_layer(layer_map_sizes(ws.model, ws.data.input_size, device), ws.target.name)
     images, labels, _ = split_tensors(ws, "test")
     y = labels.numpy()
     wrong = None
@@ -55,7 +59,7 @@ def reevaluator(ws, region) -> Callable[[torch.nn.Module], dict]:
         pred = _predict(model, images, device)
         out = {"test_predictions": pred.tolist(), "test_acc": float(np.mean(pred == y))}
         if region is not None:
-            maps = gradcam(model, ws.target.name, images, torch.from_numpy(pred), device)  # [N, S, S] in [0, 1]
+            maps = gradcam(model, layer, images, torch.from_numpy(pred), device)  # [N, S, S] in [0, 1]
             share = region_share(maps, region.rows, region.cols)
             wrong_pred = _predict(model, wrong, device)
             out.update(cam_share=share.tolist(), cam_share_mean=float(share.mean()), wrong_region_predictions=wrong_pred.tolist(),
