@@ -170,6 +170,7 @@ def test_random_weights_warn_and_train_on_this_data_switches_to_the_trained_weig
     weights = _value(app.query_params.get("weights"))
     assert weights and Path(weights).is_file() and Path(weights).name == "model.pt"
     assert not any("random weights" in w.value for w in app.warning)
+    _wait_for_runs(background)  # the trained model's features, extracted by a background run
     app.run()  # the trained model's page: its training curves, read from the weights' store entry
     _ok(app)
     assert any(e.label.startswith("How this model was trained") for e in app.expander)

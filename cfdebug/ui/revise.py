@@ -10,13 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import streamlit as st
 
 from ..errors import CfdebugError
 from .cache import memo
 from .errors import show_error, show_user_error
 from .filters import gradcam_maps, ws_key
-from .runs import start_run
+from .runs import epoch_curves, start_run
 
 __all__ = ["box_region", "url_region", "cached_detection", "proposed_region", "suggested_filters", "launch_revise", "model_weights", "revised_workspace",
            "part_label", "live_curves"]
@@ -148,9 +147,5 @@ def part_label(row: dict) -> str:
 def live_curves(record, progress) -> None:
     """The running revise run's per-epoch loss terms and counterfactual validation accuracy (the
     :func:`~cfdebug.ui.runs.run_monitor` extras of the Revise page)."""
-    from .. import viz
-
-    if progress.epochs:
-        rows = [{**r, "part": part_label(r)} for r in progress.epochs]
-        st.plotly_chart(viz.training_curves(rows, f"{record.run_id}: per-epoch loss terms and validation accuracy (counterfactual)"),
-                        width="stretch", key=f"curves-{record.run_id}")
+    rows = [{**r, "part": part_label(r)} for r in progress.epochs if "epoch" in r]
+    epoch_curves(record, rows, "per-epoch loss terms and validation accuracy (counterfactual)")

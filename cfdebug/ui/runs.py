@@ -171,3 +171,13 @@ def watch_runs(ws, kind: str, what: str, *, extras: Callable | None = None) -> l
     if finished:
         show_run_outcome(finished[0], ws.config.workdir)
     return records
+
+
+def epoch_curves(record, rows: list[dict], what: str) -> None:
+    """A running (or finished) run's per-epoch curves, one series per ``part`` of ``rows``
+    (:func:`cfdebug.viz.training_curves`), titled by the run and ``what`` they show: the curves
+    every run monitor's extras draw."""
+    from .. import viz
+
+    if rows:
+        st.plotly_chart(viz.training_curves(rows, f"{record.run_id}: {what}"), width="stretch", key=f"curves-{record.run_id}")

@@ -12,7 +12,7 @@ import streamlit as st
 
 from ..errors import CfdebugError
 from .errors import show_error, show_user_error
-from .runs import start_run
+from .runs import epoch_curves, start_run
 
 
 def launch_treatment(ws, lambda1: float, lambda2: float, epochs: int, lr: float, seed: int, n_seeds: int = 1) -> str:
@@ -175,12 +175,9 @@ def live_curves(record, progress) -> None:
     """The running treatment's per-epoch loss terms and validation accuracy so far, one series per
     part as in a finished run, and the loss shares with their warnings (the
     :func:`~cfdebug.ui.runs.run_monitor` extras of the treatment page)."""
-    from .. import viz
-
     rows = live_rows(progress)
+    epoch_curves(record, rows, "per-epoch loss terms and validation accuracy")
     if rows:
-        st.plotly_chart(viz.training_curves(rows, f"{record.run_id}: per-epoch loss terms and validation accuracy"), width="stretch",
-                        key=f"curves-{record.run_id}")
         show_shares(rows, key=f"shares-{record.run_id}")
 
 
