@@ -102,8 +102,9 @@ class Comparison:
 
     @property
     def indicative(self) -> bool:
-        """True when the interval is undefined: read the numbers as a hint only."""
-        return not (math.isfinite(self.ci_low) and math.isfinite(self.ci_high))
+        """True when the numbers are a hint only: the interval is undefined, or one seed was run
+        (its interval covers the test images, not a second training or fit)."""
+        return not (math.isfinite(self.ci_low) and math.isfinite(self.ci_high)) or self.n_seeds < 2
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -529,7 +530,8 @@ def verdict_text(row: dict) -> str:
     elif row["verdict"] == SAME and format_detectable(row):
         parts.append(format_detectable(row))
     if row.get("indicative"):
-        parts.append("indicative: one run")
+        finite = all(math.isfinite(float(row.get(k, math.nan))) for k in ("ci_low", "ci_high"))
+        parts.append("indicative: one seed, the interval covers the test images only" if finite else "indicative: one run")
     return parts[0] + (f" ({'; '.join(parts[1:])})" if len(parts) > 1 else "")
 
 

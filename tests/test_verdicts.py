@@ -224,3 +224,16 @@ def test_values_equal_up_to_rounding_are_identical_not_better():
     method = base * (1 - 1e-15)
     c = image_comparison("revise", "cam_in_region", method, base, method="m", baseline="b", higher_is_better=False)
     assert c.verdict == SAME and c.ci_low == c.ci_high == 0.0 and c.note is not None
+
+
+def test_one_seed_is_indicative_even_with_an_interval_over_images():
+    """One trained seed gives an interval over the test images only: the verdict says it is a hint."""
+    rng = np.random.default_rng(4)
+    base = _correct(rng, 1, 539, 0.9)
+    method = base.copy()
+    method[0, np.flatnonzero(base[0] == 0)[:30]] = 1.0
+    one = image_comparison("revise", "test_acc", method, base, method="fix", baseline="control")
+    assert one.verdict == BETTER and one.indicative
+    assert "indicative: one seed" in verdict_text(one.as_dict())
+    three = image_comparison("revise", "test_acc", np.repeat(method, 3, 0), np.repeat(base, 3, 0), method="fix", baseline="control")
+    assert not three.indicative and "indicative" not in verdict_text(three.as_dict())
