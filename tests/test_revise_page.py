@@ -67,3 +67,7 @@ def test_a_finished_run_shows_the_verdict_against_the_control_and_the_revised_mo
     assert "region-counterfactual" in text and "CE control" in text and "test accuracy" in text
     assert any("as launched" in c.value for c in app.caption)  # the fill was given, not chosen
     assert [b for b in app.button if b.label == "Use the revised model as the workspace model"]
+    runs = app.dataframe[0].value  # the runs table: what each run declared, no empty cell
+    row = runs.loc[runs["run"] == result["run_id"]].iloc[0]
+    assert row["region"] == "1,1,7,7" and row["filters"] == "—" and row["seeds"] == "seed 0"
+    assert "indicative: one seed" in text  # one seed: the verdict says it is a hint

@@ -109,11 +109,16 @@ if not records:
     st.info("No revise run yet for this model and dataset."
             + (" This read-only dashboard cannot start one." if read_only() else " Launch one above, or run `python -m cfdebug revise`."))
     st.stop()
+
+def _listed(values) -> str | None:
+    return ",".join(map(str, values)) if values else None
+
+
 st.dataframe(pd.DataFrame([{
     "run": r.run_id, "status": r.status, "method": (r.config.get("declaration") or {}).get("method"),
-    "region": (r.config.get("declaration") or {}).get("region"), "filters": (r.config.get("declaration") or {}).get("filters"),
-    "seeds": ", ".join(map(str, r.config.get("seeds", []))),
-} for r in records if r.config]), hide_index=True, width="stretch")
+    "region": _listed((r.config.get("declaration") or {}).get("region")), "filters": _listed((r.config.get("declaration") or {}).get("filters")),
+    "seeds": ui.runs.seeds_label(r.config.get("seeds")),
+} for r in records if r.config]).fillna("—"), hide_index=True, width="stretch")  # a column one run has and another not: a dash
 
 done = [r for r in records if r.status == "done" and r.result]
 if not done:

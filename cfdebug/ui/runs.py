@@ -181,3 +181,12 @@ def epoch_curves(record, rows: list[dict], what: str) -> None:
 
     if rows:
         st.plotly_chart(viz.training_curves(rows, f"{record.run_id}: {what}"), width="stretch", key=f"curves-{record.run_id}")
+
+
+def seeds_label(seeds) -> str:
+    """A run's seeds for a runs table: ``"seed 0"``, ``"3 seeds: 0, 1, 2"`` (never a bare
+    ``"0"``, which reads as zero seeds); ``"—"`` for none."""
+    seeds = [str(v) for v in seeds or []]
+    if not seeds:
+        return "—"
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds: {', '.join(seeds)}"

@@ -12,7 +12,7 @@ import streamlit as st
 
 from ..errors import CfdebugError
 from .errors import show_error, show_user_error
-from .runs import epoch_curves, start_run
+from .runs import epoch_curves, seeds_label, start_run
 
 
 def launch_treatment(ws, lambda1: float, lambda2: float, epochs: int, lr: float, seed: int, n_seeds: int = 1) -> str:
@@ -216,9 +216,8 @@ def grid_labels(spec: dict) -> dict[str, str]:
     ``{"λ1", "λ2", "seeds"}``, the weights comma-separated (``"0.001, 0.1"``; the grids are the
     spec's one source of the loss weights), the seeds with their count (``"seed 0"``, ``"3 seeds:
     0, 1, 2"``)."""
-    seeds = [str(v) for v in spec.get("seeds", [])]
     return {"λ1": ", ".join(f"{v:g}" for v in spec.get("lambdas1", [])), "λ2": ", ".join(f"{v:g}" for v in spec.get("lambdas2", [])),
-            "seeds": f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds: {', '.join(seeds)}"}
+            "seeds": seeds_label(spec.get("seeds"))}
 
 
 def run_row(record, progress=None) -> dict:
