@@ -217,8 +217,9 @@ def region_picker(image: np.ndarray, region=None, proposal=None, title: str = "D
                                   (region, "solid", PALETTE["bad"], "not evidence (proposed)" if same else "not evidence")):
         if r is not None:
             fig.add_shape(type="rect", x0=r.x0 - 0.5, y0=r.y0 - 0.5, x1=r.x1 - 0.5, y1=r.y1 - 0.5, line=dict(color=colour, width=2, dash=dash))
-            fig.add_annotation(x=r.x1 - 0.5, y=r.y0 - 0.5, text=name, showarrow=False, xanchor="left", yanchor="bottom",
-                               font=dict(color=colour, size=11))
+            top = r.y0 < 0.15 * h  # a box at the top edge: its label goes under it, inside the image
+            fig.add_annotation(x=r.x0 - 0.5, y=(r.y1 if top else r.y0) - 0.5, text=name, showarrow=False, xanchor="left",
+                               yanchor="top" if top else "bottom", font=dict(color=colour, size=11), bgcolor="rgba(255,255,255,0.8)")
     fig.update_xaxes(range=[-0.5, w - 0.5], showgrid=False, constrain="domain")
     fig.update_yaxes(range=[h - 0.5, -0.5], showgrid=False, scaleanchor="x")
     return _layout(fig, title, height=360, dragmode="select", margin=dict(l=10, r=10, t=40, b=10))

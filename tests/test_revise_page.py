@@ -42,6 +42,36 @@ def test_the_page_proposes_a_region_and_offers_every_kind_of_declaration(app):
     assert any("inside" in e.value for e in app.error)
 
 
+def test_launch_starts_the_declared_run_for_every_kind(app, monkeypatch):
+    """Launch writes the spec a background run parses: the region (a Region from the page), the
+    ticked filters, the appearance; nothing fails between the button and the run."""
+    import cfdebug.ui.revise as rui
+    from cfdebug.jobs import _parse_revise_spec
+
+    started = []
+    monkeypatch.setattr(rui, "start_run", lambda ws, kind, spec: started.append(spec) or f"revise-test-{len(started)}")
+    app.query_params.update({"region": "1,1,7,7", "declare": "region"})
+    app.run()
+    app.switch_page("views/revise.py").run()
+    [b for b in app.button if b.label == "Launch region-counterfactual on region 1,1,7,7"][0].click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    app.query_params.update({"declare": "filters", "filters": "3,5"})
+    app.run()
+    [b for b in app.button if b.label == "Launch filters"][0].click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    app.query_params["declare"] = "appearance"
+    app.run()
+    [b for b in app.button if b.label == "Launch appearance"][0].click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    declared = [spec["declaration"] for spec in started]
+    assert declared == [{"method": "region-counterfactual", "region": [1, 1, 7, 7], "filters": []},
+                        {"method": "filters", "region": None, "filters": [3, 5]},
+                        {"method": "appearance", "region": None, "filters": []}], declared
+    assert all(spec["seeds"] == [0, 1, 2] for spec in started) and started[0]["revise"]["fill"] == "auto"
+    for spec in started:
+        _parse_revise_spec(spec)  # what the background run reads back
+
+
 def test_a_read_only_visitor_cannot_launch(app, monkeypatch):
     monkeypatch.setenv("CFDEBUG_READ_ONLY", "1")
     app.run()

@@ -43,8 +43,9 @@ class Region:
 
     @classmethod
     def of(cls, values: Sequence[int], size: int | None = None) -> "Region":
-        """A validated region from four integers (and, with ``size``, inside an image of that side)."""
-        values = tuple(values)
+        """A validated region from four integers or a :class:`Region` (and, with ``size``, inside an
+        image of that side)."""
+        values = values.as_list() if isinstance(values, Region) else tuple(values)
         if len(values) != 4 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
             raise CfdebugError(f"Expected a region as four integers X0,Y0,X1,Y1 (input pixels), but got {values!r}.")
         region = cls(*(int(v) for v in values))
