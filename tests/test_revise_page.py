@@ -101,3 +101,6 @@ def test_a_finished_run_shows_the_verdict_against_the_control_and_the_revised_mo
     row = runs.loc[runs["run"] == result["run_id"]].iloc[0]
     assert row["region"] == "1,1,7,7" and row["filters"] == "—" and row["seeds"] == "seed 0"
     assert "indicative: one seed" in text  # one seed: the verdict says it is a hint
+    summary = [d.value for d in app.dataframe if "best_epoch" in d.value.columns][0]  # base, control, method: a dash where the base model has no seed or epoch
+    assert list(summary["model"]) == ["base", "control", "method"] and not summary.isna().any().any()
+    assert summary.loc[0, "seed"] == "—"

@@ -133,11 +133,15 @@ rows = revise_verdicts(res, res["labels"], classes, np.isin(np.arange(len(res["l
 verdict_ui.remember("revise", rows)
 verdict_ui.show(rows, title=f"{res['declaration']['method']} vs its CE control", key=f"{run_id}_verdicts")
 summary = pd.DataFrame(res["summary"])
-st.dataframe(summary, hide_index=True, width="stretch")
+st.dataframe(summary.astype(object).where(summary.notna(), "—"), hide_index=True, width="stretch")  # the base model has no seed, fill or epoch
 st.download_button("Download the models' summary (CSV)", summary.to_csv(index=False), f"{run_id}_summary.csv", "text/csv")
 if res.get("fill_scores"):
-    scores = ", ".join(f"{f} {v['val_acc']:.3f}" for f, v in res["fill_scores"].items())
-    st.caption(f"Fill chosen on counterfactual validation (first seed): **{res['fill']}** ({scores}).")
+    fills = res["fill_scores"]
+    scores = ", ".join(f"{f} {v['val_acc']:.3f}" for f, v in fills.items())
+    tied = sum(abs(v["val_acc"] - fills[res["fill"]]["val_acc"]) < 1e-9 for v in fills.values()) > 1
+    losses = ", ".join(f"{f} {v['val_loss']:.3f}" for f, v in fills.items())
+    st.caption(f"Fill chosen on counterfactual validation (first seed): **{res['fill']}**: accuracy {scores}"
+               + (f"; tied, so the lowest validation loss decided ({losses})." if tied else "."))
 elif res.get("fill"):
     st.caption(f"Fill: **{res['fill']}** (as launched).")
 st.caption("cf_val_acc: counterfactual validation (what chose each epoch); cam_over_area: Grad-CAM mass in the region over its area "
