@@ -109,23 +109,29 @@ def test_a_failed_runs_error_is_a_fixed_sentence_for_a_visitor_and_the_details_f
 
 
 # ------------------------------------------------------------------------------ images outside the roots
-def test_an_image_linked_from_outside_the_roots_is_not_shown(tmp_path, monkeypatch):
-    from cfdebug.ui.workspace import WITHHELD_IMAGE, sample_images
+def _folder_with_an_outward_link(tmp_path, name: str):
+    """A dataset folder holding one image of its own and a symlink to an image outside it; the
+    workspace stand-in :func:`sample_images` reads (the open dataset is that folder)."""
+    from cfdebug.config import DataConfig, WorkspaceConfig
 
-    data, outside = tmp_path / "data", tmp_path / "outside"
+    data, outside = tmp_path / name, tmp_path / "outside"
     (data / "test" / "a").mkdir(parents=True)
     outside.mkdir()
     Image.new("RGB", (8, 8), (10, 200, 30)).save(data / "test" / "a" / "own.png")
     Image.new("RGB", (8, 8), (250, 0, 0)).save(outside / "secret.png")
     (data / "test" / "a" / "secret.png").symlink_to(outside / "secret.png")
-    monkeypatch.setenv("CFDEBUG_ROOTS", str(data))
-    monkeypatch.setattr(access, "START_DIR", data)  # the folder the dashboard started from is a root too
     paths = (str(data / "test" / "a" / "own.png"), str(data / "test" / "a" / "secret.png"))
     split = SimpleNamespace(paths=paths, load_image=lambda i: np.asarray(Image.open(paths[i]).convert("RGB")))
-    from cfdebug.config import DataConfig, WorkspaceConfig
+    config = WorkspaceConfig(data=DataConfig(source=str(data)), workdir=str(tmp_path / "wd"))
+    return data, paths, SimpleNamespace(data=SimpleNamespace(splits={"test": split}), config=config)
 
-    config = WorkspaceConfig(data=DataConfig(source=str(data)), workdir=str(tmp_path / "wd"))  # the open dataset's own folder
-    ws = SimpleNamespace(data=SimpleNamespace(splits={"test": split}), config=config)
+
+def test_an_image_linked_from_outside_the_roots_is_not_shown(tmp_path, monkeypatch):
+    from cfdebug.ui.workspace import WITHHELD_IMAGE, sample_images
+
+    data, paths, ws = _folder_with_an_outward_link(tmp_path, "data")
+    monkeypatch.setenv("CFDEBUG_ROOTS", str(data))
+    monkeypatch.setattr(access, "START_DIR", data)  # the folder the dashboard started from is a root too
     own, secret = sample_images(ws, "test", [0, 1])
     assert own.shape == (8, 8, 3) and tuple(own[0, 0]) == (10, 200, 30)
     assert secret is WITHHELD_IMAGE
@@ -135,21 +141,11 @@ def test_an_image_linked_from_outside_the_roots_is_not_shown(tmp_path, monkeypat
 def test_a_folder_opened_outside_the_roots_shows_its_own_images_not_what_they_link_to(tmp_path, monkeypatch):
     """A personal dashboard opens a typed folder anywhere: its images show, a symlink in it that
     points outside still shows as the grey square."""
-    from cfdebug.config import DataConfig, WorkspaceConfig
     from cfdebug.ui.workspace import WITHHELD_IMAGE, sample_images
 
-    data, outside = tmp_path / "mine", tmp_path / "outside"
-    (data / "test" / "a").mkdir(parents=True)
-    outside.mkdir()
-    Image.new("RGB", (8, 8), (10, 200, 30)).save(data / "test" / "a" / "own.png")
-    Image.new("RGB", (8, 8), (250, 0, 0)).save(outside / "secret.png")
-    (data / "test" / "a" / "secret.png").symlink_to(outside / "secret.png")
+    _, paths, ws = _folder_with_an_outward_link(tmp_path, "mine")
     monkeypatch.delenv("CFDEBUG_ROOTS", raising=False)
     monkeypatch.delenv("CFDEBUG_SHARED", raising=False)
-    paths = (str(data / "test" / "a" / "own.png"), str(data / "test" / "a" / "secret.png"))
-    split = SimpleNamespace(paths=paths, load_image=lambda i: np.asarray(Image.open(paths[i]).convert("RGB")))
-    config = WorkspaceConfig(data=DataConfig(source=str(data)), workdir=str(tmp_path / "wd"))
-    ws = SimpleNamespace(data=SimpleNamespace(splits={"test": split}), config=config)
     own, secret = sample_images(ws, "test", [0, 1])
     assert tuple(own[0, 0]) == (10, 200, 30) and secret is WITHHELD_IMAGE
     assert not access.image_allowed(paths[0])  # outside the roots: only the open dataset's folder lets it show

@@ -25,19 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     ws = workspace_options()
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
-    add_train(sub, ws, common)
-    add_extract(sub, ws, common)
-    add_detect(sub, ws, common)
-    add_treat(sub, ws, common)
-    add_xcr(sub, ws, common)
-    add_revise(sub, ws, common)
-    add_prepare(sub, ws, common)
-    add_report(sub, ws, common)
-    add_runs(sub, ws, common)
-    add_export_demo(sub, ws, common)
-    add_models(sub, ws, common)
-    add_bench(sub, ws, common)
-    add_serve(sub, ws, common)
+    commands = (add_train, add_extract, add_detect, add_treat, add_xcr, add_revise, add_prepare, add_report, add_runs,
+                add_export_demo, add_models, add_bench, add_serve)  # in the order --help lists them
+    for add in commands:
+        add(sub, ws, common)
     return parser
 
 
