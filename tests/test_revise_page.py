@@ -61,12 +61,13 @@ def test_launch_starts_the_declared_run_for_every_kind(app, monkeypatch):
     assert not app.exception, [e.value for e in app.exception]
     app.query_params["declare"] = "appearance"
     app.run()
+    assert any("also re-evaluated on the region 1,1,7,7" in c.value for c in app.caption)
     [b for b in app.button if b.label == "Launch appearance"][0].click().run()
     assert not app.exception, [e.value for e in app.exception]
     declared = [spec["declaration"] for spec in started]
     assert declared == [{"method": "region-counterfactual", "region": [1, 1, 7, 7], "filters": []},
-                        {"method": "filters", "region": None, "filters": [3, 5]},
-                        {"method": "appearance", "region": None, "filters": []}], declared
+                        {"method": "filters", "region": [1, 1, 7, 7], "filters": [3, 5]},  # kept for re-evaluation
+                        {"method": "appearance", "region": [1, 1, 7, 7], "filters": []}], declared
     assert all(spec["seeds"] == [0, 1, 2] for spec in started) and started[0]["revise"]["fill"] == "auto"
     for spec in started:
         _parse_revise_spec(spec)  # what the background run reads back

@@ -94,11 +94,16 @@ with st.expander("Schedule (the method and its control share it)"):
     filter_lambda = c5.select_slider("λ (filters)", options=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2], value=DEFAULTS.filter_lambda,
                                      format_func=lambda v: f"{v:g}", disabled=method != "filters")
 
+judged_on = region if kind == "region" else rui.url_region(st.query_params.get("region"), size)
+if kind != "region" and judged_on is not None:
+    st.caption(f"The run is also re-evaluated on the region {judged_on.text()} set on *A region of the image*: the Grad-CAM "
+               "share there and the accuracy when it shows another class's content (the method does not use it).")
+
 if not read_only_notice():
     if st.button(f"Launch {method}" + (f" on region {region.text()}" if region is not None and kind == "region" else ""), type="primary",
                  disabled=(kind == "region" and region is None) or (kind == "filters" and not filters)):
         config = ReviseConfig(epochs=int(epochs), lr=float(lr), fill=fill, rrr_lambda=float(rrr_lambda), filter_lambda=float(filter_lambda))
-        run_id = rui.launch_revise(ws, method, region if kind == "region" else None, filters if kind == "filters" else None,
+        run_id = rui.launch_revise(ws, method, judged_on, filters if kind == "filters" else None,
                                    list(range(int(n_seeds))), config)
         st.query_params["run"] = run_id
         st.toast(f"Started {run_id}")
