@@ -104,4 +104,5 @@ def test_a_finished_run_shows_the_verdict_against_the_control_and_the_revised_mo
     assert "indicative: one seed" in text  # one seed: the verdict says it is a hint
     summary = [d.value for d in app.dataframe if "best_epoch" in d.value.columns][0]  # base, control, method: a dash where the base model has no seed or epoch
     assert list(summary["model"]) == ["base", "control", "method"] and not summary.isna().any().any()
-    assert summary.loc[0, "seed"] == "—"
+    assert summary.loc[0, "seed"] == "—" and summary.loc[1, "seed"] == "0" and summary.loc[1, "best_epoch"] == "1"
+    assert len(summary.loc[1, "test_acc"].split(".")[1]) == 4  # scores to 4 decimals, not float noise

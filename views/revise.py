@@ -138,7 +138,19 @@ rows = revise_verdicts(res, res["labels"], classes, np.isin(np.arange(len(res["l
 verdict_ui.remember("revise", rows)
 verdict_ui.show(rows, title=f"{res['declaration']['method']} vs its CE control", key=f"{run_id}_verdicts")
 summary = pd.DataFrame(res["summary"])
-st.dataframe(summary.astype(object).where(summary.notna(), "—"), hide_index=True, width="stretch")  # the base model has no seed, fill or epoch
+
+
+def _cell(value, column: str) -> str:
+    """A summary cell as text: a dash where the base model has no seed, fill or epoch; counts as
+    integers; scores to 4 decimals."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "—"
+    if column in ("seed", "best_epoch"):
+        return str(int(value))
+    return f"{value:.4f}" if isinstance(value, (float, np.floating)) else str(value)
+
+
+st.dataframe(pd.DataFrame({c: [_cell(v, c) for v in summary[c]] for c in summary.columns}), hide_index=True, width="stretch")
 st.download_button("Download the models' summary (CSV)", summary.to_csv(index=False), f"{run_id}_summary.csv", "text/csv")
 if res.get("fill_scores"):
     fills = res["fill_scores"]
