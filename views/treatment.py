@@ -21,6 +21,8 @@ st.caption(
     "class's global MC filters, λ2 penalises the others. Every run also trains the **control** (λ1 = λ2 = 0, same "
     "seed and schedule), so you see what the losses add beyond fine-tuning. The epoch kept is the best on validation."
 )
+st.caption("On the demo models this treatment changes no test prediction at the paper's λ (the README's verdicts). To remove "
+           "a shortcut you have seen, say what is not evidence on the **Revise** page.")
 
 DEFAULTS = TreatmentConfig()
 terms = tui.base_batch_terms(ws)
