@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,3 +67,19 @@ def app(demo_workspace, workdir, monkeypatch):
 
 def pytest_addoption(parser):
     parser.addoption("--screenshots", default=None, help="also copy the browser tests' screenshots into this folder")
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str):
+    """A tmpfs of ``size`` (``"2m"``) mounted at ``folder`` (created) for the block, unmounted after;
+    the test is skipped where one cannot be mounted (not root, no mount)."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

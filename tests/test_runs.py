@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tmpfs
 
 from cfdebug.errors import CfdebugError
 from cfdebug.runs import STATUSES, RunRecord, RunRegistry, cancel, launch, start_background_run
@@ -544,17 +545,8 @@ def test_rows_of_older_runs_still_read():
 def read_only_disk(tmp_path):
     """``(disk, make_read_only)``: a small tmpfs at ``tmp_path/disk`` and a function remounting it
     read-only (which refuses writes to root too, unlike chmod); skipped where it cannot be mounted."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "8m") as disk:
         yield disk, lambda: subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
