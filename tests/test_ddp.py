@@ -44,7 +44,7 @@ def fixed_sets() -> np.ndarray:
 
 CHILD = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     from dataclasses import replace
     from pathlib import Path
 
@@ -108,6 +108,8 @@ CHILD = textwrap.dedent(
     if ctx.is_main:
         torch.save({{"fresh": fresh["state_dict"], "resumed": resumed["state_dict"]}}, out / "states.pt")
     shutdown()
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)  # as `python -m cfdebug` ends under torchrun: no interpreter finalisation after the group is gone
     """
 )
 
