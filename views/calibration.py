@@ -82,9 +82,8 @@ if xcr_vs_vanilla is None:
     st.info("This run was made before XCR reports kept each test image's scores, which the verdict pairs over; launch it again "
             "(or `python -m cfdebug xcr`) to judge XCR against vanilla retraining.")
 else:
-    verdict_ui.remember("xcr", xcr_vs_vanilla)
     headline = next((i for i, r in enumerate(xcr_vs_vanilla) if r.metric == "corrupt_acc"), 0)
-    verdict_ui.show(xcr_vs_vanilla, headline=headline, title="Did XCR retraining beat vanilla retraining?", key=f"{run_id}_verdicts")
+    verdict_ui.show(xcr_vs_vanilla, claim="xcr", headline=headline, title="Did XCR retraining beat vanilla retraining?", key=f"{run_id}_verdicts")
 
 # ---- Table 2
 st.subheader("Calibration and robustness (Table 2)")

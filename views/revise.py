@@ -111,19 +111,18 @@ if not read_only_notice():
 st.subheader("Runs")
 records = ui.runs.watch_runs(ws, "revise", "Revise run", extras=rui.live_curves)
 if not records:
-    st.info("No revise run yet for this model and dataset."
-            + (" This read-only dashboard cannot start one." if read_only() else " Launch one above, or run `python -m cfdebug revise`."))
+    ui.runs.no_runs_note("revise", "python -m cfdebug revise")
     st.stop()
 
 def _listed(values) -> str | None:
     return ",".join(map(str, values)) if values else None
 
 
-st.dataframe(pd.DataFrame([{
+ui.runs.runs_table([{
     "run": r.run_id, "status": r.status, "method": (r.config.get("declaration") or {}).get("method"),
     "region": _listed((r.config.get("declaration") or {}).get("region")), "filters": _listed((r.config.get("declaration") or {}).get("filters")),
     "seeds": ui.runs.seeds_label(r.config.get("seeds")),
-} for r in records if r.config]).fillna("—"), hide_index=True, width="stretch")  # a column one run has and another not: a dash
+} for r in records if r.config])
 
 done = [r for r in records if r.status == "done" and r.result]
 if not done:
@@ -135,8 +134,7 @@ run_id = st.selectbox("Run", ids, index=ids.index(wanted) if wanted in ids else 
 record = next(r for r in done if r.run_id == run_id)
 res = record.result
 rows = revise_verdicts(res, res["labels"], classes, np.isin(np.arange(len(res["labels"])), res["flagged"]))
-verdict_ui.remember("revise", rows)
-verdict_ui.show(rows, title=f"{res['declaration']['method']} vs its CE control", key=f"{run_id}_verdicts")
+verdict_ui.show(rows, claim="revise", title=f"{res['declaration']['method']} vs its CE control", key=f"{run_id}_verdicts")
 summary = pd.DataFrame(res["summary"])
 
 

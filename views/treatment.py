@@ -65,11 +65,9 @@ if not read_only_notice():
 st.subheader("Runs")
 records = ui.runs.watch_runs(ws, "treat", "Treatment sweep", extras=tui.live_curves)
 if not records:
-    st.info("No treatment run yet for this model and dataset."
-            + (" This read-only dashboard cannot start one." if read_only() else " Launch one above, or run `python -m cfdebug treat`."))
+    ui.runs.no_runs_note("treatment", "python -m cfdebug treat")
 else:
-    rows = pd.DataFrame([tui.run_row(r, ui.runs.progress(ws, r)) for r in records if r.config])
-    st.dataframe(rows.fillna("—"), hide_index=True, width="stretch")  # a column one run has and another not: a dash, not "None"
+    ui.runs.runs_table([tui.run_row(r, ui.runs.progress(ws, r)) for r in records if r.config])
 
 done = [r for r in records if r.status == "done" and r.result]
 if not done:
@@ -98,8 +96,7 @@ if treated_vs_control is None:
     st.info("This run was made before treatment runs kept each test image's prediction, which the verdict pairs over; launch it "
             "again to judge the treatment against its control.")
 else:
-    verdict_ui.remember("treatment", treated_vs_control)
-    verdict_ui.show(treated_vs_control, title="Did the treatment beat its CE control?", key=f"{run_id}_verdicts")
+    verdict_ui.show(treated_vs_control, claim="treatment", title="Did the treatment beat its CE control?", key=f"{run_id}_verdicts")
 if len(res["control"]) < 2:
     st.caption("One seed: the interval is over test images only; launch the same λ pair with more seeds, or run "
                "`python -m cfdebug treat --seeds 0,1,2`, to pair over seeds too.")

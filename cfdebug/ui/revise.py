@@ -15,7 +15,7 @@ from ..errors import CfdebugError
 from .cache import memo
 from .errors import show_error, show_user_error
 from .filters import gradcam_maps, ws_key
-from .runs import epoch_curves, start_run
+from .runs import epoch_curves, epoch_rows, start_run
 
 __all__ = ["box_region", "url_region", "cached_detection", "proposed_region", "suggested_filters", "launch_revise", "model_weights", "revised_workspace",
            "part_label", "live_curves"]
@@ -147,5 +147,4 @@ def part_label(row: dict) -> str:
 def live_curves(record, progress) -> None:
     """The running revise run's per-epoch loss terms and counterfactual validation accuracy (the
     :func:`~cfdebug.ui.runs.run_monitor` extras of the Revise page)."""
-    rows = [{**r, "part": part_label(r)} for r in progress.epochs if "epoch" in r]
-    epoch_curves(record, rows, "per-epoch loss terms and validation accuracy (counterfactual)")
+    epoch_curves(record, epoch_rows(progress, part_label), "per-epoch loss terms and validation accuracy (counterfactual)")

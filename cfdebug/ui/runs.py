@@ -173,6 +173,27 @@ def watch_runs(ws, kind: str, what: str, *, extras: Callable | None = None) -> l
     return records
 
 
+def epoch_rows(progress, label: Callable[[dict], str]) -> list[dict]:
+    """A run's epoch rows so far (``progress.epochs``, the engine's rows), each with its ``part``
+    from ``label(row)`` (control, treated λ pair, revise method; and the seed): the series
+    :func:`epoch_curves` draws."""
+    return [{**r, "part": label(r)} for r in progress.epochs if "epoch" in r]
+
+
+def runs_table(rows: list[dict]) -> None:
+    """A page's runs table: one row per run, a dash in a column one run has and another not
+    (never "None")."""
+    import pandas as pd
+
+    st.dataframe(pd.DataFrame(rows).fillna("—"), hide_index=True, width="stretch")
+
+
+def no_runs_note(what: str, command: str) -> None:
+    """What a page shows before its first run: how to start one, or that a read-only dashboard cannot."""
+    st.info(f"No {what} run yet for this model and dataset."
+            + (" This read-only dashboard cannot start one." if read_only() else f" Launch one above, or run `{command}`."))
+
+
 def epoch_curves(record, rows: list[dict], what: str) -> None:
     """A running (or finished) run's per-epoch curves, one series per ``part`` of ``rows``
     (:func:`cfdebug.viz.training_curves`), titled by the run and ``what`` they show: the curves

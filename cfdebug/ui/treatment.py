@@ -12,7 +12,7 @@ import streamlit as st
 
 from ..errors import CfdebugError
 from .errors import show_error, show_user_error
-from .runs import epoch_curves, seeds_label, start_run
+from .runs import epoch_curves, epoch_rows, seeds_label, start_run
 
 
 def launch_treatment(ws, lambda1: float, lambda2: float, epochs: int, lr: float, seed: int, n_seeds: int = 1) -> str:
@@ -152,7 +152,7 @@ def part_label(row: dict) -> str:
 def live_rows(progress) -> list[dict]:
     """A running treatment's epoch rows so far, each with its ``part`` (:func:`part_label`: control
     or treated λ pair, seed), the same rows and labels as a finished run's :func:`history_rows`."""
-    return [{**r, "part": part_label(r)} for r in progress.epochs if "epoch" in r]
+    return epoch_rows(progress, part_label)
 
 
 def show_shares(rows, key: str) -> None:

@@ -73,9 +73,12 @@ def verdict_csv(rows) -> pd.DataFrame:
     return pd.DataFrame([r if isinstance(r, dict) else r.as_dict() for r in rows])
 
 
-def show(rows, *, headline: int = 0, title: str | None = None, key: str = "verdicts") -> None:
-    """A verdict card: the headline comparison as a sentence, the others in an expander with a CSV download."""
+def show(rows, *, headline: int = 0, title: str | None = None, key: str = "verdicts", claim: str | None = None) -> None:
+    """A verdict card: the headline comparison as a sentence, the others in an expander with a CSV
+    download. With ``claim``, the rows are also kept for the Overview (:func:`remember`)."""
     rows = [r if isinstance(r, dict) else r.as_dict() for r in rows]
+    if claim is not None:
+        remember(claim, rows)
     if not rows:
         return
     box = st.container(border=True)
