@@ -40,6 +40,9 @@ def test_the_page_proposes_a_region_and_offers_every_kind_of_declaration(app):
     assert any(label == "Launch region-counterfactual on region 1,1,7,7" for label in (b.label for b in app.button))
     app.text_input[0].set_value("1,1,70,7").run()  # outside the 32 px input: said, and nothing launches from it
     assert any("inside" in e.value for e in app.error)
+    assert app.text_input[0].value == "1,1,70,7"  # kept as typed, with its error; the page settles (no rerun loop)
+    app.run()  # and a plain rerun changes nothing
+    assert app.text_input[0].value == "1,1,70,7" and any("inside" in e.value for e in app.error)
 
 
 def test_launch_starts_the_declared_run_for_every_kind(app, monkeypatch):

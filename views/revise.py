@@ -58,9 +58,16 @@ if kind == "region":
             if st.button("Use the proposed region", disabled=region == proposal):
                 st.query_params["region"] = proposal.text()
                 st.rerun()
-        text = st.text_input("Region X0,Y0,X1,Y1 (input pixels, X1 and Y1 exclusive)", region.text() if region else "",
+        # One field, keyed: it shows what the URL holds (a drawn box, the proposal, or what was typed,
+        # valid or not). Unkeyed, its identity followed its default (the region, which falls back to
+        # the proposal on an invalid entry), each identity kept its own typed value, and the page
+        # reran between them for ever.
+        shown = st.query_params.get("region") or (proposal.text() if proposal is not None else "")
+        if st.session_state.get("region-text-of") != shown:
+            st.session_state["region-text"], st.session_state["region-text-of"] = shown, shown
+        text = st.text_input("Region X0,Y0,X1,Y1 (input pixels, X1 and Y1 exclusive)", key="region-text",
                              help=f"The model's input is {size}×{size} px; the demo's corner square is 1,1,7,7.")
-        if text and (region is None or text != region.text()):
+        if text and text != st.query_params.get("region") and (region is None or text != region.text()):
             st.query_params["region"] = text
             st.rerun()
         choice = st.radio("How", ["region-counterfactual", "region-rrr"], horizontal=False, format_func={
